@@ -1,0 +1,94 @@
+"""`maisi generate`: parse, resolve, call the engine, render."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from maisi_cli.cli import render
+from maisi_cli.config import GenerateRequest, format_triple, parse_shard, parse_size, parse_spacing
+
+HELP = "Generate CT image + label pairs (NIfTI) conditioned on a label map."
+
+JSON_OPTION = typer.Option(False, "--json", help="Print the run report as one JSON document.")
+
+
+def generate(
+    ctx: typer.Context,
+    model: str = typer.Option("rflow-ct", "--model", "-m", help="Model name or alias (see `maisi models`), or a spec .json."),
+    profile: str = typer.Option("auto", "--profile", "-p", help="auto, 16g, 24g, 32g, 80g, cpu, or a profile .toml."),
+    size: Optional[str] = typer.Option(None, "--size", help="Output size in voxels, e.g. 512x512x128 (default: the model's)."),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="Voxel spacing in mm, e.g. 0.8x0.8x2.5 (default: recommended for the size)."),
+    num_samples: int = typer.Option(1, "--num-samples", "-n", min=1, help="Number of image + label pairs."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Run seed; sample k's seed derives from (seed, k)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Label map (NIfTI, MAISI label ids) to condition on."),
+    anatomy: list[str] = typer.Option([], "--anatomy", help="Anatomy that must be in the mask (repeatable)."),
+    label_mode: str = typer.Option("full", "--label-mode", help="full: the whole mask; requested: only --anatomy labels."),
+    out: Path = typer.Option(Path("maisi-out"), "--out", "-o", help="Output folder."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: write samples k with k mod N = I (default: SLURM array)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate samples that are already complete."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 (default: the profile's)."),
+    weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", envvar="MAISI_WEIGHTS_DIR",
+                                               help="Folder holding weight files under their repository names."),
+    allow_any_size: bool = typer.Option(False, "--allow-any-size", help="Lift the model's size/spacing rules (small CPU runs)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
+    json_flag: bool = JSON_OPTION,
+) -> None:
+    from maisi_cli.errors import UsageError
+
+    output = render.output_of(ctx.obj, json_flag)
+    if label_mode not in ("full", "requested"):
+        raise UsageError(f"--label-mode: '{label_mode}' is not a mode; use full or requested")
+    if precision is not None and precision not in ("fp32", "fp16", "bf16"):
+        raise UsageError(f"--precision: '{precision}' is not a precision; use fp32, fp16 or bf16")
+    request = GenerateRequest(
+        model=model, profile=profile,
+        size=parse_size(size) if size else None,
+        spacing=parse_spacing(spacing) if spacing else None,
+        num_samples=num_samples, seed=seed, steps=steps, mask=mask, anatomy=tuple(anatomy),
+        label_mode=label_mode, out=out, shard=parse_shard(shard), overwrite=overwrite, device=device,
+        precision=precision, allow_any_size=allow_any_size, weights_dir=weights_dir,
+    )
+
+    from maisi_cli.engine.pipeline import plan_generation, run_generation, summary_line
+
+    plan = plan_generation(request)
+    for message in plan.warnings:
+        render.warning(message, output)
+    if dry_run:
+        show_plan(plan.describe(), output)
+        return
+    with render.progress(output) as on_progress:
+        report = run_generation(plan, on_progress)
+    if output.json:
+        render.print_json(report.as_dict())
+    else:
+        render.info(summary_line(report), output)
+
+
+def show_plan(plan: dict, output: render.Output) -> None:
+    if output.json:
+        render.print_json({"dry_run": True, "plan": plan})
+        return
+    decode = plan["decode"]
+    decode_text = (f"{decode['mode']}, ROI {format_triple(tuple(decode['roi']))} latent voxels, overlap "
+                   f"{decode['overlap']:g}, {decode['windows']} window(s), TP splits {decode['tp_splits']} "
+                   f"— {decode['rule']}")
+    rows = [
+        ("model", f"{plan['model']} ({plan['scheduler']}, {plan['model_source']})"),
+        ("profile", plan["profile"]),
+        ("device / precision", f"{plan['device']} / {plan['precision']}"),
+        ("size", f"{format_triple(tuple(plan['size']))} voxels at {format_triple(tuple(plan['spacing']))} mm"),
+        ("latent", format_triple(tuple(plan["latent_shape"]))),
+        ("steps", plan["steps"]),
+        ("decode", decode_text),
+        ("mask", plan["mask"] + (" (resampled)" if plan["mask_resampled"] else "")),
+        ("out", plan["out"]),
+        ("samples", ", ".join(f"{s['index']}:{s['status']}" for s in plan["samples"]) or "none in this shard"),
+    ]
+    rows += [(f"weights {component}", path) for component, path in plan["weights"].items()]
+    render.print_table("maisi generate --dry-run", ("", ""), rows)

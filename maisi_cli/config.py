@@ -1,0 +1,103 @@
+"""Request models shared by the CLI and the engine, and parsing of `512x512x512` / `1.0x1.0x1.0` strings.
+
+No torch here: the CLI imports this module to answer `--help` quickly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from maisi_cli.errors import UsageError
+
+Triple = tuple[int, int, int]
+FloatTriple = tuple[float, float, float]
+
+Precision = Literal["fp32", "fp16", "bf16"]
+LabelMode = Literal["full", "requested"]
+
+_SEPARATORS = re.compile(r"\s*[x,×]\s*")
+
+
+def parse_size(text: str, field: str = "--size") -> Triple:
+    """`512x512x128` or `512` (cube) → (512, 512, 128)."""
+    parts = [p for p in _SEPARATORS.split(text.strip().lower()) if p]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"{field}: '{text}' is not a size; write three whole numbers like 256x256x128") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or any(v <= 0 for v in values):
+        raise UsageError(f"{field}: '{text}' is not a size; write three positive whole numbers like 256x256x128")
+    return (values[0], values[1], values[2])
+
+
+def parse_spacing(text: str, field: str = "--spacing") -> FloatTriple:
+    """`0.75x0.75x1.0` or `1.5` (isotropic) → millimetres per voxel."""
+    parts = [p for p in _SEPARATORS.split(text.strip().lower()) if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"{field}: '{text}' is not a spacing; write three numbers in mm like 1.0x1.0x2.5") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or any(not (v > 0) for v in values):
+        raise UsageError(f"{field}: '{text}' is not a spacing; write three positive numbers in mm like 1.0x1.0x2.5")
+    return (values[0], values[1], values[2])
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """`I/N` → (I, N); None reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, else (0, 1)."""
+    if text is None:
+        task_id = os.environ.get("SLURM_ARRAY_TASK_ID")
+        task_count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
+        if task_id is None or task_count is None:
+            return (0, 1)
+        text, field = f"{task_id}/{task_count}", "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
+    else:
+        field = "--shard"
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise UsageError(f"{field}: '{text}' is not a shard; write I/N with 0 <= I < N, e.g. 0/4")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1 or index >= count:
+        raise UsageError(f"{field}: '{text}' needs 0 <= I < N, e.g. 0/4")
+    return (index, count)
+
+
+def format_triple(values: tuple) -> str:
+    return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+class GenerateRequest(BaseModel):
+    """Everything `maisi generate` was asked for, after parsing; model and profile are still names."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = "rflow-ct"
+    profile: str = "auto"
+    size: Triple | None = None
+    spacing: FloatTriple | None = None
+    num_samples: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0)
+    steps: int | None = Field(None, ge=1)
+    mask: Path | None = None
+    anatomy: tuple[str, ...] = ()
+    label_mode: LabelMode = "full"
+    out: Path = Path("maisi-out")
+    shard: tuple[int, int] = (0, 1)
+    overwrite: bool = False
+    device: str = "auto"
+    precision: Precision | None = None
+    allow_any_size: bool = False
+    weights_dir: Path | None = None
+
+
+def maisi_home() -> Path:
+    """maisi's own cache (locks, hashes, unpacked databases, engines): MAISI_HOME, default ~/.cache/maisi."""
+    return Path(os.environ.get("MAISI_HOME") or Path.home() / ".cache" / "maisi").expanduser()

@@ -1,0 +1,63 @@
+"""Latents → image in [0, 1]: the VAE decoder, whole or by Gaussian-blended sliding window (reference §7)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from maisi_cli.engine.networks import set_tp_splits
+from maisi_cli.profiles import DecodePlan
+
+
+class LatentDecoder(torch.nn.Module):
+    """decode(z / scale_factor), as the reference `ReconModel`: latents live in the diffusion model's scaled space."""
+
+    def __init__(self, autoencoder: torch.nn.Module, scale_factor: torch.Tensor):
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.register_buffer("scale_factor", torch.as_tensor(scale_factor, dtype=torch.float32).reshape(()))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode_stage_2_outputs(z / self.scale_factor.to(z.dtype))
+
+
+def decode_latents(
+    decoder: LatentDecoder,
+    latents: torch.Tensor,
+    plan: DecodePlan,
+    on_window: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """(1, C, x, y, z) latents → (1, 1, 4x, 4y, 4z) image clipped to [0, 1], on the CPU.
+
+    Sliding windows run on the latents' device and blend into a CPU buffer (Gaussian weights, sigma 0.125), as the
+    reference does, so only one window's activations sit on the GPU at a time.
+    """
+    from monai.inferers import SlidingWindowInferer
+
+    set_tp_splits(decoder.autoencoder, plan.tp_splits)
+    with torch.inference_mode():
+        if plan.mode == "whole":
+            image = decoder(latents)
+            if on_window is not None:
+                on_window(1, 1)
+        else:
+            calls = [0]
+
+            def decode_window(window: torch.Tensor) -> torch.Tensor:
+                output = decoder(window)
+                calls[0] += 1
+                if on_window is not None:
+                    on_window(min(calls[0], plan.windows), plan.windows)
+                return output
+
+            inferer = SlidingWindowInferer(
+                roi_size=plan.roi,
+                sw_batch_size=1,
+                overlap=plan.overlap,
+                mode="gaussian",
+                sw_device=latents.device,
+                device=torch.device("cpu"),
+            )
+            image = inferer(latents, decode_window)
+    return torch.clip(image, 0.0, 1.0).cpu()

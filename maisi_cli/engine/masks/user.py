@@ -1,0 +1,89 @@
+"""A user's own label map as the condition: checked, oriented to RAS, resampled to the requested grid.
+
+The resampling is the reference's `ensure_output_size_and_spacing` (§9.5): MONAI `Spacing` with nearest-neighbour
+interpolation to the target spacing, then a symmetric `ResizeWithPadOrCrop` to the target size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from maisi_cli.config import FloatTriple, Triple, format_triple
+from maisi_cli.errors import MaskError
+from maisi_cli.io.nifti import read_nifti
+
+
+@dataclass(frozen=True)
+class ConditionMask:
+    labels: np.ndarray  # uint8 (X, Y, Z) at the requested size, RAS
+    affine: np.ndarray  # 4×4, RAS, requested spacing
+    resampled: bool
+    original_shape: Triple
+    original_spacing: FloatTriple
+
+
+def checked_labels(data: np.ndarray, path: Path) -> np.ndarray:
+    """Whole-number label ids in [0, 255] as uint8 (the ControlNet sees 8 bit planes)."""
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise MaskError(f"--mask: '{path}' holds {data.dtype} values; a label map of whole numbers is needed")
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.rint(data)):
+            raise MaskError(f"--mask: '{path}' holds fractional values; a label map of whole-number ids is needed")
+    low, high = data.min(), data.max()
+    if low < 0 or high > 255:
+        raise MaskError(
+            f"--mask: '{path}' has labels from {low:g} to {high:g}; MAISI label ids must be within 0..255 "
+            f"(the ControlNet reads 8 bit planes)"
+        )
+    return data.astype(np.uint8)
+
+
+def voxel_spacing(affine: np.ndarray) -> FloatTriple:
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+
+
+def fit_to_grid(labels: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(labels, affine, resampled): RAS orientation, then nearest resampling and centre pad/crop when needed."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
+
+    volume = MetaTensor(torch.from_numpy(labels[None].astype(np.int16)), affine=torch.from_numpy(affine))
+    volume = Orientation(axcodes="RAS", labels=None)(volume)
+    current_spacing = voxel_spacing(np.asarray(volume.affine))
+    same_spacing = np.allclose(current_spacing, spacing, rtol=1e-3, atol=1e-4)
+    same_size = tuple(volume.shape[1:]) == tuple(size)
+    if same_spacing and same_size:
+        return volume[0].numpy().astype(np.uint8), np.asarray(volume.affine, dtype=np.float64), False
+    if not same_spacing:
+        volume = Spacing(pixdim=spacing, mode="nearest", dtype=np.float32)(volume)
+    volume = ResizeWithPadOrCrop(spatial_size=size)(volume)
+    array = np.rint(volume[0].numpy()).astype(np.uint8)
+    return array, np.asarray(volume.affine, dtype=np.float64), True
+
+
+def load_condition_mask(path: Path, size: Triple, spacing: FloatTriple) -> ConditionMask:
+    data, affine = read_nifti(path)
+    labels = checked_labels(data, path)
+    if not labels.any():
+        raise MaskError(f"--mask: '{path}' is all background (0); it needs at least a body (200) or organ labels")
+    fitted, fitted_affine, resampled = fit_to_grid(labels, affine, size, spacing)
+    return ConditionMask(
+        labels=fitted,
+        affine=fitted_affine,
+        resampled=resampled,
+        original_shape=tuple(int(s) for s in data.shape),  # type: ignore[arg-type]
+        original_spacing=voxel_spacing(affine),
+    )
+
+
+def resample_warning(mask: ConditionMask, path: Path, size: Triple, spacing: FloatTriple) -> str:
+    return (
+        f"--mask: '{path.name}' is {format_triple(mask.original_shape)} at "
+        f"{format_triple(tuple(round(s, 4) for s in mask.original_spacing))} mm; resampled (nearest) and padded/cropped "
+        f"to {format_triple(size)} at {format_triple(spacing)} mm"
+    )

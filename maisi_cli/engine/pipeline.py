@@ -1,0 +1,410 @@
+"""One `maisi generate` run: resolve a request into a plan, then make each sample (denoise → decode → write).
+
+`plan_generation` checks everything it can before any file is written or any network is built;
+`run_generation` does the work and reports progress through `on_progress(stage, done, total)`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from maisi_cli import __version__
+from maisi_cli.config import GenerateRequest, format_triple
+from maisi_cli.engine.masks.user import ConditionMask, load_condition_mask, resample_warning
+from maisi_cli.engine.weights import WeightFile, locate_weight, sha256_of
+from maisi_cli.errors import MaskError, OutputError, UsageError
+from maisi_cli.labels import label_id
+from maisi_cli.models import IMAGE_COMPONENTS, ModelSpec, get_model
+from maisi_cli.profiles import DecodePlan, Profile, resolve_profile
+
+ProgressCallback = Callable[[str, int, int], None]
+
+# Body-region label sets of the reference `get_body_region_index_from_mask` (ddpm inputs):
+# 0 head/neck, 1 chest, 2 abdomen, 3 pelvis/lower.
+REGION_LABELS = ({22, 120}, {28, 29, 30, 31, 32}, {1, 2, 3, 4, 5, 14}, {93, 94})
+
+
+@dataclass(frozen=True)
+class SampleTask:
+    index: int
+    seed: int
+    image: Path
+    label: Path
+    sidecar: Path
+    complete: bool
+
+
+@dataclass
+class GenerationPlan:
+    request: GenerateRequest
+    model: ModelSpec
+    profile: Profile
+    device: str
+    precision: str
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    latent_shape: tuple[int, int, int, int]
+    steps: int
+    decode: DecodePlan
+    mask: ConditionMask
+    anatomy_ids: tuple[int, ...]
+    samples: list[SampleTask]
+    weights: list[WeightFile]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def pending(self) -> list[SampleTask]:
+        return [s for s in self.samples if not s.complete]
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved plan as plain data (for --dry-run and the run report)."""
+        return {
+            "model": self.model.name,
+            "model_source": self.model.source,
+            "scheduler": self.model.scheduler_kind,
+            "profile": self.profile.name,
+            "device": self.device,
+            "precision": self.precision,
+            "size": list(self.size),
+            "spacing": list(self.spacing),
+            "latent_shape": list(self.latent_shape),
+            "steps": self.steps,
+            "decode": self.decode.model_dump(),
+            "mask": str(self.request.mask),
+            "mask_resampled": self.mask.resampled,
+            "anatomy": list(self.request.anatomy),
+            "label_mode": self.request.label_mode,
+            "out": str(self.request.out),
+            "seed": self.request.seed,
+            "num_samples": self.request.num_samples,
+            "shard": f"{self.request.shard[0]}/{self.request.shard[1]}",
+            "weights": {w.component: str(w.path) for w in self.weights},
+            "samples": [
+                {"index": s.index, "seed": s.seed, "status": "complete" if s.complete else "to write",
+                 "files": [s.image.name, s.label.name, s.sidecar.name]}
+                for s in self.samples
+            ],
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass
+class SampleResult:
+    index: int
+    seed: int
+    status: str  # "written" or "skipped"
+    files: list[str]
+    seconds: float = 0.0
+
+
+@dataclass
+class GenerationReport:
+    plan: dict[str, Any]
+    samples: list[SampleResult]
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan,
+            "written": [s.index for s in self.samples if s.status == "written"],
+            "skipped": [s.index for s in self.samples if s.status == "skipped"],
+            "samples": [s.__dict__ for s in self.samples],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# --- small pieces ------------------------------------------------------------------------------------------------
+def resolve_device(text: str) -> str:
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or text.startswith("cuda:"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(text.split(":", 1)[1]) if ":" in text and text.split(":", 1)[1].isdigit() else 0
+        if ":" in text and not text.split(":", 1)[1].isdigit():
+            raise UsageError(f"--device: '{text}' is not a device; use auto, cpu, cuda or cuda:N")
+        if index >= count:
+            raise UsageError(f"--device: '{text}' is not available (this machine has {count} GPU(s)); use --device cpu")
+        return text
+    raise UsageError(f"--device: '{text}' is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def resolve_precision(requested: str | None, profile: Profile, device: str) -> str:
+    on_gpu = device.startswith("cuda")
+    if requested is None:
+        if profile.device == ("cuda" if on_gpu else "cpu"):
+            requested = profile.precision
+        else:
+            requested = "fp16" if on_gpu else "fp32"
+    if requested == "fp16" and not on_gpu:
+        raise UsageError("--precision: fp16 needs a GPU; use fp32 or bf16 on the CPU")
+    return requested
+
+
+def sample_paths(out: Path, index: int, num_samples: int) -> tuple[Path, Path, Path]:
+    stem = f"sample_{index:0{max(4, len(str(num_samples - 1)))}d}"
+    return out / f"{stem}_image.nii.gz", out / f"{stem}_label.nii.gz", out / f"{stem}.json"
+
+
+def sample_tasks(request: GenerateRequest) -> list[SampleTask]:
+    """This shard's samples: index k belongs to shard k mod N. A sample is complete when its sidecar (written
+    last) and both images exist."""
+    from maisi_cli.engine.sampling import derive_sample_seed
+
+    shard_index, shard_count = request.shard
+    tasks = []
+    for index in range(shard_index, request.num_samples, shard_count):
+        image, label, sidecar = sample_paths(request.out, index, request.num_samples)
+        complete = not request.overwrite and image.is_file() and label.is_file() and sidecar.is_file()
+        tasks.append(SampleTask(index, derive_sample_seed(request.seed, index), image, label, sidecar, complete))
+    return tasks
+
+
+def body_region_indices(label_map: np.ndarray) -> tuple[int, int]:
+    """(top, bottom) region index from the labels present (reference `get_body_region_index_from_mask`)."""
+    present = set(np.unique(label_map).tolist())
+    regions = [i for i, labels in enumerate(REGION_LABELS) if present & labels]
+    if not regions:
+        raise MaskError(
+            "--mask: no body-region landmark in the mask (brain/skull, lung lobes, abdominal organs or femurs); "
+            "ddpm models need one to set the body-region inputs"
+        )
+    return min(regions), max(regions)
+
+
+def ensure_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".maisi-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OutputError(f"--out: cannot write to '{out}' ({error.strerror}); choose a folder you can write") from None
+
+
+# --- planning ----------------------------------------------------------------------------------------------------
+def plan_generation(request: GenerateRequest) -> GenerationPlan:
+    model = get_model(request.model)
+    warnings: list[str] = []
+    size = request.size or model.default_size
+    spacing = request.spacing or model.default_spacing(size)
+    lifted = model.check_request(size, spacing, request.allow_any_size)
+    warnings += [f"{p} (allowed by --allow-any-size)" for p in lifted]
+    steps = request.steps or model.default_steps
+    if model.scheduler_kind == "ddpm" and steps < model.default_steps:
+        warnings.append(f"--steps: {steps} DDPM steps is fewer than the {model.default_steps} it was trained for; "
+                        "quality is not guaranteed")
+    if request.mask is None:
+        raise UsageError("--mask: a condition mask is needed; pass --mask FILE (a NIfTI label map in MAISI label ids)")
+    anatomy_ids = tuple(label_id(name) for name in request.anatomy)
+    if request.label_mode == "requested" and not anatomy_ids:
+        raise UsageError("--label-mode requested: name the anatomies to keep with --anatomy NAME")
+
+    device = resolve_device(request.device)
+    profile = resolve_profile(request.profile, device)
+    precision = resolve_precision(request.precision, profile, device)
+    latent_shape = model.latent_shape(size)
+    split_axis = int(model.definition("autoencoder").get("dim_split", 1))
+    decode = profile.decode_plan(latent_shape[1:], size, split_axis=split_axis)
+
+    weights = [locate_weight(model, component, request.weights_dir) for component in IMAGE_COMPONENTS]
+
+    mask = load_condition_mask(request.mask, size, spacing)
+    if mask.resampled:
+        warnings.append(resample_warning(mask, request.mask, size, spacing))
+    present = set(np.unique(mask.labels).tolist())
+    for name, ident in zip(request.anatomy, anatomy_ids):
+        if ident not in present:
+            raise MaskError(f"--anatomy: '{name}' (label {ident}) is not in the mask '{request.mask}'; "
+                            "drop it or use a mask that has it")
+    if model.uses_body_region:
+        body_region_indices(mask.labels)  # fail now, not after loading the networks
+
+    return GenerationPlan(
+        request=request, model=model, profile=profile, device=device, precision=precision, size=size,
+        spacing=spacing, latent_shape=latent_shape, steps=steps, decode=decode, mask=mask,
+        anatomy_ids=anatomy_ids, samples=sample_tasks(request), weights=weights, warnings=warnings,
+    )
+
+
+# --- running -----------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    unet: Any
+    controlnet: Any
+    decoder: Any
+    scheduler: Any
+    weight_hashes: dict[str, dict[str, str]]
+
+
+def load_networks(plan: GenerationPlan, on_progress: ProgressCallback) -> LoadedModel:
+    import torch
+
+    from maisi_cli.engine.decode import LatentDecoder
+    from maisi_cli.engine.networks import build_network, build_scheduler
+    from maisi_cli.engine.weights import load_into
+
+    hashes = {}
+    for i, weight in enumerate(plan.weights):
+        hashes[weight.component] = {"file": weight.repo_name, "path": str(weight.path), "sha256": sha256_of(weight.path)}
+        on_progress("hash weights", i + 1, len(plan.weights))
+    device = torch.device(plan.device)
+    networks, extras = {}, {}
+    for i, weight in enumerate(plan.weights):
+        network = build_network(plan.model, weight.component, device, plan.precision)
+        extras.update(load_into(network, weight, plan.model))
+        networks[weight.component] = network.to(device)
+        on_progress("load networks", i + 1, len(plan.weights))
+    decoder = LatentDecoder(networks["autoencoder"], extras["scale_factor"]).to(device)
+    return LoadedModel(networks["diffusion_unet"], networks["controlnet"], decoder, build_scheduler(plan.model), hashes)
+
+
+def condition_inputs(plan: GenerationPlan, device: Any) -> tuple[Any, dict, dict]:
+    """(ControlNet condition, UNet extra inputs, ControlNet extra inputs) for the plan's mask — the same for every
+    sample, so built once."""
+    import torch
+
+    from maisi_cli.engine.sampling import (body_region_condition, label_bit_planes, modality_condition,
+                                           spacing_condition)
+
+    labels = torch.from_numpy(plan.mask.labels.astype(np.int64))[None, None]
+    controlnet_cond = label_bit_planes(labels).to(device)
+    unet_inputs: dict[str, Any] = {"spacing_tensor": spacing_condition(plan.spacing).to(device)}
+    controlnet_inputs: dict[str, Any] = {}
+    if plan.model.uses_modality:
+        modality = modality_condition(plan.model.modality_id).to(device)
+        unet_inputs["class_labels"] = modality
+        controlnet_inputs["class_labels"] = modality
+    if plan.model.uses_body_region:
+        top, bottom = body_region_indices(plan.mask.labels)
+        unet_inputs["top_region_index_tensor"] = body_region_condition(top).to(device)
+        unet_inputs["bottom_region_index_tensor"] = body_region_condition(bottom).to(device)
+    return controlnet_cond, unet_inputs, controlnet_inputs
+
+
+def sidecar_document(plan: GenerationPlan, task: SampleTask, loaded: LoadedModel, timings: dict[str, float],
+                     mask_sha256: str) -> dict[str, Any]:
+    import monai
+    import torch
+
+    return {
+        "maisi_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "files": {"image": task.image.name, "label": task.label.name},
+        "model": {"name": plan.model.name, "source": plan.model.source, "scheduler": plan.model.scheduler_kind},
+        "weights": loaded.weight_hashes,
+        "profile": {"name": plan.profile.name, "path": plan.profile.path},
+        "decode": plan.decode.model_dump(),
+        "size": list(plan.size),
+        "spacing": list(plan.spacing),
+        "seed": plan.request.seed,
+        "sample_index": task.index,
+        "sample_seed": task.seed,
+        "anatomy": list(plan.request.anatomy),
+        "label_mode": plan.request.label_mode,
+        "mask_source": {
+            "type": "file",
+            "path": str(plan.request.mask),
+            "sha256": mask_sha256,
+            "resampled": plan.mask.resampled,
+            "original_shape": list(plan.mask.original_shape),
+            "original_spacing": [round(s, 6) for s in plan.mask.original_spacing],
+        },
+        "steps": plan.steps,
+        "device": plan.device,
+        "precision": plan.precision,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "qc": None,
+        "versions": {"torch": torch.__version__, "monai": monai.__version__},
+        "warnings": list(plan.warnings),
+    }
+
+
+def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, conditions: tuple,
+                    on_progress: ProgressCallback) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """One sample: (HU image int16, label uint8, timings). Nothing is written here."""
+    import torch
+
+    from maisi_cli.engine.decode import decode_latents
+    from maisi_cli.engine.postprocess import air_outside_body, hu_to_int16, intensity_to_hu, output_labels
+    from maisi_cli.engine.sampling import denoise, derive_sample_seed, initial_noise, schedule
+
+    device = torch.device(plan.device)
+    controlnet_cond, unet_inputs, controlnet_inputs = conditions
+    name = f"sample {task.index:04d}"
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    # fp16 latents on a GPU in fp16, as the reference; fp32 otherwise.
+    latent_dtype = torch.float16 if plan.precision == "fp16" else torch.float32
+    latents = initial_noise(plan.latent_shape, task.seed).to(device=device, dtype=latent_dtype)
+    steps = schedule(loaded.scheduler, plan.steps, plan.latent_shape[1:])
+    step_generator = torch.Generator(device=device).manual_seed(derive_sample_seed(task.seed, 1))
+    with torch.inference_mode():
+        latents = denoise(
+            loaded.unet, loaded.controlnet, loaded.scheduler, latents, controlnet_cond, steps, unet_inputs,
+            controlnet_inputs, precision=plan.precision,
+            on_step=lambda done, total: on_progress(f"{name} denoise", done, total), generator=step_generator,
+        )
+    timings["denoise_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    image = decode_latents(loaded.decoder, latents, plan.decode,
+                           on_window=lambda done, total: on_progress(f"{name} decode", done, total))
+    timings["decode_s"] = time.perf_counter() - start
+
+    hu = air_outside_body(intensity_to_hu(image[0, 0].float().numpy()), plan.mask.labels)
+    labels = output_labels(plan.mask.labels, plan.request.label_mode, plan.anatomy_ids)
+    return hu_to_int16(hu), labels, timings
+
+
+def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = None) -> GenerationReport:
+    from maisi_cli.io.nifti import write_nifti
+    from maisi_cli.io.provenance import write_json
+
+    on_progress = on_progress or (lambda stage, done, total: None)
+    started = time.perf_counter()
+    results = [SampleResult(t.index, t.seed, "skipped", [t.image.name, t.label.name, t.sidecar.name])
+               for t in plan.samples if t.complete]
+    pending = plan.pending
+    if pending:
+        ensure_writable(plan.request.out)
+        loaded = load_networks(plan, on_progress)
+        import torch
+
+        conditions = condition_inputs(plan, torch.device(plan.device))
+        mask_sha256 = sha256_of(plan.request.mask)
+        for task in pending:
+            sample_start = time.perf_counter()
+            image, labels, timings = generate_sample(plan, loaded, task, conditions, on_progress)
+            write_start = time.perf_counter()
+            write_nifti(task.image, image, plan.mask.affine)
+            write_nifti(task.label, labels, plan.mask.affine)
+            timings["write_s"] = time.perf_counter() - write_start
+            timings["total_s"] = time.perf_counter() - sample_start
+            # The sidecar goes last: its presence marks the sample complete for a re-run.
+            write_json(task.sidecar, sidecar_document(plan, task, loaded, timings, mask_sha256))
+            on_progress(f"sample {task.index:04d} write", 1, 1)
+            results.append(SampleResult(task.index, task.seed, "written",
+                                        [task.image.name, task.label.name, task.sidecar.name], timings["total_s"]))
+    results.sort(key=lambda r: r.index)
+    return GenerationReport(plan.describe(), results, time.perf_counter() - started)
+
+
+def summary_line(report: GenerationReport) -> str:
+    written = sum(r.status == "written" for r in report.samples)
+    skipped = sum(r.status == "skipped" for r in report.samples)
+    plan = report.plan
+    return (f"{written} sample(s) written, {skipped} already complete, to {plan['out']} "
+            f"({plan['model']}, {format_triple(tuple(plan['size']))} at "
+            f"{format_triple(tuple(plan['spacing']))} mm, {report.seconds:.1f} s)")

@@ -1,0 +1,133 @@
+"""Diffusion sampling for MAISI: seeds, noise, conditioning tensors and the ControlNet + UNet denoising loop.
+
+Numerics follow the reference `scripts/sample.py::ldm_conditional_sample_one_image` (reference-inference.md §5–§6):
+noise in fp32 on the CPU, the RFlow schedule of MONAI's `RFlowScheduler` with the latent voxel count, spacing ×100,
+the modality class label to both networks, the label map as 8 bit planes, least significant first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def derive_sample_seed(seed: int, index: int) -> int:
+    """Sample `index`'s seed from (run seed, index) alone, so any sharding gives the same samples.
+
+    A 63-bit value from NumPy's SeedSequence (well mixed: seeds 0/1 and indices 0/1 never collide).
+    """
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def initial_noise(latent_shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """(1, C, x, y, z) standard normal noise, drawn in fp32 on the CPU from the sample's own generator, so it is
+    the same on every device (the reference's `torch.manual_seed(S); torch.randn(...)` for S = seed)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn((1, *latent_shape), generator=generator, dtype=torch.float32, device="cpu")
+
+
+def label_bit_planes(label_map: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """(1, 1, X, Y, Z) integer labels → (1, bits, X, Y, Z) float planes; channel k holds bit k (LSB first)."""
+    labels = label_map.to(torch.int64)
+    if labels.min() < 0 or labels.max() >= 2**bits:
+        raise ValueError(f"label values must be in [0, {2**bits - 1}] for {bits} bit planes")
+    shifts = torch.arange(bits, device=labels.device).view(1, bits, 1, 1, 1)
+    return ((labels >> shifts) & 1).to(torch.float32)
+
+
+def spacing_condition(spacing: tuple[float, float, float]) -> torch.Tensor:
+    """Spacing in mm ×100, shape (1, 3), as the UNet was trained with."""
+    return torch.tensor([spacing], dtype=torch.float32) * 1e2
+
+
+def modality_condition(modality_id: int) -> torch.Tensor:
+    """The modality class label, shape (1,), int64 (1 = CT)."""
+    return torch.tensor([modality_id], dtype=torch.long)
+
+
+def body_region_condition(region_index: int) -> torch.Tensor:
+    """A one-hot 4-vector ×100, shape (1, 4): 0 head/neck, 1 chest, 2 abdomen, 3 pelvis/lower (ddpm inputs)."""
+    onehot = torch.zeros((1, 4), dtype=torch.float32)
+    onehot[0, region_index] = 100.0
+    return onehot
+
+
+def rflow_timesteps(scheduler: Any, steps: int, latent_spatial: tuple[int, int, int]) -> list[tuple[Any, Any]]:
+    """(t, next_t) pairs: MONAI's timestep transform over the latent voxel count, float16 values, next_t ending
+    at 0. MONAI's `step` truncates next_t with int(), so the steps sum to slightly over 1 — kept for parity with
+    the released weights' reference sampler."""
+    scheduler.set_timesteps(num_inference_steps=steps, input_img_size_numel=int(np.prod(latent_spatial)))
+    timesteps = scheduler.timesteps
+    next_timesteps = torch.cat((timesteps[1:], torch.tensor([0], dtype=timesteps.dtype)))
+    return list(zip(timesteps, next_timesteps))
+
+
+def ddpm_timesteps(scheduler: Any, steps: int) -> list[tuple[Any, Any]]:
+    scheduler.set_timesteps(num_inference_steps=steps)
+    return [(t, None) for t in scheduler.timesteps]
+
+
+def schedule(scheduler: Any, steps: int, latent_spatial: tuple[int, int, int]) -> list[tuple[Any, Any]]:
+    from monai.networks.schedulers import RFlowScheduler
+
+    if isinstance(scheduler, RFlowScheduler):
+        return rflow_timesteps(scheduler, steps, latent_spatial)
+    return ddpm_timesteps(scheduler, steps)
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def denoise(
+    unet: torch.nn.Module,
+    controlnet: torch.nn.Module,
+    scheduler: Any,
+    latents: torch.Tensor,
+    controlnet_cond: torch.Tensor,
+    timesteps: list[tuple[Any, Any]],
+    unet_inputs: dict[str, torch.Tensor],
+    controlnet_inputs: dict[str, torch.Tensor],
+    precision: str = "fp32",
+    on_step: Callable[[int, int], None] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Run the ControlNet + UNet loop from `latents` (noise) to clean latents.
+
+    `unet_inputs` carries spacing_tensor / class_labels / region tensors; `controlnet_inputs` class_labels.
+    `timesteps` comes from `schedule`: RFlow steps use next_t, DDPM steps draw their noise from `generator`.
+    """
+    from monai.networks.schedulers import RFlowScheduler
+
+    is_rflow = isinstance(scheduler, RFlowScheduler)
+    device = latents.device
+    total = len(timesteps)
+    with autocast_for(device, precision):
+        for i, (t, next_t) in enumerate(timesteps):
+            # The reference passes the fp16-rounded t as an fp32 tensor.
+            t_input = torch.tensor([float(t)], dtype=torch.float32, device=device)
+            down_residuals, mid_residual = controlnet(
+                x=latents, timesteps=t_input, controlnet_cond=controlnet_cond, **controlnet_inputs
+            )
+            model_output = unet(
+                x=latents,
+                timesteps=t_input,
+                down_block_additional_residuals=down_residuals,
+                mid_block_additional_residual=mid_residual,
+                **unet_inputs,
+            )
+            if is_rflow:
+                latents, _ = scheduler.step(model_output, t, latents, next_t)
+            else:
+                latents, _ = scheduler.step(model_output, t, latents, generator=generator)
+            if on_step is not None:
+                on_step(i + 1, total)
+    return latents

@@ -1,0 +1,27 @@
+"""User-facing errors. Each message names the field at fault and the fix; the CLI prints it as one line."""
+
+from __future__ import annotations
+
+
+class MaisiError(Exception):
+    """A failure the user can act on. `exit_code` follows cli.md: 1 runtime, 2 usage, 3 quality check."""
+
+    exit_code = 1
+
+
+class UsageError(MaisiError):
+    """The request itself is wrong (a bad option value, an unknown name): exit code 2."""
+
+    exit_code = 2
+
+
+class WeightsError(MaisiError):
+    """A weight file is missing, corrupt, or does not fit the network."""
+
+
+class MaskError(MaisiError):
+    """A condition mask cannot be read or used."""
+
+
+class OutputError(MaisiError):
+    """The output folder cannot be written."""

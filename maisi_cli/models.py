@@ -1,0 +1,226 @@
+"""Model registry: a model is data (network spec, scheduler, weight files, size rules), read into a `ModelSpec`.
+
+Built-in specs live in `maisi_cli/resources/models/*.json`; `--model PATH.json` loads one from a file.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from maisi_cli.config import FloatTriple, Triple, format_triple
+from maisi_cli.errors import UsageError
+from maisi_cli.labels import modality_id
+from maisi_cli.resources import resource_path
+
+# The five networks a MAISI model may define, under the reference's `<name>_def` keys.
+COMPONENTS = (
+    "autoencoder",
+    "diffusion_unet",
+    "controlnet",
+    "mask_generation_autoencoder",
+    "mask_generation_diffusion",
+)
+# The three a `--mask` generation needs.
+IMAGE_COMPONENTS = ("autoencoder", "diffusion_unet", "controlnet")
+
+
+class SizeRules(BaseModel):
+    """The reference `check_input` rules on output size and spacing (reference-inference.md §4.2)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    xy_equal: bool = False
+    xy_choices: tuple[int, ...] | None = None
+    z_choices: tuple[int, ...] | None = None
+    spacing_xy_equal: bool = False
+    spacing_xy_range: tuple[float, float] | None = None
+    spacing_z_range: tuple[float, float] | None = None
+    min_fov_xy_mm: float | None = None
+    max_size: tuple[int, int, int] | None = None
+
+    def violations(self, size: Triple, spacing: FloatTriple) -> list[str]:
+        """Each broken rule as '--field: what is wrong; the fix'."""
+        found = []
+        if self.xy_equal and size[0] != size[1]:
+            found.append(f"--size: x and y must be equal (got {format_triple(size)})")
+        if self.xy_choices and size[0] not in self.xy_choices:
+            found.append(f"--size: x/y must be one of {', '.join(map(str, self.xy_choices))} (got {size[0]})")
+        if self.z_choices and size[2] not in self.z_choices:
+            found.append(f"--size: z must be one of {', '.join(map(str, self.z_choices))} (got {size[2]})")
+        if self.max_size and any(s > m for s, m in zip(size, self.max_size)):
+            found.append(f"--size: at most {format_triple(self.max_size)} (got {format_triple(size)})")
+        if self.spacing_xy_equal and spacing[0] != spacing[1]:
+            found.append(f"--spacing: x and y must be equal (got {format_triple(spacing)})")
+        if self.spacing_xy_range and not (self.spacing_xy_range[0] <= spacing[0] <= self.spacing_xy_range[1]):
+            low, high = self.spacing_xy_range
+            found.append(f"--spacing: x/y must be within [{low:g}, {high:g}] mm (got {spacing[0]:g})")
+        if self.spacing_z_range and not (self.spacing_z_range[0] <= spacing[2] <= self.spacing_z_range[1]):
+            low, high = self.spacing_z_range
+            found.append(f"--spacing: z must be within [{low:g}, {high:g}] mm (got {spacing[2]:g})")
+        if self.min_fov_xy_mm and size[0] * spacing[0] < self.min_fov_xy_mm:
+            found.append(
+                f"--size/--spacing: the x/y field of view {size[0] * spacing[0]:g} mm is under "
+                f"{self.min_fov_xy_mm:g} mm; raise the size or the spacing"
+            )
+        return found
+
+
+class RecommendedSpacing(BaseModel):
+    size: Triple
+    spacing: FloatTriple
+
+
+class ModelSpec(BaseModel):
+    """One generative model: everything needed to build, load and run it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    modality: str = "ct"
+    default_steps: int = Field(30, ge=1)
+    hf_repo: str | None = None
+    hf_revision: str = "main"
+    licence: str | None = None
+    weights: dict[str, str]
+    size_rules: SizeRules = SizeRules()
+    default_size: Triple
+    recommended_spacing: tuple[RecommendedSpacing, ...] = ()
+    network: dict[str, Any]
+    source: str = "built-in"
+
+    # --- derived facts about the networks -------------------------------------------------
+    def definition(self, component: str) -> dict[str, Any]:
+        key = f"{component}_def"
+        if key not in self.network:
+            raise UsageError(f"model {self.name}: its spec has no '{key}' network definition")
+        return self.network[key]
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.network["latent_channels"])
+
+    @property
+    def vae_downsample(self) -> int:
+        """Spatial factor image → latent: 2 per VAE level after the first."""
+        return 2 ** (len(self.definition("autoencoder")["num_channels"]) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Each image axis must divide by this: the VAE factor times the UNet's 2^(levels-1)."""
+        unet = self.definition("diffusion_unet")
+        levels = len(unet.get("num_channels") or unet.get("channels"))
+        return self.vae_downsample * 2 ** (levels - 1)
+
+    @property
+    def scheduler_kind(self) -> str:
+        """'rflow' or 'ddpm', read from the scheduler class name."""
+        target = self.network["noise_scheduler"]["_target_"]
+        if target.endswith("RFlowScheduler"):
+            return "rflow"
+        if target.endswith("DDPMScheduler"):
+            return "ddpm"
+        raise UsageError(f"model {self.name}: unsupported noise scheduler '{target}'")
+
+    @property
+    def uses_modality(self) -> bool:
+        return self.definition("diffusion_unet").get("num_class_embeds") is not None
+
+    @property
+    def uses_body_region(self) -> bool:
+        value = self.definition("diffusion_unet").get("include_top_region_index_input", False)
+        return bool(self.network.get(value[1:], False) if isinstance(value, str) and value.startswith("@") else value)
+
+    @property
+    def modality_id(self) -> int:
+        return modality_id(self.modality)
+
+    def latent_shape(self, size: Triple) -> tuple[int, int, int, int]:
+        f = self.vae_downsample
+        return (self.latent_channels, size[0] // f, size[1] // f, size[2] // f)
+
+    # --- requests ----------------------------------------------------------------------------
+    def default_spacing(self, size: Triple) -> FloatTriple:
+        """Recommended spacing for a size: the table entry for that size; else the entry nearest in size, with
+        its z spacing scaled to keep its z field of view when the x/y size is the same."""
+        if not self.recommended_spacing:
+            return (1.0, 1.0, 1.0)
+        for entry in self.recommended_spacing:
+            if entry.size == size:
+                return entry.spacing
+        nearest = min(
+            self.recommended_spacing,
+            key=lambda e: (abs(math.log(size[0] / e.size[0])), abs(math.log(size[2] / e.size[2]))),
+        )
+        if nearest.size[0] != size[0]:
+            return nearest.spacing
+        sz = round(nearest.spacing[2] * nearest.size[2] / size[2], 4)
+        if self.size_rules.spacing_z_range:
+            low, high = self.size_rules.spacing_z_range
+            sz = min(max(sz, low), high)
+        return (nearest.spacing[0], nearest.spacing[1], sz)
+
+    def check_request(self, size: Triple, spacing: FloatTriple, allow_any_size: bool) -> list[str]:
+        """Raise on sizes the networks cannot take; return the model-rule violations lifted by allow_any_size
+        (as warnings). Without allow_any_size those violations raise."""
+        multiple = self.size_multiple
+        bad = [s for s in size if s % multiple]
+        if bad:
+            suggestion = format_triple(tuple(max(multiple, round(s / multiple) * multiple) for s in size))
+            raise UsageError(
+                f"--size: {format_triple(size)} is not a multiple of {multiple} on every axis "
+                f"(the VAE downsamples {self.vae_downsample}x and the UNet {multiple // self.vae_downsample}x); "
+                f"use e.g. {suggestion}"
+            )
+        problems = self.size_rules.violations(size, spacing)
+        if problems and not allow_any_size:
+            raise UsageError(f"{problems[0]}; or pass --allow-any-size to lift model {self.name}'s size rules")
+        return problems
+
+
+def _read_spec(path: Path, source: str) -> ModelSpec:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise UsageError(f"--model: cannot read '{path}': {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--model: '{path}' is not valid JSON (line {error.lineno}): {error.msg}") from None
+    try:
+        return ModelSpec.model_validate({**data, "source": source})
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"--model: '{path}' field '{where}': {first['msg']}") from None
+
+
+@cache
+def builtin_models() -> dict[str, ModelSpec]:
+    specs = {}
+    for path in sorted(resource_path("models").glob("*.json")):
+        spec = _read_spec(path, "built-in")
+        specs[spec.name] = spec
+    return specs
+
+
+def list_models() -> list[ModelSpec]:
+    return list(builtin_models().values())
+
+
+def get_model(name_or_path: str) -> ModelSpec:
+    """A model by name or alias, or a spec file when the value ends in .json."""
+    if name_or_path.endswith(".json"):
+        return _read_spec(Path(name_or_path).expanduser(), str(Path(name_or_path).expanduser().resolve()))
+    models = builtin_models()
+    for spec in models.values():
+        if name_or_path == spec.name or name_or_path in spec.aliases:
+            return spec
+    known = ", ".join(sorted(models))
+    raise UsageError(f"--model: unknown model '{name_or_path}'; known: {known} (or a model spec .json file)")

@@ -1,0 +1,207 @@
+"""Hardware profiles (profiles/*.toml) and the decode plan a profile gives for one output size.
+
+A profile is data: per-size decode settings copied from the reference `config_infer_*g_*.json` files, and a
+fallback rule for sizes missing from its table. No torch here, except `resolve_auto`, which asks the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from maisi_cli.config import Triple, format_triple
+from maisi_cli.errors import UsageError
+
+PROFILE_NAMES = ("16g", "24g", "32g", "80g", "cpu")
+# MONAI's MaisiConvolution pads each tensor-parallel chunk with a 3-voxel halo; a chunk must be at least that wide.
+TP_HALO = 3
+
+
+class DecodeEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    size: Triple
+    roi: Triple
+    overlap: float = Field(ge=0.0, lt=1.0)
+    tp_splits: int = Field(ge=1)
+    source: str | None = None
+
+
+class FallbackRule(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    max_roi_latent_voxels: int = Field(ge=16**3)
+    overlap: float = Field(ge=0.0, lt=1.0)
+    tp_splits: int = Field(ge=1)
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    description: str = ""
+    device: Literal["cuda", "cpu"]
+    memory_gb: float | None = None
+    precision: Literal["fp32", "fp16", "bf16"]
+    decode: tuple[DecodeEntry, ...] = ()
+    fallback: FallbackRule
+    path: str = ""
+
+    def decode_plan(self, latent_spatial: Triple, image_size: Triple, split_axis: int = 1) -> "DecodePlan":
+        """The table entry for this image size, else the fallback rule. `split_axis` is the VAE's `dim_split`."""
+        for entry in self.decode:
+            if entry.size == image_size:
+                return make_decode_plan(latent_spatial, entry.roi, entry.overlap, entry.tp_splits, split_axis,
+                                        rule=f"{self.name} table ({entry.source or format_triple(entry.size)})")
+        roi = fallback_roi(latent_spatial, self.fallback.max_roi_latent_voxels)
+        return make_decode_plan(latent_spatial, roi, self.fallback.overlap, self.fallback.tp_splits, split_axis,
+                                rule=f"{self.name} fallback (at most {self.fallback.max_roi_latent_voxels} latent voxels)")
+
+
+class DecodePlan(BaseModel):
+    """How the VAE decodes one latent: whole, or by sliding window over the latent grid."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mode: Literal["whole", "sliding"]
+    roi: Triple  # latent voxels, already clipped to the latent
+    overlap: float
+    tp_splits: int  # after capping to what the latent allows
+    requested_tp_splits: int
+    windows: int
+    rule: str
+
+
+def fallback_roi(latent: Triple, budget: int) -> Triple:
+    """The largest ROI (multiples of 16, clipped to the latent) with at most `budget` voxels, grown evenly."""
+    if math.prod(latent) <= budget:
+        return latent
+    roi = [min(16, s) for s in latent]
+    grown = True
+    while grown:
+        grown = False
+        for axis in sorted(range(3), key=lambda a: roi[a]):  # grow the smallest axis first: near-cubic windows
+            if roi[axis] >= latent[axis]:
+                continue
+            trial = roi.copy()
+            trial[axis] = min(roi[axis] + 16, latent[axis])
+            if math.prod(trial) <= budget:
+                roi = trial
+                grown = True
+    return (roi[0], roi[1], roi[2])
+
+
+def window_count(latent: Triple, roi: Triple, overlap: float) -> int:
+    """Number of sliding windows MONAI places (its scan-interval rule, last start pulled back to fit)."""
+    count = 1
+    for size, r in zip(latent, roi):
+        interval = r if r == size else max(int(r * (1 - overlap)), 1)
+        count *= math.ceil((size - r) / interval) + 1 if size > r else 1
+    return count
+
+
+def cap_tp_splits(requested: int, axis_length: int) -> int:
+    """The most tensor-parallel splits ≤ requested that MONAI's MaisiConvolution handles exactly on this axis.
+
+    Measured: a split is exact only when it divides the axis (otherwise the last chunk is mis-trimmed) and each
+    chunk keeps at least the 3-voxel halo (otherwise conv3d fails on an empty chunk).
+    """
+    for splits in range(max(requested, 1), 1, -1):
+        if axis_length % splits == 0 and axis_length // splits >= TP_HALO:
+            return splits
+    return 1
+
+
+def make_decode_plan(latent: Triple, roi: Triple, overlap: float, tp_splits: int, split_axis: int = 1,
+                     rule: str = "") -> DecodePlan:
+    """The reference `dynamic_infer` rule: decode whole when the latent has no more voxels than the ROI, else slide
+    a window clipped to the latent. TP splits act on spatial axis `split_axis` of what the decoder sees."""
+    if math.prod(latent) <= math.prod(roi):
+        mode, clipped, windows = "whole", latent, 1
+    else:
+        clipped = (min(roi[0], latent[0]), min(roi[1], latent[1]), min(roi[2], latent[2]))
+        mode, windows = "sliding", window_count(latent, clipped, overlap)
+    return DecodePlan(
+        mode=mode, roi=clipped, overlap=overlap, tp_splits=cap_tp_splits(tp_splits, clipped[split_axis]),
+        requested_tp_splits=tp_splits, windows=windows, rule=rule,
+    )
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+def builtin_profile_dir() -> Path:
+    """`maisi_cli/_profiles` in an installed wheel; the repository's `profiles/` in a source checkout."""
+    packaged = Path(__file__).parent / "_profiles"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "profiles"
+
+
+def profile_dirs() -> list[Path]:
+    extra = [Path(p).expanduser() for p in os.environ.get("MAISI_PROFILE_PATH", "").split(os.pathsep) if p]
+    return [*extra, builtin_profile_dir()]
+
+
+def read_profile(path: Path) -> Profile:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise UsageError(f"--profile: cannot read '{path}': {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"--profile: '{path}' is not valid TOML: {error}") from None
+    try:
+        return Profile.model_validate({**data, "path": str(path)})
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"--profile: '{path}' field '{where}': {first['msg']}") from None
+
+
+@cache
+def _profiles_in(directories: tuple[Path, ...]) -> dict[str, Profile]:
+    found: dict[str, Profile] = {}
+    for directory in reversed(directories):  # earlier folders (MAISI_PROFILE_PATH) win
+        for path in sorted(directory.glob("*.toml")):
+            profile = read_profile(path)
+            found[profile.name] = profile
+    return found
+
+
+def list_profiles() -> list[Profile]:
+    return list(_profiles_in(tuple(profile_dirs())).values())
+
+
+def get_profile(name_or_path: str) -> Profile:
+    """A profile by name or a TOML path. `auto` is resolved by `resolve_profile`."""
+    if name_or_path.endswith(".toml"):
+        return read_profile(Path(name_or_path).expanduser())
+    profiles = _profiles_in(tuple(profile_dirs()))
+    if name_or_path not in profiles:
+        known = ", ".join(["auto", *sorted(profiles)])
+        raise UsageError(f"--profile: unknown profile '{name_or_path}'; known: {known} (or a .toml file)")
+    return profiles[name_or_path]
+
+
+def pick_gpu_profile(free_bytes: int) -> Profile:
+    """The largest GPU profile whose memory class fits the free memory (cards report a little under nominal,
+    so half a GB of slack), else the smallest GPU profile."""
+    gpu = sorted((p for p in list_profiles() if p.device == "cuda" and p.memory_gb), key=lambda p: p.memory_gb)
+    if not gpu:
+        raise UsageError("--profile auto: no GPU profile is installed; name one with --profile")
+    fitting = [p for p in gpu if p.memory_gb <= free_bytes / 1e9 + 0.5]
+    return fitting[-1] if fitting else gpu[0]
+
+
+def resolve_profile(name_or_path: str, device: str) -> Profile:
+    """`auto` → `cpu` on a CPU device, else by the free memory of the chosen GPU."""
+    if name_or_path != "auto":
+        return get_profile(name_or_path)
+    if not device.startswith("cuda"):
+        return get_profile("cpu")
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return pick_gpu_profile(free)
