@@ -12,7 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
 from maisi_cli.errors import UsageError
@@ -29,6 +29,16 @@ COMPONENTS = (
 )
 # The three a `--mask` generation needs.
 IMAGE_COMPONENTS = ("autoencoder", "diffusion_unet", "controlnet")
+
+# The only classes a spec's `_target_` may name: specs are data, never a way to import arbitrary code.
+ALLOWED_TARGETS = frozenset({
+    "monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi",
+    "monai.apps.generation.maisi.networks.diffusion_model_unet_maisi.DiffusionModelUNetMaisi",
+    "monai.apps.generation.maisi.networks.controlnet_maisi.ControlNetMaisi",
+    "monai.networks.nets.diffusion_model_unet.DiffusionModelUNet",
+    "monai.networks.schedulers.rectified_flow.RFlowScheduler",
+    "monai.networks.schedulers.ddpm.DDPMScheduler",
+})
 
 
 class SizeRules(BaseModel):
@@ -96,6 +106,18 @@ class ModelSpec(BaseModel):
     recommended_spacing: tuple[RecommendedSpacing, ...] = ()
     network: dict[str, Any]
     source: str = "built-in"
+
+    @field_validator("network")
+    @classmethod
+    def _known_classes_only(cls, network: dict[str, Any]) -> dict[str, Any]:
+        for key, block in network.items():
+            if isinstance(block, dict) and "_target_" in block and block["_target_"] not in ALLOWED_TARGETS:
+                names = ", ".join(sorted(t.rsplit(".", 1)[1] for t in ALLOWED_TARGETS))
+                raise ValueError(f"'_target_' {block['_target_']!r} is not a MONAI MAISI class; use one of {names}")
+        for key in ("autoencoder_def", "diffusion_unet_def", "controlnet_def", "noise_scheduler"):
+            if key not in network:
+                raise ValueError(f"the '{key}' block is missing")
+        return network
 
     # --- derived facts about the networks -------------------------------------------------
     def definition(self, component: str) -> dict[str, Any]:

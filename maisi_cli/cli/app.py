@@ -13,7 +13,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import traceback  # noqa: E402
 
-import click  # noqa: E402
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
@@ -25,7 +24,7 @@ from maisi_cli.errors import MaisiError  # noqa: E402
 class MaisiGroup(TyperGroup):
     """Root group: every command's MaisiError ends here as one line on stderr and the error's exit code."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: typer.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except MaisiError as failure:
@@ -33,7 +32,7 @@ class MaisiGroup(TyperGroup):
             if output.debug:
                 traceback.print_exc()
             render.error(str(failure))
-            raise click.exceptions.Exit(failure.exit_code) from None
+            raise typer.Exit(failure.exit_code) from None
 
 
 app = typer.Typer(

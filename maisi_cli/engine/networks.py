@@ -12,16 +12,8 @@ from typing import Any
 import torch
 
 from maisi_cli.errors import UsageError
-from maisi_cli.models import ModelSpec
+from maisi_cli.models import ALLOWED_TARGETS, ModelSpec
 
-ALLOWED_TARGETS = {
-    "monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi",
-    "monai.apps.generation.maisi.networks.diffusion_model_unet_maisi.DiffusionModelUNetMaisi",
-    "monai.apps.generation.maisi.networks.controlnet_maisi.ControlNetMaisi",
-    "monai.networks.nets.diffusion_model_unet.DiffusionModelUNet",
-    "monai.networks.schedulers.rectified_flow.RFlowScheduler",
-    "monai.networks.schedulers.ddpm.DDPMScheduler",
-}
 
 
 def resolve_definition(constants: dict[str, Any], definition: dict[str, Any]) -> tuple[type, dict[str, Any]]:

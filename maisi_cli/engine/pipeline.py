@@ -204,15 +204,14 @@ def plan_generation(request: GenerateRequest) -> GenerationPlan:
     if model.scheduler_kind == "ddpm" and steps < model.default_steps:
         warnings.append(f"--steps: {steps} DDPM steps is fewer than the {model.default_steps} it was trained for; "
                         "quality is not guaranteed")
-    if request.mask is None:
-        raise UsageError("--mask: a condition mask is needed; pass --mask FILE (a NIfTI label map in MAISI label ids)")
-    anatomy_ids = tuple(label_id(name) for name in request.anatomy)
-    if request.label_mode == "requested" and not anatomy_ids:
-        raise UsageError("--label-mode requested: name the anatomies to keep with --anatomy NAME")
-
     device = resolve_device(request.device)
     profile = resolve_profile(request.profile, device)
     precision = resolve_precision(request.precision, profile, device)
+    anatomy_ids = tuple(label_id(name) for name in request.anatomy)
+    if request.label_mode == "requested" and not anatomy_ids:
+        raise UsageError("--label-mode requested: name the anatomies to keep with --anatomy NAME")
+    if request.mask is None:
+        raise UsageError("--mask: a condition mask is needed; pass --mask FILE (a NIfTI label map in MAISI label ids)")
     latent_shape = model.latent_shape(size)
     split_axis = int(model.definition("autoencoder").get("dim_split", 1))
     decode = profile.decode_plan(latent_shape[1:], size, split_axis=split_axis)

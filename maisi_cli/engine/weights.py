@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,20 @@ def fetch_command(spec: ModelSpec, repo_name: str, weights_dir: Path | None) -> 
     return f"hf download {spec.hf_repo} {repo_name}{revision}{target}"
 
 
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def first_sentence(error: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(error).split())
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    return (text.split(". ")[0] or type(error).__name__)[:limit]
+
+
 def locate_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> WeightFile:
     """The file for one component, or a WeightsError naming it and the command that fetches it."""
     if component not in spec.weights:
@@ -67,7 +82,7 @@ def locate_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> 
     if weights_dir is None and spec.hf_repo:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(spec.hf_repo, repo_name, revision=spec.hf_revision)
+        cached = try_to_load_from_cache(spec.hf_repo, repo_name, revision=spec.hf_revision, cache_dir=hf_hub_cache())
         if isinstance(cached, str):
             return WeightFile(component, repo_name, Path(cached))
     where = f"in {weights_dir}" if weights_dir else f"in the Hugging Face cache for {spec.hf_repo}"
@@ -107,15 +122,15 @@ def read_checkpoint(path: Path) -> Any:
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "pickled objects"
+    except pickle.UnpicklingError:
         raise WeightsError(
-            f"weights: {path} holds more than tensors ({first_line[:120]}); maisi loads tensor-only checkpoints "
-            f"(weights_only=True): re-save it as a plain state dict"
+            f"weights: {path} holds pickled Python objects, not only tensors; maisi loads checkpoints with "
+            f"weights_only=True: re-save it as a plain state dict"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsError(f"weights: {path} is not a readable PyTorch checkpoint ({message[:160]}); fetch it again") from None
+        raise WeightsError(
+            f"weights: {path} is not a readable PyTorch checkpoint ({first_sentence(error)}); fetch it again"
+        ) from None
 
 
 def state_dict_of(checkpoint: Any, component: str, path: Path, spec: ModelSpec) -> dict[str, Any]:
