@@ -25,3 +25,7 @@ class MaskError(MaisiError):
 
 class OutputError(MaisiError):
     """The output folder cannot be written."""
+
+
+class GenerationError(MaisiError):
+    """The networks ran but produced something unusable."""

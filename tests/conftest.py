@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Before torch loads (see maisi_cli/cli/app.py): spinning OpenMP waits make 2-core runs erratically slow.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

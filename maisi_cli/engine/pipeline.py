@@ -19,7 +19,7 @@ from maisi_cli import __version__
 from maisi_cli.config import GenerateRequest, format_triple
 from maisi_cli.engine.masks.user import ConditionMask, load_condition_mask, resample_warning
 from maisi_cli.engine.weights import WeightFile, locate_weight, sha256_of
-from maisi_cli.errors import MaskError, OutputError, UsageError
+from maisi_cli.errors import GenerationError, MaskError, OutputError, UsageError
 from maisi_cli.labels import label_id
 from maisi_cli.models import IMAGE_COMPONENTS, ModelSpec, get_model
 from maisi_cli.profiles import DecodePlan, Profile, resolve_profile
@@ -362,7 +362,14 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
                            on_window=lambda done, total: on_progress(f"{name} decode", done, total))
     timings["decode_s"] = time.perf_counter() - start
 
-    hu = air_outside_body(intensity_to_hu(image[0, 0].float().numpy()), plan.mask.labels)
+    decoded = image[0, 0].float().numpy()
+    if not np.isfinite(decoded).all():
+        bad = int((~np.isfinite(decoded)).sum())
+        raise GenerationError(
+            f"sample {task.index}: the decoder produced {bad} non-finite voxels (overflow in {plan.precision}); "
+            "retry with --precision fp32 or check the weights"
+        )
+    hu = air_outside_body(intensity_to_hu(decoded), plan.mask.labels)
     labels = output_labels(plan.mask.labels, plan.request.label_mode, plan.anatomy_ids)
     return hu_to_int16(hu), labels, timings
 
