@@ -29,6 +29,8 @@ def output_labels(label_map: np.ndarray, mode: str, requested_ids: Iterable[int]
     labels = label_map.astype(np.uint8)
     if mode == "full":
         return labels
+    if mode != "requested":
+        raise ValueError(f"label mode {mode!r}: use 'full' or 'requested'")
     keep = np.isin(labels, np.fromiter(requested_ids, dtype=np.int64))
     return np.where(keep, labels, 0).astype(np.uint8)
 

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 
-# OpenMP spin-waiting makes some runs on a 2-vCPU VM 10x slower at random (monai-facts.md §7); this must be set
-# before torch starts, and conftest.py is imported before any test module.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import pytest
 
-import pytest  # noqa: E402
-
-from tests.helpers import tiny_spec_document  # noqa: E402
+from tests.helpers import tiny_spec_document
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,135 @@
+"""Building MAISI networks from model specs: the allow-list, references, device overrides, reference parity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from maisi_cli.engine.networks import build_network, build_scheduler, device_overrides, resolve_definition
+from maisi_cli.errors import UsageError
+from maisi_cli.models import get_model
+
+REFERENCE_CONFIGS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "maisi-tutorials" / "configs"
+VAE = "monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi"
+
+
+@pytest.mark.parametrize("target", [
+    "os.system",
+    "builtins.eval",
+    "monai.networks.nets.DiffusionModelUNet",  # the right class, but not by its allowed path
+    "monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi.__init__",
+    None,
+])
+def test_resolve_definition_refuses_targets_outside_allow_list(target):
+    """A spec cannot make maisi import or call arbitrary code: unknown `_target_`s are a usage error."""
+    definition = {"command": "echo hacked"}
+    if target is not None:
+        definition["_target_"] = target
+    with pytest.raises(UsageError) as raised:
+        resolve_definition({}, definition)
+    assert raised.value.exit_code == 2
+    assert "_target_" in str(raised.value)
+
+
+def test_resolve_definition_resolves_references():
+    """`@key` values are replaced by the spec's top-level constants; other values pass through unchanged."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    cls, kwargs = resolve_definition(
+        {"latent_channels": 4, "spatial_dims": 3},
+        {"_target_": VAE, "latent_channels": "@latent_channels", "spatial_dims": "@spatial_dims",
+         "num_channels": [8, 16], "norm_eps": 1e-6, "name": "plain string"},
+    )
+    assert cls is AutoencoderKlMaisi
+    assert kwargs == {"latent_channels": 4, "spatial_dims": 3, "num_channels": [8, 16], "norm_eps": 1e-6,
+                      "name": "plain string"}
+
+
+def test_resolve_definition_unknown_reference():
+    """A reference to a constant the spec lacks is a usage error naming the reference."""
+    with pytest.raises(UsageError, match="@missing"):
+        resolve_definition({"latent_channels": 4}, {"_target_": VAE, "latent_channels": "@missing"})
+
+
+@pytest.mark.parametrize("device,precision,flash,norm16", [
+    ("cpu", "fp32", False, False),
+    ("cpu", "fp16", False, False),
+    ("cpu", "bf16", False, False),
+    ("cuda", "fp32", True, False),
+    ("cuda", "bf16", True, False),
+    ("cuda", "fp16", True, True),
+])
+def test_device_overrides(device, precision, flash, norm16):
+    """Flash attention only on CUDA; the VAE's fp16 GroupNorm output only on CUDA in fp16."""
+    kwargs = {"use_flash_attention": True, "norm_float16": True, "num_channels": [8]}
+    adjusted = device_overrides(kwargs, torch.device(device), precision)
+    assert adjusted == {"use_flash_attention": flash, "norm_float16": norm16, "num_channels": [8]}
+    assert kwargs == {"use_flash_attention": True, "norm_float16": True, "num_channels": [8]}  # not mutated
+
+
+def test_device_overrides_never_switch_features_on():
+    """Settings the spec turns off stay off on a GPU, and absent keys are not added."""
+    adjusted = device_overrides({"use_flash_attention": False, "norm_float16": False}, torch.device("cuda"), "fp16")
+    assert adjusted == {"use_flash_attention": False, "norm_float16": False}
+    assert device_overrides({"num_res_blocks": 2}, torch.device("cuda"), "fp16") == {"num_res_blocks": 2}
+
+
+def test_build_network_applies_cpu_overrides(tiny_spec):
+    """On the CPU the spec's flash attention and fp16 norm are switched off in the built modules, which are in eval
+    mode and run in fp32."""
+    unet = build_network(tiny_spec, "diffusion_unet")
+    vae = build_network(tiny_spec, "autoencoder")
+    assert not unet.training and not vae.training
+    flash = [m.use_flash_attention for m in unet.modules() if hasattr(m, "use_flash_attention")]
+    assert flash and not any(flash)
+    norm16 = [m.norm_float16 for m in vae.modules() if hasattr(m, "norm_float16")]
+    assert norm16 and not any(norm16)
+    from maisi_cli.engine.networks import set_tp_splits
+
+    set_tp_splits(vae, 1)
+    with torch.no_grad():
+        out = vae.decode_stage_2_outputs(torch.zeros(1, 4, 4, 4, 4))
+    assert out.shape == (1, 1, 16, 16, 16) and out.dtype == torch.float32
+
+
+def test_build_network_unknown_component(tiny_spec):
+    """Asking for a network the spec does not define is a usage error, not a KeyError."""
+    with pytest.raises(UsageError, match="mask_generation_autoencoder_def"):
+        build_network(tiny_spec, "mask_generation_autoencoder")
+
+
+def test_build_scheduler_rflow_and_ddpm():
+    """The rflow-ct model samples with MONAI's RFlowScheduler (timestep transform on, continuous timesteps), the
+    ddpm-ct model with its DDPMScheduler (scaled linear betas)."""
+    from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+
+    rflow = build_scheduler(get_model("rflow-ct"))
+    assert isinstance(rflow, RFlowScheduler)
+    assert rflow.use_timestep_transform and not rflow.use_discrete_timesteps
+    assert rflow.num_train_timesteps == 1000
+    ddpm = build_scheduler(get_model("ddpm-ct"))
+    assert isinstance(ddpm, DDPMScheduler)
+    assert ddpm.num_train_timesteps == 1000
+    assert float(ddpm.betas[0]) == pytest.approx(0.0015, rel=1e-4)
+    assert float(ddpm.betas[-1]) == pytest.approx(0.0195, rel=1e-4)
+
+
+@pytest.mark.parametrize("model,config", [("rflow-ct", "config_maisi3d-rflow.json"),
+                                          ("ddpm-ct", "config_maisi3d-ddpm.json")])
+def test_builtin_network_blocks_equal_reference(model, config):
+    """The built-in models' network definitions are the reference MAISI network configs, block for block, so the
+    released weights load into them."""
+    path = REFERENCE_CONFIGS / config
+    if not path.is_file():
+        pytest.skip(f"reference configs not found at {REFERENCE_CONFIGS}")
+    reference = json.loads(path.read_text())
+    network = get_model(model).network
+    for key in ("autoencoder_def", "diffusion_unet_def", "controlnet_def", "mask_generation_autoencoder_def",
+                "mask_generation_diffusion_def", "noise_scheduler", "mask_generation_noise_scheduler"):
+        assert network[key] == reference[key], key
+    for key in ("spatial_dims", "image_channels", "latent_channels", "include_body_region",
+                "mask_generation_scale_factor", "mask_generation_latent_shape"):
+        assert network[key] == reference[key], key
