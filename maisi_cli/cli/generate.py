@@ -62,7 +62,7 @@ def generate(
     if dry_run:
         show_plan(plan.describe(), output)
         return
-    with render.progress(output) as on_progress:
+    with render.progress(output, samples=len(plan.pending)) as on_progress:
         report = run_generation(plan, on_progress)
     if output.json:
         render.print_json(report.as_dict())

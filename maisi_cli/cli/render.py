@@ -68,9 +68,9 @@ ProgressCallback = Callable[[str, int, int], None]
 
 
 @contextlib.contextmanager
-def progress(output: Output) -> Iterator[ProgressCallback]:
-    """A progress callback for the engine: rich bars on a TTY, a log line per finished stage otherwise,
-    nothing with --quiet."""
+def progress(output: Output, samples: int | None = None) -> Iterator[ProgressCallback]:
+    """A progress callback for the engine: on a TTY one bar for the current stage (step i/N, ETA) and one for the
+    samples; off a TTY a log line per finished stage; nothing with --quiet."""
     if output.quiet:
         yield lambda stage, done, total: None
         return
@@ -79,14 +79,19 @@ def progress(output: Output) -> Iterator[ProgressCallback]:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
-        tasks: dict[str, Any] = {}
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=console, transient=False) as bars:
+        with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console, transient=True) as bars:
+            overall = bars.add_task("samples", total=samples) if samples else None
+            current = bars.add_task("starting", total=1)
+            state = {"stage": None}
 
             def on_progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bars.add_task(stage, total=total)
-                bars.update(tasks[stage], completed=done, total=total)
+                if stage != state["stage"]:
+                    state["stage"] = stage
+                    bars.reset(current, total=total, description=stage)
+                bars.update(current, completed=done, total=total)
+                if overall is not None and stage.endswith(" write") and done >= total:
+                    bars.advance(overall)
 
             yield on_progress
         return

@@ -169,3 +169,22 @@ def test_bf16_on_cpu_runs(tiny_model, mask_file, tmp_path, precision):
     out = tmp_path / "out"
     report_of(generate(tiny_model, mask_file, out, "--precision", precision))
     assert json.loads((out / "sample_0000.json").read_text())["precision"] == precision
+
+
+def test_ddpm_model_runs_with_body_region_inputs(tmp_path, mask_file):
+    """A DDPM model (ddpm-ct's layout: region inputs, no modality) generates; regions come from the mask."""
+    from tests.helpers import write_tiny_model
+
+    spec, weights = write_tiny_model(tmp_path / "tiny-ddpm", scheduler="ddpm")
+    out = tmp_path / "out"
+    result = generate((spec, weights), mask_file, out, "--steps", "2", json_output=False)
+    assert result.exit_code == 0, result.stderr
+    assert "fewer than the 4" in result.stderr
+    hu = np.asarray(nib.load(out / "sample_0000_image.nii.gz").dataobj)
+    assert hu.dtype == np.int16 and hu[phantom_labels((32, 32, 32)) > 0].std() > 0
+
+    no_landmark = np.zeros((32, 32, 32), dtype=np.uint8)
+    no_landmark[4:28, 4:28, 4:28] = 200
+    body_only = write_mask(tmp_path / "body.nii.gz", (32, 32, 32), (2.0, 2.0, 2.0), labels=no_landmark)
+    refused = generate((spec, weights), body_only, tmp_path / "out2")
+    assert refused.exit_code == 1 and "body-region landmark" in refused.stderr
