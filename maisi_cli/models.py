@@ -101,6 +101,8 @@ class ModelSpec(BaseModel):
     hf_revision: str = "main"
     licence: str | None = None
     weights: dict[str, str]
+    # Data files of the same repository: the candidate-mask database, its mask archive, the anatomy-size table.
+    datasets: dict[str, str] = {}
     size_rules: SizeRules = SizeRules()
     default_size: Triple
     recommended_spacing: tuple[RecommendedSpacing, ...] = ()

@@ -27,16 +27,20 @@ def decode_latents(
     latents: torch.Tensor,
     plan: DecodePlan,
     on_window: Callable[[int, int], None] | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """(1, C, x, y, z) latents → (1, 1, 4x, 4y, 4z) image clipped to [0, 1], on the CPU.
 
     Sliding windows run on the latents' device and blend into a CPU buffer (Gaussian weights, sigma 0.125), as the
-    reference does, so only one window's activations sit on the GPU at a time.
+    reference does, so only one window's activations sit on the GPU at a time. In fp16/bf16 the decode runs under
+    autocast, as the reference's (fp16 latents meet fp32 VAE weights).
     """
     from monai.inferers import SlidingWindowInferer
 
+    from maisi_cli.engine.sampling import autocast_for
+
     set_tp_splits(decoder.autoencoder, plan.tp_splits)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast_for(latents.device, precision):
         if plan.mode == "whole":
             image = decoder(latents)
             if on_window is not None:

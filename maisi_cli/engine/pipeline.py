@@ -359,7 +359,8 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
 
     start = time.perf_counter()
     image = decode_latents(loaded.decoder, latents, plan.decode,
-                           on_window=lambda done, total: on_progress(f"{name} decode", done, total))
+                           on_window=lambda done, total: on_progress(f"{name} decode", done, total),
+                           precision=plan.precision)
     timings["decode_s"] = time.perf_counter() - start
 
     decoded = image[0, 0].float().numpy()
