@@ -65,11 +65,12 @@ def root(
 
 
 def _register() -> None:
-    from maisi_cli.cli import generate, models, profiles
+    from maisi_cli.cli import data, generate, models, profiles
 
     app.command("generate", help=generate.HELP)(generate.generate)
     app.command("models", help=models.HELP)(models.models)
     app.add_typer(profiles.app, name="profiles")
+    app.add_typer(data.app, name="data")
 
 
 _register()

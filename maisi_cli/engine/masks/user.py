@@ -25,17 +25,17 @@ class ConditionMask:
     original_spacing: FloatTriple
 
 
-def checked_labels(data: np.ndarray, path: Path) -> np.ndarray:
+def checked_labels(data: np.ndarray, path: Path, field: str = "--mask") -> np.ndarray:
     """Whole-number label ids in [0, 255] as uint8 (the ControlNet sees 8 bit planes)."""
     if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
-        raise MaskError(f"--mask: '{path}' holds {data.dtype} values; a label map of whole numbers is needed")
+        raise MaskError(f"{field}: '{path}' holds {data.dtype} values; a label map of whole numbers is needed")
     if np.issubdtype(data.dtype, np.floating):
         if not np.all(np.isfinite(data)) or not np.array_equal(data, np.rint(data)):
-            raise MaskError(f"--mask: '{path}' holds fractional values; a label map of whole-number ids is needed")
+            raise MaskError(f"{field}: '{path}' holds fractional values; a label map of whole-number ids is needed")
     low, high = data.min(), data.max()
     if low < 0 or high > 255:
         raise MaskError(
-            f"--mask: '{path}' has labels from {low:g} to {high:g}; MAISI label ids must be within 0..255 "
+            f"{field}: '{path}' has labels from {low:g} to {high:g}; MAISI label ids must be within 0..255 "
             f"(the ControlNet reads 8 bit planes)"
         )
     return data.astype(np.uint8)

@@ -1,0 +1,201 @@
+"""The candidate-mask database (reference-inference.md §9): find label maps that hold the requested anatomy, exactly
+at the requested grid or else the closest ones, ordered by the sample's seed.
+
+The database is a JSON list of entries {pseudo_label_filename, label_list, dim, spacing, [top|bottom]_region_index};
+the masks themselves come from a zip archive unpacked once under MAISI_HOME (see `archive.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from maisi_cli.config import FloatTriple, Triple, format_triple
+from maisi_cli.errors import MaisiError, UsageError
+
+# Tumours a candidate may hold only when they are requested (reference `find_masks`).
+TUMOR_LABELS = frozenset({23, 24, 26, 27, 128})
+# Region names → index of the 4-slot one-hot (0 head/neck, 1 chest, 2 abdomen, 3 pelvis/lower).
+REGION_INDEX = {"head": 0, "neck": 0, "head/neck": 0, "chest": 1, "thorax": 1, "chest/thorax": 1, "abdomen": 2,
+                "pelvis": 3, "lower": 3, "pelvis/lower": 3}
+# "cannot upsample too much": a candidate may be at most this many voxels smaller than the output on any axis.
+MAX_UPSAMPLE_VOXELS = 64
+
+
+class MaskDatabaseError(MaisiError):
+    """The candidate-mask database cannot be read, or nothing in it fits the request."""
+
+
+class MaskEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    pseudo_label_filename: str
+    label_list: tuple[int, ...]
+    dim: Triple
+    spacing: FloatTriple
+    top_region_index: tuple[int, int, int, int] | None = None
+    bottom_region_index: tuple[int, int, int, int] | None = None
+
+    @field_validator("label_list", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value):
+        return tuple(int(v) for v in value)
+
+    def region_span(self) -> tuple[int, int] | None:
+        """(top, bottom) region indices: the position of the first 1 in each one-hot; None without region fields."""
+        if self.top_region_index is None or self.bottom_region_index is None:
+            return None
+        if 1 not in self.top_region_index or 1 not in self.bottom_region_index:
+            return None
+        return self.top_region_index.index(1), self.bottom_region_index.index(1)
+
+
+def read_database(path: Path) -> list[MaskEntry]:
+    try:
+        document = json.loads(path.read_text())
+    except OSError as error:
+        raise MaskDatabaseError(f"mask database: cannot read '{path}' ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise MaskDatabaseError(f"mask database: '{path}' is not valid JSON (line {error.lineno}): {error.msg}") from None
+    if not isinstance(document, list):
+        raise MaskDatabaseError(f"mask database: '{path}' must hold a JSON list of entries, not {type(document).__name__}")
+    entries = []
+    for number, item in enumerate(document):
+        try:
+            entries.append(MaskEntry.model_validate(item))
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "entry"
+            raise MaskDatabaseError(
+                f"mask database: '{path}' entry {number} field '{field}': {first['msg'].lower()}; "
+                "each entry needs pseudo_label_filename, label_list, dim and spacing"
+            ) from None
+    if not entries:
+        raise MaskDatabaseError(f"mask database: '{path}' holds no entries")
+    return entries
+
+
+def region_indices(names: Iterable[str]) -> tuple[int, ...]:
+    indices = []
+    for name in names:
+        key = name.strip().lower()
+        if key not in REGION_INDEX:
+            raise UsageError(f"--body-region: '{name}' is not a region; use head, chest, abdomen or pelvis")
+        indices.append(REGION_INDEX[key])
+    return tuple(sorted(set(indices)))
+
+
+def rejection(entry: MaskEntry, anatomy: Sequence[int], regions: Sequence[int]) -> str | None:
+    """Why an entry cannot serve this request (None when it can), ignoring size and spacing."""
+    labels = set(entry.label_list)
+    if not set(anatomy) <= labels:
+        return "anatomy"
+    span = entry.region_span()
+    if span is not None and any(not (span[0] <= r <= span[1]) for r in regions):
+        return "body region"
+    if (labels & TUMOR_LABELS) - set(anatomy):
+        return "unrequested tumour"
+    return None
+
+
+def same_grid(entry: MaskEntry, size: Triple, spacing: FloatTriple) -> bool:
+    """Exact match, as the reference: the same dims and the same spacing, float for float."""
+    return tuple(entry.dim) == tuple(size) and tuple(entry.spacing) == tuple(spacing)
+
+
+def closeness(entry: MaskEntry, size: Triple, spacing: FloatTriple) -> float:
+    """The reference score (lower is closer): field-of-view difference in cm + voxel-count difference / 100 +
+    spacing difference in mm, summed over the axes."""
+    return sum(
+        abs(d * s - o * t) / 10 + abs(d - o) / 100 + abs(s - t)
+        for d, s, o, t in zip(entry.dim, entry.spacing, size, spacing)
+    )
+
+
+def too_small(entry: MaskEntry, size: Triple) -> bool:
+    return any(d < o - MAX_UPSAMPLE_VOXELS for d, o in zip(entry.dim, size))
+
+
+def find_candidates(entries: Sequence[MaskEntry], anatomy: Sequence[int], regions: Sequence[int], size: Triple,
+                    spacing: FloatTriple, needed: int) -> tuple[list[MaskEntry], bool]:
+    """(candidates, need_resample). Exact grid matches when there are at least `needed`; else up to
+    max(2·needed, 5) of the closest entries that are not too small, closest first, to be resampled."""
+    usable = [e for e in entries if rejection(e, anatomy, regions) is None]
+    exact = [e for e in usable if same_grid(e, size, spacing)]
+    if len(exact) >= needed:
+        return exact, False
+    near = sorted((e for e in usable if not too_small(e, size)), key=lambda e: closeness(e, size, spacing))
+    if not near:
+        raise MaskDatabaseError(no_match_message(entries, anatomy, regions, size, spacing))
+    return near[: max(2 * needed, 5)], True
+
+
+def no_match_message(entries: Sequence[MaskEntry], anatomy: Sequence[int], regions: Sequence[int], size: Triple,
+                     spacing: FloatTriple) -> str:
+    reasons = Counter(rejection(e, anatomy, regions) or "too small" for e in entries)
+    why = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+    fitting = [e for e in entries if rejection(e, anatomy, regions) is None] or list(entries)
+    near_text = "; ".join(nearest_grids(fitting, size, spacing))
+    return (f"mask database: no candidate for anatomy {list(anatomy) or 'any'} regions {list(regions) or 'any'} "
+            f"at {format_triple(size)} (of {len(entries)}: {why}); nearest: {near_text}. Drop a constraint, "
+            f"ask for a nearer size, or pass --mask FILE")
+
+
+def shuffled(candidates: Sequence[MaskEntry], seed: int) -> list[MaskEntry]:
+    """The candidates in an order fixed by `seed` alone (the reference shuffles with the global random stream)."""
+    ordered = list(candidates)
+    random.Random(seed).shuffle(ordered)
+    return ordered
+
+
+def nearest_grids(entries: Sequence[MaskEntry], size: Triple, spacing: FloatTriple, count: int = 3) -> list[str]:
+    closest = sorted(entries, key=lambda e: closeness(e, size, spacing))[:count]
+    return [f"{format_triple(e.dim)} at {format_triple(e.spacing)} mm" for e in closest]
+
+
+def _region_span_from_labels(labels: set[int]) -> tuple[int, int] | None:
+    from maisi_cli.engine.pipeline import REGION_LABELS
+
+    present = [i for i, region in enumerate(REGION_LABELS) if labels & region]
+    return (min(present), max(present)) if present else None
+
+
+def entry_for_file(path: Path, root: Path) -> dict:
+    """A database entry for one label map (used by `maisi data masks index`)."""
+    import numpy as np
+
+    from maisi_cli.engine.masks.user import checked_labels, voxel_spacing
+    from maisi_cli.io.nifti import read_nifti
+
+    data, affine = read_nifti(path, field="mask folder")
+    labels = checked_labels(data, path, field="mask folder")
+    present = sorted(int(v) for v in np.unique(labels) if v != 0)
+    entry = {
+        "pseudo_label_filename": path.relative_to(root).as_posix(),
+        "label_list": present,
+        "dim": [int(s) for s in labels.shape],
+        "spacing": [round(s, 6) for s in voxel_spacing(affine)],
+    }
+    span = _region_span_from_labels(set(present))
+    if span is not None:
+        entry["top_region_index"] = [int(i == span[0]) for i in range(4)]
+        entry["bottom_region_index"] = [int(i == span[1]) for i in range(4)]
+    return entry
+
+
+def index_folder(root: Path, on_progress=None) -> list[dict]:
+    """Entries for every NIfTI label map under `root`, sorted by path."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and (p.name.endswith(".nii.gz") or p.suffix == ".nii"))
+    if not files:
+        raise MaskDatabaseError(f"mask folder: '{root}' holds no .nii or .nii.gz files")
+    entries = []
+    for number, path in enumerate(files, 1):
+        entries.append(entry_for_file(path, root))
+        if on_progress:
+            on_progress("index masks", number, len(files))
+    return entries
