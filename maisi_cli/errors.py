@@ -29,3 +29,13 @@ class OutputError(MaisiError):
 
 class GenerationError(MaisiError):
     """The networks ran but produced something unusable."""
+
+
+class StatisticsError(MaisiError):
+    """The HU statistics file for the quality check cannot be read or lacks a field."""
+
+
+class QualityCheckFailed(MaisiError):
+    """A quality check ran and failed (`maisi qc`, `maisi generate --strict-qc`): exit code 3."""
+
+    exit_code = 3

@@ -35,16 +35,25 @@ def generate(
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", envvar="MAISI_WEIGHTS_DIR",
                                                help="Folder holding weight files under their repository names."),
     allow_any_size: bool = typer.Option(False, "--allow-any-size", help="Lift the model's size/spacing rules (small CPU runs)."),
+    qc: bool = typer.Option(True, "--qc/--no-qc", help="Check organ HU medians of each sample against the statistics "
+                            "and re-generate a failing sample from the next seed."),
+    strict_qc: bool = typer.Option(False, "--strict-qc", help="Exit 3 when a sample still fails the check after "
+                                   "--max-attempts (its files are written all the same)."),
+    max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts per sample while it fails the check."),
+    stats: Optional[Path] = typer.Option(None, "--stats", help="HU statistics JSON for the check (default: the "
+                                         "packaged image_median_statistics.json)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
-    from maisi_cli.errors import UsageError
+    from maisi_cli.errors import QualityCheckFailed, UsageError
 
     output = render.output_of(ctx.obj, json_flag)
     if label_mode not in ("full", "requested"):
         raise UsageError(f"--label-mode: '{label_mode}' is not a mode; use full or requested")
     if precision is not None and precision not in ("fp32", "fp16", "bf16"):
         raise UsageError(f"--precision: '{precision}' is not a precision; use fp32, fp16 or bf16")
+    if strict_qc and not qc:
+        raise UsageError("--strict-qc: needs the quality check; drop --no-qc")
     request = GenerateRequest(
         model=model, profile=profile,
         size=parse_size(size) if size else None,
@@ -55,19 +64,25 @@ def generate(
     )
 
     from maisi_cli.engine.pipeline import plan_generation, run_generation, summary_line
+    from maisi_cli.engine.qc import QCOptions
 
-    plan = plan_generation(request)
+    plan = plan_generation(request, QCOptions(enabled=qc, strict=strict_qc, max_attempts=max_attempts, stats=stats))
     for message in plan.warnings:
         render.warning(message, output)
     if dry_run:
         show_plan(plan.describe(), output)
         return
     with render.progress(output, samples=len(plan.pending)) as on_progress:
-        report = run_generation(plan, on_progress)
+        report = run_generation(plan, on_progress, on_warning=lambda message: render.warning(message, output))
     if output.json:
         render.print_json(report.as_dict())
     else:
         render.info(summary_line(report), output)
+    if strict_qc and report.qc_failed:
+        attempts = {s.index: len(s.attempts) for s in report.samples}
+        named = ", ".join(f"{i} ({attempts[i]} attempt(s))" if attempts[i] else str(i) for i in report.qc_failed)
+        raise QualityCheckFailed(f"--strict-qc: sample(s) {named} failed the quality check; their files are "
+                                 "written and their sidecars hold the QC report")
 
 
 def show_plan(plan: dict, output: render.Output) -> None:
@@ -89,6 +104,8 @@ def show_plan(plan: dict, output: render.Output) -> None:
         ("mask", plan["mask"] + (" (resampled)" if plan["mask_resampled"] else "")),
         ("out", plan["out"]),
         ("samples", ", ".join(f"{s['index']}:{s['status']}" for s in plan["samples"]) or "none in this shard"),
+        ("quality check", (f"on, up to {plan['qc']['max_attempts']} attempt(s), {plan['qc']['statistics']}"
+                           + (", strict" if plan["qc"]["strict"] else "")) if plan["qc"]["enabled"] else "off"),
     ]
     rows += [(f"weights {component}", path) for component, path in plan["weights"].items()]
     render.print_table("maisi generate --dry-run", ("", ""), rows)

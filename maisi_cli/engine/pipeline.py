@@ -1,7 +1,9 @@
 """One `maisi generate` run: resolve a request into a plan, then make each sample (denoise → decode → write).
 
 `plan_generation` checks everything it can before any file is written or any network is built;
-`run_generation` does the work and reports progress through `on_progress(stage, done, total)`.
+`run_generation` does the work and reports progress through `on_progress(stage, done, total)`. Each sample is
+checked against the organ HU statistics (engine/qc.py) and, when it fails, generated again from the next attempt
+seed, up to `QCOptions.max_attempts`; the last attempt is kept either way.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +20,7 @@ import numpy as np
 from maisi_cli import __version__
 from maisi_cli.config import GenerateRequest, format_triple
 from maisi_cli.engine.masks.user import ConditionMask, load_condition_mask, resample_warning
+from maisi_cli.engine.qc import QCOptions, QCStatistics, check_quality, load_statistics
 from maisi_cli.engine.weights import WeightFile, locate_weight, sha256_of
 from maisi_cli.errors import GenerationError, MaskError, OutputError, UsageError
 from maisi_cli.labels import label_id
@@ -25,6 +28,7 @@ from maisi_cli.models import IMAGE_COMPONENTS, ModelSpec, get_model
 from maisi_cli.profiles import DecodePlan, Profile, resolve_profile
 
 ProgressCallback = Callable[[str, int, int], None]
+WarningCallback = Callable[[str], None]
 
 # Body-region label sets of the reference `get_body_region_index_from_mask` (ddpm inputs):
 # 0 head/neck, 1 chest, 2 abdomen, 3 pelvis/lower.
@@ -58,6 +62,8 @@ class GenerationPlan:
     samples: list[SampleTask]
     weights: list[WeightFile]
     warnings: list[str] = field(default_factory=list)
+    qc: QCOptions = field(default_factory=QCOptions)
+    qc_statistics: QCStatistics | None = None  # None: the quality check is off
 
     @property
     def pending(self) -> list[SampleTask]:
@@ -92,6 +98,9 @@ class GenerationPlan:
                 for s in self.samples
             ],
             "warnings": list(self.warnings),
+            "qc": {"enabled": self.qc_statistics is not None, "strict": self.qc.strict,
+                   "max_attempts": self.qc.max_attempts if self.qc_statistics is not None else 1,
+                   "statistics": self.qc_statistics.source if self.qc_statistics is not None else None},
         }
 
 
@@ -102,6 +111,8 @@ class SampleResult:
     status: str  # "written" or "skipped"
     files: list[str]
     seconds: float = 0.0
+    qc: dict[str, Any] | None = None  # {"passed", "failed"} of the kept attempt; None when not checked
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # {"attempt", "seed", "passed", "failed"}
 
 
 @dataclass
@@ -115,9 +126,15 @@ class GenerationReport:
             "plan": self.plan,
             "written": [s.index for s in self.samples if s.status == "written"],
             "skipped": [s.index for s in self.samples if s.status == "skipped"],
+            "qc_failed": self.qc_failed,
             "samples": [s.__dict__ for s in self.samples],
             "seconds": round(self.seconds, 3),
         }
+
+    @property
+    def qc_failed(self) -> list[int]:
+        """Indices whose kept attempt failed the quality check (written now, or recorded in a skipped sidecar)."""
+        return [s.index for s in self.samples if s.qc is not None and not s.qc["passed"]]
 
 
 # --- small pieces ------------------------------------------------------------------------------------------------
@@ -193,7 +210,9 @@ def ensure_writable(out: Path) -> None:
 
 
 # --- planning ----------------------------------------------------------------------------------------------------
-def plan_generation(request: GenerateRequest) -> GenerationPlan:
+def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> GenerationPlan:
+    """The checked plan. `qc` defaults to the CLI's defaults (check on, 3 attempts, packaged statistics)."""
+    qc = qc or QCOptions()
     model = get_model(request.model)
     warnings: list[str] = []
     size = request.size or model.default_size
@@ -228,11 +247,13 @@ def plan_generation(request: GenerateRequest) -> GenerationPlan:
                             "drop it or use a mask that has it")
     if model.uses_body_region:
         body_region_indices(mask.labels)  # fail now, not after loading the networks
+    qc_statistics = load_statistics(qc.stats) if qc.enabled else None  # a bad --stats file fails now too
 
     return GenerationPlan(
         request=request, model=model, profile=profile, device=device, precision=precision, size=size,
         spacing=spacing, latent_shape=latent_shape, steps=steps, decode=decode, mask=mask,
         anatomy_ids=anatomy_ids, samples=sample_tasks(request), weights=weights, warnings=warnings,
+        qc=qc, qc_statistics=qc_statistics,
     )
 
 
@@ -255,7 +276,7 @@ def load_networks(plan: GenerationPlan, on_progress: ProgressCallback) -> Loaded
 
     hashes = {}
     for i, weight in enumerate(plan.weights):
-        hashes[weight.component] = {"file": weight.repo_name, "path": str(weight.path), "sha256": sha256_of(weight.path)}
+        hashes[weight.component] = {"file": weight.repo_name, "path": str(weight.path), "sha256": weight.verified_sha256(plan.model)}
         on_progress("hash weights", i + 1, len(plan.weights))
     device = torch.device(plan.device)
     networks, extras = {}, {}
@@ -292,7 +313,9 @@ def condition_inputs(plan: GenerationPlan, device: Any) -> tuple[Any, dict, dict
 
 
 def sidecar_document(plan: GenerationPlan, task: SampleTask, loaded: LoadedModel, timings: dict[str, float],
-                     mask_sha256: str) -> dict[str, Any]:
+                     mask_sha256: str, qc_record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sample's provenance. `task.seed` is the seed of the attempt whose files were kept; `qc_record` is its
+    QC report with the list of attempts (None when the check is off, and `qc_skipped` says why)."""
     import monai
     import torch
 
@@ -323,15 +346,17 @@ def sidecar_document(plan: GenerationPlan, task: SampleTask, loaded: LoadedModel
         "device": plan.device,
         "precision": plan.precision,
         "timings": {k: round(v, 3) for k, v in timings.items()},
-        "qc": None,
+        "qc": qc_record,
+        "qc_skipped": None if qc_record is not None else "quality check disabled (--no-qc)",
         "versions": {"torch": torch.__version__, "monai": monai.__version__},
         "warnings": list(plan.warnings),
     }
 
 
 def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, conditions: tuple,
-                    on_progress: ProgressCallback) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """One sample: (HU image int16, label uint8, timings). Nothing is written here."""
+                    on_progress: ProgressCallback, attempt: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """One sample from `task.seed`: (HU image int16, label uint8, timings). Nothing is written here. `attempt`
+    (a quality-check retry) only names the progress stages."""
     import torch
 
     from maisi_cli.engine.decode import decode_latents
@@ -340,7 +365,7 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
 
     device = torch.device(plan.device)
     controlnet_cond, unet_inputs, controlnet_inputs = conditions
-    name = f"sample {task.index:04d}"
+    name = f"sample {task.index:04d}" + (f" retry {attempt}" if attempt else "")
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -375,14 +400,69 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
     return hu_to_int16(hu), labels, timings
 
 
-def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = None) -> GenerationReport:
+@dataclass
+class CheckedSample:
+    task: SampleTask  # with the seed of the kept attempt
+    image: np.ndarray
+    labels: np.ndarray
+    timings: dict[str, float]
+    qc: dict[str, Any] | None  # the kept attempt's QC report and the attempts; None when the check is off
+    attempts: list[dict[str, Any]]
+
+
+def generate_checked_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, conditions: tuple,
+                            on_progress: ProgressCallback, on_warning: WarningCallback) -> CheckedSample:
+    """One sample, checked and re-generated from the next attempt seed while it fails the quality check, up to
+    `plan.qc.max_attempts`. The last attempt is kept either way (as the reference saves when it runs out of
+    candidates), with a warning. The check runs on the int16 HU image as written, after the body crop, with the
+    full condition mask — so `maisi qc` on the written files gives the same report."""
+    from maisi_cli.engine.sampling import derive_attempt_seed
+
+    statistics = plan.qc_statistics
+    allowed = plan.qc.max_attempts if statistics is not None else 1
+    attempts: list[dict[str, Any]] = []
+    qc_seconds = 0.0
+    for attempt in range(allowed):
+        current = task if attempt == 0 else replace(
+            task, seed=derive_attempt_seed(plan.request.seed, task.index, attempt))
+        image, labels, timings = generate_sample(plan, loaded, current, conditions, on_progress, attempt)
+        if statistics is None:
+            return CheckedSample(current, image, labels, timings, None, [])
+        qc_start = time.perf_counter()
+        report = check_quality(image, plan.mask.labels, statistics)
+        qc_seconds += time.perf_counter() - qc_start
+        attempts.append({"attempt": attempt, "seed": current.seed, "passed": report.passed, "failed": report.failed})
+        if report.passed:
+            break
+    timings["qc_s"] = qc_seconds
+    if not report.passed:
+        on_warning(f"sample {task.index}: failed the quality check in all {len(attempts)} attempt(s) "
+                   f"({report.summary()}); keeping the last attempt (seed {current.seed})")
+    record = {**report.as_dict(), "attempt": len(attempts) - 1, "max_attempts": allowed, "attempts": attempts}
+    return CheckedSample(current, image, labels, timings, record, attempts)
+
+
+def recorded_result(task: SampleTask) -> SampleResult:
+    """A complete sample skipped by this run, with the seed and QC outcome its sidecar recorded."""
+    from maisi_cli.io.provenance import read_json
+
+    document = read_json(task.sidecar) or {}
+    qc = document.get("qc") if isinstance(document.get("qc"), dict) else None
+    seed = document.get("sample_seed") if isinstance(document.get("sample_seed"), int) else task.seed
+    return SampleResult(task.index, seed, "skipped", [task.image.name, task.label.name, task.sidecar.name],
+                        qc={"passed": bool(qc.get("passed")), "failed": list(qc.get("failed") or [])} if qc else None,
+                        attempts=list(qc.get("attempts") or []) if qc else [])
+
+
+def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = None,
+                   on_warning: WarningCallback | None = None) -> GenerationReport:
     from maisi_cli.io.nifti import write_nifti
     from maisi_cli.io.provenance import write_json
 
     on_progress = on_progress or (lambda stage, done, total: None)
+    on_warning = on_warning or (lambda message: None)
     started = time.perf_counter()
-    results = [SampleResult(t.index, t.seed, "skipped", [t.image.name, t.label.name, t.sidecar.name])
-               for t in plan.samples if t.complete]
+    results = [recorded_result(t) for t in plan.samples if t.complete]
     pending = plan.pending
     if pending:
         ensure_writable(plan.request.out)
@@ -393,17 +473,20 @@ def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = 
         mask_sha256 = sha256_of(plan.request.mask)
         for task in pending:
             sample_start = time.perf_counter()
-            image, labels, timings = generate_sample(plan, loaded, task, conditions, on_progress)
+            sample = generate_checked_sample(plan, loaded, task, conditions, on_progress, on_warning)
+            timings = sample.timings
             write_start = time.perf_counter()
-            write_nifti(task.image, image, plan.mask.affine)
-            write_nifti(task.label, labels, plan.mask.affine)
+            write_nifti(task.image, sample.image, plan.mask.affine)
+            write_nifti(task.label, sample.labels, plan.mask.affine)
             timings["write_s"] = time.perf_counter() - write_start
             timings["total_s"] = time.perf_counter() - sample_start
             # The sidecar goes last: its presence marks the sample complete for a re-run.
-            write_json(task.sidecar, sidecar_document(plan, task, loaded, timings, mask_sha256))
+            write_json(task.sidecar, sidecar_document(plan, sample.task, loaded, timings, mask_sha256, sample.qc))
             on_progress(f"sample {task.index:04d} write", 1, 1)
-            results.append(SampleResult(task.index, task.seed, "written",
-                                        [task.image.name, task.label.name, task.sidecar.name], timings["total_s"]))
+            qc = {"passed": sample.qc["passed"], "failed": sample.qc["failed"]} if sample.qc else None
+            results.append(SampleResult(task.index, sample.task.seed, "written",
+                                        [task.image.name, task.label.name, task.sidecar.name], timings["total_s"],
+                                        qc=qc, attempts=sample.attempts))
     results.sort(key=lambda r: r.index)
     return GenerationReport(plan.describe(), results, time.perf_counter() - started)
 
@@ -412,6 +495,9 @@ def summary_line(report: GenerationReport) -> str:
     written = sum(r.status == "written" for r in report.samples)
     skipped = sum(r.status == "skipped" for r in report.samples)
     plan = report.plan
+    checked = [r for r in report.samples if r.qc is not None]
+    quality = (f"; quality check: {len(checked) - len(report.qc_failed)} passed, {len(report.qc_failed)} failed"
+               if checked else "")
     return (f"{written} sample(s) written, {skipped} already complete, to {plan['out']} "
             f"({plan['model']}, {format_triple(tuple(plan['size']))} at "
-            f"{format_triple(tuple(plan['spacing']))} mm, {report.seconds:.1f} s)")
+            f"{format_triple(tuple(plan['spacing']))} mm, {report.seconds:.1f} s){quality}")

@@ -24,6 +24,15 @@ def derive_sample_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+def derive_attempt_seed(seed: int, index: int, attempt: int) -> int:
+    """The seed of sample `index`'s attempt `attempt` (a quality-check retry) from (run seed, index, attempt).
+
+    Attempt 0 is `derive_sample_seed(seed, index)`, so runs without a retry give the files they always gave."""
+    if attempt == 0:
+        return derive_sample_seed(seed, index)
+    return int(np.random.SeedSequence([seed, index, attempt]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
 def initial_noise(latent_shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """(1, C, x, y, z) standard normal noise, drawn in fp32 on the CPU from the sample's own generator, so it is
     the same on every device (the reference's `torch.manual_seed(S); torch.randn(...)` for S = seed)."""

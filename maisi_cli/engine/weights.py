@@ -5,7 +5,8 @@ Layouts (reference-inference.md §3.2):
 - diffusion UNets: {"unet_state_dict": …, "scale_factor": 0-dim tensor, …};
 - ControlNet: {"controlnet_state_dict": …, …}.
 Files are looked up under their repository names (e.g. `models/autoencoder_v1.pt`) in `--weights-dir` /
-`MAISI_WEIGHTS_DIR`, else in the Hugging Face cache. Every load is `torch.load(weights_only=True)`.
+`MAISI_WEIGHTS_DIR`, then in maisi's import store, then in the Hugging Face cache (engine/hub.py manages the last two
+and their sha256 lock). Every load is `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -31,11 +32,21 @@ STATE_DICT_KEYS = {
 HAS_SCALE_FACTOR = {"diffusion_unet", "mask_generation_diffusion"}
 
 
+# Where a file was found: a folder the user named, maisi's import store, the Hugging Face cache, or an absolute
+# path in the spec. Only the store and the cache are maisi's to manage, so only they are held to the sha256 lock.
+MANAGED_SOURCES = ("store", "hf-cache")
+
+
 @dataclass(frozen=True)
 class WeightFile:
     component: str
     repo_name: str  # path inside the Hugging Face repository, e.g. models/autoencoder_v1.pt
     path: Path
+    source: str = "path"  # weights-dir | store | hf-cache | path
+
+    def verified_sha256(self, spec: ModelSpec) -> str:
+        """sha256 of the file; a WeightsError when a locked file no longer matches its lock (see verified_sha256)."""
+        return verified_sha256(self, spec)
 
 
 def weights_dir_from_env(weights_dir: Path | None) -> Path | None:
@@ -45,10 +56,14 @@ def weights_dir_from_env(weights_dir: Path | None) -> Path | None:
     return Path(env).expanduser() if env else None
 
 
-def fetch_command(spec: ModelSpec, repo_name: str, weights_dir: Path | None) -> str:
-    target = f" --local-dir {weights_dir}" if weights_dir else ""
-    revision = f" --revision {spec.hf_revision}" if spec.hf_revision != "main" else ""
-    return f"hf download {spec.hf_repo} {repo_name}{revision}{target}"
+def model_reference(spec: ModelSpec) -> str:
+    """How to name the model on the command line: its name, or the spec file it was read from."""
+    return spec.source if spec.source.endswith(".json") else spec.name
+
+
+def fetch_command(spec: ModelSpec, component: str) -> str:
+    """The command that downloads one file of a model."""
+    return f"maisi weights download {model_reference(spec)} --component {component}"
 
 
 def hf_hub_cache() -> Path:
@@ -65,47 +80,62 @@ def first_sentence(error: BaseException, limit: int = 120) -> str:
     return (text.split(". ")[0] or type(error).__name__)[:limit]
 
 
+def locate_file(spec: ModelSpec, repo_name: str, weights_dir: Path | None) -> tuple[Path, str] | None:
+    """(path, source) of one repository file of a model, or None. Order: `--weights-dir` / `MAISI_WEIGHTS_DIR`
+    (or an absolute name in the spec), maisi's import store, the Hugging Face cache."""
+    weights_dir = weights_dir_from_env(weights_dir)
+    if weights_dir is not None and (weights_dir / repo_name).is_file():
+        return weights_dir / repo_name, "weights-dir"
+    if Path(repo_name).is_absolute():
+        return (Path(repo_name), "path") if Path(repo_name).is_file() else None
+    if spec.hf_repo:
+        from maisi_cli.engine.hub import cached_file, store_dir
+
+        stored = store_dir(spec.hf_repo, spec.hf_revision) / repo_name
+        if stored.is_file():
+            return stored, "store"
+        cached = cached_file(spec, repo_name)
+        if cached is not None:
+            return cached, "hf-cache"
+    return None
+
+
 def locate_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> WeightFile:
     """The file for one component, or a WeightsError naming it and the command that fetches it."""
     if component not in spec.weights:
         raise WeightsError(f"model {spec.name}: its spec names no weight file for '{component}'")
     repo_name = spec.weights[component]
+    found = locate_file(spec, repo_name, weights_dir)
+    if found is not None:
+        return WeightFile(component, repo_name, found[0], found[1])
     weights_dir = weights_dir_from_env(weights_dir)
-    candidates = []
-    if weights_dir is not None:
-        candidates.append(weights_dir / repo_name)
-    elif Path(repo_name).is_absolute():
-        candidates.append(Path(repo_name))
-    for candidate in candidates:
-        if candidate.is_file():
-            return WeightFile(component, repo_name, candidate)
-    if weights_dir is None and spec.hf_repo:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(spec.hf_repo, repo_name, revision=spec.hf_revision, cache_dir=hf_hub_cache())
-        if isinstance(cached, str):
-            return WeightFile(component, repo_name, Path(cached))
-    where = f"in {weights_dir}" if weights_dir else f"in the Hugging Face cache for {spec.hf_repo}"
-    fix = fetch_command(spec, repo_name, weights_dir) if spec.hf_repo else f"put it under {weights_dir or '--weights-dir'}"
-    raise WeightsError(f"weights: {repo_name} ({spec.name} {component}) is missing {where}; fetch it with: {fix}")
+    if not spec.hf_repo:
+        raise WeightsError(f"weights: {repo_name} ({spec.name} {component}) is missing; "
+                           f"put it under {weights_dir or '--weights-dir'}")
+    where = f"in {weights_dir}, " if weights_dir else ""
+    raise WeightsError(
+        f"weights: {repo_name} ({spec.name} {component}) is missing {where}in maisi's store and in the Hugging Face "
+        f"cache for {spec.hf_repo}; fetch it with: {fetch_command(spec, component)}"
+    )
 
 
-def sha256_of(path: Path) -> str:
-    """sha256 of a file, remembered under MAISI_HOME by (path, size, mtime) so large checkpoints hash once."""
+def _sha256_cache_key(path: Path) -> str:
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    cache_file = maisi_home() / "sha256-cache.json"
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _read_sha256_cache() -> dict[str, str]:
     try:
-        cache = json.loads(cache_file.read_text())
+        return json.loads((maisi_home() / "sha256-cache.json").read_text())
     except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    cache[key] = digest.hexdigest()
+        return {}
+
+
+def remember_sha256(path: Path, digest: str) -> None:
+    """Record a digest computed elsewhere (e.g. while copying) so `sha256_of` need not re-read the file."""
+    cache_file = maisi_home() / "sha256-cache.json"
+    cache = _read_sha256_cache()
+    cache[_sha256_cache_key(path)] = digest
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
@@ -113,7 +143,41 @@ def sha256_of(path: Path) -> str:
         os.replace(temporary, cache_file)
     except OSError:
         pass  # a read-only home only costs re-hashing
-    return cache[key]
+
+
+def sha256_of(path: Path, fresh: bool = False) -> str:
+    """sha256 of a file, remembered under MAISI_HOME by (path, size, mtime) so large checkpoints hash once.
+    `fresh=True` reads the file again whatever the cache says (`maisi weights verify`)."""
+    key = _sha256_cache_key(path)
+    if not fresh:
+        cached = _read_sha256_cache().get(key)
+        if cached:
+            return cached
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    remember_sha256(path, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def verified_sha256(weight: WeightFile, spec: ModelSpec) -> str:
+    """sha256 of a weight file before it is loaded. A file in maisi's store or the Hugging Face cache whose
+    repository name has an entry in the sha256 lock must match it, else a WeightsError naming the file and the
+    command that re-fetches it. Other files (a `--weights-dir` folder, no lock entry) are hashed and used."""
+    digest = sha256_of(weight.path)
+    if weight.source not in MANAGED_SOURCES or not spec.hf_repo:
+        return digest
+    from maisi_cli.engine.hub import lock_path, read_lock
+
+    entry = read_lock(spec.hf_repo, spec.hf_revision).get(weight.repo_name)
+    if entry and entry.get("sha256") != digest:
+        raise WeightsError(
+            f"weights: {weight.path} ({spec.name} {weight.component}) no longer matches the sha256 locked in "
+            f"{lock_path(spec.hf_repo, spec.hf_revision)} (changed or corrupt); re-fetch it with: "
+            f"{fetch_command(spec, weight.component)} --force"
+        )
+    return digest
 
 
 def read_checkpoint(path: Path) -> Any:
@@ -187,14 +251,15 @@ def load_into(network: Any, weight: WeightFile, spec: ModelSpec) -> dict[str, An
     return extras
 
 
-def weight_status(spec: ModelSpec, weights_dir: Path | None = None) -> list[tuple[str, str, Path | None]]:
-    """(component, repository name, local path or None) for every weight file of a model."""
+def weight_status(spec: ModelSpec, weights_dir: Path | None = None,
+                  datasets: bool = False) -> list[tuple[str, str, Path | None]]:
+    """(component, repository name, local path or None) for every weight file of a model (and, with
+    `datasets=True`, every data file of its repository after them)."""
+    files = {**spec.weights, **(spec.datasets if datasets else {})}
     status = []
-    for component, repo_name in spec.weights.items():
-        try:
-            status.append((component, repo_name, locate_weight(spec, component, weights_dir).path))
-        except WeightsError:
-            status.append((component, repo_name, None))
+    for component, repo_name in files.items():
+        found = locate_file(spec, repo_name, weights_dir)
+        status.append((component, repo_name, found[0] if found else None))
     return status
 
 

@@ -12,10 +12,11 @@ import numpy as np
 from maisi_cli.errors import MaskError
 
 
-def read_nifti(path: Path, field: str = "--mask") -> tuple[np.ndarray, np.ndarray]:
-    """(3-D array as stored, 4×4 affine). A missing, unreadable or non-3-D file is a MaskError naming `field`."""
+def read_nifti(path: Path, field: str = "--mask", what: str = "label map") -> tuple[np.ndarray, np.ndarray]:
+    """(3-D array as stored, 4×4 affine). A missing, unreadable or non-3-D file is a MaskError naming `field`;
+    `what` names the kind of volume expected ("label map", "CT image")."""
     if not path.is_file():
-        raise MaskError(f"{field}: '{path}' does not exist; give the path of a NIfTI label map (.nii or .nii.gz)")
+        raise MaskError(f"{field}: '{path}' does not exist; give the path of a NIfTI {what} (.nii or .nii.gz)")
     try:
         image = nib.load(str(path))
         data = np.asanyarray(image.dataobj)
@@ -25,7 +26,7 @@ def read_nifti(path: Path, field: str = "--mask") -> tuple[np.ndarray, np.ndarra
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise MaskError(f"{field}: '{path}' has shape {data.shape}; a 3-D label map is needed")
+        raise MaskError(f"{field}: '{path}' has shape {data.shape}; a 3-D {what} is needed")
     return data, np.asarray(image.affine, dtype=np.float64)
 
 

@@ -71,14 +71,16 @@ def test_missing_weight_file_names_it_and_the_fetch_command(tmp_path, mask_file)
     out = tmp_path / "out"
     result = run_generate(out, "--size", "256x256x256", "--spacing", "1.5", "--mask", str(mask_file),
                           "--weights-dir", str(tmp_path / "empty"))
-    assert_one_line_error(result, 1, "models/autoencoder_v1.pt", "rflow-ct", "hf download nvidia/NV-Generate-CT")
+    assert_one_line_error(result, 1, "models/autoencoder_v1.pt", str(tmp_path / "empty"),
+                          "maisi weights download rflow-ct --component autoencoder")
     assert_nothing_written(out)
 
 
 def test_missing_weights_in_hugging_face_cache(tmp_path, mask_file):
     out = tmp_path / "out"
     result = run_generate(out, "--size", "256x256x256", "--spacing", "1.5", "--mask", str(mask_file))
-    assert_one_line_error(result, 1, "Hugging Face cache", "hf download nvidia/NV-Generate-CT models/autoencoder_v1.pt")
+    assert_one_line_error(result, 1, "models/autoencoder_v1.pt", "Hugging Face cache", "nvidia/NV-Generate-CT",
+                          "maisi weights download rflow-ct --component autoencoder")
 
 
 def test_weights_found_in_hugging_face_cache(tiny_model, mask_file, tmp_path, monkeypatch):

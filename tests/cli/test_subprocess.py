@@ -31,7 +31,7 @@ def test_generate_in_a_real_process_prints_one_json_document(tiny_model, mask_fi
     spec, weights = tiny_model
     out = tmp_path / "out"
     done = run("--json", "generate", "--model", str(spec), "--mask", str(mask_file), "--out", str(out), "-n", "2",
-               env={"MAISI_WEIGHTS_DIR": str(weights)})
+               "--no-qc", env={"MAISI_WEIGHTS_DIR": str(weights)})
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)  # the whole of stdout is one document
     assert report["written"] == [0, 1]
@@ -48,7 +48,8 @@ def test_process_matches_cli_runner_output(tiny_model, mask_file, tmp_path):
     from maisi_cli.cli.app import app
 
     spec, weights = tiny_model
-    args = ["generate", "--model", str(spec), "--weights-dir", str(weights), "--mask", str(mask_file), "--seed", "5"]
+    args = ["generate", "--model", str(spec), "--weights-dir", str(weights), "--mask", str(mask_file), "--seed", "5",
+            "--no-qc"]
     in_process = CliRunner().invoke(app, ["--quiet", *args, "--out", str(tmp_path / "a")])
     assert in_process.exit_code == 0, in_process.stderr
     done = run("--quiet", *args, "--out", str(tmp_path / "b"))

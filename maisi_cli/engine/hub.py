@@ -1,0 +1,497 @@
+"""A model's repository files on the Hugging Face hub: download, sha256 lock, verify, offline import.
+
+- Download: `huggingface_hub.hf_hub_download` into the Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`),
+  read in place from there (no second copy). huggingface_hub writes each file under a temporary name and renames it
+  when complete; a dropped connection is resumed with a Range request within the run; a failed run leaves nothing
+  under the final name.
+- Lock: `MAISI_HOME/locks/<owner>--<name>@<revision>.json` maps each repository file name to the sha256 and size it
+  had when maisi first downloaded or imported it. Every later download, import, `verify` and `generate` is held to it.
+- Import: files brought from another machine (a folder with the repository layout, e.g. `DIR/models/x.pt`) are
+  copied into `MAISI_HOME/weights/<owner>--<name>/<revision>/` (atomically), checked against the lock.
+
+Environment read at call time: `HF_HUB_OFFLINE`, `HF_ENDPOINT`, `HF_TOKEN` (by huggingface_hub), `HF_HUB_CACHE`,
+`HF_HOME`, `MAISI_HOME`. No Typer or rich here; progress goes through `on_progress(stage, done, total)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from maisi_cli.config import maisi_home
+from maisi_cli.engine.weights import (fetch_command, first_sentence, hf_hub_cache, model_reference, remember_sha256,
+                                      sha256_of)
+from maisi_cli.errors import UsageError, WeightsError
+from maisi_cli.models import ModelSpec
+
+ProgressCallback = Callable[[str, int, int], None]
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    return None
+
+
+# --- which files -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RepoFile:
+    component: str  # a key of the spec's `weights` or `datasets`
+    repo_name: str  # the file's path inside the repository, e.g. models/autoencoder_v1.pt
+    kind: str  # "weights" or "datasets"
+
+
+def repo_files(spec: ModelSpec, components: Iterable[str] = (), models_only: bool = False) -> list[RepoFile]:
+    """The spec's weight files, then its data files; `components` picks a subset (UsageError on an unknown one)."""
+    everything = [RepoFile(c, n, "weights") for c, n in spec.weights.items()]
+    everything += [RepoFile(c, n, "datasets") for c, n in spec.datasets.items()]
+    wanted = list(dict.fromkeys(components))
+    by_component = {f.component: f for f in everything}
+    unknown = [c for c in wanted if c not in by_component]
+    if unknown:
+        raise UsageError(f"--component: model {spec.name} has no file '{unknown[0]}'; "
+                         f"its components: {', '.join(by_component)}")
+    if wanted:
+        chosen = [by_component[c] for c in wanted]
+        skipped = [f.component for f in chosen if f.kind == "datasets"] if models_only else []
+        if skipped:
+            raise UsageError(f"--component: '{skipped[0]}' is a data file and --models-only skips data files; "
+                             "drop one of the two")
+        return chosen
+    return [f for f in everything if not (models_only and f.kind == "datasets")]
+
+
+def with_revision(spec: ModelSpec, revision: str | None) -> ModelSpec:
+    """The spec with another repository revision (`--revision`)."""
+    if not revision or revision == spec.hf_revision:
+        return spec
+    return spec.model_copy(update={"hf_revision": revision})
+
+
+def require_repository(spec: ModelSpec) -> str:
+    if not spec.hf_repo:
+        raise UsageError(f"MODEL: {spec.name} has no Hugging Face repository (its weights ship with it or come from "
+                         "--weights-dir); nothing to fetch")
+    return spec.hf_repo
+
+
+# --- where files live ----------------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return text.replace("/", "--")
+
+
+def lock_path(repo: str, revision: str) -> Path:
+    return maisi_home() / "locks" / f"{_slug(repo)}@{_slug(revision)}.json"
+
+
+def store_dir(repo: str, revision: str) -> Path:
+    """maisi's import store for one repository revision; files keep their repository names below it."""
+    return maisi_home() / "weights" / _slug(repo) / _slug(revision)
+
+
+def cached_file(spec: ModelSpec, repo_name: str) -> Path | None:
+    """The file in the Hugging Face cache for the spec's repository and revision, or None (no network)."""
+    if not spec.hf_repo:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.hf_repo, repo_name, revision=spec.hf_revision, cache_dir=hf_hub_cache())
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def managed_copies(spec: ModelSpec, repo_name: str) -> list[tuple[str, Path]]:
+    """(where, path) of each copy maisi manages: the import store first (it wins), then the Hugging Face cache."""
+    copies = []
+    stored = store_dir(require_repository(spec), spec.hf_revision) / repo_name
+    if stored.is_file():
+        copies.append(("store", stored))
+    cached = cached_file(spec, repo_name)
+    if cached is not None:
+        copies.append(("hf-cache", cached))
+    return copies
+
+
+# --- the lock ------------------------------------------------------------------------------------------------------
+def read_lock(repo: str, revision: str) -> dict[str, dict[str, Any]]:
+    """Repository file name → {"sha256", "size", …}; empty when nothing is locked yet."""
+    from maisi_cli.io.provenance import read_json
+
+    document = read_json(lock_path(repo, revision)) or {}
+    files = document.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def record_in_lock(repo: str, revision: str, repo_name: str, sha256: str, size: int, source: str,
+                   commit: str | None = None) -> None:
+    """Add one file to the lock (written atomically). An existing entry is never replaced here."""
+    from maisi_cli.io.provenance import write_json
+
+    path = lock_path(repo, revision)
+    files = read_lock(repo, revision)
+    if repo_name in files:
+        return
+    files[repo_name] = {
+        "sha256": sha256, "size": size, "source": source, "commit": commit,
+        "locked": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"repo": repo, "revision": revision, "files": dict(sorted(files.items()))})
+
+
+# --- download ------------------------------------------------------------------------------------------------------
+@dataclass
+class FileResult:
+    component: str
+    repo_name: str
+    kind: str
+    path: Path | None
+    status: str  # downloaded | cached | stored | imported | not in folder
+    sha256: str | None = None
+    size: int | None = None
+    lock: str | None = None  # recorded (first time) | matches
+
+    def document(self) -> dict[str, Any]:
+        return {"component": self.component, "file": self.repo_name, "kind": self.kind,
+                "path": str(self.path) if self.path else None, "status": self.status, "sha256": self.sha256,
+                "size": self.size, "lock": self.lock}
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE as it is now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    return _true(os.environ.get("HF_HUB_OFFLINE")) or bool(constants.HF_HUB_OFFLINE)
+
+
+def _endpoint() -> str | None:
+    value = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/")
+    return value or None
+
+
+def _import_hint(spec: ModelSpec) -> str:
+    return f"maisi weights import DIR {model_reference(spec)}"
+
+
+def _progress_bar(stage: str, on_progress: ProgressCallback, used: list[bool]) -> type:
+    """A tqdm stand-in for huggingface_hub: forwards byte counts to on_progress. The final (done == total) report is
+    left to the caller, once per file, so a log line per file is printed off a TTY whether or not it downloaded."""
+
+    class Bar:
+        def __init__(self, *args: Any, total: int | None = None, initial: int = 0, **kwargs: Any) -> None:
+            used[0] = True
+            self.total, self.n = total or 0, initial or 0
+
+        def __enter__(self) -> "Bar":
+            return self
+
+        def __exit__(self, *exc: Any) -> bool:
+            return False
+
+        def update(self, n: int = 1) -> None:
+            self.n += n
+            if self.total and 0 <= self.n < self.total:
+                on_progress(stage, self.n, self.total)
+
+        def close(self) -> None:
+            pass
+
+    return Bar
+
+
+@contextlib.contextmanager
+def _quiet_hub_logger() -> Iterator[None]:
+    """huggingface_hub logs retries ("Trying to resume download...") on stderr; errors reach the user as one line."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _http_errors() -> type[BaseException] | tuple[type[BaseException], ...]:
+    """The HTTP client's own errors (a dropped connection after huggingface_hub's retries)."""
+    try:
+        from httpx2 import HTTPError
+    except ImportError:  # another huggingface_hub release, another client
+        return ()
+    return HTTPError
+
+
+def _commit_of(path: Path) -> str | None:
+    parts = path.parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
+def _download_error(error: BaseException, spec: ModelSpec, item: RepoFile, revision: str) -> Exception:
+    """huggingface_hub's exceptions as one actionable line."""
+    from huggingface_hub import errors
+
+    repo, name, what = spec.hf_repo, item.repo_name, f"{item.repo_name} ({spec.name} {item.component})"
+    if isinstance(error, errors.RevisionNotFoundError):
+        return UsageError(f"--revision: {repo} has no revision '{revision}'; use a branch, tag or commit it has")
+    if isinstance(error, errors.GatedRepoError):
+        return WeightsError(f"weights: {repo} is gated: accept its licence on the hub, then set HF_TOKEN (or run "
+                            f"`hf auth login`) and run the command again")
+    if isinstance(error, errors.RepositoryNotFoundError) or (
+            isinstance(error, errors.HfHubHTTPError) and getattr(error.response, "status_code", None) == 401):
+        return WeightsError(f"weights: {repo} was not found or needs a token: check the model's hf_repo, set "
+                            f"HF_TOKEN for a private repository, or check HF_ENDPOINT")
+    if isinstance(error, errors.RemoteEntryNotFoundError):
+        return WeightsError(f"weights: {repo}@{revision} has no file {name} ({spec.name} {item.component}); "
+                            f"check the model spec or --revision")
+    if isinstance(error, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)) and offline():
+        return WeightsError(f"weights: {what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set (offline); "
+                            f"unset it to download, or bring the files from another machine and run: "
+                            f"{_import_hint(spec)}")
+    cause = error
+    while isinstance(cause, (ValueError, errors.LocalEntryNotFoundError)) and cause.__cause__ is not None:
+        cause = cause.__cause__  # "Force download failed due to the above error." and friends wrap the real one
+    return WeightsError(f"weights: downloading {what} from {_endpoint() or 'the Hugging Face hub'} failed "
+                        f"({first_sentence(cause)}); nothing was kept under its name: check the network (or "
+                        f"HF_ENDPOINT) and run the command again, or import the files: {_import_hint(spec)}")
+
+
+def download(spec: ModelSpec, files: list[RepoFile], force: bool = False,
+             on_progress: ProgressCallback | None = None) -> list[FileResult]:
+    """Fetch files into the Hugging Face cache (or find them there, or in the import store), hash them, and hold
+    them to the lock: the first download records a file; a later one must match it."""
+    # Imported before the logger is quieted: huggingface_hub configures its logger when the module first loads.
+    from huggingface_hub import hf_hub_download
+
+    repo = require_repository(spec)
+    revision = spec.hf_revision
+    on_progress = on_progress or _no_progress
+    is_offline = offline()
+    if force and is_offline:
+        raise WeightsError("--force: HF_HUB_OFFLINE is set, so nothing can be re-fetched; unset it, or bring intact "
+                           f"files from another machine and run: {_import_hint(spec)}")
+    results = []
+    for item in files:
+        stage = f"fetch {item.repo_name}"
+        locked = read_lock(repo, revision).get(item.repo_name)
+        stored = store_dir(repo, revision) / item.repo_name
+        if stored.is_file():
+            stored_sha = sha256_of(stored)
+            if locked and locked.get("sha256") != stored_sha:
+                if not force:
+                    raise WeightsError(
+                        f"weights: {stored} ({spec.name} {item.component}) no longer matches the sha256 locked in "
+                        f"{lock_path(repo, revision)}; re-fetch it with: {fetch_command(spec, item.component)} --force")
+                stored.unlink()  # a corrupt copy in maisi's own store: drop it, the download below replaces it
+            elif not force:
+                size = stored.stat().st_size
+                on_progress(stage, size, size)
+                results.append(FileResult(item.component, item.repo_name, item.kind, stored, "stored", stored_sha,
+                                          size, "matches" if locked else None))
+                continue
+        used = [False]
+        try:
+            with _quiet_hub_logger():
+                pointer = hf_hub_download(
+                    repo, item.repo_name, revision=revision, cache_dir=hf_hub_cache(), force_download=force,
+                    local_files_only=is_offline, endpoint=_endpoint(),
+                    tqdm_class=_progress_bar(stage, on_progress, used),
+                )
+        except (OSError, ValueError, ConnectionError, _http_errors()) as error:
+            raise _download_error(error, spec, item, revision) from error
+        path = Path(pointer)
+        downloaded = used[0]
+        digest = sha256_of(path)
+        size = path.stat().st_size
+        fix = f"{fetch_command(spec, item.component)} --force"
+        blob = path.resolve().name
+        if _SHA256.fullmatch(blob) and blob != digest:  # LFS blobs are named by their sha256
+            raise WeightsError(f"weights: {path} ({spec.name} {item.component}) does not match the sha256 the hub "
+                               f"gives for it (corrupt); re-fetch it with: {fix}")
+        if locked and locked.get("sha256") != digest:
+            if downloaded:
+                raise WeightsError(
+                    f"weights: {repo}@{revision} now serves a different {item.repo_name} than the one locked in "
+                    f"{lock_path(repo, revision)}; if the repository changed on purpose, delete that lock file and "
+                    f"download again, or pin --revision to the commit you locked")
+            raise WeightsError(f"weights: {path} ({spec.name} {item.component}) no longer matches the sha256 locked "
+                               f"in {lock_path(repo, revision)} (changed or corrupt); re-fetch it with: {fix}")
+        if not locked:
+            record_in_lock(repo, revision, item.repo_name, digest, size, "download", _commit_of(path))
+        on_progress(stage, size, size)
+        results.append(FileResult(item.component, item.repo_name, item.kind, path,
+                                  "downloaded" if downloaded else "cached", digest, size,
+                                  "matches" if locked else "recorded"))
+    return results
+
+
+# --- verify --------------------------------------------------------------------------------------------------------
+@dataclass
+class CheckResult:
+    component: str
+    repo_name: str
+    kind: str
+    where: str | None  # store | hf-cache | None (missing)
+    path: Path | None
+    status: str  # ok | mismatch | unlocked | missing
+    sha256: str | None = None
+    expected: str | None = None
+
+    def document(self) -> dict[str, Any]:
+        return {"component": self.component, "file": self.repo_name, "kind": self.kind, "where": self.where,
+                "path": str(self.path) if self.path else None, "status": self.status, "sha256": self.sha256,
+                "locked_sha256": self.expected}
+
+
+def verify(spec: ModelSpec, files: list[RepoFile], on_progress: ProgressCallback | None = None,
+           hashed: dict[Path, str] | None = None) -> list[CheckResult]:
+    """Re-hash every copy maisi manages (import store, Hugging Face cache) and compare it with the lock.
+    Nothing raises for a mismatch: see `mismatch_error`. `hashed` shares digests between calls (same run)."""
+    repo = require_repository(spec)
+    on_progress = on_progress or _no_progress
+    hashed = {} if hashed is None else hashed
+    lock = read_lock(repo, spec.hf_revision)
+    results = []
+    for item in files:
+        copies = managed_copies(spec, item.repo_name)
+        if not copies:
+            results.append(CheckResult(item.component, item.repo_name, item.kind, None, None, "missing"))
+            continue
+        expected = (lock.get(item.repo_name) or {}).get("sha256")
+        for where, path in copies:
+            key = path.resolve()
+            if key not in hashed:
+                hashed[key] = sha256_of(path, fresh=True)
+            digest = hashed[key]
+            status = "unlocked" if expected is None else ("ok" if digest == expected else "mismatch")
+            results.append(CheckResult(item.component, item.repo_name, item.kind, where, path, status, digest,
+                                       expected))
+        on_progress(f"hash {item.repo_name}", 1, 1)
+    return results
+
+
+def mismatch_error(spec: ModelSpec, results: list[CheckResult]) -> WeightsError | None:
+    """One line naming the first file that does not match the lock and the command that re-fetches it."""
+    bad = [r for r in results if r.status == "mismatch"]
+    if not bad:
+        return None
+    first = bad[0]
+    components = list(dict.fromkeys(r.component for r in bad))
+    fix = "maisi weights download " + model_reference(spec) + "".join(f" --component {c}" for c in components)
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return WeightsError(
+        f"weights: {first.path} ({spec.name} {first.component}) does not match the sha256 locked in "
+        f"{lock_path(spec.hf_repo or '', spec.hf_revision)}{more}; re-fetch with: {fix} --force"
+    )
+
+
+# --- import --------------------------------------------------------------------------------------------------------
+def _copy_hashing(source: Path, temporary: Path, stage: str, on_progress: ProgressCallback) -> str:
+    digest = hashlib.sha256()
+    total = source.stat().st_size
+    done = 0
+    with open(source, "rb") as reader, open(temporary, "wb") as writer:
+        for block in iter(lambda: reader.read(1 << 22), b""):
+            digest.update(block)
+            writer.write(block)
+            done += len(block)
+            if done < total:
+                on_progress(stage, done, total)
+        writer.flush()
+        os.fsync(writer.fileno())
+    shutil.copystat(source, temporary)
+    return digest.hexdigest()
+
+
+def import_folder(folder: Path, spec: ModelSpec, on_progress: ProgressCallback | None = None) -> list[FileResult]:
+    """Copy the model's files found in `folder` (under their repository names) into maisi's store. Every file is
+    checked against the lock before any is put in place: a mismatch refuses the import and leaves nothing behind.
+    Files with no lock entry are recorded. Needs no network."""
+    repo = require_repository(spec)
+    revision = spec.hf_revision
+    on_progress = on_progress or _no_progress
+    folder = folder.expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"DIR: '{folder}' is not a folder; pass the folder that holds models/… and datasets/…")
+    files = repo_files(spec)
+    present = [f for f in files if (folder / f.repo_name).is_file()]
+    if not present:
+        example = folder / files[0].repo_name if files else folder
+        raise WeightsError(f"weights: {folder} holds none of {spec.name}'s files; they go under their repository "
+                           f"names, e.g. {example}")
+    lock = read_lock(repo, revision)
+    target = store_dir(repo, revision)
+    temporaries: list[Path] = []
+    staged: list[tuple[RepoFile, Path, str, int]] = []
+    try:
+        for item in present:
+            source = folder / item.repo_name
+            destination = target / item.repo_name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            temporary = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
+            temporaries.append(temporary)
+            stage = f"import {item.repo_name}"
+            digest = _copy_hashing(source, temporary, stage, on_progress)
+            expected = (lock.get(item.repo_name) or {}).get("sha256")
+            if expected and expected != digest:
+                raise WeightsError(
+                    f"weights: {source} does not match the sha256 locked for {item.repo_name} in "
+                    f"{lock_path(repo, revision)} (expected {expected[:12]}…, got {digest[:12]}…); nothing was "
+                    f"imported: bring an intact copy")
+            size = temporary.stat().st_size
+            staged.append((item, temporary, digest, size))
+            on_progress(stage, max(size, 1), max(size, 1))
+        results = []
+        for item, temporary, digest, size in staged:
+            destination = target / item.repo_name
+            os.replace(temporary, destination)
+            remember_sha256(destination, digest)
+            had_entry = item.repo_name in lock
+            if not had_entry:
+                record_in_lock(repo, revision, item.repo_name, digest, size, f"import from {folder}")
+            results.append(FileResult(item.component, item.repo_name, item.kind, destination, "imported", digest,
+                                      size, "matches" if had_entry else "recorded"))
+    finally:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+    missing = [f for f in files if f not in present]
+    return results + [FileResult(f.component, f.repo_name, f.kind, None, "not in folder") for f in missing]
+
+
+# --- where each file is --------------------------------------------------------------------------------------------
+@dataclass
+class Location:
+    component: str
+    repo_name: str
+    kind: str
+    path: Path | None
+    source: str | None  # weights-dir | store | hf-cache | path
+    size: int | None
+    locked: bool
+
+    def document(self) -> dict[str, Any]:
+        return {"component": self.component, "file": self.repo_name, "kind": self.kind,
+                "path": str(self.path) if self.path else None, "where": self.source,
+                "present": self.path is not None, "size": self.size, "locked": self.locked}
+
+
+def locations(spec: ModelSpec, weights_dir: Path | None = None) -> list[Location]:
+    """Where each repository file of a model would be read from (the order `generate` uses), or None."""
+    from maisi_cli.engine.weights import locate_file
+
+    lock = read_lock(spec.hf_repo, spec.hf_revision) if spec.hf_repo else {}
+    found = []
+    for item in repo_files(spec):
+        hit = locate_file(spec, item.repo_name, weights_dir)
+        path, source = hit if hit else (None, None)
+        found.append(Location(item.component, item.repo_name, item.kind, path, source,
+                              path.stat().st_size if path else None, item.repo_name in lock))
+    return found

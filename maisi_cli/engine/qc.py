@@ -1,0 +1,230 @@
+"""Quality check of a generated CT: organ HU medians against per-organ statistics (reference-inference.md §12).
+
+For each organ of the statistics file, the median HU of the image voxels under the organ's labels (in the full,
+unfiltered label map) must lie within [low, high], where low = min(sigma_6_low, percentile_0_5) and
+high = max(sigma_6_high, percentile_99_5); bone's high is forced to 1000 HU. An organ absent from the mask (or all
+NaN under it) passes.
+
+The statistics file has the format of the packaged `image_median_statistics.json`: organ → {percentile_0_5,
+percentile_99_5, sigma_6_low, sigma_6_high, …}. An organ outside the built-in label sets (`ORGAN_LABELS`) may name its
+labels with a `"labels": [ids]` entry, which also overrides a built-in set.
+
+No torch, Typer or rich here: `maisi qc` runs without loading torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from maisi_cli.errors import MaskError, StatisticsError
+
+BONE_HIGH_HU = 1000.0
+REQUIRED_FIELDS = ("percentile_0_5", "percentile_99_5", "sigma_6_low", "sigma_6_high")
+PACKAGED = "packaged image_median_statistics.json"
+
+# Labels per organ, as the reference `LDMSampler.__init__::label_int_dict`, with one deliberate difference: the
+# reference lists lung as [28, 29, 30, 31, 31] — 31 twice and 32 (right lower lobe) missing, so a right lower lobe
+# of any intensity passed. We check all five lobes, 28–32.
+ORGAN_LABELS: dict[str, tuple[int, ...]] = {
+    "liver": (1,),
+    "spleen": (3,),
+    "pancreas": (4,),
+    "kidney": (5, 14),
+    "lung": (28, 29, 30, 31, 32),
+    "bone": (*range(33, 57), *range(63, 98), 120, 122, 127),
+    "brain": (22,),
+}
+
+
+class QCOptions(BaseModel):
+    """What `maisi generate` was asked to do about the quality check."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = True
+    strict: bool = False
+    max_attempts: int = Field(3, ge=1)
+    stats: Path | None = None
+
+
+@dataclass(frozen=True)
+class OrganThreshold:
+    organ: str
+    labels: tuple[int, ...]
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class QCStatistics:
+    source: str  # the file's path, or PACKAGED
+    organs: tuple[OrganThreshold, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source,
+                "organs": [{"organ": t.organ, "labels": list(t.labels), "low": t.low, "high": t.high}
+                           for t in self.organs]}
+
+
+@dataclass(frozen=True)
+class OrganResult:
+    organ: str
+    labels: tuple[int, ...]
+    median: float | None  # None when the organ is absent
+    low: float
+    high: float
+    voxels: int
+    verdict: str  # "pass", "fail" or "absent"
+
+    def describe(self) -> str:
+        return f"{self.organ} median {self.median:.1f} HU outside [{self.low:.1f}, {self.high:.1f}]"
+
+
+@dataclass(frozen=True)
+class QCReport:
+    organs: tuple[OrganResult, ...]
+    statistics: str
+
+    @property
+    def passed(self) -> bool:
+        return all(r.verdict != "fail" for r in self.organs)
+
+    @property
+    def failed(self) -> list[str]:
+        return [r.organ for r in self.organs if r.verdict == "fail"]
+
+    def summary(self) -> str:
+        """One line: the failed organs with their medians and ranges, or 'passed'."""
+        failures = [r.describe() for r in self.organs if r.verdict == "fail"]
+        return "; ".join(failures) if failures else "passed"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "failed": self.failed,
+            "statistics": self.statistics,
+            "organs": [
+                {"organ": r.organ, "median_hu": None if r.median is None else round(r.median, 3),
+                 "low": round(r.low, 3), "high": round(r.high, 3), "voxels": r.voxels, "verdict": r.verdict}
+                for r in self.organs
+            ],
+        }
+
+
+# --- statistics --------------------------------------------------------------------------------------------------
+def _number(value: Any, where: str, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise StatisticsError(f"{where}: '{field}' is {value!r}; it must be a finite number of HU")
+    return float(value)
+
+
+def thresholds_from(document: Any, source: str) -> QCStatistics:
+    """Checked thresholds from a parsed statistics document (see the module docstring for the rule)."""
+    where = f"--stats '{source}'" if source != PACKAGED else source
+    if not isinstance(document, dict) or not document:
+        raise StatisticsError(f"{where}: expected a JSON object of organ → statistics, like the packaged "
+                              "image_median_statistics.json")
+    organs = []
+    for organ, entry in document.items():
+        if not isinstance(entry, dict):
+            raise StatisticsError(f"{where}: organ '{organ}' must map to an object with "
+                                  f"{', '.join(REQUIRED_FIELDS)}")
+        for field in REQUIRED_FIELDS:
+            if field not in entry:
+                raise StatisticsError(f"{where}: organ '{organ}' lacks the field '{field}'; each organ needs "
+                                      f"{', '.join(REQUIRED_FIELDS)}")
+        values = {field: _number(entry[field], f"{where}: organ '{organ}'", field) for field in REQUIRED_FIELDS}
+        if "labels" in entry:
+            labels = entry["labels"]
+            if (not isinstance(labels, list) or not labels
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in labels)):
+                raise StatisticsError(f"{where}: organ '{organ}': 'labels' must be a list of label ids in 0..255")
+            label_set = tuple(dict.fromkeys(labels))
+        elif organ in ORGAN_LABELS:
+            label_set = ORGAN_LABELS[organ]
+        else:
+            raise StatisticsError(f"{where}: organ '{organ}' has no built-in label set "
+                                  f"({', '.join(ORGAN_LABELS)}); add \"labels\": [ids] to its entry")
+        low = min(values["sigma_6_low"], values["percentile_0_5"])
+        high = BONE_HIGH_HU if organ == "bone" else max(values["sigma_6_high"], values["percentile_99_5"])
+        organs.append(OrganThreshold(organ, label_set, low, high))
+    return QCStatistics(source, tuple(organs))
+
+
+def load_statistics(path: Path | None = None) -> QCStatistics:
+    """Thresholds from a statistics file, or from the packaged one when `path` is None."""
+    if path is None:
+        from maisi_cli.resources import load_json
+
+        return thresholds_from(load_json("image_median_statistics.json"), PACKAGED)
+    if not path.is_file():
+        raise StatisticsError(f"--stats: '{path}' does not exist; give a JSON file in the format of "
+                              "image_median_statistics.json")
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise StatisticsError(f"--stats: '{path}' is not a readable JSON file ({reason})") from None
+    return thresholds_from(document, str(path))
+
+
+# --- the check ---------------------------------------------------------------------------------------------------
+def label_ids(mask: np.ndarray, field: str = "MASK") -> np.ndarray:
+    """Whole-number label ids as a non-negative integer array (float label maps, as the reference writes, are
+    accepted when their values are whole numbers)."""
+    if np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_:
+        return mask
+    if not np.issubdtype(mask.dtype, np.floating):
+        raise MaskError(f"{field}: holds {mask.dtype} values; a label map of whole numbers is needed")
+    if not np.all(np.isfinite(mask)) or not np.array_equal(mask, np.rint(mask)):
+        raise MaskError(f"{field}: holds fractional values; a label map of whole-number ids is needed")
+    low, high = float(mask.min(initial=0)), float(mask.max(initial=0))
+    if low < np.iinfo(np.int32).min or high > np.iinfo(np.int32).max:
+        raise MaskError(f"{field}: labels from {low:g} to {high:g} are out of range for label ids")
+    return mask.astype(np.uint8 if low >= 0 and high <= 255 else np.int32)
+
+
+def _organ_selector(labels: np.ndarray, organ_labels: tuple[int, ...]) -> np.ndarray:
+    """Boolean array: where `labels` is one of `organ_labels` (a lookup table for small non-negative ids)."""
+    high = int(labels.max(initial=0))
+    if labels.dtype.kind in "ub" and high < 65536:
+        table = np.zeros(high + 1, dtype=bool)
+        table[[v for v in organ_labels if v <= high]] = True
+        return table[labels]
+    return np.isin(labels, np.asarray(organ_labels))
+
+
+def check_quality(image: np.ndarray, mask: np.ndarray, statistics: QCStatistics,
+                  image_field: str = "IMAGE", mask_field: str = "MASK") -> QCReport:
+    """Organ HU medians of `image` (HU, after the body crop) under the full label map `mask`, against
+    `statistics`. Shapes must match."""
+    if image.shape != mask.shape:
+        raise MaskError(f"{mask_field}: shape {tuple(mask.shape)} differs from {image_field} shape "
+                        f"{tuple(image.shape)}; give the label map the image was generated with")
+    labels = label_ids(mask, mask_field)
+    results = []
+    for threshold in statistics.organs:
+        values = image[_organ_selector(labels, threshold.labels)]
+        median = None
+        if values.size:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slice
+                value = float(np.nanmedian(values.astype(np.float64, copy=False)))
+            median = value if math.isfinite(value) else None
+        if median is None:
+            verdict = "absent"
+        elif median < threshold.low or median > threshold.high:
+            verdict = "fail"
+        else:
+            verdict = "pass"
+        results.append(OrganResult(threshold.organ, threshold.labels, median, threshold.low, threshold.high,
+                                   int(values.size), verdict))
+    return QCReport(tuple(results), statistics.source)

@@ -1,0 +1,210 @@
+"""engine/hub.py and the lock-related parts of engine/weights.py, in process and without a network: which files,
+where they are found, the sha256 lock, import, verify, and how hub failures read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from maisi_cli.engine import hub
+from maisi_cli.engine.weights import WeightFile, locate_weight, verified_sha256
+from maisi_cli.errors import UsageError, WeightsError
+from maisi_cli.models import get_model
+
+COMMIT = "a" * 40
+
+
+@pytest.fixture
+def spec(tiny_spec_path, tmp_path):
+    document = json.loads(tiny_spec_path.read_text())
+    document["datasets"] = {"mask_database": "datasets/db.json"}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(document))
+    return get_model(str(path))
+
+
+@pytest.fixture
+def payloads(spec):
+    return {name: f"contents of {name}".encode() for name in [*spec.weights.values(), *spec.datasets.values()]}
+
+
+def put_in_hf_cache(tmp_path: Path, repo: str, name: str, payload: bytes) -> Path:
+    """The layout huggingface_hub writes: blobs named by sha256, snapshot links, refs/main."""
+    root = tmp_path / "hf-home" / "hub" / f"models--{repo.replace('/', '--')}"
+    blob = root / "blobs" / hashlib.sha256(payload).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(payload)
+    pointer = root / "snapshots" / COMMIT / name
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    if not pointer.exists():
+        pointer.symlink_to(blob)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    return pointer
+
+
+def write_folder(folder: Path, payloads: dict[str, bytes]) -> Path:
+    for name, payload in payloads.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(payload)
+    return folder
+
+
+def test_repo_files_picks_components_and_refuses_unknown_ones(spec):
+    assert [f.kind for f in hub.repo_files(spec)] == ["weights"] * 3 + ["datasets"]
+    assert [f.component for f in hub.repo_files(spec, models_only=True)] == list(spec.weights)
+    assert [f.repo_name for f in hub.repo_files(spec, ["mask_database"])] == ["datasets/db.json"]
+    with pytest.raises(UsageError, match="--component: model tiny-rflow has no file 'vae'") as caught:
+        hub.repo_files(spec, ["vae"])
+    assert caught.value.exit_code == 2
+    with pytest.raises(UsageError, match="--models-only"):
+        hub.repo_files(spec, ["mask_database"], models_only=True)
+
+
+def test_lock_and_store_paths_live_under_maisi_home(tmp_path):
+    assert hub.lock_path("nvidia/NV-Generate-CT", "main") == (
+        tmp_path / "maisi-home" / "locks" / "nvidia--NV-Generate-CT@main.json")
+    assert hub.store_dir("nvidia/NV-Generate-CT", "refs/pr/1") == (
+        tmp_path / "maisi-home" / "weights" / "nvidia--NV-Generate-CT" / "refs--pr--1")
+    hub.record_in_lock("o/r", "main", "models/a.pt", "1" * 64, 3, "download", COMMIT)
+    hub.record_in_lock("o/r", "main", "models/a.pt", "2" * 64, 3, "download")  # first record wins
+    assert hub.read_lock("o/r", "main")["models/a.pt"]["sha256"] == "1" * 64
+    assert hub.read_lock("o/r", "other") == {}
+
+
+def test_locate_order_weights_dir_then_store_then_cache(spec, payloads, tmp_path, monkeypatch):
+    name = spec.weights["autoencoder"]
+    with pytest.raises(WeightsError, match=f"fetch it with: maisi weights download {spec.source} --component "
+                                           "autoencoder$"):
+        locate_weight(spec, "autoencoder", None)
+    cached = put_in_hf_cache(tmp_path, spec.hf_repo, name, payloads[name])
+    assert locate_weight(spec, "autoencoder", None) == WeightFile("autoencoder", name, cached, "hf-cache")
+    stored = hub.store_dir(spec.hf_repo, spec.hf_revision) / name
+    write_folder(hub.store_dir(spec.hf_repo, spec.hf_revision), {name: payloads[name]})
+    assert locate_weight(spec, "autoencoder", None) == WeightFile("autoencoder", name, stored, "store")
+    folder = write_folder(tmp_path / "mine", {name: b"my own"})
+    monkeypatch.setenv("MAISI_WEIGHTS_DIR", str(folder))
+    assert locate_weight(spec, "autoencoder", None).source == "weights-dir"
+    with pytest.raises(WeightsError, match=f"missing in {folder}, in maisi's store and in the Hugging Face cache"):
+        locate_weight(spec, "controlnet", None)
+    # a --weights-dir folder that lacks a file falls through to the managed copies
+    other = spec.weights["controlnet"]
+    put_in_hf_cache(tmp_path, spec.hf_repo, other, payloads[other])
+    assert locate_weight(spec, "controlnet", None).source == "hf-cache"
+
+
+def test_verified_sha256_holds_managed_files_to_the_lock(spec, payloads, tmp_path):
+    name = spec.weights["diffusion_unet"]
+    cached = put_in_hf_cache(tmp_path, spec.hf_repo, name, payloads[name])
+    weight = locate_weight(spec, "diffusion_unet", None)
+    digest = hashlib.sha256(payloads[name]).hexdigest()
+    assert verified_sha256(weight, spec) == digest  # no lock entry: hashed and used
+    hub.record_in_lock(spec.hf_repo, spec.hf_revision, name, digest, len(payloads[name]), "download")
+    assert weight.verified_sha256(spec) == digest
+    cached.resolve().write_bytes(b"changed")
+    with pytest.raises(WeightsError, match=f"no longer matches the sha256 locked in .*re-fetch it with: maisi "
+                                           f"weights download {spec.source} --component diffusion_unet --force$"):
+        verified_sha256(weight, spec)
+    # the same repository name in a folder of the user's own is not held to the lock
+    own = write_folder(tmp_path / "own", {name: b"trained here"})
+    mine = locate_weight(spec, "diffusion_unet", own)
+    assert mine.source == "weights-dir" and verified_sha256(mine, spec) == hashlib.sha256(b"trained here").hexdigest()
+
+
+def test_import_checks_every_file_before_placing_any(spec, payloads, tmp_path):
+    folder = write_folder(tmp_path / "brought", payloads)
+    name = spec.weights["controlnet"]
+    hub.record_in_lock(spec.hf_repo, spec.hf_revision, name, "0" * 64, 1, "download")
+    with pytest.raises(WeightsError, match=f"{folder / name} does not match the sha256 locked"):
+        hub.import_folder(folder, spec)
+    store = hub.store_dir(spec.hf_repo, spec.hf_revision)
+    assert not store.exists() or not [p for p in store.rglob("*") if p.is_file()]
+
+    hub.lock_path(spec.hf_repo, spec.hf_revision).unlink()
+    stages = []
+    results = hub.import_folder(folder, spec, lambda stage, done, total: stages.append((stage, done, total)))
+    assert {r.status for r in results} == {"imported"} and {r.lock for r in results} == {"recorded"}
+    assert sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file()) == sorted(payloads)
+    lock = hub.read_lock(spec.hf_repo, spec.hf_revision)
+    assert {n: e["sha256"] for n, e in lock.items()} == {n: hashlib.sha256(p).hexdigest() for n, p in payloads.items()}
+    assert [s for s in stages if s[1] == s[2]] == [(f"import {n}", len(p), len(p)) for n, p in payloads.items()]
+    again = hub.import_folder(folder, spec)
+    assert {r.lock for r in again} == {"matches"}
+
+    with pytest.raises(WeightsError, match="holds none of tiny-rflow's files"):
+        hub.import_folder(tmp_path, spec)
+    with pytest.raises(UsageError, match="is not a folder"):
+        hub.import_folder(tmp_path / "nope", spec)
+
+
+def test_verify_reports_each_managed_copy(spec, payloads, tmp_path):
+    name = spec.weights["autoencoder"]
+    digest = hashlib.sha256(payloads[name]).hexdigest()
+    put_in_hf_cache(tmp_path, spec.hf_repo, name, payloads[name])
+    hub.record_in_lock(spec.hf_repo, spec.hf_revision, name, digest, len(payloads[name]), "download")
+    write_folder(hub.store_dir(spec.hf_repo, spec.hf_revision), {name: b"not the same"})
+    results = hub.verify(spec, hub.repo_files(spec))
+    by_where = {(r.repo_name, r.where): r.status for r in results}
+    assert by_where[(name, "store")] == "mismatch" and by_where[(name, "hf-cache")] == "ok"
+    assert by_where[(spec.weights["controlnet"], None)] == "missing"
+    error = hub.mismatch_error(spec, results)
+    assert error is not None and str(error).endswith(
+        f"re-fetch with: maisi weights download {spec.source} --component autoencoder --force")
+    assert hub.mismatch_error(spec, [r for r in results if r.status != "mismatch"]) is None
+
+
+def test_download_reads_offline_at_call_time_and_repairs_a_corrupt_store_copy(spec, payloads, tmp_path,
+                                                                                monkeypatch):
+    import huggingface_hub
+
+    name = spec.weights["autoencoder"]
+    calls = []
+
+    def fake_download(repo, filename, **kwargs):
+        calls.append(kwargs)
+        return str(put_in_hf_cache(tmp_path, repo, filename, payloads[filename]))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    files = hub.repo_files(spec, ["autoencoder"])
+    first = hub.download(spec, files)
+    assert first[0].lock == "recorded" and calls[-1]["local_files_only"] is False
+    assert calls[-1]["cache_dir"] == tmp_path / "hf-home" / "hub"
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.download(spec, files)[0].lock == "matches" and calls[-1]["local_files_only"] is True
+    with pytest.raises(WeightsError, match="--force: HF_HUB_OFFLINE is set"):
+        hub.download(spec, files, force=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+
+    stored = write_folder(hub.store_dir(spec.hf_repo, spec.hf_revision), {name: b"corrupt"}) / name
+    with pytest.raises(WeightsError, match="--component autoencoder --force$"):
+        hub.download(spec, files)
+    repaired = hub.download(spec, files, force=True)
+    assert not stored.exists() and repaired[0].path.read_bytes() == payloads[name]
+    assert calls[-1]["force_download"] is True
+
+
+def test_hub_failures_read_as_one_actionable_line(spec, monkeypatch):
+    import httpx2
+    from huggingface_hub import errors
+
+    item = hub.repo_files(spec, ["autoencoder"])[0]
+    response = httpx2.Response(404, request=httpx2.Request("HEAD", "http://hub/x"))
+    revision = hub._download_error(errors.RevisionNotFoundError("no", response=response), spec, item, "v9")
+    assert isinstance(revision, UsageError) and "--revision" in str(revision)
+    entry = hub._download_error(errors.RemoteEntryNotFoundError("no", response=response), spec, item, "main")
+    assert "has no file models/autoencoder_v1.pt" in str(entry)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = hub._download_error(errors.LocalEntryNotFoundError("x"), spec, item, "main")
+    assert "offline" in str(offline) and f"maisi weights import DIR {spec.source}" in str(offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    wrapped = ValueError("Force download failed due to the above error.")
+    wrapped.__cause__ = httpx2.ConnectError("All connection attempts failed")
+    network = hub._download_error(wrapped, spec, item, "main")
+    assert isinstance(network, WeightsError) and "(All connection attempts failed)" in str(network)
+    assert "\n" not in str(network)
