@@ -70,6 +70,26 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return (index, count)
 
 
+def parse_anatomy(values: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str, float], ...]]:
+    """`--anatomy NAME` (must be in the mask) and `--anatomy NAME:SIZE` (generate the mask with that size) →
+    (names, (name, size) pairs). The two kinds cannot be mixed."""
+    names: list[str] = []
+    sizes: list[tuple[str, float]] = []
+    for value in values:
+        name, colon, size = value.rpartition(":")
+        if not colon:
+            names.append(value.strip())
+            continue
+        try:
+            sizes.append((name.strip(), float(size)))
+        except ValueError:
+            raise UsageError(f"--anatomy: '{value}' — SIZE must be a number in [0, 1] or -1, e.g. liver:0.7") from None
+    if names and sizes:
+        raise UsageError("--anatomy: give either names (they must be in the mask) or NAME:SIZE pairs (the mask is "
+                         "generated), not both")
+    return tuple(names), tuple(sizes)
+
+
 def format_triple(values: tuple) -> str:
     return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
@@ -88,6 +108,11 @@ class GenerateRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     mask: Path | None = None
     anatomy: tuple[str, ...] = ()
+    anatomy_sizes: tuple[tuple[str, float], ...] = ()  # `--anatomy NAME:SIZE`: generate the mask
+    body_regions: tuple[str, ...] = ()
+    mask_database: Path | None = None
+    mask_steps: int | None = Field(None, ge=1)
+    augment: bool = True
     label_mode: LabelMode = "full"
     out: Path = Path("maisi-out")
     shard: tuple[int, int] = (0, 1)

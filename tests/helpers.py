@@ -41,13 +41,40 @@ TINY_NETWORK = {
         "conditioning_embedding_num_channels": [8, 16, 16], "num_class_embeds": 128, "resblock_updown": True,
         "include_fc": True,
     },
+    # The mask generator at a small size: 8 bit-plane channels in, 125 label channels out, a 32^3 mask.
+    "mask_generation_latent_shape": [4, 8, 8, 8],
+    "mask_generation_autoencoder_def": {
+        "_target_": "monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi",
+        "spatial_dims": "@spatial_dims", "in_channels": 8, "out_channels": 125, "latent_channels": "@latent_channels",
+        "num_channels": [8, 16, 16], "num_res_blocks": [1, 1, 1], "norm_num_groups": 8, "norm_eps": 1e-06,
+        "attention_levels": [False, False, False], "with_encoder_nonlocal_attn": False,
+        "with_decoder_nonlocal_attn": False, "use_flash_attention": False, "use_checkpointing": True,
+        "use_convtranspose": True, "norm_float16": True, "num_splits": 8, "dim_split": 1,
+    },
+    "mask_generation_diffusion_def": {
+        "_target_": "monai.networks.nets.diffusion_model_unet.DiffusionModelUNet",
+        "spatial_dims": "@spatial_dims", "in_channels": "@latent_channels", "out_channels": "@latent_channels",
+        "channels": [8, 16], "attention_levels": [False, True], "num_head_channels": [0, 8], "num_res_blocks": 1,
+        "norm_num_groups": 8, "use_flash_attention": True, "with_conditioning": True, "upcast_attention": True,
+        "cross_attention_dim": 10,
+    },
 }
 
 
-def tiny_spec_document(scheduler: str = "rflow") -> dict:
+MASK_GENERATOR_KEYS = ("mask_generation_latent_shape", "mask_generation_autoencoder_def",
+                       "mask_generation_diffusion_def", "mask_generation_noise_scheduler")
+
+
+def tiny_spec_document(scheduler: str = "rflow", mask_generator: bool = False) -> dict:
+    """A tiny model spec: the three image networks; with `mask_generator`, also the two mask-generation networks
+    and the data files of the released layout (anatomy-size table, candidate-mask database and archive)."""
     base = get_model("rflow-ct" if scheduler == "rflow" else "ddpm-ct")
     network = copy.deepcopy(TINY_NETWORK)
     network["noise_scheduler"] = copy.deepcopy(base.network["noise_scheduler"])
+    network["mask_generation_noise_scheduler"] = copy.deepcopy(base.network["mask_generation_noise_scheduler"])
+    if not mask_generator:
+        for key in MASK_GENERATOR_KEYS:
+            network.pop(key, None)
     if scheduler == "ddpm":
         network["include_body_region"] = True
         for key in ("diffusion_unet_def", "controlnet_def"):
@@ -58,7 +85,10 @@ def tiny_spec_document(scheduler: str = "rflow") -> dict:
         "modality": "ct",
         "default_steps": 4,
         "hf_repo": "example/tiny-maisi",
-        "weights": {c: base.weights[c] for c in IMAGE_COMPONENTS},
+        "weights": dict(base.weights) if mask_generator else {c: base.weights[c] for c in IMAGE_COMPONENTS},
+        "datasets": {"anatomy_size_conditions": "datasets/all_anatomy_size_conditions.json",
+                     "mask_database": "datasets/candidate_masks.json",
+                     "mask_archive": "datasets/all_masks.zip"} if mask_generator else {},
         "default_size": [32, 32, 32],
         "recommended_spacing": [{"size": [32, 32, 32], "spacing": [2.0, 2.0, 2.0]}],
         "network": network,
@@ -80,27 +110,31 @@ def fill_random(network, seed: int, scale: float = 0.05) -> None:
                 parameter.copy_(noise)
 
 
-def write_released_weights(spec: ModelSpec, weights_dir: Path, seed: int = 0, scale_factor: float = 0.8) -> None:
-    """Random networks of `spec`, saved under their repository names in the released layouts."""
+def write_released_weights(spec: ModelSpec, weights_dir: Path, seed: int = 0, scale_factor: float = 0.8,
+                           with_mask_generator: bool = False) -> None:
+    """Random networks of `spec`, saved under their repository names in the released layouts: the three image
+    networks, and the two mask-generation networks when asked."""
     from maisi_cli.engine.networks import build_network
     from maisi_cli.engine.weights import save_released_checkpoint
 
-    for i, component in enumerate(IMAGE_COMPONENTS):
+    components = [c for c in spec.weights
+                  if c in IMAGE_COMPONENTS or (with_mask_generator and f"{c}_def" in spec.network)]
+    for i, component in enumerate(components):
         network = build_network(spec, component)
         fill_random(network, seed + i)
         save_released_checkpoint(network, component, weights_dir / spec.weights[component],
-                                 scale_factor=scale_factor if component == "diffusion_unet" else None)
+                                 scale_factor=scale_factor if "diffusion" in component else None)
 
 
-def write_tiny_model(folder: Path, scheduler: str = "rflow") -> tuple[Path, Path]:
-    """(spec path, weights folder) of a tiny model with random weights."""
+def write_tiny_model(folder: Path, scheduler: str = "rflow", mask_generator: bool = True) -> tuple[Path, Path]:
+    """(spec path, weights folder) of a tiny model with random weights (the mask generator's too by default)."""
     from maisi_cli.models import get_model as load
 
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / f"tiny-{scheduler}.json"
-    spec_path.write_text(json.dumps(tiny_spec_document(scheduler), indent=2))
+    spec_path.write_text(json.dumps(tiny_spec_document(scheduler, mask_generator), indent=2))
     weights_dir = folder / "weights"
-    write_released_weights(load(str(spec_path)), weights_dir)
+    write_released_weights(load(str(spec_path)), weights_dir, with_mask_generator=mask_generator)
     return spec_path, weights_dir
 
 

@@ -8,9 +8,11 @@ from typing import Optional
 import typer
 
 from maisi_cli.cli import render
-from maisi_cli.config import GenerateRequest, format_triple, parse_shard, parse_size, parse_spacing
+from maisi_cli.config import (GenerateRequest, format_triple, parse_anatomy, parse_shard, parse_size,
+                              parse_spacing)
 
-HELP = "Generate CT image + label pairs (NIfTI) conditioned on a label map."
+HELP = ("Generate CT image + label pairs (NIfTI), conditioned on a label map: your --mask, one from the candidate "
+        "database, or one generated with --anatomy NAME:SIZE.")
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the run report as one JSON document.")
 
@@ -25,7 +27,18 @@ def generate(
     seed: int = typer.Option(0, "--seed", min=0, help="Run seed; sample k's seed derives from (seed, k)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Label map (NIfTI, MAISI label ids) to condition on."),
-    anatomy: list[str] = typer.Option([], "--anatomy", help="Anatomy that must be in the mask (repeatable)."),
+    anatomy: list[str] = typer.Option([], "--anatomy", help="NAME: anatomy the mask must hold; NAME:SIZE (SIZE in "
+                                      "[0, 1], or -1 for absent): generate the mask with that organ/tumour size "
+                                      "(repeatable; see `maisi labels`)."),
+    body_region: list[str] = typer.Option([], "--body-region", help="head, chest, abdomen or pelvis (repeatable; "
+                                          "ddpm models): filters the mask database and sets the region inputs."),
+    mask_database: Optional[Path] = typer.Option(None, "--mask-database", help="Candidate-mask database JSON "
+                                                 "(masks relative to its folder; see `maisi data masks index`). "
+                                                 "Default: the model's released database."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Augment database masks (tumour moved in its "
+                                 "organ, or a ±1 % zoom)."),
+    mask_steps: Optional[int] = typer.Option(None, "--mask-steps", min=1, help="DDPM steps of the mask generator "
+                                             "(default 1000)."),
     label_mode: str = typer.Option("full", "--label-mode", help="full: the whole mask; requested: only --anatomy labels."),
     out: Path = typer.Option(Path("maisi-out"), "--out", "-o", help="Output folder."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: write samples k with k mod N = I (default: SLURM array)."),
@@ -54,11 +67,13 @@ def generate(
         raise UsageError(f"--precision: '{precision}' is not a precision; use fp32, fp16 or bf16")
     if strict_qc and not qc:
         raise UsageError("--strict-qc: needs the quality check; drop --no-qc")
+    names, sizes = parse_anatomy(anatomy)
     request = GenerateRequest(
         model=model, profile=profile,
         size=parse_size(size) if size else None,
         spacing=parse_spacing(spacing) if spacing else None,
-        num_samples=num_samples, seed=seed, steps=steps, mask=mask, anatomy=tuple(anatomy),
+        num_samples=num_samples, seed=seed, steps=steps, mask=mask, anatomy=names, anatomy_sizes=sizes,
+        body_regions=tuple(body_region), mask_database=mask_database, augment=augment, mask_steps=mask_steps,
         label_mode=label_mode, out=out, shard=parse_shard(shard), overwrite=overwrite, device=device,
         precision=precision, allow_any_size=allow_any_size, weights_dir=weights_dir,
     )
@@ -101,7 +116,7 @@ def show_plan(plan: dict, output: render.Output) -> None:
         ("latent", format_triple(tuple(plan["latent_shape"]))),
         ("steps", plan["steps"]),
         ("decode", decode_text),
-        ("mask", plan["mask"] + (" (resampled)" if plan["mask_resampled"] else "")),
+        ("mask", ", ".join(f"{k}: {v}" for k, v in plan["mask"].items())),
         ("out", plan["out"]),
         ("samples", ", ".join(f"{s['index']}:{s['status']}" for s in plan["samples"]) or "none in this shard"),
         ("quality check", (f"on, up to {plan['qc']['max_attempts']} attempt(s), {plan['qc']['statistics']}"

@@ -28,8 +28,10 @@ def decode_latents(
     plan: DecodePlan,
     on_window: Callable[[int, int], None] | None = None,
     precision: str = "fp32",
+    clip: bool = True,
 ) -> torch.Tensor:
-    """(1, C, x, y, z) latents → (1, 1, 4x, 4y, 4z) image clipped to [0, 1], on the CPU.
+    """(1, C, x, y, z) latents → (1, K, 4x, 4y, 4z) decoder output on the CPU: the image clipped to [0, 1], or with
+    `clip=False` the raw output (the mask VAE's 125 label logits).
 
     Sliding windows run on the latents' device and blend into a CPU buffer (Gaussian weights, sigma 0.125), as the
     reference does, so only one window's activations sit on the GPU at a time. In fp16/bf16 the decode runs under
@@ -64,4 +66,4 @@ def decode_latents(
                 device=torch.device("cpu"),
             )
             image = inferer(latents, decode_window)
-    return torch.clip(image, 0.0, 1.0).cpu()
+    return torch.clip(image, 0.0, 1.0).cpu() if clip else image.cpu()

@@ -19,9 +19,11 @@ import numpy as np
 
 from maisi_cli import __version__
 from maisi_cli.config import GenerateRequest, format_triple
-from maisi_cli.engine.masks.user import ConditionMask, load_condition_mask, resample_warning
+from maisi_cli.engine.masks.sources import FileMaskSource, SampleMask
+from maisi_cli.engine.masks.user import load_condition_mask, resample_warning
 from maisi_cli.engine.qc import QCOptions, QCStatistics, check_quality, load_statistics
-from maisi_cli.engine.weights import WeightFile, locate_weight, sha256_of
+from maisi_cli.engine.masks.database import region_indices
+from maisi_cli.engine.weights import WeightFile, locate_weight
 from maisi_cli.errors import GenerationError, MaskError, OutputError, UsageError
 from maisi_cli.labels import label_id
 from maisi_cli.models import IMAGE_COMPONENTS, ModelSpec, get_model
@@ -57,7 +59,7 @@ class GenerationPlan:
     latent_shape: tuple[int, int, int, int]
     steps: int
     decode: DecodePlan
-    mask: ConditionMask
+    mask_source: Any  # FileMaskSource | DatabaseMaskSource | GeneratedMaskSource
     anatomy_ids: tuple[int, ...]
     samples: list[SampleTask]
     weights: list[WeightFile]
@@ -83,9 +85,10 @@ class GenerationPlan:
             "latent_shape": list(self.latent_shape),
             "steps": self.steps,
             "decode": self.decode.model_dump(),
-            "mask": str(self.request.mask),
-            "mask_resampled": self.mask.resampled,
+            "mask": self.mask_source.describe(),
             "anatomy": list(self.request.anatomy),
+            "anatomy_sizes": dict(self.request.anatomy_sizes),
+            "body_regions": list(self.request.body_regions),
             "label_mode": self.request.label_mode,
             "out": str(self.request.out),
             "seed": self.request.seed,
@@ -223,20 +226,42 @@ def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> Ge
     if model.scheduler_kind == "ddpm" and steps < model.default_steps:
         warnings.append(f"--steps: {steps} DDPM steps is fewer than the {model.default_steps} it was trained for; "
                         "quality is not guaranteed")
+    if request.body_regions and not model.uses_body_region:
+        raise UsageError(f"--body-region: model {model.name} takes no body-region input; drop it (the ddpm models "
+                         "use it)")
+    regions = region_indices(request.body_regions)
     device = resolve_device(request.device)
     profile = resolve_profile(request.profile, device)
     precision = resolve_precision(request.precision, profile, device)
     anatomy_ids = tuple(label_id(name) for name in request.anatomy)
-    if request.label_mode == "requested" and not anatomy_ids:
-        raise UsageError("--label-mode requested: name the anatomies to keep with --anatomy NAME")
-    if request.mask is None:
-        raise UsageError("--mask: a condition mask is needed; pass --mask FILE (a NIfTI label map in MAISI label ids)")
     latent_shape = model.latent_shape(size)
     split_axis = int(model.definition("autoencoder").get("dim_split", 1))
     decode = profile.decode_plan(latent_shape[1:], size, split_axis=split_axis)
 
     weights = [locate_weight(model, component, request.weights_dir) for component in IMAGE_COMPONENTS]
+    if request.anatomy_sizes:
+        source, anatomy_ids = generated_source(request, model, size, spacing, device, precision, profile)
+    elif request.mask is not None:
+        source = file_source(request, model, size, spacing, anatomy_ids, warnings)
+    else:
+        source = database_mask_source(request, model, size, spacing, anatomy_ids, regions, device)
+    if request.label_mode == "requested" and not anatomy_ids:
+        raise UsageError("--label-mode requested: name the anatomies to keep with --anatomy NAME")
+    qc_statistics = load_statistics(qc.stats) if qc.enabled else None  # a bad --stats file fails now too
 
+    return GenerationPlan(
+        request=request, model=model, profile=profile, device=device, precision=precision, size=size,
+        spacing=spacing, latent_shape=latent_shape, steps=steps, decode=decode, mask_source=source,
+        anatomy_ids=anatomy_ids, samples=sample_tasks(request), weights=weights, warnings=warnings,
+        qc=qc, qc_statistics=qc_statistics,
+    )
+
+
+def file_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
+                spacing: tuple[float, float, float], anatomy_ids: tuple[int, ...], warnings: list[str]) -> FileMaskSource:
+    if request.mask_database is not None:
+        raise UsageError("--mask-database: drop it when --mask gives the condition mask")
+    assert request.mask is not None
     mask = load_condition_mask(request.mask, size, spacing)
     if mask.resampled:
         warnings.append(resample_warning(mask, request.mask, size, spacing))
@@ -245,16 +270,60 @@ def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> Ge
         if ident not in present:
             raise MaskError(f"--anatomy: '{name}' (label {ident}) is not in the mask '{request.mask}'; "
                             "drop it or use a mask that has it")
-    if model.uses_body_region:
+    if model.uses_body_region and not request.body_regions:
         body_region_indices(mask.labels)  # fail now, not after loading the networks
-    qc_statistics = load_statistics(qc.stats) if qc.enabled else None  # a bad --stats file fails now too
+    return FileMaskSource(request.mask, mask)
 
-    return GenerationPlan(
-        request=request, model=model, profile=profile, device=device, precision=precision, size=size,
-        spacing=spacing, latent_shape=latent_shape, steps=steps, decode=decode, mask=mask,
-        anatomy_ids=anatomy_ids, samples=sample_tasks(request), weights=weights, warnings=warnings,
-        qc=qc, qc_statistics=qc_statistics,
+
+def database_mask_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
+                         spacing: tuple[float, float, float], anatomy_ids: tuple[int, ...], regions: tuple[int, ...],
+                         device: str) -> Any:
+    """Candidates from `--mask-database FILE` (masks relative to its folder), else from the model's released
+    database and mask archive (unpacked once under MAISI_HOME)."""
+    from maisi_cli.config import maisi_home
+    from maisi_cli.engine.masks.archive import mask_root, unpack_archive
+    from maisi_cli.engine.masks.database import read_database
+    from maisi_cli.engine.masks.sources import database_source
+
+    if request.mask_database is not None:
+        database = request.mask_database.expanduser()
+        entries = read_database(database)
+        root = database.parent
+    else:
+        if "mask_database" not in model.datasets or "mask_archive" not in model.datasets:
+            raise UsageError(f"--mask: model {model.name} ships no candidate-mask database; pass --mask FILE or "
+                             "--mask-database FILE")
+        database = locate_weight(model, "mask_database", request.weights_dir).path
+        archive = locate_weight(model, "mask_archive", request.weights_dir).path
+        entries = read_database(database)
+        root = mask_root(unpack_archive(archive, maisi_home() / "masks"), entries[0].pseudo_label_filename)
+    return database_source(database, root, entries, anatomy_ids, regions, size, spacing, request.seed,
+                           request.num_samples, request.augment, device)
+
+
+def generated_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
+                     spacing: tuple[float, float, float], device: str, precision: str,
+                     profile: Profile) -> tuple[Any, tuple[int, ...]]:
+    """The mask generator for `--anatomy NAME:SIZE`; the controlled anatomies become the requested labels."""
+    from maisi_cli.engine.masks.generation import (check_size_requests, controlled_label_ids, read_size_table,
+                                                   size_condition, target_tumour_label)
+    from maisi_cli.engine.masks.sources import GeneratedMaskSource
+
+    if request.mask is not None or request.mask_database is not None:
+        raise UsageError("--anatomy NAME:SIZE generates the mask; drop --mask / --mask-database")
+    requests = check_size_requests(request.anatomy_sizes)
+    table = read_size_table(locate_weight(model, "anatomy_size_conditions", request.weights_dir).path)
+    condition = size_condition(requests, table)
+    mask_weights = [locate_weight(model, c, request.weights_dir)
+                    for c in ("mask_generation_autoencoder", "mask_generation_diffusion")]
+    mask_steps = request.mask_steps or int(model.network["mask_generation_noise_scheduler"].get(
+        "num_train_timesteps", 1000))
+    source = GeneratedMaskSource(
+        spec=model, requests=requests, condition=condition, target_tumour=target_tumour_label(condition),
+        controlled_ids=tuple(controlled_label_ids(requests)), size=size, spacing=spacing, seed=request.seed,
+        steps=mask_steps, device=device, precision=precision, profile=profile, weights=mask_weights,
     )
+    return source, source.controlled_ids
 
 
 # --- running -----------------------------------------------------------------------------------------------------
@@ -289,15 +358,15 @@ def load_networks(plan: GenerationPlan, on_progress: ProgressCallback) -> Loaded
     return LoadedModel(networks["diffusion_unet"], networks["controlnet"], decoder, build_scheduler(plan.model), hashes)
 
 
-def condition_inputs(plan: GenerationPlan, device: Any) -> tuple[Any, dict, dict]:
-    """(ControlNet condition, UNet extra inputs, ControlNet extra inputs) for the plan's mask — the same for every
-    sample, so built once."""
+def condition_inputs(plan: GenerationPlan, sample_mask: SampleMask, device: Any) -> tuple[Any, dict, dict]:
+    """(ControlNet condition, UNet extra inputs, ControlNet extra inputs) for one sample's mask. Body regions (ddpm)
+    come from the database entry, else from --body-region, else from the labels present."""
     import torch
 
     from maisi_cli.engine.sampling import (body_region_condition, label_bit_planes, modality_condition,
                                            spacing_condition)
 
-    labels = torch.from_numpy(plan.mask.labels.astype(np.int64))[None, None]
+    labels = torch.from_numpy(sample_mask.mask.labels.astype(np.int64))[None, None]
     controlnet_cond = label_bit_planes(labels).to(device)
     unet_inputs: dict[str, Any] = {"spacing_tensor": spacing_condition(plan.spacing).to(device)}
     controlnet_inputs: dict[str, Any] = {}
@@ -306,14 +375,20 @@ def condition_inputs(plan: GenerationPlan, device: Any) -> tuple[Any, dict, dict
         unet_inputs["class_labels"] = modality
         controlnet_inputs["class_labels"] = modality
     if plan.model.uses_body_region:
-        top, bottom = body_region_indices(plan.mask.labels)
+        regions = region_indices(plan.request.body_regions)
+        if sample_mask.regions is not None:
+            top, bottom = sample_mask.regions
+        elif regions:
+            top, bottom = min(regions), max(regions)
+        else:
+            top, bottom = body_region_indices(sample_mask.mask.labels)
         unet_inputs["top_region_index_tensor"] = body_region_condition(top).to(device)
         unet_inputs["bottom_region_index_tensor"] = body_region_condition(bottom).to(device)
     return controlnet_cond, unet_inputs, controlnet_inputs
 
 
 def sidecar_document(plan: GenerationPlan, task: SampleTask, loaded: LoadedModel, timings: dict[str, float],
-                     mask_sha256: str, qc_record: dict[str, Any] | None = None) -> dict[str, Any]:
+                     mask_provenance: dict[str, Any], qc_record: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sample's provenance. `task.seed` is the seed of the attempt whose files were kept; `qc_record` is its
     QC report with the list of attempts (None when the check is off, and `qc_skipped` says why)."""
     import monai
@@ -334,14 +409,8 @@ def sidecar_document(plan: GenerationPlan, task: SampleTask, loaded: LoadedModel
         "sample_seed": task.seed,
         "anatomy": list(plan.request.anatomy),
         "label_mode": plan.request.label_mode,
-        "mask_source": {
-            "type": "file",
-            "path": str(plan.request.mask),
-            "sha256": mask_sha256,
-            "resampled": plan.mask.resampled,
-            "original_shape": list(plan.mask.original_shape),
-            "original_spacing": [round(s, 6) for s in plan.mask.original_spacing],
-        },
+        "anatomy_sizes": dict(plan.request.anatomy_sizes),
+        "mask_source": mask_provenance,
         "steps": plan.steps,
         "device": plan.device,
         "precision": plan.precision,
@@ -353,7 +422,7 @@ def sidecar_document(plan: GenerationPlan, task: SampleTask, loaded: LoadedModel
     }
 
 
-def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, conditions: tuple,
+def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, sample_mask: SampleMask,
                     on_progress: ProgressCallback, attempt: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """One sample from `task.seed`: (HU image int16, label uint8, timings). Nothing is written here. `attempt`
     (a quality-check retry) only names the progress stages."""
@@ -364,7 +433,7 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
     from maisi_cli.engine.sampling import denoise, derive_sample_seed, initial_noise, schedule
 
     device = torch.device(plan.device)
-    controlnet_cond, unet_inputs, controlnet_inputs = conditions
+    controlnet_cond, unet_inputs, controlnet_inputs = condition_inputs(plan, sample_mask, device)
     name = f"sample {task.index:04d}" + (f" retry {attempt}" if attempt else "")
     timings: dict[str, float] = {}
 
@@ -395,14 +464,15 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
             f"sample {task.index}: the decoder produced {bad} non-finite voxels (overflow in {plan.precision}); "
             "retry with --precision fp32 or check the weights"
         )
-    hu = air_outside_body(intensity_to_hu(decoded), plan.mask.labels)
-    labels = output_labels(plan.mask.labels, plan.request.label_mode, plan.anatomy_ids)
+    hu = air_outside_body(intensity_to_hu(decoded), sample_mask.mask.labels)
+    labels = output_labels(sample_mask.mask.labels, plan.request.label_mode, plan.anatomy_ids)
     return hu_to_int16(hu), labels, timings
 
 
 @dataclass
 class CheckedSample:
     task: SampleTask  # with the seed of the kept attempt
+    mask: SampleMask  # the kept attempt's condition mask
     image: np.ndarray
     labels: np.ndarray
     timings: dict[str, float]
@@ -410,7 +480,7 @@ class CheckedSample:
     attempts: list[dict[str, Any]]
 
 
-def generate_checked_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, conditions: tuple,
+def generate_checked_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
                             on_progress: ProgressCallback, on_warning: WarningCallback) -> CheckedSample:
     """One sample, checked and re-generated from the next attempt seed while it fails the quality check, up to
     `plan.qc.max_attempts`. The last attempt is kept either way (as the reference saves when it runs out of
@@ -425,11 +495,12 @@ def generate_checked_sample(plan: GenerationPlan, loaded: LoadedModel, task: Sam
     for attempt in range(allowed):
         current = task if attempt == 0 else replace(
             task, seed=derive_attempt_seed(plan.request.seed, task.index, attempt))
-        image, labels, timings = generate_sample(plan, loaded, current, conditions, on_progress, attempt)
+        sample_mask = plan.mask_source.mask_for(task.index, attempt, on_progress)
+        image, labels, timings = generate_sample(plan, loaded, current, sample_mask, on_progress, attempt)
         if statistics is None:
-            return CheckedSample(current, image, labels, timings, None, [])
+            return CheckedSample(current, sample_mask, image, labels, timings, None, [])
         qc_start = time.perf_counter()
-        report = check_quality(image, plan.mask.labels, statistics)
+        report = check_quality(image, sample_mask.mask.labels, statistics)
         qc_seconds += time.perf_counter() - qc_start
         attempts.append({"attempt": attempt, "seed": current.seed, "passed": report.passed, "failed": report.failed})
         if report.passed:
@@ -439,7 +510,7 @@ def generate_checked_sample(plan: GenerationPlan, loaded: LoadedModel, task: Sam
         on_warning(f"sample {task.index}: failed the quality check in all {len(attempts)} attempt(s) "
                    f"({report.summary()}); keeping the last attempt (seed {current.seed})")
     record = {**report.as_dict(), "attempt": len(attempts) - 1, "max_attempts": allowed, "attempts": attempts}
-    return CheckedSample(current, image, labels, timings, record, attempts)
+    return CheckedSample(current, sample_mask, image, labels, timings, record, attempts)
 
 
 def recorded_result(task: SampleTask) -> SampleResult:
@@ -467,21 +538,19 @@ def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = 
     if pending:
         ensure_writable(plan.request.out)
         loaded = load_networks(plan, on_progress)
-        import torch
-
-        conditions = condition_inputs(plan, torch.device(plan.device))
-        mask_sha256 = sha256_of(plan.request.mask)
         for task in pending:
             sample_start = time.perf_counter()
-            sample = generate_checked_sample(plan, loaded, task, conditions, on_progress, on_warning)
+            sample = generate_checked_sample(plan, loaded, task, on_progress, on_warning)
             timings = sample.timings
             write_start = time.perf_counter()
-            write_nifti(task.image, sample.image, plan.mask.affine)
-            write_nifti(task.label, sample.labels, plan.mask.affine)
+            affine = sample.mask.mask.affine
+            write_nifti(task.image, sample.image, affine)
+            write_nifti(task.label, sample.labels, affine)
             timings["write_s"] = time.perf_counter() - write_start
             timings["total_s"] = time.perf_counter() - sample_start
             # The sidecar goes last: its presence marks the sample complete for a re-run.
-            write_json(task.sidecar, sidecar_document(plan, sample.task, loaded, timings, mask_sha256, sample.qc))
+            write_json(task.sidecar, sidecar_document(plan, sample.task, loaded, timings, sample.mask.provenance,
+                                                           sample.qc))
             on_progress(f"sample {task.index:04d} write", 1, 1)
             qc = {"passed": sample.qc["passed"], "failed": sample.qc["failed"]} if sample.qc else None
             results.append(SampleResult(task.index, sample.task.seed, "written",

@@ -101,10 +101,12 @@ def locate_file(spec: ModelSpec, repo_name: str, weights_dir: Path | None) -> tu
 
 
 def locate_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> WeightFile:
-    """The file for one component, or a WeightsError naming it and the command that fetches it."""
-    if component not in spec.weights:
-        raise WeightsError(f"model {spec.name}: its spec names no weight file for '{component}'")
-    repo_name = spec.weights[component]
+    """The file for one component (a `weights` key, or a `datasets` key such as mask_database), or a WeightsError
+    naming it and the command that fetches it."""
+    files = {**spec.weights, **spec.datasets}
+    if component not in files:
+        raise WeightsError(f"model {spec.name}: its spec names no file for '{component}'")
+    repo_name = files[component]
     found = locate_file(spec, repo_name, weights_dir)
     if found is not None:
         return WeightFile(component, repo_name, found[0], found[1])

@@ -216,10 +216,17 @@ def test_requested_label_mode_needs_anatomy(tiny_model, mask_file, tmp_path):
     assert_one_line_error(result, 2, "--label-mode requested", "--anatomy")
 
 
-def test_no_mask_given(tiny_model, tmp_path):
+def test_no_mask_and_no_database(tiny_model, tmp_path):
+    """A model that ships no candidate-mask database needs --mask (or --mask-database)."""
+    import json
+
     spec, weights = tiny_model
-    result = run_generate(tmp_path / "out", "--model", str(spec), "--weights-dir", str(weights))
-    assert_one_line_error(result, 2, "--mask")
+    document = json.loads(spec.read_text())
+    document.pop("datasets")
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(document))
+    result = run_generate(tmp_path / "out", "--model", str(bare), "--weights-dir", str(weights))
+    assert_one_line_error(result, 2, "--mask", "ships no candidate-mask database")
 
 
 def test_unwritable_output_folder(tiny_model, mask_file, tmp_path):

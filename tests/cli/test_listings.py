@@ -28,12 +28,14 @@ def test_models_json_lists_built_in_models_with_weight_status(tiny_model):
     files = {w["file"]: w["path"] for w in rflow["weights"]}
     assert "models/diff_unet_3d_rflow-ct.pt" in files and all(p is None for p in files.values())
 
-    # Files present under --weights-dir are found (the tiny model saved the rflow-ct file names).
+    # Files present under --weights-dir are found (the tiny model saved the rflow-ct file names, mask generator
+    # included).
     _, weights = tiny_model
     found = invoke_json("--json", "models", "--weights-dir", str(weights))
     rflow = {m["name"]: m for m in found["models"]}["rflow-ct"]
     present = {w["component"] for w in rflow["weights"] if w["path"]}
-    assert present == {"autoencoder", "diffusion_unet", "controlnet"}
+    assert present == {"autoencoder", "diffusion_unet", "controlnet", "mask_generation_autoencoder",
+                       "mask_generation_diffusion"}
 
 
 def test_models_table():

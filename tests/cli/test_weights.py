@@ -125,6 +125,8 @@ def tiny_repo(tiny_model, tmp_path):
     hf_repo is example/tiny-maisi."""
     spec_path, weights = tiny_model
     document = json.loads(spec_path.read_text())
+    document["weights"] = {k: v for k, v in document["weights"].items()
+                           if k in ("autoencoder", "diffusion_unet", "controlnet")}
     document["datasets"] = {"anatomy_size_conditions": "datasets/all_anatomy_size_conditions.json"}
     document["licence"] = "Tiny Test Licence 1.0"
     spec = tmp_path / "tiny.json"

@@ -48,17 +48,16 @@ def test_closest_match_order_follows_the_reference_score():
     assert resample is True and [e.pseudo_label_filename for e in found] == ["near", "mid", "far"]
 
 
-def test_candidates_more_than_64_voxels_smaller_are_dropped_and_list_is_capped():
+def test_candidates_more_than_64_voxels_smaller_are_dropped():
     size, spacing = (256, 256, 256), (1.5, 1.5, 1.5)
     entries = [entry("small", [1], (191, 256, 256), (1.5, 1.5, 1.5)),
                entry("edge", [1], (192, 256, 256), (2.0, 1.5, 1.5))]
     entries += [entry(f"e{i}", [1], (256 + 8 * i, 256, 256), (1.0, 1.5, 1.5)) for i in range(10)]
     found, _ = find_candidates(entries, [1], [], size, spacing, needed=1)
     names = [e.pseudo_label_filename for e in found]
-    assert "small" not in names and len(names) == 5  # max(2 * needed, 5)
+    assert "small" not in names and len(names) == 11
     assert names[0] == "edge"  # 192 = 256 - 64 is still allowed, and its FOV matches exactly
-    found, _ = find_candidates(entries, [1], [], size, spacing, needed=4)
-    assert len(found) == 8
+    assert names[1:] == [f"e{i}" for i in range(9, -1, -1)]  # nearer FOV first
 
 
 def test_tumours_are_excluded_unless_requested():

@@ -123,8 +123,8 @@ def too_small(entry: MaskEntry, size: Triple) -> bool:
 
 def find_candidates(entries: Sequence[MaskEntry], anatomy: Sequence[int], regions: Sequence[int], size: Triple,
                     spacing: FloatTriple, needed: int) -> tuple[list[MaskEntry], bool]:
-    """(candidates, need_resample). Exact grid matches when there are at least `needed`; else up to
-    max(2·needed, 5) of the closest entries that are not too small, closest first, to be resampled."""
+    """(candidates, need_resample). Exact grid matches when there are at least `needed`; else every entry that is
+    not too small, closest first, to be resampled (the caller keeps the first that survive resampling)."""
     usable = [e for e in entries if rejection(e, anatomy, regions) is None]
     exact = [e for e in usable if same_grid(e, size, spacing)]
     if len(exact) >= needed:
@@ -132,7 +132,7 @@ def find_candidates(entries: Sequence[MaskEntry], anatomy: Sequence[int], region
     near = sorted((e for e in usable if not too_small(e, size)), key=lambda e: closeness(e, size, spacing))
     if not near:
         raise MaskDatabaseError(no_match_message(entries, anatomy, regions, size, spacing))
-    return near[: max(2 * needed, 5)], True
+    return near, True
 
 
 def no_match_message(entries: Sequence[MaskEntry], anatomy: Sequence[int], regions: Sequence[int], size: Triple,

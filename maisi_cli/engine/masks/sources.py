@@ -1,0 +1,227 @@
+"""Where each sample's condition mask comes from: the user's file, the candidate-mask database, or the mask
+generator. A source answers `mask_for(index, attempt)`; a quality-check retry asks for the next attempt.
+
+Every answer depends on (run seed, sample index, attempt) alone, so any sharding gives the same masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from maisi_cli.config import FloatTriple, Triple, format_triple
+from maisi_cli.engine.masks.database import MaskDatabaseError, MaskEntry, find_candidates, shuffled
+from maisi_cli.engine.masks.user import ConditionMask, load_condition_mask
+from maisi_cli.errors import MaskError
+
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class SampleMask:
+    mask: ConditionMask
+    provenance: dict[str, Any]  # the sidecar's `mask_source`
+    regions: tuple[int, int] | None = None  # (top, bottom) body regions when the source knows them
+
+
+def missing_anatomy(labels: np.ndarray, anatomy_ids: Sequence[int]) -> list[int]:
+    present = set(np.unique(labels).tolist())
+    return [a for a in anatomy_ids if a not in present]
+
+
+@dataclass
+class FileMaskSource:
+    """The same user label map for every sample and attempt."""
+
+    path: Path
+    mask: ConditionMask
+    kind: str = "file"
+    _sha256: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.kind, "path": str(self.path), "resampled": self.mask.resampled}
+
+    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback | None = None) -> SampleMask:
+        from maisi_cli.engine.weights import sha256_of
+
+        if self._sha256 is None:
+            self._sha256 = sha256_of(self.path)
+        return SampleMask(self.mask, {
+            "type": self.kind, "path": str(self.path), "sha256": self._sha256, "resampled": self.mask.resampled,
+            "original_shape": list(self.mask.original_shape),
+            "original_spacing": [round(s, 6) for s in self.mask.original_spacing],
+        })
+
+
+@dataclass
+class DatabaseMaskSource:
+    """Candidate masks from a database, in an order fixed by the run seed; sample k takes candidate k, its retry a
+    takes candidate k + a·N (N samples), so samples get different masks as in the reference, whatever the shard."""
+
+    database: Path
+    root: Path
+    candidates: list[MaskEntry]
+    resample: bool
+    size: Triple
+    spacing: FloatTriple
+    anatomy_ids: tuple[int, ...]
+    seed: int
+    num_samples: int
+    augment: bool = True
+    device: str = "cpu"
+    kind: str = "database"
+    order: list[MaskEntry] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.order = shuffled(self.candidates, self.seed)
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.kind, "database": str(self.database), "candidates": len(self.candidates),
+                "match": "closest (resampled)" if self.resample else "exact", "augment": self.augment}
+
+    def entry_for(self, index: int, attempt: int) -> tuple[int, MaskEntry]:
+        position = (index + attempt * self.num_samples) % len(self.order)
+        return position, self.order[position]
+
+    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback | None = None) -> SampleMask:
+        from maisi_cli.engine.sampling import derive_attempt_seed
+
+        position, entry = self.entry_for(index, attempt)
+        path = self.root / entry.pseudo_label_filename
+        mask = load_condition_mask(path, self.size, self.spacing)
+        lost = missing_anatomy(mask.labels, self.anatomy_ids)
+        if lost:
+            raise MaskError(f"mask database: candidate '{entry.pseudo_label_filename}' lost labels {lost} when "
+                            f"resampled to {format_triple(self.size)}; ask for a size nearer the database's")
+        labels = mask.labels
+        if self.augment:
+            from maisi_cli.engine.masks.augment import augment_mask
+
+            labels = augment_mask(labels, derive_attempt_seed(self.seed, index, attempt) % 2**32, self.device)
+        regions = entry.region_span() if not mask.resampled else None
+        return SampleMask(
+            ConditionMask(labels, mask.affine, mask.resampled, mask.original_shape, mask.original_spacing),
+            {"type": self.kind, "database": str(self.database), "entry": entry.pseudo_label_filename,
+             "candidate": position, "resampled": mask.resampled, "augmented": self.augment},
+            regions,
+        )
+
+
+def database_source(database: Path, root: Path, entries: Sequence[MaskEntry], anatomy_ids: Sequence[int],
+                    regions: Sequence[int], size: Triple, spacing: FloatTriple, seed: int, num_samples: int,
+                    augment: bool, device: str) -> DatabaseMaskSource:
+    """Exact matches when there are enough; else the closest candidates that keep every requested label once
+    resampled, at most max(2·N, 5) of them (reference `find_closest_masks`)."""
+    candidates, resample = find_candidates(entries, anatomy_ids, regions, size, spacing, num_samples)
+    if resample:
+        wanted = max(2 * num_samples, 5)
+        survivors = []
+        for entry in candidates:
+            path = root / entry.pseudo_label_filename
+            if not path.is_file():
+                raise MaskDatabaseError(f"mask database: '{entry.pseudo_label_filename}' is listed but missing "
+                                        f"under {root}; unpack the mask archive again")
+            if not missing_anatomy(load_condition_mask(path, size, spacing).labels, anatomy_ids):
+                survivors.append(entry)
+            if len(survivors) >= wanted:
+                break
+        if not survivors:
+            raise MaskDatabaseError(f"mask database: every close candidate loses a requested label when resampled to "
+                                    f"{format_triple(size)} at {format_triple(spacing)} mm; ask for a size nearer "
+                                    "the database's or pass --mask FILE")
+        candidates = survivors
+    return DatabaseMaskSource(database, root, list(candidates), resample, size, spacing, tuple(anatomy_ids), seed,
+                              num_samples, augment, device)
+
+
+@dataclass
+class GeneratedMaskSource:
+    """A new label map per sample and attempt from the mask DDPM, conditioned on the organ/tumour size vector,
+    then post-processed and resampled from its native 1.5 mm grid to the requested one (reference §10)."""
+
+    spec: Any  # ModelSpec
+    requests: list[tuple[str, float]]
+    condition: np.ndarray
+    target_tumour: int | None
+    controlled_ids: tuple[int, ...]
+    size: Triple
+    spacing: FloatTriple
+    seed: int
+    steps: int
+    device: str
+    precision: str
+    profile: Any  # Profile, for the mask decode plan
+    weights: list[Any]  # WeightFile of mask_generation_autoencoder and mask_generation_diffusion
+    kind: str = "generated"
+    _loaded: dict[str, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.kind, "sizes": dict(self.requests), "condition": [round(float(v), 6) for v in self.condition],
+                "target_tumour": self.target_tumour, "mask_steps": self.steps}
+
+    def load(self, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        if self._loaded is None:
+            import torch
+
+            from maisi_cli.engine.decode import LatentDecoder
+            from maisi_cli.engine.networks import build_network, build_scheduler
+            from maisi_cli.engine.weights import load_into
+
+            device = torch.device(self.device)
+            networks, extras = {}, {}
+            for i, weight in enumerate(self.weights):
+                network = build_network(self.spec, weight.component, device, self.precision)
+                extras.update(load_into(network, weight, self.spec))
+                networks[weight.component] = network.to(device)
+                if on_progress:
+                    on_progress("load mask networks", i + 1, len(self.weights))
+            self._loaded = {
+                "unet": networks["mask_generation_diffusion"],
+                "decoder": LatentDecoder(networks["mask_generation_autoencoder"], extras["scale_factor"]).to(device),
+                "scheduler": build_scheduler(self.spec, "mask_generation_noise_scheduler"),
+            }
+        return self._loaded
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.spec.network["mask_generation_latent_shape"])
+
+    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback | None = None) -> SampleMask:
+        import torch
+
+        from maisi_cli.engine.decode import decode_latents
+        from maisi_cli.engine.masks.generation import GENERATED_SPACING, channels_to_labels, post_process, sample_mask_latents
+        from maisi_cli.engine.masks.user import fit_to_grid
+        from maisi_cli.engine.postprocess import ras_affine
+        from maisi_cli.engine.sampling import derive_attempt_seed, derive_sample_seed, initial_noise
+
+        on_progress = on_progress or (lambda stage, done, total: None)
+        loaded = self.load(on_progress)
+        seed = derive_sample_seed(derive_attempt_seed(self.seed, index, attempt), 2)  # apart from the image noise
+        device = torch.device(self.device)
+        latent_shape = self.latent_shape()
+        noise = initial_noise(latent_shape, seed).to(device=device,
+                                                    dtype=torch.float16 if self.precision == "fp16" else torch.float32)
+        generator = torch.Generator(device=device).manual_seed(derive_sample_seed(seed, 1))
+        stage = f"sample {index:04d}" + (f" retry {attempt}" if attempt else "")
+        latents = sample_mask_latents(loaded["unet"], loaded["scheduler"], self.condition, noise, self.steps,
+                                      self.precision, generator,
+                                      lambda done, total: on_progress(f"{stage} mask", done, total))
+        native = tuple(s * 4 for s in latent_shape[1:])
+        plan = self.profile.decode_plan(latent_shape[1:], native, split_axis=int(
+            self.spec.definition("mask_generation_autoencoder").get("dim_split", 1)))
+        logits = decode_latents(loaded["decoder"], latents, plan, precision=self.precision, clip=False)
+        channels = torch.argmax(logits, dim=1)[0].numpy()  # softmax keeps the argmax: the reference's softmax is moot
+        labels = post_process(channels_to_labels(channels), self.target_tumour)
+        fitted, affine, resampled = fit_to_grid(labels, ras_affine(GENERATED_SPACING), self.size, self.spacing)
+        lost = missing_anatomy(fitted, self.controlled_ids)
+        if lost:
+            raise MaskError(f"generated mask: labels {lost} fall outside {format_triple(self.size)} at "
+                            f"{format_triple(self.spacing)} mm; raise the size or the spacing (the mask model draws "
+                            "a 384 mm cube)")
+        mask = ConditionMask(fitted, affine, resampled, tuple(labels.shape), GENERATED_SPACING)  # type: ignore[arg-type]
+        return SampleMask(mask, {"type": self.kind, "sizes": dict(self.requests), "seed": seed,
+                                 "target_tumour": self.target_tumour, "mask_steps": self.steps,
+                                 "condition": [round(float(v), 6) for v in self.condition], "resampled": resampled})

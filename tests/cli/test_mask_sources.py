@@ -1,0 +1,231 @@
+"""`maisi generate` without --mask: candidate masks from a database, or masks generated for requested organ and
+tumour sizes. Tiny random networks; the plumbing and the choices are checked, not image quality."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from maisi_cli.cli.app import app
+from tests.helpers import phantom_labels, write_mask, write_tiny_model
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, ["--json", "generate", *args])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def mask_folder(root: Path) -> Path:
+    """Four phantom label maps: three at 32^3 / 2 mm (one with a lung tumour), one at 40^3 / 1.6 mm."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("a", "b", "c"):
+        write_mask(root / f"{name}.nii.gz", (32, 32, 32), (2.0, 2.0, 2.0))
+    # large lungs around the tumour, so the lung branch's moves (up to ±20 voxels) stay inside them
+    tumour = np.zeros((32, 32, 32), dtype=np.uint8)
+    tumour[1:31, 1:31, 1:31] = 200
+    tumour[2:16, 2:30, 6:30] = 28
+    tumour[16:30, 2:30, 6:30] = 29
+    tumour[2:30, 2:30, 1:6] = 1
+    tumour[20:23, 14:17, 17:20] = 23
+    write_mask(root / "tumour.nii.gz", (32, 32, 32), (2.0, 2.0, 2.0), labels=tumour)
+    write_mask(root / "large.nii.gz", (40, 40, 40), (1.6, 1.6, 1.6))
+    return root
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    folder = mask_folder(tmp_path / "masks")
+    result = runner.invoke(app, ["--quiet", "data", "masks", "index", str(folder)])
+    assert result.exit_code == 0, result.stderr
+    return folder / "candidate_masks.json"
+
+
+def test_database_exact_matches_give_each_sample_its_own_mask(tiny_model, database, tmp_path):
+    spec, weights = tiny_model
+    out = tmp_path / "out"
+    report = invoke("--model", str(spec), "--weights-dir", str(weights), "--mask-database", str(database),
+                    "--anatomy", "liver", "--no-augment", "--no-qc", "-n", "3", "--out", str(out))
+    assert report["written"] == [0, 1, 2]
+    assert report["plan"]["mask"]["match"] == "exact" and report["plan"]["mask"]["candidates"] == 3
+    chosen = []
+    for k in range(3):
+        source = json.loads((out / f"sample_{k:04d}.json").read_text())["mask_source"]
+        assert source["type"] == "database" and source["resampled"] is False
+        chosen.append(source["entry"])
+        labels = np.asarray(nib.load(out / f"sample_{k:04d}_label.nii.gz").dataobj)
+        np.testing.assert_array_equal(labels, phantom_labels((32, 32, 32)))
+    # three samples, three different candidates; the tumour mask is excluded since no tumour was asked for
+    assert sorted(chosen) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+
+    # sharding picks the same masks
+    sharded = tmp_path / "sharded"
+    invoke("--model", str(spec), "--weights-dir", str(weights), "--mask-database", str(database), "--anatomy",
+           "liver", "--no-augment", "--no-qc", "-n", "3", "--shard", "1/2", "--out", str(sharded))
+    assert json.loads((sharded / "sample_0001.json").read_text())["mask_source"]["entry"] == chosen[1]
+
+
+def test_database_tumour_request_and_augmentation(tiny_model, database, tmp_path):
+    spec, weights = tiny_model
+    out = tmp_path / "out"
+    invoke("--model", str(spec), "--weights-dir", str(weights), "--mask-database", str(database),
+           "--anatomy", "lung tumor", "--no-qc", "--seed", "3", "--out", str(out))
+    sidecar = json.loads((out / "sample_0000.json").read_text())
+    assert sidecar["mask_source"]["entry"] == "tumour.nii.gz" and sidecar["mask_source"]["augmented"] is True
+    labels = np.asarray(nib.load(out / "sample_0000_label.nii.gz").dataobj)
+    assert (labels == 23).any()
+    again = tmp_path / "again"
+    invoke("--model", str(spec), "--weights-dir", str(weights), "--mask-database", str(database),
+           "--anatomy", "lung tumor", "--no-qc", "--seed", "3", "--out", str(again))
+    assert (out / "sample_0000_label.nii.gz").read_bytes() == (again / "sample_0000_label.nii.gz").read_bytes()
+
+
+def test_database_closest_match_is_resampled(tiny_model, database, tmp_path):
+    spec, weights = tiny_model
+    out = tmp_path / "out"
+    report = invoke("--model", str(spec), "--weights-dir", str(weights), "--mask-database", str(database),
+                    "--no-augment", "--no-qc", "--size", "48x48x48", "--spacing", "1.5", "--out", str(out))
+    assert report["plan"]["mask"]["match"] == "closest (resampled)"
+    sidecar = json.loads((out / "sample_0000.json").read_text())
+    assert sidecar["mask_source"]["resampled"] is True
+    # every tumour-free candidate survives resampling; the seeded order picks among them (as the reference)
+    assert sidecar["mask_source"]["entry"] in {"a.nii.gz", "b.nii.gz", "c.nii.gz", "large.nii.gz"}
+    image = nib.load(out / "sample_0000_image.nii.gz")
+    assert image.shape == (48, 48, 48)
+    np.testing.assert_allclose(image.header.get_zooms(), (1.5, 1.5, 1.5), rtol=1e-5)
+
+
+def test_quality_retry_takes_the_next_candidate(tiny_model, database, tmp_path):
+    spec, weights = tiny_model
+    impossible = tmp_path / "stats.json"
+    impossible.write_text(json.dumps({"liver": {"min_median": 0, "max_median": 1, "percentile_0_5": 5000,
+                                                "percentile_99_5": 6000, "sigma_6_low": 5000, "sigma_6_high": 6000,
+                                                "sigma_12_low": 5000, "sigma_12_high": 6000}}))
+    out = tmp_path / "out"
+    report = invoke("--model", str(spec), "--weights-dir", str(weights), "--mask-database", str(database),
+                    "--anatomy", "liver", "--no-augment", "--stats", str(impossible), "--max-attempts", "2",
+                    "--out", str(out))
+    assert report["qc_failed"] == [0]
+    sidecar = json.loads((out / "sample_0000.json").read_text())
+    assert len(sidecar["qc"]["attempts"]) == 2
+    # attempt 1 of sample 0 of a 1-sample run takes candidate 0 + 1·1
+    assert sidecar["mask_source"]["candidate"] == 1
+
+
+def test_nothing_in_the_database_matches(tiny_model, database, tmp_path):
+    spec, weights = tiny_model
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["--quiet", "generate", "--model", str(spec), "--weights-dir", str(weights),
+                                 "--mask-database", str(database), "--anatomy", "brain", "--out", str(out)])
+    assert result.exit_code == 1
+    assert "mask database: no candidate" in result.stderr and "32x32x32 at 2x2x2 mm" in result.stderr
+    assert not out.exists()
+
+
+def test_released_database_and_archive_are_found_and_unpacked(tiny_model, tmp_path, monkeypatch):
+    """Without --mask-database, the model's own database JSON and mask archive are used; the archive is unpacked
+    once under MAISI_HOME."""
+    spec, weights = tiny_model
+    copied = tmp_path / "weights"
+    shutil.copytree(weights, copied)
+    folder = mask_folder(tmp_path / "staging" / "all_masks")
+    entries = json.loads(runner.invoke(app, ["--json", "data", "masks", "index", str(folder), "--out",
+                                             str(tmp_path / "db.json")]).stdout)
+    assert entries["entries"] == 5
+    (copied / "datasets").mkdir()
+    shutil.copy(tmp_path / "db.json", copied / "datasets" / "candidate_masks.json")
+    with zipfile.ZipFile(copied / "datasets" / "all_masks.zip", "w") as bundle:
+        for path in folder.iterdir():
+            bundle.write(path, f"all_masks/{path.name}")
+    out = tmp_path / "out"
+    invoke("--model", str(spec), "--weights-dir", str(copied), "--anatomy", "spleen", "--no-qc", "--out", str(out))
+    unpacked = list((Path(tmp_path / "maisi-home" / "masks")).glob("all_masks-*"))
+    assert len(unpacked) == 1 and (unpacked[0] / "all_masks" / "a.nii.gz").is_file()
+    assert json.loads((out / "sample_0000.json").read_text())["mask_source"]["type"] == "database"
+
+
+def test_missing_released_database_names_the_fetch_command(tiny_model, tmp_path):
+    spec, weights = tiny_model
+    result = runner.invoke(app, ["--quiet", "generate", "--model", str(spec), "--weights-dir", str(weights),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "datasets/candidate_masks.json" in result.stderr and "--component mask_database" in result.stderr
+
+
+@pytest.fixture
+def liver_generator(tmp_path: Path, tiny_model) -> tuple[Path, Path]:
+    """The tiny model whose mask decoder always answers channel 1 (liver), with an anatomy-size table."""
+    spec, weights = tiny_model
+    copied = tmp_path / "weights"
+    shutil.copytree(weights, copied)
+    vae_path = copied / "models" / "mask_generation_autoencoder.pt"
+    state = torch.load(vae_path, weights_only=True)
+    last = sorted(k for k in state if k.startswith("decoder.") and k.endswith(".conv.weight"))
+    final = max(last, key=lambda k: int(k.split(".")[2]))
+    state[final].zero_()
+    bias = final.replace("weight", "bias")
+    state[bias].zero_()
+    state[bias][1] = 5.0
+    torch.save(state, vae_path)
+    (copied / "datasets").mkdir(exist_ok=True)
+    rows = [{"organ_size": [0.2, 0.3, 0.4, 0.5, 0.6, -1, -1, -1, -1, -1]},
+            {"organ_size": [0.2, 0.8, 0.4, 0.5, 0.6, -1, -1, 0.5, -1, -1]}]
+    (copied / "datasets" / "all_anatomy_size_conditions.json").write_text(json.dumps(rows))
+    return spec, copied
+
+
+def test_generated_mask_for_requested_sizes(liver_generator, tmp_path):
+    spec, weights = liver_generator
+    out = tmp_path / "out"
+    report = invoke("--model", str(spec), "--weights-dir", str(weights), "--anatomy", "liver:0.75",
+                    "--mask-steps", "3", "--no-qc", "--label-mode", "requested", "--out", str(out))
+    assert report["plan"]["mask"]["type"] == "generated"
+    # nearest row is the second (|0.8 - 0.75| < |0.3 - 0.75|); liver overwritten; its hepatic tumour inherited
+    assert report["plan"]["mask"]["condition"] == [0.2, 0.75, 0.4, 0.5, 0.6, -1, -1, 0.5, -1, -1]
+    assert report["plan"]["mask"]["target_tumour"] == 26
+    sidecar = json.loads((out / "sample_0000.json").read_text())
+    assert sidecar["mask_source"]["type"] == "generated" and sidecar["anatomy_sizes"] == {"liver": 0.75}
+    labels = np.asarray(nib.load(out / "sample_0000_label.nii.gz").dataobj)
+    assert set(np.unique(labels).tolist()) <= {0, 1} and (labels == 1).any()
+    image = nib.load(out / "sample_0000_image.nii.gz")
+    assert image.shape == (32, 32, 32)  # the 48 mm generated cube, padded to the 64 mm requested
+    np.testing.assert_allclose(image.header.get_zooms(), (2.0, 2.0, 2.0))
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment", "code"),
+    [
+        (["--anatomy", "liver:1.5"], "within [0, 1]", 2),
+        (["--anatomy", "lung tumor:0.5", "--anatomy", "bone lesion:0.5"], "at most one tumour", 2),
+        (["--anatomy", "spleen:0.5"], "size control covers only", 2),
+        (["--anatomy", "liver:big"], "SIZE must be a number", 2),
+        (["--anatomy", "liver:0.5", "--anatomy", "spleen"], "not both", 2),
+        (["--anatomy", "liver:0.5", "--mask", "x.nii.gz"], "drop --mask", 2),
+        (["--body-region", "chest"], "takes no body-region input", 2),
+    ],
+)
+def test_bad_mask_requests(liver_generator, tmp_path, args, fragment, code):
+    spec, weights = liver_generator
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["--quiet", "generate", "--model", str(spec), "--weights-dir", str(weights),
+                                 "--out", str(out), *args])
+    assert result.exit_code == code, result.stderr
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_offline_without_the_size_table(tiny_model, tmp_path):
+    spec, weights = tiny_model
+    result = runner.invoke(app, ["--quiet", "generate", "--model", str(spec), "--weights-dir", str(weights),
+                                 "--anatomy", "liver:0.5", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "all_anatomy_size_conditions.json" in result.stderr
