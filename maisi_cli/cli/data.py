@@ -18,7 +18,8 @@ app.add_typer(masks_app, name="masks")
 def index_command(
     ctx: typer.Context,
     folder: Path = typer.Argument(..., help="Folder of NIfTI label maps in MAISI label ids (searched recursively)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Database JSON to write (default: FOLDER/candidate_masks.json)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Database JSON to write (default: "
+                                       "FOLDER/candidate_masks.json); mask paths are relative to its folder."),
     json_flag: bool = typer.Option(False, "--json", help="Print a summary as one JSON document."),
 ) -> None:
     """Build a candidate-mask database (the reference's format) from a folder of label maps."""
@@ -30,7 +31,7 @@ def index_command(
         raise UsageError(f"FOLDER: '{folder}' is not a folder of label maps")
     target = out or folder / "candidate_masks.json"
     with render.progress(output) as on_progress:
-        entries = index_folder(folder, on_progress)
+        entries = index_folder(folder, on_progress, base=target.parent)
     write_json_list(target, entries)
     summary = {"database": str(target), "entries": len(entries), "root": str(folder.resolve())}
     if output.json:

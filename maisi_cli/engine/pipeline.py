@@ -358,6 +358,16 @@ def load_networks(plan: GenerationPlan, on_progress: ProgressCallback) -> Loaded
     return LoadedModel(networks["diffusion_unet"], networks["controlnet"], decoder, build_scheduler(plan.model), hashes)
 
 
+def sample_regions(plan: GenerationPlan, sample_mask: SampleMask) -> tuple[int, int]:
+    """(top, bottom) body-region indices: the database entry's, else --body-region's span, else from the labels."""
+    regions = region_indices(plan.request.body_regions)
+    if sample_mask.regions is not None:
+        return sample_mask.regions
+    if regions:
+        return min(regions), max(regions)
+    return body_region_indices(sample_mask.mask.labels)
+
+
 def condition_inputs(plan: GenerationPlan, sample_mask: SampleMask, device: Any) -> tuple[Any, dict, dict]:
     """(ControlNet condition, UNet extra inputs, ControlNet extra inputs) for one sample's mask. Body regions (ddpm)
     come from the database entry, else from --body-region, else from the labels present."""
@@ -375,20 +385,15 @@ def condition_inputs(plan: GenerationPlan, sample_mask: SampleMask, device: Any)
         unet_inputs["class_labels"] = modality
         controlnet_inputs["class_labels"] = modality
     if plan.model.uses_body_region:
-        regions = region_indices(plan.request.body_regions)
-        if sample_mask.regions is not None:
-            top, bottom = sample_mask.regions
-        elif regions:
-            top, bottom = min(regions), max(regions)
-        else:
-            top, bottom = body_region_indices(sample_mask.mask.labels)
+        top, bottom = sample_regions(plan, sample_mask)
         unet_inputs["top_region_index_tensor"] = body_region_condition(top).to(device)
         unet_inputs["bottom_region_index_tensor"] = body_region_condition(bottom).to(device)
     return controlnet_cond, unet_inputs, controlnet_inputs
 
 
 def sidecar_document(plan: GenerationPlan, task: SampleTask, loaded: LoadedModel, timings: dict[str, float],
-                     mask_provenance: dict[str, Any], qc_record: dict[str, Any] | None = None) -> dict[str, Any]:
+                     mask_provenance: dict[str, Any], qc_record: dict[str, Any] | None = None,
+                     regions: tuple[int, int] | None = None) -> dict[str, Any]:
     """The sample's provenance. `task.seed` is the seed of the attempt whose files were kept; `qc_record` is its
     QC report with the list of attempts (None when the check is off, and `qc_skipped` says why)."""
     import monai
@@ -411,6 +416,7 @@ def sidecar_document(plan: GenerationPlan, task: SampleTask, loaded: LoadedModel
         "label_mode": plan.request.label_mode,
         "anatomy_sizes": dict(plan.request.anatomy_sizes),
         "mask_source": mask_provenance,
+        "body_region": list(regions) if regions is not None else None,
         "steps": plan.steps,
         "device": plan.device,
         "precision": plan.precision,
@@ -549,8 +555,9 @@ def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = 
             timings["write_s"] = time.perf_counter() - write_start
             timings["total_s"] = time.perf_counter() - sample_start
             # The sidecar goes last: its presence marks the sample complete for a re-run.
-            write_json(task.sidecar, sidecar_document(plan, sample.task, loaded, timings, sample.mask.provenance,
-                                                           sample.qc))
+            write_json(task.sidecar, sidecar_document(
+                plan, sample.task, loaded, timings, sample.mask.provenance, sample.qc,
+                sample_regions(plan, sample.mask) if plan.model.uses_body_region else None))
             on_progress(f"sample {task.index:04d} write", 1, 1)
             qc = {"passed": sample.qc["passed"], "failed": sample.qc["failed"]} if sample.qc else None
             results.append(SampleResult(task.index, sample.task.seed, "written",

@@ -24,7 +24,7 @@ def test_index_writes_a_database_the_finder_reads(tmp_path):
     assert json.loads(result.stdout) == {"database": str(tmp_path / "db.json"), "entries": 2,
                                          "root": str(folder.resolve())}
     entries = read_database(tmp_path / "db.json")
-    assert [e.pseudo_label_filename for e in entries] == ["one.nii.gz", "two.nii"]
+    assert [e.pseudo_label_filename for e in entries] == ["labels/one.nii.gz", "labels/two.nii"]  # from db.json
     assert entries[1].dim == (48, 48, 32) and entries[1].spacing == (1.5, 1.5, 2.0)
     assert 200 in entries[0].label_list and entries[0].region_span() == (1, 2)
 

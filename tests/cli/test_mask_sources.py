@@ -139,11 +139,10 @@ def test_released_database_and_archive_are_found_and_unpacked(tiny_model, tmp_pa
     copied = tmp_path / "weights"
     shutil.copytree(weights, copied)
     folder = mask_folder(tmp_path / "staging" / "all_masks")
-    entries = json.loads(runner.invoke(app, ["--json", "data", "masks", "index", str(folder), "--out",
-                                             str(tmp_path / "db.json")]).stdout)
+    entries = json.loads(runner.invoke(app, ["--json", "data", "masks", "index", str(folder)]).stdout)
     assert entries["entries"] == 5
     (copied / "datasets").mkdir()
-    shutil.copy(tmp_path / "db.json", copied / "datasets" / "candidate_masks.json")
+    shutil.move(folder / "candidate_masks.json", copied / "datasets" / "candidate_masks.json")
     with zipfile.ZipFile(copied / "datasets" / "all_masks.zip", "w") as bundle:
         for path in folder.iterdir():
             bundle.write(path, f"all_masks/{path.name}")
@@ -229,3 +228,18 @@ def test_offline_without_the_size_table(tiny_model, tmp_path):
     result = runner.invoke(app, ["--quiet", "generate", "--model", str(spec), "--weights-dir", str(weights),
                                  "--anatomy", "liver:0.5", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "all_anatomy_size_conditions.json" in result.stderr
+
+
+def test_ddpm_model_takes_body_regions_from_the_database_entry(tmp_path, database):
+    """ddpm-ct's layout: the region inputs come from the chosen entry; --body-region filters the database."""
+    spec, weights = write_tiny_model(tmp_path / "tiny-ddpm", scheduler="ddpm", mask_generator=False)
+    out = tmp_path / "out"
+    invoke("--model", str(spec), "--weights-dir", str(weights), "--mask-database", str(database), "--steps", "2",
+           "--anatomy", "liver", "--body-region", "abdomen", "--no-augment", "--no-qc", "--out", str(out))
+    sidecar = json.loads((out / "sample_0000.json").read_text())
+    assert sidecar["mask_source"]["type"] == "database"
+    assert sidecar["body_region"] == [1, 2]  # the phantoms span chest (lungs) to abdomen (liver)
+    refused = runner.invoke(app, ["--quiet", "generate", "--model", str(spec), "--weights-dir", str(weights),
+                                  "--mask-database", str(database), "--anatomy", "liver", "--body-region", "pelvis",
+                                  "--out", str(tmp_path / "none")])
+    assert refused.exit_code == 1 and "body region" in refused.stderr

@@ -165,8 +165,11 @@ def _region_span_from_labels(labels: set[int]) -> tuple[int, int] | None:
     return (min(present), max(present)) if present else None
 
 
-def entry_for_file(path: Path, root: Path) -> dict:
-    """A database entry for one label map (used by `maisi data masks index`)."""
+def entry_for_file(path: Path, base: Path) -> dict:
+    """A database entry for one label map (used by `maisi data masks index`); its path is relative to `base`, the
+    folder of the database file."""
+    import os
+
     import numpy as np
 
     from maisi_cli.engine.masks.user import checked_labels, voxel_spacing
@@ -176,7 +179,7 @@ def entry_for_file(path: Path, root: Path) -> dict:
     labels = checked_labels(data, path, field="mask folder")
     present = sorted(int(v) for v in np.unique(labels) if v != 0)
     entry = {
-        "pseudo_label_filename": path.relative_to(root).as_posix(),
+        "pseudo_label_filename": Path(os.path.relpath(path.resolve(), base.resolve())).as_posix(),
         "label_list": present,
         "dim": [int(s) for s in labels.shape],
         "spacing": [round(s, 6) for s in voxel_spacing(affine)],
@@ -188,14 +191,15 @@ def entry_for_file(path: Path, root: Path) -> dict:
     return entry
 
 
-def index_folder(root: Path, on_progress=None) -> list[dict]:
-    """Entries for every NIfTI label map under `root`, sorted by path."""
+def index_folder(root: Path, on_progress=None, base: Path | None = None) -> list[dict]:
+    """Entries for every NIfTI label map under `root`, sorted by path, with paths relative to `base` (the folder
+    the database file will be in; default `root`)."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and (p.name.endswith(".nii.gz") or p.suffix == ".nii"))
     if not files:
         raise MaskDatabaseError(f"mask folder: '{root}' holds no .nii or .nii.gz files")
     entries = []
     for number, path in enumerate(files, 1):
-        entries.append(entry_for_file(path, root))
+        entries.append(entry_for_file(path, base or root))
         if on_progress:
             on_progress("index masks", number, len(files))
     return entries
