@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_validation_problem(error) -> tuple[str, str]:
+    """(dotted field, message) of a pydantic ValidationError's first problem, for a one-line message."""
+    first = error.errors()[0]
+    return ".".join(str(p) for p in first["loc"]), first["msg"]
+
+
 class MaisiError(Exception):
     """A failure the user can act on. `exit_code` follows cli.md: 1 runtime, 2 usage, 3 quality check."""
 

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
-from maisi_cli.errors import UsageError
+from maisi_cli.errors import UsageError, first_validation_problem
 from maisi_cli.labels import modality_id
 from maisi_cli.resources import resource_path
 
@@ -27,8 +27,9 @@ COMPONENTS = (
     "mask_generation_autoencoder",
     "mask_generation_diffusion",
 )
-# The three a `--mask` generation needs.
+# The three every generation needs, and the two of the mask generator (`--anatomy NAME:SIZE`).
 IMAGE_COMPONENTS = ("autoencoder", "diffusion_unet", "controlnet")
+MASK_COMPONENTS = ("mask_generation_autoencoder", "mask_generation_diffusion")
 
 # The only classes a spec's `_target_` may name: specs are data, never a way to import arbitrary code.
 ALLOWED_TARGETS = frozenset({
@@ -220,9 +221,8 @@ def _read_spec(path: Path, source: str) -> ModelSpec:
     try:
         return ModelSpec.model_validate({**data, "source": source})
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"--model: '{path}' field '{where}': {first['msg']}") from None
+        where, problem = first_validation_problem(error)
+        raise UsageError(f"--model: '{path}' field '{where}': {problem}") from None
 
 
 @cache

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from maisi_cli.config import Triple, format_triple
-from maisi_cli.errors import UsageError
+from maisi_cli.errors import UsageError, first_validation_problem
 
 PROFILE_NAMES = ("16g", "24g", "32g", "80g", "cpu")
 # MONAI's MaisiConvolution pads each tensor-parallel chunk with a 3-voxel halo; a chunk must be at least that wide.
@@ -155,9 +155,8 @@ def read_profile(path: Path) -> Profile:
     try:
         return Profile.model_validate({**data, "path": str(path)})
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"--profile: '{path}' field '{where}': {first['msg']}") from None
+        where, problem = first_validation_problem(error)
+        raise UsageError(f"--profile: '{path}' field '{where}': {problem}") from None
 
 
 @cache

@@ -26,7 +26,7 @@ from maisi_cli.engine.masks.database import region_indices
 from maisi_cli.engine.weights import WeightFile, locate_weight
 from maisi_cli.errors import GenerationError, MaskError, OutputError, UsageError
 from maisi_cli.labels import label_id
-from maisi_cli.models import IMAGE_COMPONENTS, ModelSpec, get_model
+from maisi_cli.models import IMAGE_COMPONENTS, MASK_COMPONENTS, ModelSpec, get_model
 from maisi_cli.profiles import DecodePlan, Profile, resolve_profile
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -240,7 +240,9 @@ def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> Ge
 
     weights = [locate_weight(model, component, request.weights_dir) for component in IMAGE_COMPONENTS]
     if request.anatomy_sizes:
-        source, anatomy_ids = generated_source(request, model, size, spacing, device, precision, profile)
+        source, anatomy_ids, mask_weights = generated_source(request, model, size, spacing, device, precision,
+                                                             profile)
+        weights += mask_weights
     elif request.mask is not None:
         source = file_source(request, model, size, spacing, anatomy_ids, warnings)
     else:
@@ -303,8 +305,9 @@ def database_mask_source(request: GenerateRequest, model: ModelSpec, size: tuple
 
 def generated_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
                      spacing: tuple[float, float, float], device: str, precision: str,
-                     profile: Profile) -> tuple[Any, tuple[int, ...]]:
-    """The mask generator for `--anatomy NAME:SIZE`; the controlled anatomies become the requested labels."""
+                     profile: Profile) -> tuple[Any, tuple[int, ...], list[WeightFile]]:
+    """(the mask generator for `--anatomy NAME:SIZE`, the controlled anatomies — they become the requested labels —,
+    the mask networks' weight files)."""
     from maisi_cli.engine.masks.generation import (check_size_requests, controlled_label_ids, read_size_table,
                                                    size_condition, target_tumour_label)
     from maisi_cli.engine.masks.sources import GeneratedMaskSource
@@ -314,16 +317,15 @@ def generated_source(request: GenerateRequest, model: ModelSpec, size: tuple[int
     requests = check_size_requests(request.anatomy_sizes)
     table = read_size_table(locate_weight(model, "anatomy_size_conditions", request.weights_dir).path)
     condition = size_condition(requests, table)
-    mask_weights = [locate_weight(model, c, request.weights_dir)
-                    for c in ("mask_generation_autoencoder", "mask_generation_diffusion")]
+    mask_weights = [locate_weight(model, c, request.weights_dir) for c in MASK_COMPONENTS]
     mask_steps = request.mask_steps or int(model.network["mask_generation_noise_scheduler"].get(
         "num_train_timesteps", 1000))
     source = GeneratedMaskSource(
         spec=model, requests=requests, condition=condition, target_tumour=target_tumour_label(condition),
         controlled_ids=tuple(controlled_label_ids(requests)), size=size, spacing=spacing, seed=request.seed,
-        steps=mask_steps, device=device, precision=precision, profile=profile, weights=mask_weights,
+        steps=mask_steps, device=device, precision=precision, profile=profile,
     )
-    return source, source.controlled_ids
+    return source, source.controlled_ids, mask_weights
 
 
 # --- running -----------------------------------------------------------------------------------------------------
@@ -334,9 +336,12 @@ class LoadedModel:
     decoder: Any
     scheduler: Any
     weight_hashes: dict[str, dict[str, str]]
+    networks: dict[str, Any]  # every loaded network by component, the mask generator's included
+    scale_factors: dict[str, Any]  # component → scale factor, for the diffusion UNets
 
 
 def load_networks(plan: GenerationPlan, on_progress: ProgressCallback) -> LoadedModel:
+    """Hash (against the lock) and load every weight file of the plan, then hand the mask source what it needs."""
     import torch
 
     from maisi_cli.engine.decode import LatentDecoder
@@ -345,17 +350,23 @@ def load_networks(plan: GenerationPlan, on_progress: ProgressCallback) -> Loaded
 
     hashes = {}
     for i, weight in enumerate(plan.weights):
-        hashes[weight.component] = {"file": weight.repo_name, "path": str(weight.path), "sha256": weight.verified_sha256(plan.model)}
+        hashes[weight.component] = {"file": weight.repo_name, "path": str(weight.path),
+                                    "sha256": weight.verified_sha256(plan.model)}
         on_progress("hash weights", i + 1, len(plan.weights))
     device = torch.device(plan.device)
-    networks, extras = {}, {}
+    networks, scale_factors = {}, {}
     for i, weight in enumerate(plan.weights):
         network = build_network(plan.model, weight.component, device, plan.precision)
-        extras.update(load_into(network, weight, plan.model))
+        extras = load_into(network, weight, plan.model)
+        if "scale_factor" in extras:
+            scale_factors[weight.component] = extras["scale_factor"]
         networks[weight.component] = network.to(device)
         on_progress("load networks", i + 1, len(plan.weights))
-    decoder = LatentDecoder(networks["autoencoder"], extras["scale_factor"]).to(device)
-    return LoadedModel(networks["diffusion_unet"], networks["controlnet"], decoder, build_scheduler(plan.model), hashes)
+    decoder = LatentDecoder(networks["autoencoder"], scale_factors["diffusion_unet"]).to(device)
+    loaded = LoadedModel(networks["diffusion_unet"], networks["controlnet"], decoder, build_scheduler(plan.model),
+                         hashes, networks, scale_factors)
+    plan.mask_source.prepare(loaded)
+    return loaded
 
 
 def sample_regions(plan: GenerationPlan, sample_mask: SampleMask) -> tuple[int, int]:

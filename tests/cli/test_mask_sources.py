@@ -194,6 +194,8 @@ def test_generated_mask_for_requested_sizes(liver_generator, tmp_path):
     assert report["plan"]["mask"]["target_tumour"] == 26
     sidecar = json.loads((out / "sample_0000.json").read_text())
     assert sidecar["mask_source"]["type"] == "generated" and sidecar["anatomy_sizes"] == {"liver": 0.75}
+    assert set(sidecar["weights"]) == {"autoencoder", "diffusion_unet", "controlnet", "mask_generation_autoencoder",
+                                       "mask_generation_diffusion"}  # the mask generator's files are recorded too
     labels = np.asarray(nib.load(out / "sample_0000_label.nii.gz").dataobj)
     assert set(np.unique(labels).tolist()) <= {0, 1} and (labels == 1).any()
     image = nib.load(out / "sample_0000_image.nii.gz")

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
-from maisi_cli.errors import MaisiError, UsageError
+from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
 
 # Tumours a candidate may hold only when they are requested (reference `find_masks`).
 TUMOR_LABELS = frozenset({23, 24, 26, 27, 128})
@@ -69,10 +69,9 @@ def read_database(path: Path) -> list[MaskEntry]:
         try:
             entries.append(MaskEntry.model_validate(item))
         except ValidationError as error:
-            first = error.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "entry"
+            field, problem = first_validation_problem(error)
             raise MaskDatabaseError(
-                f"mask database: '{path}' entry {number} field '{field}': {first['msg'].lower()}; "
+                f"mask database: '{path}' entry {number} field '{field or 'entry'}': {problem.lower()}; "
                 "each entry needs pseudo_label_filename, label_list, dim and spacing"
             ) from None
     if not entries:

@@ -44,6 +44,9 @@ class FileMaskSource:
     def describe(self) -> dict[str, Any]:
         return {"type": self.kind, "path": str(self.path), "resampled": self.mask.resampled}
 
+    def prepare(self, loaded: Any) -> None:
+        """Nothing to take from the loaded networks."""
+
     def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback | None = None) -> SampleMask:
         from maisi_cli.engine.weights import sha256_of
 
@@ -81,6 +84,9 @@ class DatabaseMaskSource:
     def describe(self) -> dict[str, Any]:
         return {"type": self.kind, "database": str(self.database), "candidates": len(self.candidates),
                 "match": "closest (resampled)" if self.resample else "exact", "augment": self.augment}
+
+    def prepare(self, loaded: Any) -> None:
+        """Nothing to take from the loaded networks."""
 
     def entry_for(self, index: int, attempt: int) -> tuple[int, MaskEntry]:
         position = (index + attempt * self.num_samples) % len(self.order)
@@ -154,7 +160,6 @@ class GeneratedMaskSource:
     device: str
     precision: str
     profile: Any  # Profile, for the mask decode plan
-    weights: list[Any]  # WeightFile of mask_generation_autoencoder and mask_generation_diffusion
     kind: str = "generated"
     _loaded: dict[str, Any] | None = None
 
@@ -162,28 +167,19 @@ class GeneratedMaskSource:
         return {"type": self.kind, "sizes": dict(self.requests), "condition": [round(float(v), 6) for v in self.condition],
                 "target_tumour": self.target_tumour, "mask_steps": self.steps}
 
-    def load(self, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
-        if self._loaded is None:
-            import torch
+    def prepare(self, loaded: Any) -> None:
+        """Take the mask VAE and mask DDPM UNet the pipeline loaded (with the image networks, so their files are
+        hashed and locked the same way)."""
+        from maisi_cli.engine.decode import LatentDecoder
+        from maisi_cli.engine.networks import build_scheduler
 
-            from maisi_cli.engine.decode import LatentDecoder
-            from maisi_cli.engine.networks import build_network, build_scheduler
-            from maisi_cli.engine.weights import load_into
-
-            device = torch.device(self.device)
-            networks, extras = {}, {}
-            for i, weight in enumerate(self.weights):
-                network = build_network(self.spec, weight.component, device, self.precision)
-                extras.update(load_into(network, weight, self.spec))
-                networks[weight.component] = network.to(device)
-                if on_progress:
-                    on_progress("load mask networks", i + 1, len(self.weights))
-            self._loaded = {
-                "unet": networks["mask_generation_diffusion"],
-                "decoder": LatentDecoder(networks["mask_generation_autoencoder"], extras["scale_factor"]).to(device),
-                "scheduler": build_scheduler(self.spec, "mask_generation_noise_scheduler"),
-            }
-        return self._loaded
+        vae = loaded.networks["mask_generation_autoencoder"]
+        self._loaded = {
+            "unet": loaded.networks["mask_generation_diffusion"],
+            "decoder": LatentDecoder(vae, loaded.scale_factors["mask_generation_diffusion"]).to(
+                next(vae.parameters()).device),
+            "scheduler": build_scheduler(self.spec, "mask_generation_noise_scheduler"),
+        }
 
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(int(v) for v in self.spec.network["mask_generation_latent_shape"])
@@ -198,7 +194,9 @@ class GeneratedMaskSource:
         from maisi_cli.engine.sampling import derive_attempt_seed, derive_sample_seed, initial_noise
 
         on_progress = on_progress or (lambda stage, done, total: None)
-        loaded = self.load(on_progress)
+        if self._loaded is None:
+            raise RuntimeError("GeneratedMaskSource.prepare() must run before mask_for()")
+        loaded = self._loaded
         seed = derive_sample_seed(derive_attempt_seed(self.seed, index, attempt), 2)  # apart from the image noise
         device = torch.device(self.device)
         latent_shape = self.latent_shape()
