@@ -76,6 +76,9 @@ def _register() -> None:
     from maisi_cli.cli import weights
 
     app.add_typer(weights.app, name="weights")
+    from maisi_cli.cli import train
+
+    app.add_typer(train.app, name="train")
 
 
 _register()

@@ -23,6 +23,7 @@ from maisi_cli.engine.masks.sources import FileMaskSource, SampleMask
 from maisi_cli.engine.masks.user import load_condition_mask, resample_warning
 from maisi_cli.engine.qc import QCOptions, QCStatistics, check_quality, load_statistics
 from maisi_cli.engine.masks.database import region_indices
+from maisi_cli.engine.masks.regions import body_region_indices
 from maisi_cli.engine.weights import WeightFile, locate_weight
 from maisi_cli.errors import GenerationError, MaskError, OutputError, UsageError
 from maisi_cli.labels import label_id
@@ -32,9 +33,6 @@ from maisi_cli.profiles import DecodePlan, Profile, resolve_profile
 ProgressCallback = Callable[[str, int, int], None]
 WarningCallback = Callable[[str], None]
 
-# Body-region label sets of the reference `get_body_region_index_from_mask` (ddpm inputs):
-# 0 head/neck, 1 chest, 2 abdomen, 3 pelvis/lower.
-REGION_LABELS = ({22, 120}, {28, 29, 30, 31, 32}, {1, 2, 3, 4, 5, 14}, {93, 94})
 
 
 @dataclass(frozen=True)
@@ -188,18 +186,6 @@ def sample_tasks(request: GenerateRequest) -> list[SampleTask]:
         complete = not request.overwrite and image.is_file() and label.is_file() and sidecar.is_file()
         tasks.append(SampleTask(index, derive_sample_seed(request.seed, index), image, label, sidecar, complete))
     return tasks
-
-
-def body_region_indices(label_map: np.ndarray) -> tuple[int, int]:
-    """(top, bottom) region index from the labels present (reference `get_body_region_index_from_mask`)."""
-    present = set(np.unique(label_map).tolist())
-    regions = [i for i, labels in enumerate(REGION_LABELS) if present & labels]
-    if not regions:
-        raise MaskError(
-            "--mask: no body-region landmark in the mask (brain/skull, lung lobes, abdominal organs or femurs); "
-            "ddpm models need one to set the body-region inputs"
-        )
-    return min(regions), max(regions)
 
 
 def ensure_writable(out: Path) -> None:

@@ -13,24 +13,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from maisi_cli.engine.seeds import derive_attempt_seed, derive_sample_seed  # noqa: F401  (re-exported)
+
 ProgressCallback = Callable[[str, int, int], None]
-
-
-def derive_sample_seed(seed: int, index: int) -> int:
-    """Sample `index`'s seed from (run seed, index) alone, so any sharding gives the same samples.
-
-    A 63-bit value from NumPy's SeedSequence (well mixed: seeds 0/1 and indices 0/1 never collide).
-    """
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def derive_attempt_seed(seed: int, index: int, attempt: int) -> int:
-    """The seed of sample `index`'s attempt `attempt` (a quality-check retry) from (run seed, index, attempt).
-
-    Attempt 0 is `derive_sample_seed(seed, index)`, so runs without a retry give the files they always gave."""
-    if attempt == 0:
-        return derive_sample_seed(seed, index)
-    return int(np.random.SeedSequence([seed, index, attempt]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def initial_noise(latent_shape: tuple[int, ...], seed: int) -> torch.Tensor:

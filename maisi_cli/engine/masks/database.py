@@ -157,13 +157,6 @@ def nearest_grids(entries: Sequence[MaskEntry], size: Triple, spacing: FloatTrip
     return [f"{format_triple(e.dim)} at {format_triple(e.spacing)} mm" for e in closest]
 
 
-def _region_span_from_labels(labels: set[int]) -> tuple[int, int] | None:
-    from maisi_cli.engine.pipeline import REGION_LABELS
-
-    present = [i for i, region in enumerate(REGION_LABELS) if labels & region]
-    return (min(present), max(present)) if present else None
-
-
 def entry_for_file(path: Path, base: Path) -> dict:
     """A database entry for one label map (used by `maisi data masks index`); its path is relative to `base`, the
     folder of the database file."""
@@ -171,6 +164,7 @@ def entry_for_file(path: Path, base: Path) -> dict:
 
     import numpy as np
 
+    from maisi_cli.engine.masks.regions import region_one_hots
     from maisi_cli.engine.masks.user import checked_labels, voxel_spacing
     from maisi_cli.io.nifti import read_nifti
 
@@ -183,10 +177,7 @@ def entry_for_file(path: Path, base: Path) -> dict:
         "dim": [int(s) for s in labels.shape],
         "spacing": [round(s, 6) for s in voxel_spacing(affine)],
     }
-    span = _region_span_from_labels(set(present))
-    if span is not None:
-        entry["top_region_index"] = [int(i == span[0]) for i in range(4)]
-        entry["bottom_region_index"] = [int(i == span[1]) for i in range(4)]
+    entry.update(region_one_hots(present))
     return entry
 
 

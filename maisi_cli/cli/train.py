@@ -1,0 +1,145 @@
+"""`maisi train …`: train MAISI networks. `diffusion` trains the diffusion UNet on latents from `maisi data embed`.
+
+Runs in one process, or under `torchrun --nproc_per_node N -m maisi_cli train …` (NCCL on GPUs, gloo on the CPU).
+No torch at import time: the engine is imported inside the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from maisi_cli.cli import render
+
+app = typer.Typer(help="Train MAISI networks (the diffusion UNet; VAE and ControlNet training are not yet here).",
+                  no_args_is_help=True)
+
+
+@contextlib.contextmanager
+def train_progress(output: render.Output) -> Iterator:
+    """Engine events → on a TTY one bar per epoch with the loss and the rate; off a TTY one JSON line per epoch on
+    stderr; nothing with --quiet."""
+    if output.quiet:
+        yield lambda event: None
+        return
+    console = render.stderr_console()
+    if console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} it/s"), TimeElapsedColumn(),
+                      console=console) as bars:
+            tasks: dict[int, int] = {}
+            started: dict[int, float] = {}
+
+            def on_event(event: dict) -> None:
+                epoch = event["epoch"]
+                if epoch not in tasks:
+                    tasks[epoch] = bars.add_task(f"epoch {epoch}/{event['epochs']}", total=event.get("steps"),
+                                                 loss=float("nan"), rate=0.0)
+                    started[epoch] = time.perf_counter()
+                if event["event"] == "step":
+                    rate = event["step"] / max(time.perf_counter() - started[epoch], 1e-9)
+                    bars.update(tasks[epoch], completed=event["step"], total=event["steps"], loss=event["loss"],
+                                rate=rate)
+                else:
+                    bars.update(tasks[epoch], loss=event["loss"])
+
+            yield on_event
+        return
+
+    def log_event(event: dict) -> None:
+        if event["event"] == "epoch":
+            line = {k: event[k] for k in ("event", "epoch", "epochs", "loss")}
+            line["seconds"] = round(event["seconds"], 3)
+            line["samples_per_s"] = round(event["samples"] / max(event["seconds"], 1e-9), 3)
+            sys.stderr.write(json.dumps(line) + "\n")
+            sys.stderr.flush()
+
+    yield log_event
+
+
+@app.command("diffusion")
+def diffusion_command(
+    ctx: typer.Context,
+    data: Optional[Path] = typer.Option(None, "--data", help="Embeddings datalist (embeddings.json from "
+                                        "`maisi data embed`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for diff_unet.pt and train_state.pt."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name or spec .json (default: rflow-ct)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="rflow or ddpm (default: the model's)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs in all (a resumed run counts the done ones)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-4), decayed to 0."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Latents per step per process (default 1)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of these options; flags "
+                                          "override it."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Fine-tune from this diffusion UNet checkpoint "
+                                        "(its scale factor is kept)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (CUDA only; default on there)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run (default 0)."),
+    json_flag: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+) -> None:
+    """Train the diffusion UNet of a model on pre-computed latents."""
+    from maisi_cli.engine.train.common import build_config
+    from maisi_cli.engine.train.diffusion import DiffusionTrainConfig, train_diffusion
+    from maisi_cli.errors import UsageError
+
+    output = render.output_of(ctx.obj, json_flag)
+    if scheduler is not None and scheduler not in ("rflow", "ddpm"):
+        raise UsageError(f"--scheduler: '{scheduler}' is not a scheduler; use rflow or ddpm")
+    flags = {"data": data, "out": out, "model": model, "scheduler": scheduler, "epochs": epochs, "lr": lr,
+             "batch_size": batch_size, "resume": resume, "init": init, "device": device, "amp": amp, "seed": seed}
+    settings = build_config(DiffusionTrainConfig, config, flags)
+    with train_progress(output) as on_event:
+        summary = train_diffusion(settings, on_event)
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one summary per run, from rank 0
+    if output.json:
+        render.print_json(summary)
+    else:
+        render.info(f"trained {summary['model']} diffusion UNet ({summary['scheduler']}) for epochs "
+                    f"{summary['start_epoch'] + 1}..{summary['epochs']}: loss {summary['loss']:.4f}, scale factor "
+                    f"{summary['scale_factor']:.4f} ({summary['scale_factor_source']}); wrote {summary['checkpoint']}",
+                    output)
+
+
+def embed_command(
+    ctx: typer.Context,
+    datalist: Path = typer.Argument(..., help="Datalist JSON {\"training\": [{\"image\": PATH, [\"label\": PATH], "
+                                    "[\"modality\": \"ct\"]}, …]}; paths relative to its folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for <stem>_emb.nii.gz, their .json sidecars and "
+                             "embeddings.json."),
+    model: str = typer.Option("rflow-ct", "--model", help="Model name or spec .json whose VAE encodes."),
+    weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", help="Folder holding the weight files under "
+                                               "their repository names (default: MAISI_WEIGHTS_DIR, then the "
+                                               "caches)."),
+    mean: bool = typer.Option(False, "--mean/--sample", help="Encode the mean z_mu instead of a sample "
+                              "z_mu + z_sigma*eps (the reference samples)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampled encodings (file k uses a seed derived from it)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    json_flag: bool = typer.Option(False, "--json", help="Print a summary as one JSON document."),
+) -> None:
+    """Encode CT images into VAE latents for `maisi train diffusion` (existing outputs are skipped)."""
+    from maisi_cli.engine.pipeline import resolve_device
+    from maisi_cli.engine.train.embed import embed_datalist
+    from maisi_cli.models import get_model
+
+    output = render.output_of(ctx.obj, json_flag)
+    spec = get_model(model)
+    with render.progress(output) as on_progress:
+        summary = embed_datalist(spec, datalist, out, weights_dir=weights_dir, device=resolve_device(device),
+                                 mean=mean, seed=seed, on_progress=on_progress)
+    if output.json:
+        render.print_json(summary)
+    else:
+        render.info(f"{len(summary['written'])} latent(s) written, {len(summary['skipped'])} already there; "
+                    f"datalist {summary['datalist']}", output)

@@ -1,0 +1,300 @@
+"""What every `maisi train …` engine shares: its config (file + flags), device and AMP, torch.distributed under
+`torchrun`, rank-0 saving, the resume file (optimiser, GradScaler, LR schedule, epoch, RNG), the latent dataset.
+
+Reference: reference-training-fid-trt.md §3, §5. Differences from the reference, on purpose:
+- a CPU path with the gloo backend (the reference only knows NCCL on CUDA);
+- the global rank comes from RANK (not LOCAL_RANK), the device index from LOCAL_RANK, so multi-node runs work;
+- a `DistributedSampler` shards the data (the reference pre-partitions lists per rank);
+- a real resume: the reference saves no optimiser or scheduler state.
+
+Everything saved is tensors, numbers, strings, lists and dicts, so every file loads with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
+
+TrainProgress = Callable[[dict], None]
+"""Receives events: {"event": "step", epoch, epochs, step, steps, loss, lr} and
+{"event": "epoch", epoch, epochs, loss, seconds, samples}; epochs are 1-based. Only rank 0 reports."""
+
+
+class TrainingError(MaisiError):
+    """Training cannot start or continue (empty data, a resume file that does not fit, …)."""
+
+
+# --- config ----------------------------------------------------------------------------------------------------
+class TrainConfig(BaseModel):
+    """Options every training command has. A `--config FILE` (JSON or TOML, flat keys as the field names) sets
+    them; flags given on the command line override the file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    amp: bool | None = None  # None: on when the device is CUDA
+    amp_dtype: Literal["fp16", "bf16"] = "fp16"
+    resume: bool = False
+    num_workers: int = Field(0, ge=0)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise UsageError(f"--config: cannot read '{path}' ({error.strerror})") from None
+    try:
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"--config: '{path}' is not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} "
+                         f"({error})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config: '{path}' must hold a table/object of options")
+    return data
+
+
+def build_config(cls: type[BaseModel], config_file: Path | None, flags: dict[str, Any]) -> Any:
+    """`cls` from the file's keys, overridden by the flags that were given (None = not given)."""
+    values = read_config_file(config_file) if config_file is not None else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return cls.model_validate(values)
+    except ValidationError as error:
+        field, problem = first_validation_problem(error)
+        source = f" (from --config {config_file} or its flag)" if config_file else ""
+        raise UsageError(f"--{field.replace('_', '-')}: {problem}{source}") from None
+
+
+# --- devices, AMP, distributed ------------------------------------------------------------------------------------
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    distributed: bool = False  # a process group was initialised here
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device_text: str) -> Runtime:
+    """Device, and a process group when started by `torchrun` (WORLD_SIZE > 1): NCCL on GPUs, gloo on the CPU."""
+    from maisi_cli.engine.pipeline import resolve_device
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device_name = resolve_device(device_text)
+    if device_name.startswith("cuda") and world_size > 1:
+        device_name = f"cuda:{local_rank}"  # one GPU per process; the node's GPUs by LOCAL_RANK
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    runtime = Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                    rank=rank, world_size=world_size)
+            runtime.distributed = True
+    return runtime
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, runtime: Runtime, average: bool = False) -> torch.Tensor:
+    """Sum (or mean) over ranks, in place; a no-op in a single process. gloo has no AVG, so the mean is sum/world."""
+    if runtime.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if average:
+            tensor /= runtime.world_size
+    return tensor
+
+
+def amp_settings(requested: bool | None, dtype_name: str, device: torch.device) -> tuple[bool, torch.dtype]:
+    """(enabled, dtype). AMP only on CUDA: asked for elsewhere it is a UsageError; by default on for CUDA."""
+    dtype = torch.float16 if dtype_name == "fp16" else torch.bfloat16
+    if device.type != "cuda":
+        if requested:
+            raise UsageError("--amp: mixed precision needs a CUDA device; drop --amp or use --device cuda")
+        return False, dtype
+    return (True if requested is None else requested), dtype
+
+
+def autocast(device: torch.device, enabled: bool, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device: torch.device, enabled: bool, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """A GradScaler, active only for fp16 on CUDA (bf16 needs none); a disabled one is a cheap pass-through."""
+    return torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16 and device.type == "cuda")
+
+
+def wrap_ddp(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    """DDP around `module` when distributed. Callers keep the unwrapped module for attributes and saving: DDP does not
+    forward attributes such as `num_class_embeds` to `.module` (the reference reads them through the wrapper, an
+    AttributeError under multi-GPU — reference §5; fixed here by never reading them from the wrapper)."""
+    if runtime.world_size <= 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- RNG states as tensors (so weights_only loading works) --------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(numpy_state[1], dtype=np.int64)),
+        "numpy_pos": int(numpy_state[2]),
+        "numpy_has_gauss": int(numpy_state[3]),
+        "numpy_gauss": float(numpy_state[4]),
+        "python_version": int(python_state[0]),
+        "python": torch.tensor(python_state[1], dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    random.setstate((state["python_version"], tuple(int(v) for v in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
+
+
+# --- files --------------------------------------------------------------------------------------------------------
+def save_atomic(payload: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename."""
+    import io
+
+    from maisi_cli.io.nifti import write_atomic
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buffer.getvalue())
+
+
+def load_state(path: Path, what: str) -> dict[str, Any]:
+    """A file saved by `save_atomic`, loaded with weights_only=True."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"--resume: '{path}' ({what}) does not exist; start without --resume") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        raise TrainingError(f"--resume: '{path}' ({what}) is not a readable training state "
+                            f"({str(error).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict):
+        raise TrainingError(f"--resume: '{path}' ({what}) holds a {type(state).__name__}, not a training state")
+    return state
+
+
+def training_state(epoch: int, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   lr_schedule: Any, **extras: Any) -> dict[str, Any]:
+    return {
+        "epoch": int(epoch),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "lr_schedule": lr_schedule.state_dict(),
+        "rng": rng_state(),
+        **extras,
+    }
+
+
+def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                           lr_schedule: Any, path: Path) -> int:
+    """Load optimiser, scaler, LR schedule and RNG; return the number of finished epochs."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        set_rng_state(state["rng"])
+        return int(state["epoch"])
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise TrainingError(f"--resume: '{path}' does not fit this run ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:120] if str(error) else ''}); start a new --out or drop "
+                            f"--resume") from None
+
+
+def optimizer_steps(samples: int, batch_size: int, world_size: int, epochs: int) -> int:
+    """Optimiser steps over the run: DistributedSampler pads to ceil(samples/world) per rank."""
+    per_rank = math.ceil(samples / world_size)
+    return epochs * math.ceil(per_rank / batch_size)
+
+
+# --- latent data ----------------------------------------------------------------------------------------------------
+def read_datalist(path: Path, field: str = "--data") -> list[dict[str, Any]]:
+    """The "training" items of a datalist JSON, with `image` made absolute (relative to the file's folder)."""
+    try:
+        document = json.loads(path.read_text())
+    except OSError as error:
+        raise UsageError(f"{field}: cannot read '{path}' ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{field}: '{path}' is not valid JSON (line {error.lineno}): {error.msg}") from None
+    items = document.get("training") if isinstance(document, dict) else None
+    if not isinstance(items, list):
+        raise UsageError(f"{field}: '{path}' must hold {{\"training\": [{{\"image\": …}}, …]}}")
+    if not items:
+        raise TrainingError(f"{field}: '{path}' has an empty training split; list at least one item under "
+                            f"\"training\"")
+    resolved = []
+    for number, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+            raise UsageError(f"{field}: '{path}' training item {number} has no \"image\" path")
+        resolved.append({**item, "image": str((path.parent / item["image"]).resolve())})
+    return resolved
