@@ -245,3 +245,25 @@ def test_ddpm_model_takes_body_regions_from_the_database_entry(tmp_path, databas
                                   "--mask-database", str(database), "--anatomy", "liver", "--body-region", "pelvis",
                                   "--out", str(tmp_path / "none")])
     assert refused.exit_code == 1 and "body region" in refused.stderr
+
+
+def test_corrupt_archive_and_broken_database_are_one_line_errors(tiny_model, tmp_path):
+    spec, weights = tiny_model
+    copied = tmp_path / "weights"
+    shutil.copytree(weights, copied)
+    (copied / "datasets").mkdir()
+    (copied / "datasets" / "candidate_masks.json").write_text(json.dumps([
+        {"pseudo_label_filename": "a.nii.gz", "label_list": [1, 200], "dim": [32, 32, 32], "spacing": [2, 2, 2]}]))
+    (copied / "datasets" / "all_masks.zip").write_bytes(b"PK\x03\x04 truncated")
+    out = tmp_path / "out"
+    corrupt = runner.invoke(app, ["--quiet", "generate", "--model", str(spec), "--weights-dir", str(copied),
+                                  "--out", str(out)])
+    assert corrupt.exit_code == 1 and len(corrupt.stderr.strip().splitlines()) == 1
+    assert "not a readable zip" in corrupt.stderr and not out.exists()
+
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps([{"pseudo_label_filename": "a.nii.gz", "dim": [32, 32, 32], "spacing": [2, 2, 2]}]))
+    missing_field = runner.invoke(app, ["--quiet", "generate", "--model", str(spec), "--weights-dir", str(weights),
+                                        "--mask-database", str(broken), "--out", str(out)])
+    assert missing_field.exit_code == 1 and len(missing_field.stderr.strip().splitlines()) == 1
+    assert "entry 0 field 'label_list'" in missing_field.stderr and not out.exists()
