@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--weights", type=Path, default=Path(tempfile.gettempdir()) / "maisi-bench-weights")
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
     options = parser.parse_args()
 
     from maisi_cli.models import get_model
@@ -142,7 +143,7 @@ def main() -> None:
         "raw": {"engine": engine_runs, "bare_loop": bare_runs},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"generate_cpu_{size}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"generate_cpu_{size}{options.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "raw"}, indent=2))
 
 

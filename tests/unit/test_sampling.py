@@ -346,3 +346,21 @@ def test_denoise_tiny_networks_follow_mask(tiny_nets):
     _, empty = _tiny_denoise(tiny_nets, np.zeros_like(labels))
     assert float((out - empty).abs().max()) > 2e-5
     assert math.isfinite(float(empty.sum()))
+
+
+def test_condition_embedded_once_gives_identical_latents(tiny_nets):
+    """Embedding the mask once per sample instead of once per step changes nothing, to the bit, and the
+    ControlNet gets its own embedding module back afterwards."""
+    unet, controlnet, scheduler = tiny_nets
+    original = controlnet.controlnet_cond_embedding
+    labels = phantom_labels((32, 32, 32))
+    cond = label_bit_planes(torch.from_numpy(labels.astype(np.int64))[None, None])
+    inputs = {"spacing_tensor": spacing_condition((2.0, 2.0, 2.0)), "class_labels": modality_condition(1)}
+    runs = {}
+    for once in (True, False):
+        with torch.inference_mode():
+            runs[once] = denoise(unet, controlnet, scheduler, initial_noise((4, 8, 8, 8), 3), cond,
+                                 schedule(scheduler, 3, (8, 8, 8)), inputs, {"class_labels": modality_condition(1)},
+                                 embed_condition_once=once)
+    assert torch.equal(runs[True], runs[False])
+    assert controlnet.controlnet_cond_embedding is original
