@@ -1,4 +1,5 @@
-"""`maisi train …`: train MAISI networks. `diffusion` trains the diffusion UNet on latents from `maisi data embed`.
+"""`maisi train vae|diffusion|controlnet`: train MAISI networks; diffusion and controlnet learn from `maisi data embed`
+latents.
 
 Runs in one process, or under `torchrun --nproc_per_node N -m maisi_cli train …` (NCCL on GPUs, gloo on the CPU).
 No torch at import time: the engine is imported inside the command.
@@ -17,7 +18,8 @@ import typer
 
 from maisi_cli.cli import render
 
-app = typer.Typer(help="Train MAISI networks (the diffusion UNet; VAE and ControlNet training are not yet here).",
+app = typer.Typer(help="Train MAISI networks: the VAE, the diffusion UNet, the ControlNet (released checkpoint "
+                       "layouts).",
                   no_args_is_help=True)
 
 
@@ -110,6 +112,118 @@ def diffusion_command(
                     f"{summary['start_epoch'] + 1}..{summary['epochs']}: loss {summary['loss']:.4f}, scale factor "
                     f"{summary['scale_factor']:.4f} ({summary['scale_factor_source']}); wrote {summary['checkpoint']}",
                     output)
+
+
+@app.command("controlnet")
+def controlnet_command(
+    ctx: typer.Context,
+    data: Optional[Path] = typer.Option(None, "--data", help="Datalist {\"training\": [{\"image\": LATENT, "
+                                        "\"label\": LABEL_MAP}, …]}, paths relative to it: the embeddings.json of "
+                                        "`maisi data embed` run on a datalist with labels (it lists each label); "
+                                        "LABEL_MAP is the integer mask (0-255) of the CT the latent came from."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for controlnet.pt and train_state.pt."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name or spec .json (default: rflow-ct)."),
+    weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", help="Folder holding the model's released "
+                                               "diffusion UNet (frozen; its scale factor is used) under its "
+                                               "repository name (default: MAISI_WEIGHTS_DIR, then the caches)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs in all (a resumed run counts the done ones)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-5), decayed to 0."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Latents per step per process (default 1)."),
+    weighted_label: Optional[list[int]] = typer.Option(None, "--weighted-label", help="Label id whose latent voxels "
+                                                       "weigh --weighted-loss in the L1 loss; repeat for several."),
+    weighted_loss: Optional[float] = typer.Option(None, "--weighted-loss", help="Weight of --weighted-label voxels "
+                                                  "(default 100)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of these options; flags "
+                                          "override it."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this ControlNet checkpoint instead of the "
+                                        "UNet's weights."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (CUDA only; default on there)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run (default 0)."),
+    json_flag: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+) -> None:
+    """Train a model's ControlNet (initialised from its frozen diffusion UNet) on latents + label maps."""
+    import os
+
+    from maisi_cli.engine.train.common import build_config
+    from maisi_cli.engine.train.controlnet import ControlNetTrainConfig, train_controlnet
+
+    output = render.output_of(ctx.obj, json_flag)
+    flags = {"data": data, "out": out, "model": model, "weights_dir": weights_dir, "epochs": epochs, "lr": lr,
+             "batch_size": batch_size, "weighted_label": weighted_label or None, "weighted_loss": weighted_loss,
+             "resume": resume, "init": init, "device": device, "amp": amp, "seed": seed}
+    settings = build_config(ControlNetTrainConfig, config, flags)
+    with train_progress(output) as on_event:
+        summary = train_controlnet(settings, on_event)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one summary per run, from rank 0
+    if output.json:
+        render.print_json(summary)
+    else:
+        render.info(f"trained {summary['model']} ControlNet ({summary['scheduler']}) for epochs "
+                    f"{summary['start_epoch'] + 1}..{summary['epochs']}: loss {summary['loss']:.4f}; wrote "
+                    f"{summary['checkpoint']}", output)
+
+
+@app.command("vae")
+def vae_command(
+    ctx: typer.Context,
+    data: Optional[Path] = typer.Option(None, "--data", help="Datalist of CT images ({\"training\": [{\"image\": …, "
+                                        "\"fold\": k}]}, e.g. from `maisi data phantoms`); fold == val fold (0) "
+                                        "validates."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for autoencoder.pt, train_state.pt and "
+                                       "validation.json."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name or spec .json (default: rflow-ct)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs in all (a resumed run counts the done ones)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate of both networks (default 1e-4; "
+                                       "×0.01 before epoch 10, ×0.1 before 20)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Patches per step per process (default 1)."),
+    patch_size: Optional[str] = typer.Option(None, "--patch-size", help="Training patch, N or XxYxZ (default 64)."),
+    kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="KL weight (default 1e-7)."),
+    perceptual_weight: Optional[float] = typer.Option(None, "--perceptual-weight", help="Perceptual weight "
+                                                      "(default 0.3; 0 skips it)."),
+    perceptual_network: Optional[str] = typer.Option(None, "--perceptual-network", help="MONAI PerceptualLoss "
+                                                     "network (default squeeze; resnet50 with --perceptual-weights)."),
+    perceptual_weights: Optional[Path] = typer.Option(None, "--perceptual-weights", help="Local ResNet-50 weights "
+                                                      "for the perceptual loss (offline)."),
+    adversarial_weight: Optional[float] = typer.Option(None, "--adversarial-weight", help="Adversarial weight "
+                                                       "(default 0.1; 0 trains no discriminator)."),
+    val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate every N epochs (default 10; the "
+                                            "first and last epoch always)."),
+    val_fold: Optional[int] = typer.Option(None, "--val-fold", help="Items with this fold validate (default 0)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of these options; flags "
+                                          "override it."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Fine-tune from this autoencoder state dict."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (CUDA only; default on there)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run (default 0)."),
+    json_flag: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+) -> None:
+    """Train a model's VAE (L1 + KL + perceptual + patch-adversarial) on CT images."""
+    import os
+
+    from maisi_cli.engine.train.common import build_config
+    from maisi_cli.engine.train.vae import VaeTrainConfig, train_vae
+
+    output = render.output_of(ctx.obj, json_flag)
+    flags = {"data": data, "out": out, "model": model, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+             "patch_size": patch_size, "kl_weight": kl_weight, "perceptual_weight": perceptual_weight,
+             "perceptual_network": perceptual_network, "perceptual_weights": perceptual_weights,
+             "adversarial_weight": adversarial_weight, "val_every": val_every, "val_fold": val_fold,
+             "resume": resume, "init": init, "device": device, "amp": amp, "seed": seed}
+    settings = build_config(VaeTrainConfig, config, flags)
+    with train_progress(output) as on_event:
+        summary = train_vae(settings, on_event)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one summary per run, from rank 0
+    if output.json:
+        render.print_json(summary)
+    else:
+        val = f", val loss {summary['val']['val_loss']:.4f}" if summary["val"] else ""
+        render.info(f"trained {summary['model']} VAE for epochs {summary['start_epoch'] + 1}..{summary['epochs']}: "
+                    f"loss {summary['loss']:.4f}{val}; wrote {summary['checkpoint']}", output)
 
 
 def embed_command(

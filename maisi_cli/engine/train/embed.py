@@ -4,7 +4,8 @@ Per image: load → channel first → RAS → CT window −1000..1000 HU → [0,
 axis is the nearest multiple of the model's size multiple → `encode_stage_2_inputs` (a sample z = μ + σ·ε, as the
 reference) or μ with `mean=True` → `<stem>_emb.nii.gz`, float32, channels last `(x/f, y/f, z/f, C)`, with the affine
 of the resized image, and `<stem>_emb.nii.gz.json` (dim, spacing, optional region one-hots, modality, how it was
-encoded). Then `embeddings.json` lists them all: the `--data` of `maisi train diffusion`.
+encoded). Then `embeddings.json` lists them all: the `--data` of `maisi train diffusion`, and, since each item also
+carries the datalist's `label` (relative to embeddings.json) when it had one, of `maisi train controlnet`.
 
 Size rule (differs from the reference on purpose): the reference rounds each axis to the nearest multiple of 128
 (minimum 128), a rule for 512-class data. Here each axis goes to the nearest multiple of `spec.size_multiple` (VAE
@@ -167,6 +168,9 @@ def embed_datalist(
         listed.append({"image": name.as_posix(),
                        **{k: sidecar[k] for k in ("dim", "spacing", "modality", "top_region_index",
                                                   "bottom_region_index") if k in sidecar}})
+        if item.get("label"):  # the label map, relative to embeddings.json: the condition of `train controlnet`
+            label = Path(item["label"]) if Path(item["label"]).is_absolute() else base / item["label"]
+            listed[-1]["label"] = Path(os.path.relpath(label.resolve(), out_dir.resolve())).as_posix()
         if on_progress is not None:
             on_progress("embed", index + 1, total)
     list_path = out_dir / "embeddings.json"

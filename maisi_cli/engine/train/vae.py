@@ -1,0 +1,555 @@
+"""VAE (autoencoder) training on CT images (reference-training-fid-trt.md §1).
+
+Data: the "training" items of a datalist (paths relative to its folder), each a CT image (`class`/`modality` "mri"
+selects the reference's MRI intensity chain). LoadImage → channel first → RAS → intensity (CT: −1000..1000 HU →
+[0, 1], clipped; MRI: 0–99.5 percentiles → [0, 1], not clipped) → random augmentation (flips, 90° rotations,
+intensity scale/shift, zoom, small rotations) → pad + random crop of `patch_size`. Validation volumes are whole
+(padded to a multiple of 4) and reconstructed by sliding windows (`val_window`, clipped to the volume, overlap 0).
+
+Folds: an item whose `fold` equals `val_fold` (default 0) is a VALIDATION item, every other item (or one without a
+`fold`) trains. This is the reference's meaning (§4.2, `prepare_maisi_controlnet_json_dataloader`); the tutorials'
+data README says the opposite ("fold 0 is used for training"), which is a documentation slip that NV PR #39 fixed — so
+this is kept knowingly as "fold == val_fold → validation". `val_fold` None trains on every item, no validation.
+
+Losses (§1.5): generator = L1 + kl_weight·KL + perceptual_weight·perceptual + adversarial_weight·adversarial, the
+adversarial term on from the first epoch; KL = 0.5·Σ(μ² + σ² − log(σ² + 1e-10) − 1) per sample, batch mean;
+perceptual = MONAI PerceptualLoss, 2.5D ("fake 3D", ratio 0.2, the three axes summed), in eval mode, on fp32
+copies; discriminator = MONAI PatchDiscriminator (3 layers, 32 channels, instance norm) with
+PatchAdversarialLoss(least squares), its loss ½·(fake-as-fake + real-as-real) on the detached reconstruction.
+A weight of 0 skips its term entirely (no perceptual network is built; no discriminator is built or trained).
+Optimisers (§1.6): two Adam (lr, eps 1e-6 with AMP else 1e-8), each with the reference's per-epoch warm-up
+(LR ×0.01 for epochs < 10, ×0.1 for < 20, then ×1; `warmup` false turns it off), GradScalers with init scale 2**8 and
+growth 1.5 under fp16 AMP.
+
+Differences from the reference, on purpose:
+- validation also runs after the last epoch (the reference only on `epoch % val_interval == 0`), so the final
+  checkpoint always has a metric;
+- the discriminator is run once on the concatenated fake+real batch (instance norm makes that exact) and, in the
+  generator step, without DDP and with frozen parameters, so DDP sees one forward per backward;
+- a real resume: `train_state.pt` holds both optimisers, scalers, warm-up schedules, the discriminator, the
+  validation history and the RNG; the reference saves only plain state dicts every epoch;
+- the random crops/augmentations are re-seeded from (seed, epoch, rank) each epoch, so a resumed run draws the same.
+
+Outputs in `--out` (rank 0, after every epoch): `autoencoder.pt`, a bare state dict as the released
+`models/autoencoder_v1.pt` (loadable with weights_only=True and by `maisi generate`); `autoencoder_best.pt` on a new
+best validation loss; `train_state.pt` for `--resume`; `validation.json` (history and best).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import field_validator
+
+from maisi_cli.engine.train.common import (
+    Runtime,
+    TrainConfig,
+    TrainingError,
+    TrainProgress,
+    all_reduce,
+    amp_settings,
+    autocast,
+    barrier,
+    load_state,
+    read_datalist,
+    restore_training_state,
+    save_atomic,
+    seed_everything,
+    setup_runtime,
+    teardown_runtime,
+    training_state,
+    wrap_ddp,
+)
+from maisi_cli.errors import UsageError
+
+CHECKPOINT = "autoencoder.pt"
+BEST = "autoencoder_best.pt"
+STATE = "train_state.pt"
+VALIDATION = "validation.json"
+PERCEPTUAL_DEFAULT = "squeeze"  # the reference's LPIPS SqueezeNet
+WEIGHTS_NETWORK = "resnet50"  # the only MONAI perceptual network that loads a local weights file
+
+
+def parse_size(value: Any) -> list[int]:
+    """64 → [64, 64, 64]; "64x64x32" / [64, 64, 32] → as given."""
+    if isinstance(value, int):
+        return [value] * 3
+    if isinstance(value, str):
+        parts = value.lower().split("x")
+        if not all(p.strip().isdigit() for p in parts) or len(parts) not in (1, 3):
+            raise ValueError(f"'{value}' is not a size; use N or XxYxZ, e.g. 64 or 96x96x64")
+        sizes = [int(p) for p in parts]
+        return sizes * 3 if len(sizes) == 1 else sizes
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) for v in value):
+        return list(value)
+    raise ValueError("must be N, XxYxZ or a list of three integers")
+
+
+class VaeTrainConfig(TrainConfig):
+    data: Path
+    model: str = "rflow-ct"
+    init: Path | None = None
+    patch_size: list[int] = [64, 64, 64]
+    kl_weight: float = 1e-7
+    perceptual_weight: float = 0.3
+    perceptual_network: str | None = None  # None: squeeze, or resnet50 with perceptual_weights
+    perceptual_weights: Path | None = None
+    fake_3d_ratio: float = 0.2
+    adversarial_weight: float = 0.1
+    discriminator_layers: int = 3
+    val_every: int = 10
+    val_fold: int | None = 0
+    val_window: list[int] = [96, 96, 64]
+    random_aug: bool = True
+    warmup: bool = True
+
+    @field_validator("patch_size", "val_window", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> list[int]:
+        sizes = parse_size(value)
+        if any(s < 4 or s % 4 for s in sizes):
+            raise ValueError(f"{value} must be multiples of 4 (the VAE downsamples by 4)")
+        return sizes
+
+    @field_validator("kl_weight", "perceptual_weight", "adversarial_weight")
+    @classmethod
+    def _weight(cls, value: float) -> float:
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError("must be a finite number ≥ 0")
+        return value
+
+    @field_validator("val_every", "discriminator_layers")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be ≥ 1")
+        return value
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+def split_folds(items: list[dict[str, Any]], val_fold: int | None) -> tuple[list[dict], list[dict]]:
+    """(training, validation). `fold == val_fold` → validation (the reference's meaning, see the module doc)."""
+    if val_fold is None:
+        return list(items), []
+    train = [item for item in items if item.get("fold") != val_fold]
+    val = [item for item in items if item.get("fold") == val_fold]
+    if not train:
+        raise TrainingError(f"--data: every item is in fold {val_fold}, the validation fold, so nothing is left to "
+                            f"train on; give items other folds or pick another val_fold")
+    return train, val
+
+
+def modality_of(item: dict[str, Any]) -> str:
+    value = str(item.get("class", item.get("modality", "ct"))).lower()
+    if value.startswith("mri"):
+        return "mri"
+    if value != "ct":
+        raise TrainingError(f"--data: '{item['image']}' has class '{value}'; the VAE trainer knows ct and mri")
+    return value
+
+
+def vae_transform(config: VaeTrainConfig, modality: str, train: bool):
+    """The reference's `VAE_Transform` chain (§1.2) for one modality, on the key "image"."""
+    from monai import transforms as mt
+
+    chain: list[Any] = [
+        mt.LoadImaged(keys="image", image_only=True, ensure_channel_first=True),
+        mt.Orientationd(keys="image", axcodes="RAS", labels=None),
+    ]
+    if modality == "mri":
+        chain += [mt.Lambdad(keys="image", func=lambda x: x[:1]),  # select_channel 0
+                  mt.ScaleIntensityRangePercentilesd(keys="image", lower=0.0, upper=99.5, b_min=0.0, b_max=1.0,
+                                                     clip=False)]
+    else:
+        chain.append(mt.ScaleIntensityRanged(keys="image", a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True))
+    if train:
+        if config.random_aug:
+            if modality == "mri":
+                chain += [mt.RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.3)),
+                          mt.RandGibbsNoised(keys="image", prob=0.3, alpha=(0.5, 1.0)),
+                          mt.RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.5, 2.0)),
+                          mt.RandHistogramShiftd(keys="image", prob=0.05, num_control_points=10)]
+            chain += [mt.RandZoomd(keys="image", prob=0.3, min_zoom=0.5, max_zoom=1.5, keep_size=False,
+                                   mode="trilinear"),
+                      mt.RandRotated(keys="image", prob=0.3, range_x=0.1, range_y=0.1, range_z=0.1, keep_size=True,
+                                     mode="bilinear")]
+            chain += [mt.RandFlipd(keys="image", prob=0.5, spatial_axis=axis) for axis in (0, 1, 2)]
+            chain += [mt.RandRotate90d(keys="image", prob=0.5, spatial_axes=axes) for axes in ((0, 1), (1, 2), (0, 2))]
+            chain += [mt.RandScaleIntensityd(keys="image", prob=0.3, factors=(0.9, 1.1)),
+                      mt.RandShiftIntensityd(keys="image", prob=0.3, offsets=0.05)]
+        chain += [mt.SpatialPadd(keys="image", spatial_size=config.patch_size),
+                  mt.RandSpatialCropd(keys="image", roi_size=config.patch_size, random_center=True,
+                                      random_size=False)]
+    else:
+        chain.append(mt.DivisiblePadd(keys="image", k=4))
+    chain.append(mt.EnsureTyped(keys="image", dtype=torch.float32, track_meta=False))
+    return mt.Compose(chain)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Datalist items → {"image": (1, x, y, z) float32}, each through its modality's chain."""
+
+    def __init__(self, items: list[dict[str, Any]], config: VaeTrainConfig, train: bool):
+        self.items = [{"image": item["image"], "modality": modality_of(item)} for item in items]
+        self.chains = {m: vae_transform(config, m, train) for m in {i["modality"] for i in self.items}}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def reseed(self, seed: int) -> None:
+        for chain in self.chains.values():
+            chain.set_random_state(seed=seed % 2**32)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        if not Path(item["image"]).is_file():
+            raise TrainingError(f"--data: image '{item['image']}' does not exist")
+        return {"image": self.chains[item["modality"]]({"image": item["image"]})["image"]}
+
+
+# --- losses ---------------------------------------------------------------------------------------------------------
+def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """Reference `KL_loss`: 0.5·Σ(μ² + σ² − log(σ² + 1e-10) − 1) over C and space, mean over the batch (σ, not log σ²)."""
+    z_mu, z_sigma = z_mu.float(), z_sigma.float()
+    per_sample = 0.5 * torch.sum(z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-10) - 1,
+                                 dim=list(range(1, z_mu.dim())))
+    return per_sample.sum() / z_mu.shape[0]
+
+
+def build_perceptual_loss(config: VaeTrainConfig, device: torch.device) -> torch.nn.Module | None:
+    """MONAI PerceptualLoss (2.5D), or None when its weight is 0. Anything that stops it from being built here
+    (no lpips/torchvision, no network for the download, a bad weights file) is one TrainingError line."""
+    if config.perceptual_weight == 0:
+        return None
+    network = config.perceptual_network or (WEIGHTS_NETWORK if config.perceptual_weights else PERCEPTUAL_DEFAULT)
+    if config.perceptual_weights is not None:
+        if network != WEIGHTS_NETWORK:
+            raise UsageError(f"--perceptual-weights: MONAI loads a local weights file only for "
+                             f"--perceptual-network {WEIGHTS_NETWORK}, not '{network}'")
+        if not config.perceptual_weights.is_file():
+            raise UsageError(f"--perceptual-weights: '{config.perceptual_weights}' does not exist")
+    from monai.losses import PerceptualLoss
+
+    try:
+        loss = PerceptualLoss(spatial_dims=3, network_type=network, is_fake_3d=True,
+                              fake_3d_ratio=config.fake_3d_ratio,
+                              pretrained_path=str(config.perceptual_weights) if config.perceptual_weights else None)
+    except Exception as error:  # noqa: BLE001 — optional imports, downloads and file loads all fail differently
+        reason = str(error).strip().splitlines()[0][:140] if str(error).strip() else type(error).__name__
+        how = ("pass --perceptual-weights FILE (a local ResNet-50 state dict; needs torchvision)"
+               if config.perceptual_weights is None else
+               "--perceptual-weights needs torchvision and a torchvision ResNet-50 state dict")
+        raise TrainingError(f"--perceptual-weight: the perceptual network '{network}' cannot be built here "
+                            f"({type(error).__name__}: {reason}); {how}, or use --perceptual-weight 0 to train "
+                            f"without it") from None
+    return loss.to(device).eval()
+
+
+def build_discriminator(layers: int) -> torch.nn.Module:
+    from monai.networks.nets import PatchDiscriminator
+
+    return PatchDiscriminator(spatial_dims=3, num_layers_d=layers, channels=32, in_channels=1, out_channels=1,
+                              norm="INSTANCE")
+
+
+def check_discriminator_fits(patch_size: list[int], layers: int) -> None:
+    """A dry run on one zero patch: instance norm needs more than one voxel at the deepest normalised layer."""
+    probe = build_discriminator(layers).train()
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(1, 1, *patch_size))
+    except (ValueError, RuntimeError):
+        raise UsageError(f"--patch-size: {'x'.join(map(str, patch_size))} is too small for a {layers}-layer "
+                         f"discriminator; use a larger patch (≥ 32 for 3 layers), set discriminator_layers lower "
+                         f"in --config, or --adversarial-weight 0") from None
+
+
+def warmup_rule(epoch: int) -> float:
+    """Reference `warmup_rule` (per epoch)."""
+    return 0.01 if epoch < 10 else (0.1 if epoch < 20 else 1.0)
+
+
+def adversarial_logits(discriminator: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return discriminator(images.contiguous())[-1]
+
+
+class VaeLosses:
+    """The weighted loss terms of one batch; `generator_step` and `discriminator_step` are one optimiser step each."""
+
+    def __init__(self, config: VaeTrainConfig, perceptual: torch.nn.Module | None,
+                 discriminator: torch.nn.Module | None):
+        from monai.losses import PatchAdversarialLoss
+
+        self.config = config
+        self.perceptual = perceptual
+        self.discriminator = discriminator  # the plain module (for the generator term)
+        self.adversarial = PatchAdversarialLoss(criterion="least_squares")
+
+    def generator_terms(self, images: torch.Tensor, reconstruction: torch.Tensor, z_mu: torch.Tensor,
+                        z_sigma: torch.Tensor, with_adversarial: bool = True) -> dict[str, torch.Tensor]:
+        c = self.config
+        terms = {"recon": torch.nn.functional.l1_loss(reconstruction.float(), images.float()),
+                 "kl": kl_loss(z_mu, z_sigma)}
+        total = terms["recon"] + c.kl_weight * terms["kl"]
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(reconstruction.float(), images.float())
+            total = total + c.perceptual_weight * terms["perceptual"]
+        if with_adversarial and self.discriminator is not None:
+            for parameter in self.discriminator.parameters():
+                parameter.requires_grad_(False)
+            try:
+                logits = adversarial_logits(self.discriminator, reconstruction)
+            finally:
+                for parameter in self.discriminator.parameters():
+                    parameter.requires_grad_(True)
+            terms["adversarial"] = self.adversarial(logits.float(), target_is_real=True, for_discriminator=False)
+            total = total + c.adversarial_weight * terms["adversarial"]
+        terms["total"] = total
+        return terms
+
+    def discriminator_loss(self, discriminator: torch.nn.Module, images: torch.Tensor,
+                           reconstruction: torch.Tensor) -> torch.Tensor:
+        """½·(fake-as-fake + real-as-real); one forward on [fake; real] (instance norm: same as two forwards)."""
+        logits = adversarial_logits(discriminator, torch.cat([reconstruction.detach(), images]))
+        fake, real = logits.float().split(images.shape[0])
+        return 0.5 * (self.adversarial(fake, target_is_real=False, for_discriminator=True)
+                      + self.adversarial(real, target_is_real=True, for_discriminator=True))
+
+
+# --- validation ---------------------------------------------------------------------------------------------------
+def reconstruct(autoencoder: torch.nn.Module, image: torch.Tensor, window: list[int]) -> tuple[torch.Tensor, ...]:
+    """(reconstruction, z_mu, z_sigma) of a whole volume by sliding windows (reference `dynamic_infer`): the
+    window is clipped to the volume per axis; a volume no larger than the window is one direct call."""
+    from monai.inferers import SlidingWindowInferer
+
+    spatial = list(image.shape[2:])
+    roi = [min(w, s) for w, s in zip(window, spatial)]
+    if roi == spatial:
+        return autoencoder(image)
+    inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=0.0, mode="constant")
+    return inferer(image, autoencoder)
+
+
+@torch.no_grad()
+def validate(autoencoder: torch.nn.Module, losses: VaeLosses, dataset: ImageDataset, indices: list[int],
+             config: VaeTrainConfig, runtime: Runtime, amp: tuple[bool, torch.dtype]) -> dict[str, float]:
+    """Mean over this rank's volumes (then over ranks) of recon, KL, perceptual and the weighted val loss (no
+    adversarial term, as the reference), and 1/std(z_mu) of the last volume (should stay near 1)."""
+    device = runtime.device
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, recon, kl, perceptual, volumes
+    scale = torch.zeros(2, dtype=torch.float64, device=device)  # 1/std(z_mu), count
+    autoencoder.eval()
+    for index in indices:
+        image = dataset[index]["image"].unsqueeze(0).to(device)
+        with autocast(device, *amp):
+            reconstruction, z_mu, z_sigma = reconstruct(autoencoder, image, config.val_window)
+            terms = losses.generator_terms(image, reconstruction, z_mu, z_sigma, with_adversarial=False)
+        sums += torch.tensor([terms["total"].item(), terms["recon"].item(), terms["kl"].item(),
+                              float(terms["perceptual"].item()) if "perceptual" in terms else 0.0, 1.0],
+                             dtype=torch.float64, device=device)
+        scale = torch.tensor([1.0 / float(z_mu.float().std()), 1.0], dtype=torch.float64, device=device)
+    autoencoder.train()
+    all_reduce(sums, runtime)
+    all_reduce(scale, runtime)
+    count = max(float(sums[4]), 1.0)
+    result = {"val_loss": float(sums[0]) / count, "val_recon_l1": float(sums[1]) / count,
+              "val_kl": float(sums[2]) / count, "volumes": int(sums[4]),
+              "scale_factor": float(scale[0] / scale[1]) if scale[1] > 0 else float("nan")}
+    if losses.perceptual is not None:
+        result["val_perceptual"] = float(sums[3]) / count
+    return result
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+def train_vae(config: VaeTrainConfig, on_progress: TrainProgress | None = None) -> dict[str, Any]:
+    """Train (or resume / fine-tune) the autoencoder of `config.model`; returns a summary. Call under torchrun for
+    DDP."""
+    runtime = setup_runtime(config.device)
+    try:
+        return _train(config, runtime, on_progress)
+    finally:
+        teardown_runtime(runtime)
+
+
+def _make_scaler(device: torch.device, enabled: bool, dtype: torch.dtype) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler(device.type, init_scale=2.0**8, growth_factor=1.5,
+                                enabled=enabled and dtype == torch.float16 and device.type == "cuda")
+
+
+def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress | None) -> dict[str, Any]:
+    from monai.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from maisi_cli.engine.networks import build_network, set_tp_splits
+    from maisi_cli.engine.weights import WeightFile, load_into, save_released_checkpoint
+    from maisi_cli.models import get_model
+
+    device = runtime.device
+    report = on_progress if (on_progress is not None and runtime.is_main) else (lambda event: None)
+    spec = get_model(config.model)
+    out = config.out
+    checkpoint_path, state_path, best_path, validation_path = out / CHECKPOINT, out / STATE, out / BEST, \
+        out / VALIDATION
+    if config.resume and config.init is not None:
+        raise TrainingError("--resume and --init: pick one (resume continues --out, init starts from a checkpoint)")
+    if config.resume and not (checkpoint_path.is_file() and state_path.is_file()):
+        raise TrainingError(f"--resume: '{out}' holds no {CHECKPOINT} and {STATE} to resume from; drop --resume")
+    if not config.resume and state_path.exists():
+        raise TrainingError(f"--out: '{out}' already holds a training run; pass --resume to continue it or pick "
+                            f"another --out")
+    amp_enabled, amp_dtype = amp_settings(config.amp, config.amp_dtype, device)
+    seed_everything(config.seed + runtime.rank)
+
+    train_items, val_items = split_folds(read_datalist(config.data), config.val_fold)
+    train_set = ImageDataset(train_items, config, train=True)
+    val_set = ImageDataset(val_items, config, train=False)
+    adversarial_on = config.adversarial_weight > 0
+    if adversarial_on:
+        check_discriminator_fits(config.patch_size, config.discriminator_layers)
+    perceptual = build_perceptual_loss(config, device)  # fails early, before any work, when it cannot be built
+
+    autoencoder = build_network(spec, "autoencoder", device, precision="fp16" if amp_enabled else "fp32")
+    set_tp_splits(autoencoder, 1)  # the reference trains with num_splits 1 (TP splitting is for inference)
+    if config.resume or config.init is not None:
+        source = checkpoint_path if config.resume else config.init
+        if not source.is_file():
+            raise TrainingError(f"--init: '{source}' does not exist; give an autoencoder checkpoint")
+        load_into(autoencoder, WeightFile("autoencoder", source.name, source, "path"), spec)
+    autoencoder = autoencoder.to(device).train()
+    discriminator = build_discriminator(config.discriminator_layers).to(device).train() if adversarial_on else None
+
+    eps = 1e-6 if amp_enabled else 1e-8
+    optimizer_g = torch.optim.Adam(autoencoder.parameters(), lr=config.lr, eps=eps)
+    rule = warmup_rule if config.warmup else (lambda epoch: 1.0)
+    schedule_g = torch.optim.lr_scheduler.LambdaLR(optimizer_g, lr_lambda=rule)
+    scaler_g = _make_scaler(device, amp_enabled, amp_dtype)
+    optimizer_d = schedule_d = scaler_d = None
+    if discriminator is not None:
+        optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, eps=eps)
+        schedule_d = torch.optim.lr_scheduler.LambdaLR(optimizer_d, lr_lambda=rule)
+        scaler_d = _make_scaler(device, amp_enabled, amp_dtype)
+
+    # Built before the RNG is restored on --resume: MONAI's DataLoader draws a seed from torch's RNG.
+    sampler = DistributedSampler(train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
+                                 seed=config.seed, drop_last=False)
+    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers)
+    start_epoch = 0
+    history: list[dict[str, Any]] = []
+    best = {"epoch": 0, "val_loss": float("inf")}
+    if config.resume:
+        state = load_state(state_path, "training state")
+        start_epoch = restore_training_state(state, optimizer_g, scaler_g, schedule_g, state_path)
+        try:
+            if discriminator is not None and state.get("discriminator") is not None:
+                discriminator.load_state_dict(state["discriminator"])
+                optimizer_d.load_state_dict(state["optimizer_d"])
+                scaler_d.load_state_dict(state["scaler_d"])
+                schedule_d.load_state_dict(state["lr_schedule_d"])
+            history = list(state.get("validation", []))
+            best = dict(state.get("best", best))
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise TrainingError(f"--resume: '{state_path}' does not fit this run ({type(error).__name__}); start a "
+                                f"new --out or drop --resume") from None
+        if runtime.rank:
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + runtime.rank)
+
+    losses = VaeLosses(config, perceptual, discriminator)
+    model_g = wrap_ddp(autoencoder, runtime)
+    model_d = wrap_ddp(discriminator, runtime) if discriminator is not None else None
+    val_indices = list(range(runtime.rank, len(val_set), runtime.world_size))
+    amp = (amp_enabled, amp_dtype)
+
+    last: dict[str, float] = {"loss": float("nan")}
+    last_val: dict[str, Any] | None = history[-1] if history else None
+    steps_per_epoch = len(loader)
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        train_set.reseed(config.seed * 100_003 + epoch * 1_009 + runtime.rank)
+        started = time.perf_counter()
+        totals = torch.zeros(6, dtype=torch.float64, device=device)  # total, recon, kl, adv, disc, batches
+        for step, batch in enumerate(loader, 1):
+            images = batch["image"].to(device)
+            optimizer_g.zero_grad(set_to_none=True)
+            with autocast(device, *amp):
+                reconstruction, z_mu, z_sigma = model_g(images)
+                terms = losses.generator_terms(images, reconstruction, z_mu, z_sigma)
+            scaler_g.scale(terms["total"]).backward()
+            scaler_g.step(optimizer_g)
+            scaler_g.update()
+            disc_loss = 0.0
+            if model_d is not None:
+                optimizer_d.zero_grad(set_to_none=True)
+                with autocast(device, *amp):
+                    loss_d = losses.discriminator_loss(model_d, images, reconstruction)
+                scaler_d.scale(loss_d).backward()
+                scaler_d.step(optimizer_d)
+                scaler_d.update()
+                disc_loss = float(loss_d.item())
+            totals += torch.tensor([terms["total"].item(), terms["recon"].item(), terms["kl"].item(),
+                                    float(terms["adversarial"].item()) if "adversarial" in terms else 0.0,
+                                    disc_loss, 1.0], dtype=torch.float64, device=device)
+            report({"event": "step", "epoch": epoch + 1, "epochs": config.epochs, "step": step,
+                    "steps": steps_per_epoch, "loss": float(terms["total"].item()),
+                    "lr": float(schedule_g.get_last_lr()[0])})
+        schedule_g.step()
+        if schedule_d is not None:
+            schedule_d.step()
+        all_reduce(totals, runtime)
+        batches = max(float(totals[5]), 1.0)
+        last = {"loss": float(totals[0]) / batches, "recon_l1": float(totals[1]) / batches,
+                "kl": float(totals[2]) / batches}
+        if discriminator is not None:
+            last.update(adversarial_loss=float(totals[3]) / batches, discriminator_loss=float(totals[4]) / batches)
+        if not math.isfinite(last["loss"]):
+            raise TrainingError(f"training diverged: the loss of epoch {epoch + 1} is {last['loss']}; lower --lr or "
+                                f"use --no-amp")
+        validated = bool(val_set) and (epoch % config.val_every == 0 or epoch == config.epochs - 1)
+        if validated:
+            last_val = {"epoch": epoch + 1, **validate(autoencoder, losses, val_set, val_indices, config, runtime,
+                                                       amp)}
+            history.append(last_val)
+        if runtime.is_main:
+            save_released_checkpoint(autoencoder, "autoencoder", checkpoint_path)
+            if validated and last_val["val_loss"] < best["val_loss"]:
+                best = {"epoch": epoch + 1, "val_loss": last_val["val_loss"]}
+                save_released_checkpoint(autoencoder, "autoencoder", best_path)
+            extras: dict[str, Any] = {"validation": history, "best": best, "discriminator": None}
+            if discriminator is not None:
+                extras.update(discriminator={k: v.detach().cpu() for k, v in discriminator.state_dict().items()},
+                              optimizer_d=optimizer_d.state_dict(), scaler_d=scaler_d.state_dict(),
+                              lr_schedule_d=schedule_d.state_dict())
+            save_atomic(training_state(epoch + 1, optimizer_g, scaler_g, schedule_g, **extras), state_path)
+            if history:
+                from maisi_cli.io.nifti import write_atomic
+
+                write_atomic(validation_path, (json.dumps({"history": history, "best": best}, indent=2)
+                                               + "\n").encode())
+        barrier(runtime)
+        report({"event": "epoch", "epoch": epoch + 1, "epochs": config.epochs, "loss": last["loss"],
+                "seconds": time.perf_counter() - started, "samples": len(train_set),
+                **({"val_loss": last_val["val_loss"]} if validated else {})})
+    return {
+        "checkpoint": str(checkpoint_path),
+        "train_state": str(state_path),
+        "validation": str(validation_path) if history else None,
+        "best_checkpoint": str(best_path) if best["epoch"] else None,
+        "model": spec.name,
+        "epochs": config.epochs,
+        "start_epoch": start_epoch,
+        **last,
+        "val": last_val,
+        "best_epoch": best["epoch"] or None,
+        "samples": len(train_set),
+        "val_samples": len(val_set),
+        "perceptual": (config.perceptual_network or (WEIGHTS_NETWORK if config.perceptual_weights
+                                                     else PERCEPTUAL_DEFAULT)) if perceptual is not None else None,
+        "adversarial": adversarial_on,
+        "world_size": runtime.world_size,
+        "device": str(device),
+        "amp": amp_enabled,
+    }

@@ -1,0 +1,239 @@
+"""engine/train/vae.py: losses, folds, discriminator, checkpoints, resume and validation on tiny phantoms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from maisi_cli.cli.app import app
+from maisi_cli.engine.networks import build_network, set_tp_splits
+from maisi_cli.engine.train.common import TrainingError, read_datalist
+from maisi_cli.engine.train.vae import (
+    ImageDataset,
+    VaeLosses,
+    VaeTrainConfig,
+    build_discriminator,
+    build_perceptual_loss,
+    kl_loss,
+    split_folds,
+    train_vae,
+)
+from maisi_cli.errors import UsageError
+from maisi_cli.models import get_model
+from tests.helpers import tiny_spec_document
+
+
+def write_phantoms(folder: Path, num: int = 2) -> Path:
+    """`maisi data phantoms` at 32³, 4 mm: phantom k has fold k mod 5 (so phantom_0000 is the validation item)."""
+    result = CliRunner().invoke(app, ["--quiet", "data", "phantoms", "--out", str(folder), "--num", str(num),
+                                      "--size", "32x32x32", "--spacing", "4"])
+    assert result.exit_code == 0, result.stderr
+    return folder / "datalist.json"
+
+
+@pytest.fixture
+def phantoms(tmp_path: Path) -> Path:
+    return write_phantoms(tmp_path / "ph")
+
+
+def spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny-rflow.json"
+    path.write_text(json.dumps(tiny_spec_document()))
+    return path
+
+
+def config(tmp_path: Path, data: Path, out: str = "out", **options) -> VaeTrainConfig:
+    """Tiny and fast: 16³ patches, no perceptual network (none can be built offline), a 2-layer discriminator
+    (3 layers need ≥ 32³ patches), no augmentation or warm-up unless asked."""
+    values = dict(data=data, out=tmp_path / out, model=str(spec_file(tmp_path)), device="cpu", patch_size=16,
+                  perceptual_weight=0.0, discriminator_layers=2, random_aug=False, warmup=False, lr=1e-3)
+    values.update(options)
+    return VaeTrainConfig(**values)
+
+
+def load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- losses ----------------------------------------------------------------------------------------------------------
+def test_kl_loss_is_the_reference_formula_per_sample_mean_over_batch():
+    mu = torch.tensor([[[0.5, -1.0]], [[0.0, 0.0]]]).reshape(2, 1, 2, 1, 1)
+    sigma = torch.tensor([[[1.0, 2.0]], [[1.0, 1.0]]]).reshape(2, 1, 2, 1, 1)
+    first = 0.5 * ((0.25 + 1 - 0 - 1) + (1 + 4 - torch.log(torch.tensor(4.0 + 1e-10)) - 1))
+    assert kl_loss(mu, sigma).item() == pytest.approx(float(first) / 2, rel=1e-5)
+    assert kl_loss(torch.zeros(1, 4, 2, 2, 2), torch.ones(1, 4, 2, 2, 2)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reconstruction_loss_goes_down_on_one_phantom_with_kl_in_the_total(tmp_path, phantoms):
+    settings = config(tmp_path, phantoms, patch_size=16)
+    dataset = ImageDataset(split_folds(read_datalist(phantoms), 0)[0], settings, train=True)
+    dataset.reseed(0)
+    images = dataset[0]["image"].unsqueeze(0)
+    assert images.shape == (1, 1, 16, 16, 16) and 0.0 <= images.min() and images.max() <= 1.0
+    torch.manual_seed(0)
+    autoencoder = build_network(get_model(settings.model), "autoencoder")
+    set_tp_splits(autoencoder, 1)
+    autoencoder.train()
+    losses = VaeLosses(settings, None, None)
+    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=1e-3)
+    recon = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        reconstruction, z_mu, z_sigma = autoencoder(images)
+        terms = losses.generator_terms(images, reconstruction, z_mu, z_sigma)
+        assert terms["total"].item() == pytest.approx(terms["recon"].item() + 1e-7 * terms["kl"].item(), rel=1e-5)
+        assert terms["kl"].item() > 0 and "adversarial" not in terms and "perceptual" not in terms
+        terms["total"].backward()
+        optimizer.step()
+        recon.append(terms["recon"].item())
+    assert recon[-1] < 0.7 * recon[0], recon
+
+
+class FakePerceptual(torch.nn.Module):
+    def forward(self, x, y):
+        return (x - y).abs().mean() * 0 + 2.0
+
+
+def test_perceptual_and_adversarial_terms_enter_with_their_weights(tmp_path, phantoms):
+    settings = config(tmp_path, phantoms, perceptual_weight=0.3, adversarial_weight=0.1)
+    discriminator = build_discriminator(2).train()
+    losses = VaeLosses(settings, FakePerceptual(), discriminator)
+    images = torch.rand(1, 1, 16, 16, 16)
+    reconstruction = torch.rand(1, 1, 16, 16, 16, requires_grad=True)
+    terms = losses.generator_terms(images, reconstruction, torch.zeros(1, 4, 4, 4, 4), torch.ones(1, 4, 4, 4, 4))
+    expected = terms["recon"] + 0.3 * 2.0 + 0.1 * terms["adversarial"]
+    assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-5)
+    terms["total"].backward()
+    # the generator's adversarial term does not train the discriminator
+    assert all(p.grad is None for p in discriminator.parameters()) and reconstruction.grad is not None
+    assert all(p.requires_grad for p in discriminator.parameters())
+
+
+def test_perceptual_weight_without_a_buildable_network_is_one_clear_line(tmp_path, phantoms):
+    with pytest.raises(TrainingError) as caught:
+        build_perceptual_loss(config(tmp_path, phantoms, perceptual_weight=0.3), torch.device("cpu"))
+    message = str(caught.value)
+    assert "\n" not in message and "--perceptual-weights FILE" in message and "--perceptual-weight 0" in message
+    assert build_perceptual_loss(config(tmp_path, phantoms, perceptual_weight=0.0), torch.device("cpu")) is None
+    with pytest.raises(UsageError, match="resnet50"):
+        build_perceptual_loss(config(tmp_path, phantoms, perceptual_weight=0.3, perceptual_network="squeeze",
+                                     perceptual_weights=phantoms), torch.device("cpu"))
+
+
+# --- folds -----------------------------------------------------------------------------------------------------------
+def test_fold_equal_to_val_fold_validates_the_rest_trains():
+    """The reference's meaning (fold == configured fold → validation). The tutorials' data README says the reverse
+    ("fold 0 is used for training"); that comment is the slip NV PR #39 fixed, so it is not followed here."""
+    items = [{"image": "a", "fold": 0}, {"image": "b", "fold": 1}, {"image": "c", "fold": 2}, {"image": "d"}]
+    train, val = split_folds(items, 0)
+    assert [i["image"] for i in val] == ["a"] and [i["image"] for i in train] == ["b", "c", "d"]
+    train, val = split_folds(items, 2)
+    assert [i["image"] for i in val] == ["c"]
+    train, val = split_folds(items, None)
+    assert len(train) == 4 and val == []
+    with pytest.raises(TrainingError, match="validation fold"):
+        split_folds([{"image": "a", "fold": 0}], 0)
+
+
+def test_phantom_folds_split_the_run(tmp_path):
+    data = write_phantoms(tmp_path / "ph", num=3)  # folds 0, 1, 2
+    summary = train_vae(config(tmp_path, data, epochs=1, adversarial_weight=0.0))
+    assert summary["samples"] == 2 and summary["val_samples"] == 1
+    summary = train_vae(config(tmp_path, data, out="o2", epochs=1, adversarial_weight=0.0, val_fold=None))
+    assert summary["samples"] == 3 and summary["val_samples"] == 0 and summary["val"] is None
+
+
+# --- runs ------------------------------------------------------------------------------------------------------------
+def test_checkpoint_is_a_bare_state_dict_loadable_weights_only(tmp_path, phantoms):
+    settings = config(tmp_path, phantoms, epochs=1, adversarial_weight=0.0)
+    summary = train_vae(settings)
+    checkpoint = load(tmp_path / "out" / "autoencoder.pt")
+    fresh = build_network(get_model(settings.model), "autoencoder").state_dict()
+    assert set(checkpoint) == set(fresh) and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+    assert any(not torch.equal(checkpoint[k], fresh[k]) for k in fresh)
+    state = load(tmp_path / "out" / "train_state.pt")
+    assert {"optimizer", "scaler", "lr_schedule", "epoch", "rng", "discriminator", "validation"} <= set(state)
+    assert state["epoch"] == 1 and summary["checkpoint"].endswith("autoencoder.pt")
+
+
+def test_discriminator_trains_only_with_a_positive_adversarial_weight(tmp_path, phantoms):
+    on = train_vae(config(tmp_path, phantoms, out="on", epochs=1, adversarial_weight=0.1))
+    state = load(tmp_path / "on" / "train_state.pt")
+    assert on["adversarial"] and "discriminator_loss" in on
+    assert state["discriminator"] and state["optimizer_d"]["state"]  # Adam has state only after a step
+    fresh = build_discriminator(2).state_dict()
+    assert set(state["discriminator"]) == set(fresh)
+    off = train_vae(config(tmp_path, phantoms, out="off", epochs=1, adversarial_weight=0.0))
+    state = load(tmp_path / "off" / "train_state.pt")
+    assert not off["adversarial"] and "discriminator_loss" not in off and state["discriminator"] is None
+    assert "optimizer_d" not in state
+
+
+def test_small_patch_for_the_discriminator_is_a_usage_error(tmp_path, phantoms):
+    with pytest.raises(UsageError, match="too small"):
+        train_vae(config(tmp_path, phantoms, epochs=1, discriminator_layers=3, adversarial_weight=0.1))
+
+
+def test_validation_metrics_are_written_on_first_every_n_and_last_epoch(tmp_path, phantoms):
+    summary = train_vae(config(tmp_path, phantoms, epochs=3, val_every=2, adversarial_weight=0.0,
+                               val_window=[16, 16, 16]))
+    document = json.loads((tmp_path / "out" / "validation.json").read_text())
+    assert [entry["epoch"] for entry in document["history"]] == [1, 3]
+    for entry in document["history"]:
+        assert entry["volumes"] == 1 and entry["val_loss"] > 0 and entry["val_kl"] > 0
+        assert entry["val_loss"] == pytest.approx(entry["val_recon_l1"] + 1e-7 * entry["val_kl"], rel=1e-5)
+    assert document["best"]["epoch"] in (1, 3) and summary["val"]["epoch"] == 3
+    assert (tmp_path / "out" / "autoencoder_best.pt").is_file()
+
+
+def test_resume_continues_exactly_with_the_discriminator(tmp_path, phantoms):
+    straight = train_vae(config(tmp_path, phantoms, out="straight", epochs=2, adversarial_weight=0.1))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(event):
+        if event["event"] == "epoch":
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_vae(config(tmp_path, phantoms, out="split", epochs=2, adversarial_weight=0.1), kill_after_first_epoch)
+    assert load(tmp_path / "split" / "train_state.pt")["epoch"] == 1
+    resumed = train_vae(config(tmp_path, phantoms, out="split", epochs=2, adversarial_weight=0.1, resume=True))
+    assert resumed["start_epoch"] == 1 and resumed["loss"] == pytest.approx(straight["loss"], rel=1e-4)
+    a, b = load(tmp_path / "straight" / "autoencoder.pt"), load(tmp_path / "split" / "autoencoder.pt")
+    for key, value in a.items():
+        assert torch.allclose(value, b[key], atol=1e-5), key
+    sa, sb = load(tmp_path / "straight" / "train_state.pt"), load(tmp_path / "split" / "train_state.pt")
+    for key, value in sa["discriminator"].items():
+        assert torch.allclose(value, sb["discriminator"][key], atol=1e-5), key
+    assert [e["epoch"] for e in sb["validation"]] == [1, 2]
+
+
+def test_fresh_run_into_a_used_folder_and_resume_without_one_are_refused(tmp_path, phantoms):
+    with pytest.raises(TrainingError, match="no autoencoder.pt"):
+        train_vae(config(tmp_path, phantoms, epochs=1, resume=True))
+    train_vae(config(tmp_path, phantoms, epochs=1, adversarial_weight=0.0))
+    with pytest.raises(TrainingError, match="--resume"):
+        train_vae(config(tmp_path, phantoms, epochs=1, adversarial_weight=0.0))
+
+
+def test_init_starts_from_a_released_autoencoder(tmp_path, phantoms):
+    train_vae(config(tmp_path, phantoms, out="first", epochs=1, adversarial_weight=0.0))
+    start = load(tmp_path / "first" / "autoencoder.pt")
+    train_vae(config(tmp_path, phantoms, out="second", epochs=1, adversarial_weight=0.0, lr=1e-7,
+                     init=tmp_path / "first" / "autoencoder.pt"))
+    tuned = load(tmp_path / "second" / "autoencoder.pt")
+    assert all(torch.allclose(tuned[k], start[k], atol=1e-4) for k in start)
+
+
+def test_augmented_patches_keep_the_patch_size(tmp_path, phantoms):
+    settings = config(tmp_path, phantoms, random_aug=True, patch_size="16x16x8")
+    dataset = ImageDataset([{"image": str(phantoms.parent / "phantom_0001_image.nii.gz")}], settings, train=True)
+    for seed in range(4):
+        dataset.reseed(seed)
+        assert dataset[0]["image"].shape == (1, 16, 16, 8)
