@@ -157,3 +157,21 @@ def write_mask(path: Path, size: tuple[int, int, int], spacing: tuple[float, flo
     data = phantom_labels(size) if labels is None else labels
     nib.save(nib.Nifti1Image(data.astype(dtype), np.diag([*spacing, 1.0])), str(path))
     return path
+
+
+def run_torchrun(args: list[str], timeout: int = 300):
+    """`torchrun --standalone --nproc_per_node 2 -m maisi_cli ARGS` (gloo on the CPU, one thread per process), or a
+    pytest skip when torchrun is not beside this Python."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip(f"torchrun is not installed beside {sys.executable}")
+    return subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "maisi_cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).resolve().parents[1],
+                          stdin=subprocess.DEVNULL)

@@ -273,3 +273,58 @@ def test_label_values_over_255_are_refused(tmp_path, setup):
                labels=np.full((32, 32, 32), 300, dtype=np.int16))
     with pytest.raises(TrainingError, match="0..255"):
         train(tmp_path, setup, epochs=1)
+
+
+def test_loss_falls_on_a_fixed_batch_over_a_short_run(tmp_path):
+    """60 AdamW steps (lr 1e-2, seed 0) of a ControlNet (initialised from its frozen random UNet, as the trainer
+    does) on one fixed (latent, noise, t, phantom label): the mean loss of the last 5 steps is under 0.99× that of
+    the first 5. The ControlNet acts through zero-initialised output convolutions, so it starts slowly: measured
+    0.982 after 30 steps and 0.972 after 60 (deterministic on the CPU); ~6 s."""
+    from monai.networks.utils import copy_model_state
+
+    spec_path = tmp_path / "tiny.json"
+    spec_path.write_text(json.dumps(tiny_spec_document("rflow")))
+    spec = get_model(str(spec_path))
+    unet = build_network(spec, "diffusion_unet")
+    fill_random(unet, 0)
+    unet.eval()
+    for parameter in unet.parameters():
+        parameter.requires_grad_(False)
+    torch.manual_seed(0)
+    controlnet = build_network(spec, "controlnet")
+    copy_model_state(controlnet, unet.state_dict())
+    controlnet.train()
+    data = inputs(seed=0)
+    noise = torch.randn(data["x"].shape, generator=torch.Generator().manual_seed(1))
+    scheduler = build_scheduler(spec)
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = controlnet_loss(controlnet, unet, scheduler, data["x"], noise, data["t"], data["cond"], data["unet"],
+                               data["cn"])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.99 * first, losses
+
+
+def test_torchrun_two_processes_on_cpu_write_what_one_process_writes(tmp_path, setup):
+    from tests.helpers import run_torchrun
+
+    spec_path, weights, data = setup
+    done = run_torchrun(["--json", "train", "controlnet", "--data", data, "--out", tmp_path / "ddp", "--model",
+                         spec_path, "--weights-dir", weights, "--device", "cpu", "--epochs", "2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)  # one document: only rank 0 prints
+    assert summary["world_size"] == 2 and summary["samples"] == 2
+    train(tmp_path, setup, out="one", epochs=2)
+    ddp, one = tmp_path / "ddp", tmp_path / "one"
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in one.iterdir()) == [
+        "controlnet.pt", "train_state.pt"]
+    assert set(load(ddp / "controlnet.pt")) == set(load(one / "controlnet.pt")) == RELEASED_KEYS
+    assert load(ddp / "controlnet.pt")["epoch"] == 2
+    assert set(load(ddp / "train_state.pt")) == set(load(one / "train_state.pt"))
+    # 2 labelled latents over 2 ranks: 1 step per epoch, 2 in all
+    assert load(ddp / "train_state.pt")["lr_schedule"]["last_epoch"] == 2

@@ -280,3 +280,30 @@ def test_torchrun_two_processes_on_cpu_write_one_checkpoint(tmp_path, latents):
     assert set(checkpoint) == RELEASED_KEYS and checkpoint["epoch"] == 2
     # 3 latents over 2 ranks: the sampler pads to 2 per rank → 2 steps per epoch, 4 in all
     assert load(out / "train_state.pt")["lr_schedule"]["last_epoch"] == 4
+
+
+def test_loss_falls_on_a_fixed_batch_over_a_short_run():
+    """40 Adam steps (lr 3e-3, seed 0) on one fixed (latent, noise, t = 200): the mean loss of the last 5 steps is
+    under 0.8× that of the first 5 (measured 0.61 and 0.59 at seeds 0 and 1; ~2 s)."""
+    from maisi_cli.engine.networks import build_network
+    from maisi_cli.models import ModelSpec
+
+    spec = ModelSpec.model_validate(tiny_spec_document("rflow"))
+    scheduler = build_scheduler(spec)
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn((1, 4, 8, 8, 8), generator=generator)
+    noise = torch.randn((1, 4, 8, 8, 8), generator=generator)
+    timesteps = torch.tensor([200.0])
+    conditions = {"spacing_tensor": torch.full((1, 3), 200.0), "class_labels": torch.ones(1, dtype=torch.long)}
+    unet = build_network(spec, "diffusion_unet").train()
+    optimizer = torch.optim.Adam(unet.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = diffusion_loss(unet, scheduler, latents, noise, timesteps, conditions)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.8 * first, losses

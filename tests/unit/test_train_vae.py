@@ -237,3 +237,24 @@ def test_augmented_patches_keep_the_patch_size(tmp_path, phantoms):
     for seed in range(4):
         dataset.reseed(seed)
         assert dataset[0]["image"].shape == (1, 16, 16, 8)
+
+
+def test_torchrun_two_processes_on_cpu_write_what_one_process_writes(tmp_path):
+    """2 gloo processes, one train phantom each (phantom_0000 validates): one summary, the same files and keys."""
+    from tests.helpers import run_torchrun
+
+    data = write_phantoms(tmp_path / "ph", num=3)
+    settings = tmp_path / "vae.toml"
+    settings.write_text("discriminator_layers = 2\nwarmup = false\nrandom_aug = false\n")
+    done = run_torchrun(["--json", "train", "vae", "--data", data, "--out", tmp_path / "ddp", "--model",
+                         spec_file(tmp_path), "--device", "cpu", "--epochs", "1", "--patch-size", "16",
+                         "--perceptual-weight", "0", "--config", settings])
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)  # one document: only rank 0 prints
+    assert summary["world_size"] == 2 and summary["samples"] == 2
+    single = train_vae(config(tmp_path, data, out="one", epochs=1))
+    assert single["world_size"] == 1
+    ddp, one = tmp_path / "ddp", tmp_path / "one"
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in one.iterdir())
+    for name in sorted(p.name for p in one.iterdir() if p.suffix == ".pt"):
+        assert set(load(ddp / name)) == set(load(one / name)), name

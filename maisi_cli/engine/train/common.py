@@ -243,6 +243,48 @@ def load_state(path: Path, what: str) -> dict[str, Any]:
     return state
 
 
+def run_identity(trainer: str, spec: Any, component: str) -> dict[str, str]:
+    """What a `train_state.pt` belongs to: the trainer kind, the model name and a hash of the trained network's
+    definition (its `<component>_def` with the `@` references it uses resolved), so `--resume` can refuse a state
+    written by another trainer or for another network."""
+    import hashlib
+
+    network = spec.network
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("@") and value[1:] in network:
+            return resolve(network[value[1:]])
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        return value
+
+    definition = resolve(network.get(f"{component}_def", {}))
+    digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
+    return {"trainer": trainer, "model": str(spec.name), "network_hash": digest}
+
+
+def check_identity(state: dict[str, Any], identity: dict[str, str], path: Path) -> None:
+    """One-line TrainingError when `state` (a loaded train_state.pt) was written by another trainer, for another
+    model or for another network definition. States without a recorded identity (older runs) pass."""
+    recorded = state.get("identity")
+    if not isinstance(recorded, dict):
+        return
+    names = {"trainer": "trainer", "model": "model", "network_hash": "network definition (hash)"}
+    for key, label in names.items():
+        if key in recorded and str(recorded[key]) != identity[key]:
+            raise TrainingError(f"--resume: '{path}' was written for {label} '{recorded[key]}', this run is "
+                                f"{label} '{identity[key]}'; start a new --out or drop --resume")
+
+
+def load_resume_state(path: Path, identity: dict[str, str]) -> dict[str, Any]:
+    """`load_state` + `check_identity`: call before anything is built or written."""
+    state = load_state(path, "training state")
+    check_identity(state, identity, path)
+    return state
+
+
 def training_state(epoch: int, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    lr_schedule: Any, **extras: Any) -> dict[str, Any]:
     return {

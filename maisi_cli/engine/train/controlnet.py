@@ -52,11 +52,12 @@ from maisi_cli.engine.train.common import (
     amp_settings,
     autocast,
     barrier,
-    load_state,
+    load_resume_state,
     make_scaler,
     optimizer_steps,
     read_datalist,
     restore_training_state,
+    run_identity,
     save_atomic,
     seed_everything,
     setup_runtime,
@@ -229,6 +230,8 @@ def _train(config: ControlNetTrainConfig, runtime: Runtime, on_progress: TrainPr
     if not config.resume and state_path.exists():
         raise TrainingError(f"--out: '{out}' already holds a training run; pass --resume to continue it or pick "
                             f"another --out")
+    identity = run_identity("controlnet", spec, "controlnet")
+    resume_state = load_resume_state(state_path, identity) if config.resume else None
     if config.init is not None and not config.init.is_file():
         raise TrainingError(f"--init: '{config.init}' does not exist; give a ControlNet checkpoint")
     amp_enabled, amp_dtype = amp_settings(config.amp, config.amp_dtype, device)
@@ -247,7 +250,16 @@ def _train(config: ControlNetTrainConfig, runtime: Runtime, on_progress: TrainPr
     uses_regions = bool(getattr(unet, "include_top_region_index_input", False))
 
     controlnet = build_network(spec, "controlnet", device)
-    copy_model_state(controlnet, unet.state_dict())
+    # MONAI logs "'dst' model updated: …" at INFO on stdout, which would break `--json` (one per rank): silenced.
+    import logging
+
+    monai_logger = logging.getLogger("monai.networks.utils")
+    level = monai_logger.level
+    monai_logger.setLevel(logging.WARNING)
+    try:
+        copy_model_state(controlnet, unet.state_dict())
+    finally:
+        monai_logger.setLevel(level)
     controlnet_modality = getattr(controlnet, "num_class_embeds", None) is not None
     if config.resume:
         load_into(controlnet, WeightFile("controlnet", CHECKPOINT, checkpoint_path, "path"), spec)
@@ -268,7 +280,7 @@ def _train(config: ControlNetTrainConfig, runtime: Runtime, on_progress: TrainPr
     scaler = make_scaler(device, amp_enabled, amp_dtype)
     start_epoch = 0
     if config.resume:
-        start_epoch = restore_training_state(load_state(state_path, "training state"), optimizer, scaler,
+        start_epoch = restore_training_state(resume_state, optimizer, scaler,
                                              lr_schedule, state_path)
         if runtime.rank:
             torch.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + runtime.rank)
@@ -310,7 +322,7 @@ def _train(config: ControlNetTrainConfig, runtime: Runtime, on_progress: TrainPr
                                 f"use --no-amp")
         if runtime.is_main:
             save_released_checkpoint(controlnet, "controlnet", checkpoint_path, epoch=epoch + 1, loss=last_loss)
-            save_atomic(training_state(epoch + 1, optimizer, scaler, lr_schedule), state_path)
+            save_atomic(training_state(epoch + 1, optimizer, scaler, lr_schedule, identity=identity), state_path)
         barrier(runtime)
         report({"event": "epoch", "epoch": epoch + 1, "epochs": config.epochs, "loss": last_loss,
                 "seconds": time.perf_counter() - started, "samples": len(dataset)})

@@ -34,11 +34,12 @@ from maisi_cli.engine.train.common import (
     amp_settings,
     autocast,
     barrier,
-    load_state,
+    load_resume_state,
     make_scaler,
     optimizer_steps,
     read_datalist,
     restore_training_state,
+    run_identity,
     save_atomic,
     seed_everything,
     setup_runtime,
@@ -210,6 +211,8 @@ def _train(config: DiffusionTrainConfig, runtime: Runtime, on_progress: TrainPro
     if not config.resume and state_path.exists():
         raise TrainingError(f"--out: '{out}' already holds a training run; pass --resume to continue it or pick "
                             f"another --out")
+    identity = run_identity("diffusion", spec, "diffusion_unet")
+    resume_state = load_resume_state(state_path, identity) if config.resume else None
     amp_enabled, amp_dtype = amp_settings(config.amp, config.amp_dtype, device)
     seed_everything(config.seed + runtime.rank)
 
@@ -250,7 +253,7 @@ def _train(config: DiffusionTrainConfig, runtime: Runtime, on_progress: TrainPro
     lr_schedule = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=2.0)
     scaler = make_scaler(device, amp_enabled, amp_dtype)
     if config.resume:
-        start_epoch = restore_training_state(load_state(state_path, "training state"), optimizer, scaler,
+        start_epoch = restore_training_state(resume_state, optimizer, scaler,
                                              lr_schedule, state_path)
         # Each rank restores rank 0's RNG (only rank 0 saves); offset by rank so ranks keep drawing apart.
         if runtime.rank:
@@ -289,7 +292,7 @@ def _train(config: DiffusionTrainConfig, runtime: Runtime, on_progress: TrainPro
             save_released_checkpoint(unet, "diffusion_unet", checkpoint_path, scale_factor=float(scale_factor),
                                      epoch=epoch + 1, loss=last_loss,
                                      num_train_timesteps=int(scheduler.num_train_timesteps))
-            save_atomic(training_state(epoch + 1, optimizer, scaler, lr_schedule), state_path)
+            save_atomic(training_state(epoch + 1, optimizer, scaler, lr_schedule, identity=identity), state_path)
         barrier(runtime)
         report({"event": "epoch", "epoch": epoch + 1, "epochs": config.epochs, "loss": last_loss,
                 "seconds": time.perf_counter() - started, "samples": len(dataset)})

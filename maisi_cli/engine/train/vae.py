@@ -55,9 +55,10 @@ from maisi_cli.engine.train.common import (
     amp_settings,
     autocast,
     barrier,
-    load_state,
+    load_resume_state,
     read_datalist,
     restore_training_state,
+    run_identity,
     save_atomic,
     seed_everything,
     setup_runtime,
@@ -402,6 +403,8 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
     if not config.resume and state_path.exists():
         raise TrainingError(f"--out: '{out}' already holds a training run; pass --resume to continue it or pick "
                             f"another --out")
+    identity = run_identity("vae", spec, "autoencoder")
+    resume_state = load_resume_state(state_path, identity) if config.resume else None
     amp_enabled, amp_dtype = amp_settings(config.amp, config.amp_dtype, device)
     seed_everything(config.seed + runtime.rank)
 
@@ -442,7 +445,7 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
     history: list[dict[str, Any]] = []
     best = {"epoch": 0, "val_loss": float("inf")}
     if config.resume:
-        state = load_state(state_path, "training state")
+        state = resume_state
         start_epoch = restore_training_state(state, optimizer_g, scaler_g, schedule_g, state_path)
         try:
             if discriminator is not None and state.get("discriminator") is not None:
@@ -523,7 +526,8 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
                 extras.update(discriminator={k: v.detach().cpu() for k, v in discriminator.state_dict().items()},
                               optimizer_d=optimizer_d.state_dict(), scaler_d=scaler_d.state_dict(),
                               lr_schedule_d=schedule_d.state_dict())
-            save_atomic(training_state(epoch + 1, optimizer_g, scaler_g, schedule_g, **extras), state_path)
+            save_atomic(training_state(epoch + 1, optimizer_g, scaler_g, schedule_g, identity=identity, **extras),
+                        state_path)
             if history:
                 from maisi_cli.io.nifti import write_atomic
 
