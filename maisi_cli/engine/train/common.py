@@ -278,6 +278,22 @@ def check_identity(state: dict[str, Any], identity: dict[str, str], path: Path) 
                                 f"{label} '{identity[key]}'; start a new --out or drop --resume")
 
 
+def start_or_resume(config: Any, checkpoint_path: Path, state_path: Path,
+                    identity: dict[str, str]) -> dict[str, Any] | None:
+    """Check the output folder against --resume / --init before anything is built or written; return the resume
+    state (None for a fresh run). A fresh run never overwrites an earlier one."""
+    out = state_path.parent
+    if config.resume and getattr(config, "init", None) is not None:
+        raise TrainingError("--resume and --init: pick one (resume continues --out, init starts from a checkpoint)")
+    if config.resume and not (checkpoint_path.is_file() and state_path.is_file()):
+        raise TrainingError(f"--resume: '{out}' holds no {checkpoint_path.name} and {state_path.name} to resume "
+                            "from; drop --resume")
+    if not config.resume and state_path.exists():
+        raise TrainingError(f"--out: '{out}' already holds a training run; pass --resume to continue it or pick "
+                            "another --out")
+    return load_resume_state(state_path, identity) if config.resume else None
+
+
 def load_resume_state(path: Path, identity: dict[str, str]) -> dict[str, Any]:
     """`load_state` + `check_identity`: call before anything is built or written."""
     state = load_state(path, "training state")

@@ -34,7 +34,7 @@ from maisi_cli.engine.train.common import (
     amp_settings,
     autocast,
     barrier,
-    load_resume_state,
+    start_or_resume,
     make_scaler,
     optimizer_steps,
     read_datalist,
@@ -204,15 +204,8 @@ def _train(config: DiffusionTrainConfig, runtime: Runtime, on_progress: TrainPro
     spec = get_model(config.model)
     out = config.out
     checkpoint_path, state_path = out / CHECKPOINT, out / STATE
-    if config.resume and config.init is not None:
-        raise TrainingError("--resume and --init: pick one (resume continues --out, init starts from a checkpoint)")
-    if config.resume and not (checkpoint_path.is_file() and state_path.is_file()):
-        raise TrainingError(f"--resume: '{out}' holds no {CHECKPOINT} and {STATE} to resume from; drop --resume")
-    if not config.resume and state_path.exists():
-        raise TrainingError(f"--out: '{out}' already holds a training run; pass --resume to continue it or pick "
-                            f"another --out")
     identity = run_identity("diffusion", spec, "diffusion_unet")
-    resume_state = load_resume_state(state_path, identity) if config.resume else None
+    resume_state = start_or_resume(config, checkpoint_path, state_path, identity)
     amp_enabled, amp_dtype = amp_settings(config.amp, config.amp_dtype, device)
     seed_everything(config.seed + runtime.rank)
 

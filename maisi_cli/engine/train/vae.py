@@ -55,7 +55,7 @@ from maisi_cli.engine.train.common import (
     amp_settings,
     autocast,
     barrier,
-    load_resume_state,
+    start_or_resume,
     read_datalist,
     restore_training_state,
     run_identity,
@@ -396,15 +396,8 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
     out = config.out
     checkpoint_path, state_path, best_path, validation_path = out / CHECKPOINT, out / STATE, out / BEST, \
         out / VALIDATION
-    if config.resume and config.init is not None:
-        raise TrainingError("--resume and --init: pick one (resume continues --out, init starts from a checkpoint)")
-    if config.resume and not (checkpoint_path.is_file() and state_path.is_file()):
-        raise TrainingError(f"--resume: '{out}' holds no {CHECKPOINT} and {STATE} to resume from; drop --resume")
-    if not config.resume and state_path.exists():
-        raise TrainingError(f"--out: '{out}' already holds a training run; pass --resume to continue it or pick "
-                            f"another --out")
     identity = run_identity("vae", spec, "autoencoder")
-    resume_state = load_resume_state(state_path, identity) if config.resume else None
+    resume_state = start_or_resume(config, checkpoint_path, state_path, identity)
     amp_enabled, amp_dtype = amp_settings(config.amp, config.amp_dtype, device)
     seed_everything(config.seed + runtime.rank)
 
