@@ -65,11 +65,12 @@ def root(
 
 
 def _register() -> None:
-    from maisi_cli.cli import data, generate, labels, models, profiles, qc
+    from maisi_cli.cli import data, fid, generate, labels, models, profiles, qc
 
     app.command("generate", help=generate.HELP)(generate.generate)
     app.command("models", help=models.HELP)(models.models)
     app.command("qc", help=qc.HELP)(qc.qc)
+    app.command("fid", help=fid.HELP)(fid.fid)
     app.command("labels", help=labels.HELP)(labels.labels)
     app.add_typer(profiles.app, name="profiles")
     app.add_typer(data.app, name="data")

@@ -1,0 +1,56 @@
+"""`maisi fid REAL SYNTH`: 2.5D FID per plane (XY, YZ, ZX) and their average; runs under `torchrun` as well."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from maisi_cli.cli import render
+
+HELP = "2.5D FID between real and synthetic CT volumes, per plane and averaged (works under torchrun)."
+
+
+def fid(
+    ctx: typer.Context,
+    real: Path = typer.Argument(..., metavar="REAL", help="Real volumes: a folder of NIfTI files, a datalist "
+                                "JSON (\"training\" items with \"image\") or a text file with one path a line."),
+    synth: Path = typer.Argument(..., metavar="SYNTH", help="Synthetic volumes, in the same forms as REAL."),
+    planes: str = typer.Option("xy,yz,zx", "--planes", help="Planes to slice, comma-separated: xy, yz, zx."),
+    extractor: Optional[Path] = typer.Option(None, "--extractor", help="RadImageNet ResNet-50 state dict "
+                                             "(default: $MAISI_HOME/fid/RadImageNet-ResNet50_notop.pth)."),
+    target_shape: str = typer.Option("512x512x512", "--target-shape", help="Pad (-1000 HU) and centre-crop every "
+                                     "volume to this shape; 'none' keeps each volume's shape."),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="Resample to this spacing in mm first, e.g. "
+                                          "1.0x1.0x1.0 (default: no resampling)."),
+    center_slices_ratio: Optional[float] = typer.Option(None, "--center-slices-ratio", help="Keep the central "
+                                                        "fraction of slices along each axis, e.g. 0.4 (default: all)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Slices per forward pass of the extractor."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder; re-runs reuse features of "
+                                         "unchanged files and parameters."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    json_flag: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    from maisi_cli.config import parse_size, parse_spacing
+    from maisi_cli.engine.fid import FidSettings, run_fid
+
+    output = render.output_of(ctx.obj, json_flag)
+    settings = FidSettings(
+        planes=tuple(p.strip().lower() for p in planes.split(",") if p.strip()),
+        target_shape=None if target_shape.strip().lower() == "none" else parse_size(target_shape, "--target-shape"),
+        spacing=None if spacing is None else parse_spacing(spacing, "--spacing"),
+        center_slices_ratio=center_slices_ratio, batch_size=batch_size)
+    with render.progress(output) as on_progress:
+        report, is_main = run_fid(real, synth, settings, extractor, cache, device, on_progress)
+    if not is_main:
+        return
+    if output.json:
+        render.print_json({"real": str(real), "synth": str(synth), **report.as_dict()})
+    else:
+        rows = [(plane.upper(), f"{value:.6g}", report.real_slices[plane], report.synth_slices[plane])
+                for plane, value in report.planes.items()]
+        rows.append(("average", f"{report.average:.6g}", "", ""))
+        title = (f"FID: {report.real_volumes} real vs {report.synth_volumes} synthetic volumes, "
+                 f"{report.features} features ({report.computed} computed, {report.cached} from cache)")
+        render.print_table(title, ("plane", "FID", "real slices", "synth slices"), rows)

@@ -1,0 +1,475 @@
+"""2.5D FID between two sets of CT volumes (reference-training-fid-trt.md §7), no typer or rich here.
+
+What the reference does, kept: RAS orientation, optional bilinear resampling, pad (−1000 HU) and centre crop to a
+target shape, HU clipping to [−1000, 1000], a centre-slice ratio, slices per plane (XY along the last axis, YZ along
+the first, ZX along the second), a Keras-style RadImageNet ResNet-50 (same state-dict keys as
+`Warvito/radimagenet-models`), 1→3 channels in BGR order, min-max over the volume's whole slice stack of a plane then
+the means 0.406/0.456/0.485 subtracted (no std), spatial mean → features, FID per plane in float64 as MONAI's
+`FIDMetric` computes it, and the average of the planes.
+
+Differences, on purpose:
+- the extractor is a local file (`--extractor`, default `$MAISI_HOME/fid/RadImageNet-ResNet50_notop.pth`); nothing
+  is downloaded, it loads with `weights_only=True` and strict keys;
+- slices go through the network in batches (`batch_size`) instead of one forward per plane and volume; the min-max
+  is still taken over the whole stack, so features do not depend on the batch size;
+- the cache is keyed by the file's content and every parameter that changes features (the reference keys it by path
+  only and silently reuses stale features);
+- inputs are a folder of NIfTI files, a datalist JSON ("training" items with "image") or a text list; all are used
+  (the reference keeps the first 100).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from maisi_cli.config import maisi_home
+from maisi_cli.errors import MaisiError, UsageError, WeightsError
+
+PLANES = ("xy", "yz", "zx")
+# The axis of a (H, W, D) volume that each plane's slices run along (reference §7.4).
+PLANE_AXIS = {"xy": 2, "yz": 0, "zx": 1}
+RADIMAGENET_MEANS = (0.406, 0.456, 0.485)  # per channel after the RGB→BGR reorder; no std division
+EXTRACTOR_FILE = "RadImageNet-ResNet50_notop.pth"
+CACHE_VERSION = 1
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+FidProgress = Callable[[str, int, int], None]
+
+
+class FidError(MaisiError):
+    """FID inputs cannot be read or used."""
+
+
+# --- extractor ------------------------------------------------------------------------------------------------------
+def _conv1x1(inplanes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=True)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1.001e-5)
+
+
+class Bottleneck(nn.Module):
+    """Keras-style bottleneck: the stride sits on the first 1×1 convolution, every convolution has a bias."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.conv1 = _conv1x1(inplanes, planes, stride)
+        self.bn1 = _bn(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=True)
+        self.bn2 = _bn(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = _bn(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class RadImageNetResNet50(nn.Module):
+    """ResNet-50 without top (bottlenecks 3-4-6-3) in the RadImageNet state-dict layout; `forward` returns the
+    global-average-pooled features, (N, 32·width) = (N, 2048) at the real width 64. `width` exists for tests."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.width = width
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=True)
+        self.bn1 = _bn(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(width, 3)
+        self.layer2 = self._make_layer(width * 2, 4, stride=2)
+        self.layer3 = self._make_layer(width * 4, 6, stride=2)
+        self.layer4 = self._make_layer(width * 8, 3, stride=2)
+        self.features = width * 8 * Bottleneck.expansion
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
+            downsample = nn.Sequential(_conv1x1(self.inplanes, planes * Bottleneck.expansion, stride),
+                                       _bn(planes * Bottleneck.expansion))
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean(dim=(2, 3))
+
+
+@dataclass
+class Extractor:
+    model: RadImageNetResNet50
+    sha256: str
+    path: Path
+
+
+def default_extractor_path() -> Path:
+    return maisi_home() / "fid" / EXTRACTOR_FILE
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _first(keys: Sequence[str], count: int = 3) -> str:
+    shown = ", ".join(keys[:count])
+    return shown + (f" (+{len(keys) - count} more)" if len(keys) > count else "")
+
+
+def load_extractor(path: Path | None) -> Extractor:
+    """The RadImageNet ResNet-50 from a state-dict file, strict keys. The width follows `conv1.weight`."""
+    field_name = "--extractor"
+    if path is None:
+        path = default_extractor_path()
+        if not path.is_file():
+            raise WeightsError(f"{field_name}: no feature extractor; put the RadImageNet ResNet-50 state dict "
+                               f"({EXTRACTOR_FILE}) at '{path}' or pass --extractor FILE")
+    if not path.is_file():
+        raise WeightsError(f"{field_name}: '{path}' does not exist; give the RadImageNet ResNet-50 state dict "
+                           f"({EXTRACTOR_FILE})")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a corrupt or unsafe file
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise WeightsError(f"{field_name}: '{path}' is not a loadable state dict ({reason})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{field_name}: '{path}' is not a state dict (a mapping of names to tensors)")
+    first_conv = state.get("conv1.weight")
+    width = int(first_conv.shape[0]) if isinstance(first_conv, torch.Tensor) and first_conv.ndim == 4 else 64
+    model = RadImageNetResNet50(width)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_first(unexpected)}")
+        raise WeightsError(f"{field_name}: '{path}' is not a RadImageNet ResNet-50 state dict: " + "; ".join(parts))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise WeightsError(f"{field_name}: '{path}' does not fit a RadImageNet ResNet-50: shape of {_first(wrong)}")
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return Extractor(model=model, sha256=file_sha256(path), path=path)
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------------
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def list_volumes(source: Path, field_name: str) -> list[Path]:
+    """The NIfTI files of a folder (sorted), a datalist JSON or a text list (one path per line, relative to it)."""
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and is_nifti(p))
+        if not files:
+            raise FidError(f"{field_name}: folder '{source}' holds no NIfTI files (.nii or .nii.gz)")
+    elif not source.exists():
+        raise FidError(f"{field_name}: '{source}' does not exist; give a folder of NIfTI files or a datalist")
+    elif source.suffix.lower() == ".json":
+        from maisi_cli.engine.train.common import read_datalist
+
+        files = [Path(item["image"]) for item in read_datalist(source, field=field_name)]
+    elif source.suffix.lower() == ".txt":
+        lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
+        files = [(source.parent / line).resolve() for line in lines]
+    else:
+        raise FidError(f"{field_name}: '{source}' is not a folder, a datalist (.json) or a file list (.txt)")
+    for path in files:
+        if not is_nifti(path):
+            raise FidError(f"{field_name}: '{path}' is not a NIfTI file (.nii or .nii.gz)")
+    if len(files) < 2:
+        raise FidError(f"{field_name}: '{source}' has {len(files)} volume(s); FID needs at least 2 on each side")
+    return files
+
+
+# --- preprocessing and features ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FidSettings:
+    planes: tuple[str, ...] = PLANES
+    target_shape: tuple[int, int, int] | None = (512, 512, 512)
+    spacing: tuple[float, float, float] | None = None
+    center_slices_ratio: float | None = None
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        if not self.planes or any(p not in PLANES for p in self.planes):
+            raise UsageError(f"--planes: '{','.join(self.planes)}' is not a list of planes; use xy, yz and/or zx")
+        ratio = self.center_slices_ratio
+        if ratio is not None and not (0.0 < ratio <= 1.0):
+            raise UsageError(f"--center-slices-ratio: {ratio} is out of range; give a fraction in (0, 1]")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size: {self.batch_size} must be at least 1")
+
+
+def preprocess(path: Path, settings: FidSettings) -> np.ndarray:
+    """(H, W, D) float32 in HU clipped to [−1000, 1000], RAS, optionally resampled, padded and cropped."""
+    from monai.data import MetaTensor
+    from monai.transforms import CenterSpatialCrop, Orientation, Spacing, SpatialPad
+
+    from maisi_cli.io.nifti import read_nifti
+
+    try:
+        data, affine = read_nifti(path, field="volume", what="CT image")
+    except MaisiError as error:
+        raise FidError(str(error)) from None
+    image = MetaTensor(torch.from_numpy(np.asarray(data, dtype=np.float32))[None], affine=torch.as_tensor(affine))
+    image = Orientation(axcodes="RAS", labels=None)(image)
+    if settings.spacing is not None:
+        image = Spacing(pixdim=settings.spacing, mode="bilinear")(image)
+    if settings.target_shape is not None:
+        image = SpatialPad(spatial_size=settings.target_shape, mode="constant", value=-1000)(image)
+        image = CenterSpatialCrop(roi_size=settings.target_shape)(image)
+    array = torch.as_tensor(image).detach().cpu().numpy()[0]
+    return np.clip(array, -1000.0, 1000.0).astype(np.float32)
+
+
+def slice_range(length: int, ratio: float | None) -> tuple[int, int]:
+    if ratio is None:
+        return 0, length
+    return int((1.0 - ratio) / 2.0 * length), int((1.0 + ratio) / 2.0 * length)
+
+
+def plane_slices(volume: np.ndarray, plane: str, ratio: float | None) -> torch.Tensor:
+    """(n, 1, h, w) slices of `plane`, the central fraction `ratio` of them."""
+    axis = PLANE_AXIS[plane]
+    start, stop = slice_range(volume.shape[axis], ratio)
+    stack = np.moveaxis(volume, axis, 0)[start:stop]
+    if stack.shape[0] == 0:
+        raise FidError(f"--center-slices-ratio: {ratio} keeps no {plane} slice of a volume of shape {volume.shape}")
+    return torch.from_numpy(np.ascontiguousarray(stack))[:, None]
+
+
+def radimagenet_normalise(slices: torch.Tensor) -> torch.Tensor:
+    """(n, 1, h, w) → (n, 3, h, w): BGR copies, min-max over the whole stack, channel means subtracted."""
+    x = slices.float().repeat(1, 3, 1, 1)[:, [2, 1, 0]]
+    low, high = x.min(), x.max()
+    x = (x - low) / (high - low + 1e-10)
+    means = torch.tensor(RADIMAGENET_MEANS, dtype=x.dtype).view(1, 3, 1, 1)
+    return x - means
+
+
+@torch.no_grad()
+def plane_features(model: nn.Module, volume: np.ndarray, plane: str, settings: FidSettings) -> torch.Tensor:
+    inputs = radimagenet_normalise(plane_slices(volume, plane, settings.center_slices_ratio))
+    device = next(model.parameters()).device
+    chunks = [model(inputs[i:i + settings.batch_size].to(device)).float().cpu()
+              for i in range(0, inputs.shape[0], settings.batch_size)]
+    return torch.cat(chunks)
+
+
+# --- cache ----------------------------------------------------------------------------------------------------------
+def cache_key(content_sha256: str, extractor_sha256: str, settings: FidSettings, plane: str) -> str:
+    identity = {"version": CACHE_VERSION, "content": content_sha256, "extractor": extractor_sha256,
+                "target_shape": settings.target_shape, "spacing": settings.spacing,
+                "ratio": settings.center_slices_ratio, "plane": plane}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_read(path: Path) -> torch.Tensor | None:
+    try:
+        value = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # a missing or damaged entry is recomputed
+        return None
+    return value if isinstance(value, torch.Tensor) and value.ndim == 2 else None
+
+
+def _cache_write(path: Path, features: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    os.close(handle)
+    try:
+        torch.save(features.clone(), temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+@dataclass
+class FeatureStats:
+    computed: int = 0  # (volume, plane) pairs run through the network
+    cached: int = 0  # pairs read from the cache
+
+
+def volume_features(path: Path, extractor: Extractor, settings: FidSettings, cache_dir: Path | None,
+                    stats: FeatureStats) -> dict[str, torch.Tensor]:
+    """{plane: (n_slices, features)} of one volume, from the cache where it has them."""
+    result: dict[str, torch.Tensor] = {}
+    entries: dict[str, Path] = {}
+    if cache_dir is not None:
+        content = file_sha256(path)
+        for plane in settings.planes:
+            entries[plane] = cache_dir / f"{cache_key(content, extractor.sha256, settings, plane)}.pt"
+            cached = _cache_read(entries[plane]) if entries[plane].is_file() else None
+            if cached is not None:
+                result[plane] = cached
+                stats.cached += 1
+    todo = [plane for plane in settings.planes if plane not in result]
+    if todo:
+        volume = preprocess(path, settings)
+        for plane in todo:
+            result[plane] = plane_features(extractor.model, volume, plane, settings)
+            stats.computed += 1
+            if plane in entries:
+                _cache_write(entries[plane], result[plane])
+    return result
+
+
+# --- Fréchet distance -----------------------------------------------------------------------------------------------
+def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
+    """FID between two (n, d) feature sets in float64 (unbiased covariances, scipy sqrtm), as MONAI computes it."""
+    import scipy.linalg
+
+    a = np.asarray(features_a, dtype=np.float64)
+    b = np.asarray(features_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise FidError(f"features must be (n, d) with the same d; got {a.shape} and {b.shape}")
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise FidError("FID needs at least 2 feature vectors on each side")
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    sigma_a = np.atleast_2d(np.cov(a, rowvar=False))
+    sigma_b = np.atleast_2d(np.cov(b, rowvar=False))
+    with warnings.catch_warnings():  # a singular product (fewer slices than features) is expected and handled
+        warnings.simplefilter("ignore")
+        covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(sigma_a.shape[0]) * 1e-6
+            covmean = scipy.linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise FidError(f"FID: the covariance square root has an imaginary part of "
+                           f"{np.max(np.abs(covmean.imag)):.3g}; use more slices or volumes")
+        covmean = covmean.real
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * np.trace(covmean))
+
+
+# --- the whole computation ------------------------------------------------------------------------------------------
+@dataclass
+class FidReport:
+    planes: dict[str, float]
+    real_volumes: int
+    synth_volumes: int
+    real_slices: dict[str, int]
+    synth_slices: dict[str, int]
+    features: int
+    computed: int
+    cached: int
+    world_size: int = 1
+    extractor: str = ""
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def average(self) -> float:
+        return float(np.mean(list(self.planes.values())))
+
+    def as_dict(self) -> dict:
+        return {"fid": {**self.planes, "average": self.average}, "real_volumes": self.real_volumes,
+                "synth_volumes": self.synth_volumes, "real_slices": self.real_slices,
+                "synth_slices": self.synth_slices, "features": self.features,
+                "computed": self.computed, "cached": self.cached, "world_size": self.world_size,
+                "extractor": self.extractor, "settings": self.settings}
+
+
+def _gather(local: list, rank_count: int) -> list:
+    """Concatenation over ranks of a per-rank list (rank order); a no-op in one process."""
+    if rank_count <= 1:
+        return local
+    import torch.distributed as dist
+
+    gathered: list = [None] * rank_count
+    dist.all_gather_object(gathered, local)
+    return [item for part in gathered for item in part]
+
+
+def compute_fid(real: Sequence[Path], synth: Sequence[Path], extractor: Extractor, settings: FidSettings,
+                cache_dir: Path | None = None, rank: int = 0, world_size: int = 1,
+                progress: FidProgress | None = None) -> FidReport:
+    """FID per plane between the `real` and `synth` volumes. Under torchrun (a process group initialised, gloo on
+    the CPU) each rank takes every world_size-th file and the features are gathered on every rank."""
+    settings.validate()
+    stats = FeatureStats()
+    sides: dict[str, dict[str, list[torch.Tensor]]] = {}
+    jobs = [("real", p) for p in real[rank::world_size]] + [("synth", p) for p in synth[rank::world_size]]
+    local: dict[str, list] = {"real": [], "synth": []}
+    for done, (side, path) in enumerate(jobs):
+        features = volume_features(path, extractor, settings, cache_dir, stats)
+        local[side].append({plane: features[plane].numpy() for plane in settings.planes})
+        if progress is not None:
+            progress("features", done + 1, len(jobs))
+    for side in ("real", "synth"):
+        gathered = _gather(local[side], world_size)
+        sides[side] = {plane: [torch.from_numpy(item[plane]) for item in gathered] for plane in settings.planes}
+    counts = torch.tensor([stats.computed, stats.cached])
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts)
+    result: dict[str, float] = {}
+    for plane in settings.planes:
+        real_features = torch.cat(sides["real"][plane])
+        synth_features = torch.cat(sides["synth"][plane])
+        result[plane] = frechet_distance(synth_features, real_features)
+    first = settings.planes[0]
+    return FidReport(
+        planes=result, real_volumes=len(real), synth_volumes=len(synth),
+        real_slices={p: int(sum(t.shape[0] for t in sides["real"][p])) for p in settings.planes},
+        synth_slices={p: int(sum(t.shape[0] for t in sides["synth"][p])) for p in settings.planes},
+        features=int(sides["real"][first][0].shape[1]), computed=int(counts[0]), cached=int(counts[1]),
+        world_size=world_size, extractor=str(extractor.path),
+        settings={"planes": list(settings.planes), "target_shape": settings.target_shape,
+                  "spacing": settings.spacing, "center_slices_ratio": settings.center_slices_ratio,
+                  "batch_size": settings.batch_size})
+
+
+def run_fid(real_source: Path, synth_source: Path, settings: FidSettings, extractor_path: Path | None = None,
+            cache_dir: Path | None = None, device: str = "auto",
+            progress: FidProgress | None = None) -> tuple[FidReport, bool]:
+    """(report, whether this process should print it). Sets up torch.distributed under torchrun (gloo on the CPU)
+    and tears it down again."""
+    from maisi_cli.engine.train.common import setup_runtime, teardown_runtime
+
+    settings.validate()
+    real = list_volumes(real_source, "REAL")
+    synth = list_volumes(synth_source, "SYNTH")
+    extractor = load_extractor(extractor_path)
+    runtime = setup_runtime(device)
+    try:
+        extractor.model.to(runtime.device)
+        report = compute_fid(real, synth, extractor, settings, cache_dir, rank=runtime.rank,
+                             world_size=runtime.world_size, progress=progress if runtime.is_main else None)
+    finally:
+        teardown_runtime(runtime)
+    return report, runtime.is_main

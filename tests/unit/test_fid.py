@@ -1,0 +1,186 @@
+"""maisi_cli.engine.fid: the Fréchet distance (against NumPy/SciPy and MONAI), the extractor's key layout, the
+feature cache, input listing. A tiny-width ResNet-50 (width 8) keeps forwards fast; the real width is only built
+and saved once per session to check the key layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from maisi_cli.engine import fid as fid_engine
+from maisi_cli.engine.fid import (FidError, FidSettings, RadImageNetResNet50, compute_fid, frechet_distance,
+                                  list_volumes, load_extractor, plane_slices, radimagenet_normalise)
+from maisi_cli.errors import WeightsError
+
+
+def reference_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Textbook FID, written independently of the engine."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1 = (a - mu1).T @ (a - mu1) / (len(a) - 1)
+    s2 = (b - mu2).T @ (b - mu2) / (len(b) - 1)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * root))
+
+
+@pytest.fixture(scope="module")
+def features() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(64, 8)), rng.normal(0.5, 1.3, size=(50, 8))
+
+
+def test_identical_sets_give_zero(features):
+    a, _ = features
+    assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_symmetric(features):
+    a, b = features
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-9, abs=1e-9)
+
+
+def test_matches_independent_numpy(features):
+    a, b = features
+    assert frechet_distance(a, b) == pytest.approx(reference_fid(a, b), rel=1e-9)
+
+
+def test_matches_monai_fid_metric(features):
+    from monai.metrics import FIDMetric
+
+    a, b = features
+    expected = float(FIDMetric()(torch.from_numpy(b), torch.from_numpy(a)))
+    assert frechet_distance(b, a) == pytest.approx(expected, rel=1e-9)
+
+
+def test_too_few_features_refused():
+    with pytest.raises(FidError, match="at least 2"):
+        frechet_distance(np.zeros((1, 4)), np.zeros((3, 4)))
+
+
+# --- extractor ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def full_extractor_file(tmp_path_factory) -> Path:
+    """A random full-width RadImageNet ResNet-50 (~94 MB), saved once per session."""
+    path = tmp_path_factory.mktemp("fid-full") / "RadImageNet-ResNet50_notop.pth"
+    torch.save(RadImageNetResNet50().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_extractor_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("fid-tiny") / "tiny-resnet50.pth"
+    torch.save(RadImageNetResNet50(width=8).state_dict(), path)
+    return path
+
+
+def test_full_extractor_has_radimagenet_layout(full_extractor_file):
+    state = torch.load(full_extractor_file, weights_only=True)
+    for key in ("conv1.weight", "conv1.bias", "bn1.running_mean", "layer1.0.downsample.0.weight",
+                "layer1.0.downsample.1.bias", "layer4.2.conv3.bias", "layer4.2.bn3.running_var"):
+        assert key in state
+    assert [k for k in state if k.startswith("layer")][-1].startswith("layer4.2.")
+    assert {k.split(".")[1] for k in state if k.startswith("layer3.")} == {str(i) for i in range(6)}
+    assert not any(k.startswith("fc.") for k in state)
+    extractor = load_extractor(full_extractor_file)
+    assert extractor.model.features == 2048
+    assert extractor.model(torch.zeros(1, 3, 64, 64)).shape == (1, 2048)
+
+
+def test_wrong_checkpoint_names_first_bad_keys(tmp_path, tiny_extractor_file):
+    state = torch.load(tiny_extractor_file, weights_only=True)
+    state["fc.weight"] = torch.zeros(2, 2)
+    del state["layer2.0.conv1.bias"]
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(WeightsError) as caught:
+        load_extractor(bad)
+    message = str(caught.value)
+    assert "missing keys layer2.0.conv1.bias" in message and "unexpected keys fc.weight" in message
+    assert "\n" not in message
+
+
+def test_missing_extractor_says_where_to_put_it():
+    with pytest.raises(WeightsError) as caught:
+        load_extractor(None)
+    assert "RadImageNet-ResNet50_notop.pth" in str(caught.value) and "--extractor" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+# --- preprocessing, cache -----------------------------------------------------------------------------------------
+def write_volumes(folder: Path, count: int, seed: int, shape=(20, 18, 16)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        data = rng.normal(0, 300, size=shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(data, np.diag([1.5, 1.5, 2.0, 1.0])), str(folder / f"v{i}.nii.gz"))
+    return folder
+
+
+def test_slicing_and_normalisation():
+    volume = np.arange(10 * 6 * 4, dtype=np.float32).reshape(10, 6, 4)
+    assert plane_slices(volume, "xy", None).shape == (4, 1, 10, 6)
+    assert plane_slices(volume, "yz", 0.4).shape == (4, 1, 6, 4)  # [int(0.3*10), int(0.7*10)) = 3..6
+    assert plane_slices(volume, "zx", None).shape == (6, 1, 10, 4)
+    normalised = radimagenet_normalise(plane_slices(volume, "xy", None))
+    assert normalised.shape == (4, 3, 10, 6)
+    assert float(normalised[:, 0].min()) == pytest.approx(-0.406) and float(normalised[:, 2].max()) == \
+        pytest.approx(1 - 0.485, abs=1e-6)
+
+
+def test_cache_reused_and_invalidated(tmp_path, tiny_extractor_file):
+    real = list_volumes(write_volumes(tmp_path / "real", 2, 1), "REAL")
+    synth = list_volumes(write_volumes(tmp_path / "synth", 2, 2), "SYNTH")
+    extractor = load_extractor(tiny_extractor_file)
+    calls = []
+    extractor.model.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    settings = FidSettings(target_shape=(16, 16, 16), batch_size=5)
+    first = compute_fid(real, synth, extractor, settings, cache_dir=tmp_path / "cache")
+    assert calls and max(calls) <= 5 and first.computed == 12 and first.cached == 0
+    calls.clear()
+    second = compute_fid(real, synth, extractor, settings, cache_dir=tmp_path / "cache")
+    assert calls == [] and second.cached == 12
+    assert second.planes == pytest.approx(first.planes, rel=1e-12)
+    # batch size does not change features; a changed shape or ratio misses the cache
+    third = compute_fid(real, synth, extractor, FidSettings(target_shape=(16, 16, 16), batch_size=100))
+    assert third.planes == pytest.approx(first.planes, rel=1e-4)
+    compute_fid(real, synth, extractor, FidSettings(target_shape=(16, 16, 16), center_slices_ratio=0.5,
+                                                    planes=("xy",)), cache_dir=tmp_path / "cache")
+    assert calls  # recomputed
+    assert first.features == 256 and first.real_slices == {"xy": 32, "yz": 32, "zx": 32}
+
+
+def test_list_volumes_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FidError, match="holds no NIfTI"):
+        list_volumes(tmp_path / "empty", "REAL")
+    (tmp_path / "notes.png").write_bytes(b"x")
+    with pytest.raises(FidError, match="not a folder, a datalist"):
+        list_volumes(tmp_path / "notes.png", "REAL")
+    write_volumes(tmp_path / "one", 1, 0)
+    with pytest.raises(FidError, match="at least 2"):
+        list_volumes(tmp_path / "one", "SYNTH")
+    listing = tmp_path / "list.txt"
+    listing.write_text("one/v0.nii.gz\nnotes.png\n")
+    with pytest.raises(FidError, match="not a NIfTI"):
+        list_volumes(listing, "REAL")
+
+
+def test_unreadable_nifti_is_one_line(tmp_path, tiny_extractor_file):
+    folder = write_volumes(tmp_path / "real", 2, 0)
+    (folder / "v1.nii.gz").write_bytes(b"not a nifti")
+    extractor = load_extractor(tiny_extractor_file)
+    files = list_volumes(folder, "REAL")
+    with pytest.raises(FidError) as caught:
+        compute_fid(files, files, extractor, FidSettings(target_shape=None, planes=("xy",)))
+    assert "v1.nii.gz" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_module_has_no_cli_imports():
+    source = Path(fid_engine.__file__).read_text()
+    assert "import typer" not in source and "import rich" not in source and "from rich" not in source
