@@ -143,6 +143,7 @@ def test_resume_continues_exactly_and_keeps_the_scale_factor(tmp_path, latents):
     assert saved["optimizer"]["state"] and saved["lr_schedule"]["last_epoch"] == 3
     resumed = train(tmp_path, latents, out="split", model=spec_path, epochs=2, lr=1e-3, resume=True)
     assert resumed["start_epoch"] == 1 and resumed["scale_factor_source"].startswith("kept")
+    assert resumed["loss"] == pytest.approx(straight["loss"], abs=1e-6)  # epoch 2's loss equals the straight run's
     a, b = load(tmp_path / "straight" / "diff_unet.pt"), load(tmp_path / "split" / "diff_unet.pt")
     assert a["epoch"] == b["epoch"] == 2 and float(a["scale_factor"]) == float(b["scale_factor"])
     for key, value in a["unet_state_dict"].items():

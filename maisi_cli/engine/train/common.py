@@ -301,6 +301,29 @@ def load_resume_state(path: Path, identity: dict[str, str]) -> dict[str, Any]:
     return state
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   lr_schedule: Any) -> None:
+    """Backward through the (possibly disabled) GradScaler, one optimiser step, one LR-schedule step."""
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    lr_schedule.step()
+
+
+def step_event(epoch: int, epochs: int, step: int, steps: int, loss: torch.Tensor, lr_schedule: Any) -> dict[str, Any]:
+    return {"event": "step", "epoch": epoch + 1, "epochs": epochs, "step": step, "steps": steps,
+            "loss": float(loss.item()), "lr": float(lr_schedule.get_last_lr()[0])}
+
+
+def epoch_loss(totals: torch.Tensor, runtime: "Runtime", epoch: int) -> float:
+    """Mean loss of an epoch over every process from (loss sum, batches); a non-finite one stops the run."""
+    all_reduce(totals, runtime)
+    mean = float(totals[0] / totals[1])
+    if not math.isfinite(mean):
+        raise TrainingError(f"training diverged: the loss of epoch {epoch + 1} is {mean}; lower --lr or use --no-amp")
+    return mean
+
+
 def training_state(epoch: int, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    lr_schedule: Any, **extras: Any) -> dict[str, Any]:
     return {

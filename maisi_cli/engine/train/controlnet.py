@@ -34,7 +34,6 @@ GradScaler, LR schedule, epoch, RNG) for `--resume`; both written by rank 0 afte
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -48,12 +47,12 @@ from maisi_cli.engine.train.common import (
     TrainConfig,
     TrainingError,
     TrainProgress,
-    all_reduce,
     amp_settings,
     autocast,
     barrier,
-    start_or_resume,
+    epoch_loss,
     make_scaler,
+    optimizer_step,
     optimizer_steps,
     read_datalist,
     restore_training_state,
@@ -61,6 +60,8 @@ from maisi_cli.engine.train.common import (
     save_atomic,
     seed_everything,
     setup_runtime,
+    start_or_resume,
+    step_event,
     teardown_runtime,
     training_state,
     wrap_ddp,
@@ -215,7 +216,12 @@ def _train(config: ControlNetTrainConfig, runtime: Runtime, on_progress: TrainPr
 
     from maisi_cli.engine.networks import build_network
     from maisi_cli.engine.sampling import label_bit_planes
-    from maisi_cli.engine.weights import WeightFile, load_into, locate_weight, save_released_checkpoint
+    from maisi_cli.engine.weights import (
+        WeightFile,
+        load_into,
+        locate_weight,
+        save_released_checkpoint,
+    )
     from maisi_cli.models import get_model
 
     device = runtime.device
@@ -301,18 +307,10 @@ def _train(config: ControlNetTrainConfig, runtime: Runtime, on_progress: TrainPr
                 timesteps = sample_timesteps(scheduler, latents)
                 loss = controlnet_loss(model, unet, scheduler, latents, noise, timesteps, label_bit_planes(labels),
                                        unet_conditions, controlnet_conditions, weights)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            lr_schedule.step()
+            optimizer_step(loss, optimizer, scaler, lr_schedule)
             totals += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
-            report({"event": "step", "epoch": epoch + 1, "epochs": config.epochs, "step": step,
-                    "steps": steps_per_epoch, "loss": float(loss.item()), "lr": float(lr_schedule.get_last_lr()[0])})
-        all_reduce(totals, runtime)
-        last_loss = float(totals[0] / totals[1])
-        if not math.isfinite(last_loss):
-            raise TrainingError(f"training diverged: the loss of epoch {epoch + 1} is {last_loss}; lower --lr or "
-                                f"use --no-amp")
+            report(step_event(epoch, config.epochs, step, steps_per_epoch, loss, lr_schedule))
+        last_loss = epoch_loss(totals, runtime, epoch)
         if runtime.is_main:
             save_released_checkpoint(controlnet, "controlnet", checkpoint_path, epoch=epoch + 1, loss=last_loss)
             save_atomic(training_state(epoch + 1, optimizer, scaler, lr_schedule, identity=identity), state_path)

@@ -17,7 +17,6 @@ Outputs in `--out`: `diff_unet.pt` in the released layout (`unet_state_dict`, `s
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -34,8 +33,9 @@ from maisi_cli.engine.train.common import (
     amp_settings,
     autocast,
     barrier,
-    start_or_resume,
+    epoch_loss,
     make_scaler,
+    optimizer_step,
     optimizer_steps,
     read_datalist,
     restore_training_state,
@@ -43,6 +43,8 @@ from maisi_cli.engine.train.common import (
     save_atomic,
     seed_everything,
     setup_runtime,
+    start_or_resume,
+    step_event,
     teardown_runtime,
     training_state,
     wrap_ddp,
@@ -269,18 +271,10 @@ def _train(config: DiffusionTrainConfig, runtime: Runtime, on_progress: TrainPro
                 noise = torch.randn_like(latents)
                 timesteps = sample_timesteps(scheduler, latents)
                 loss = diffusion_loss(model, scheduler, latents, noise, timesteps, conditions)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            lr_schedule.step()
+            optimizer_step(loss, optimizer, scaler, lr_schedule)
             totals += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
-            report({"event": "step", "epoch": epoch + 1, "epochs": config.epochs, "step": step,
-                    "steps": steps_per_epoch, "loss": float(loss.item()), "lr": float(lr_schedule.get_last_lr()[0])})
-        all_reduce(totals, runtime)
-        last_loss = float(totals[0] / totals[1])
-        if not math.isfinite(last_loss):
-            raise TrainingError(f"training diverged: the loss of epoch {epoch + 1} is {last_loss}; lower --lr or "
-                                f"use --no-amp")
+            report(step_event(epoch, config.epochs, step, steps_per_epoch, loss, lr_schedule))
+        last_loss = epoch_loss(totals, runtime, epoch)
         if runtime.is_main:
             save_released_checkpoint(unet, "diffusion_unet", checkpoint_path, scale_factor=float(scale_factor),
                                      epoch=epoch + 1, loss=last_loss,
