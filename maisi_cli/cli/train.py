@@ -67,6 +67,25 @@ def train_progress(output: render.Output) -> Iterator:
     yield log_event
 
 
+def run_trainer(output: render.Output, config_class, config_file: Optional[Path], flags: dict, train,
+                describe) -> None:
+    """Build the trainer's config (file + flags), train with progress, and print one summary from rank 0 only:
+    `describe(summary)` for people, the summary itself with --json."""
+    import os
+
+    from maisi_cli.engine.train.common import build_config
+
+    settings = build_config(config_class, config_file, flags)
+    with train_progress(output) as on_event:
+        summary = train(settings, on_event)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if output.json:
+        render.print_json(summary)
+    else:
+        render.info(describe(summary), output)
+
+
 @app.command("diffusion")
 def diffusion_command(
     ctx: typer.Context,
@@ -89,7 +108,6 @@ def diffusion_command(
     json_flag: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Train the diffusion UNet of a model on pre-computed latents."""
-    from maisi_cli.engine.train.common import build_config
     from maisi_cli.engine.train.diffusion import DiffusionTrainConfig, train_diffusion
     from maisi_cli.errors import UsageError
 
@@ -98,20 +116,10 @@ def diffusion_command(
         raise UsageError(f"--scheduler: '{scheduler}' is not a scheduler; use rflow or ddpm")
     flags = {"data": data, "out": out, "model": model, "scheduler": scheduler, "epochs": epochs, "lr": lr,
              "batch_size": batch_size, "resume": resume, "init": init, "device": device, "amp": amp, "seed": seed}
-    settings = build_config(DiffusionTrainConfig, config, flags)
-    with train_progress(output) as on_event:
-        summary = train_diffusion(settings, on_event)
-    import os
-
-    if int(os.environ.get("RANK", "0")) != 0:
-        return  # one summary per run, from rank 0
-    if output.json:
-        render.print_json(summary)
-    else:
-        render.info(f"trained {summary['model']} diffusion UNet ({summary['scheduler']}) for epochs "
-                    f"{summary['start_epoch'] + 1}..{summary['epochs']}: loss {summary['loss']:.4f}, scale factor "
-                    f"{summary['scale_factor']:.4f} ({summary['scale_factor_source']}); wrote {summary['checkpoint']}",
-                    output)
+    run_trainer(output, DiffusionTrainConfig, config, flags, train_diffusion, lambda summary: (
+        f"trained {summary['model']} diffusion UNet ({summary['scheduler']}) for epochs "
+        f"{summary['start_epoch'] + 1}..{summary['epochs']}: loss {summary['loss']:.4f}, scale factor "
+        f"{summary['scale_factor']:.4f} ({summary['scale_factor_source']}); wrote {summary['checkpoint']}"))
 
 
 @app.command("controlnet")
@@ -144,26 +152,17 @@ def controlnet_command(
     json_flag: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Train a model's ControlNet (initialised from its frozen diffusion UNet) on latents + label maps."""
-    import os
 
-    from maisi_cli.engine.train.common import build_config
     from maisi_cli.engine.train.controlnet import ControlNetTrainConfig, train_controlnet
 
     output = render.output_of(ctx.obj, json_flag)
     flags = {"data": data, "out": out, "model": model, "weights_dir": weights_dir, "epochs": epochs, "lr": lr,
              "batch_size": batch_size, "weighted_label": weighted_label or None, "weighted_loss": weighted_loss,
              "resume": resume, "init": init, "device": device, "amp": amp, "seed": seed}
-    settings = build_config(ControlNetTrainConfig, config, flags)
-    with train_progress(output) as on_event:
-        summary = train_controlnet(settings, on_event)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return  # one summary per run, from rank 0
-    if output.json:
-        render.print_json(summary)
-    else:
-        render.info(f"trained {summary['model']} ControlNet ({summary['scheduler']}) for epochs "
-                    f"{summary['start_epoch'] + 1}..{summary['epochs']}: loss {summary['loss']:.4f}; wrote "
-                    f"{summary['checkpoint']}", output)
+    run_trainer(output, ControlNetTrainConfig, config, flags, train_controlnet, lambda summary: (
+        f"trained {summary['model']} ControlNet ({summary['scheduler']}) for epochs "
+        f"{summary['start_epoch'] + 1}..{summary['epochs']}: loss {summary['loss']:.4f}; wrote "
+        f"{summary['checkpoint']}"))
 
 
 @app.command("vae")
@@ -202,9 +201,7 @@ def vae_command(
     json_flag: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Train a model's VAE (L1 + KL + perceptual + patch-adversarial) on CT images."""
-    import os
 
-    from maisi_cli.engine.train.common import build_config
     from maisi_cli.engine.train.vae import VaeTrainConfig, train_vae
 
     output = render.output_of(ctx.obj, json_flag)
@@ -213,17 +210,11 @@ def vae_command(
              "perceptual_network": perceptual_network, "perceptual_weights": perceptual_weights,
              "adversarial_weight": adversarial_weight, "val_every": val_every, "val_fold": val_fold,
              "resume": resume, "init": init, "device": device, "amp": amp, "seed": seed}
-    settings = build_config(VaeTrainConfig, config, flags)
-    with train_progress(output) as on_event:
-        summary = train_vae(settings, on_event)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return  # one summary per run, from rank 0
-    if output.json:
-        render.print_json(summary)
-    else:
-        val = f", val loss {summary['val']['val_loss']:.4f}" if summary["val"] else ""
-        render.info(f"trained {summary['model']} VAE for epochs {summary['start_epoch'] + 1}..{summary['epochs']}: "
-                    f"loss {summary['loss']:.4f}{val}; wrote {summary['checkpoint']}", output)
+    run_trainer(output, VaeTrainConfig, config, flags, train_vae, lambda summary: (
+        f"trained {summary['model']} VAE for epochs {summary['start_epoch'] + 1}..{summary['epochs']}: "
+        f"loss {summary['loss']:.4f}"
+        + (f", val loss {summary['val']['val_loss']:.4f}" if summary["val"] else "")
+        + f"; wrote {summary['checkpoint']}"))
 
 
 def embed_command(

@@ -81,6 +81,22 @@ def _licence_line(spec, output: render.Output) -> None:
     _notice(f"Licence of the {spec.name} files: {licence}", output)
 
 
+def _show_results(spec, repo: str, results: list, output: render.Output, **extra) -> None:
+    """The files a download or an import handled: one JSON document, or a table and the lock's path."""
+    from maisi_cli.engine.hub import lock_path
+
+    lock = lock_path(repo, spec.hf_revision)
+    if output.json:
+        render.print_json({"model": spec.name, "repo": repo, "revision": spec.hf_revision, **extra, "lock": str(lock),
+                           "files": [r.document() for r in results]})
+        return
+    if output.quiet:
+        return
+    rows = [(r.component, r.repo_name, r.status, _size(r.size), _short(r.sha256), r.lock or "-") for r in results]
+    _table(f"{spec.name}: {repo}@{spec.hf_revision}", ("component", "file", "status", "size", "sha256", "lock"), rows)
+    render.info(f"lock: {lock}", output)
+
+
 @app.command("download")
 def download_command(
     ctx: typer.Context,
@@ -93,7 +109,7 @@ def download_command(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Download a model's files into the Hugging Face cache and lock their sha256."""
-    from maisi_cli.engine.hub import download, lock_path, repo_files, require_repository
+    from maisi_cli.engine.hub import download, repo_files, require_repository
 
     output = render.output_of(ctx.obj, json_flag)
     spec = _model(model, revision)
@@ -102,17 +118,7 @@ def download_command(
     _licence_line(spec, output)
     with render.progress(output) as on_progress:
         results = download(spec, files, force=force, on_progress=on_progress)
-    lock = lock_path(repo, spec.hf_revision)
-    if output.json:
-        render.print_json({"model": spec.name, "repo": repo, "revision": spec.hf_revision, "licence": spec.licence,
-                           "lock": str(lock), "files": [r.document() for r in results]})
-        return
-    if output.quiet:
-        return
-    rows = [(r.component, r.repo_name, r.status, _size(r.size), _short(r.sha256), r.lock or "-") for r in results]
-    _table(f"{spec.name}: {repo}@{spec.hf_revision}", ("component", "file", "status", "size", "sha256",
-                                                                   "lock"), rows)
-    render.info(f"lock: {lock}", output)
+    _show_results(spec, repo, results, output, licence=spec.licence)
 
 
 @app.command("list")
@@ -180,7 +186,7 @@ def import_command(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Copy a model's files from a folder into maisi's store (no network), checked against the lock."""
-    from maisi_cli.engine.hub import import_folder, lock_path, require_repository
+    from maisi_cli.engine.hub import import_folder, require_repository
 
     output = render.output_of(ctx.obj, json_flag)
     spec = _model(model, revision)
@@ -188,17 +194,7 @@ def import_command(
     _licence_line(spec, output)
     with render.progress(output) as on_progress:
         results = import_folder(folder, spec, on_progress)
-    lock = lock_path(repo, spec.hf_revision)
-    if output.json:
-        render.print_json({"model": spec.name, "repo": repo, "revision": spec.hf_revision, "lock": str(lock),
-                           "files": [r.document() for r in results]})
-        return
-    if output.quiet:
-        return
-    rows = [(r.component, r.repo_name, r.status, _size(r.size), _short(r.sha256), r.lock or "-") for r in results]
-    _table(f"{spec.name}: {repo}@{spec.hf_revision}", ("component", "file", "status", "size", "sha256",
-                                                                   "lock"), rows)
-    render.info(f"lock: {lock}", output)
+    _show_results(spec, repo, results, output)
 
 
 @app.command("path")
