@@ -70,6 +70,9 @@ def _register() -> None:
     app.command("generate", help=generate.HELP)(generate.generate)
     app.command("models", help=models.HELP)(models.models)
     app.command("qc", help=qc.HELP)(qc.qc)
+    from maisi_cli.cli import preview
+
+    app.command("preview", help=preview.HELP)(preview.preview)
     app.command("fid", help=fid.HELP)(fid.fid)
     app.command("labels", help=labels.HELP)(labels.labels)
     app.add_typer(profiles.app, name="profiles")

@@ -56,6 +56,8 @@ def generate(
     stats: Optional[Path] = typer.Option(None, "--stats", help="HU statistics JSON for the check (default: the "
                                          "packaged image_median_statistics.json)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
+    preview: bool = typer.Option(False, "--preview/--no-preview", help="Also write sample_NNNN_preview.png beside "
+                                 "each pair: mid-planes, soft-tissue window, label contours (see `maisi preview`)."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     from maisi_cli.errors import QualityCheckFailed, UsageError
@@ -87,12 +89,34 @@ def generate(
     if dry_run:
         show_plan(plan.describe(), output)
         return
+    previews: list[str] = []
+
+    def write_preview(task, missing_only: bool = False) -> None:
+        """A sample's preview PNG; a failure is a warning (the sample itself is written)."""
+        from maisi_cli.engine.preview import write_sample_preview
+        from maisi_cli.errors import MaisiError
+
+        try:
+            written = write_sample_preview(task.image, task.label, missing_only=missing_only)
+        except MaisiError as failure:
+            render.warning(f"--preview: sample {task.index}: {failure}", output)
+            return
+        if written is not None:
+            previews.append(written.name)
+
+    if preview:  # complete samples skipped by this run: only a missing preview is written
+        for task in plan.samples:
+            if task.complete and task.image.is_file() and task.label.is_file():
+                write_preview(task, missing_only=True)
     with render.progress(output, samples=len(plan.pending)) as on_progress:
-        report = run_generation(plan, on_progress, on_warning=lambda message: render.warning(message, output))
+        report = run_generation(plan, on_progress, on_warning=lambda message: render.warning(message, output),
+                                on_written=write_preview if preview else None)
     if output.json:
-        render.print_json(report.as_dict())
+        render.print_json({**report.as_dict(), **({"previews": sorted(previews)} if preview else {})})
     else:
         render.info(summary_line(report), output)
+        if previews:
+            render.info(f"{len(previews)} preview(s) written ({', '.join(sorted(previews))})", output)
     if strict_qc and report.qc_failed:
         attempts = {s.index: len(s.attempts) for s in report.samples}
         named = ", ".join(f"{i} ({attempts[i]} attempt(s))" if attempts[i] else str(i) for i in report.qc_failed)

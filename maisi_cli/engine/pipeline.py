@@ -235,7 +235,7 @@ def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> Ge
         source = database_mask_source(request, model, size, spacing, anatomy_ids, regions, device)
     if request.label_mode == "requested" and not anatomy_ids:
         raise UsageError("--label-mode requested: name the anatomies to keep with --anatomy NAME")
-    qc_statistics = load_statistics(qc.stats) if qc.enabled else None  # a bad --stats file fails now too
+    qc_statistics = load_statistics(qc_statistics_file(model, qc, request)) if qc.enabled else None  # fails now
 
     return GenerationPlan(
         request=request, model=model, profile=profile, device=device, precision=precision, size=size,
@@ -243,6 +243,16 @@ def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> Ge
         anatomy_ids=anatomy_ids, samples=sample_tasks(request), weights=weights, warnings=warnings,
         qc=qc, qc_statistics=qc_statistics,
     )
+
+
+def qc_statistics_file(model: ModelSpec, qc: QCOptions, request: GenerateRequest) -> Path | None:
+    """`--stats FILE`, else the model's own organ statistics (the demo ships those of its phantoms), else None: the
+    packaged statistics of the released CT data."""
+    if qc.stats is not None:
+        return qc.stats
+    if "qc_statistics" in model.datasets:
+        return locate_weight(model, "qc_statistics", request.weights_dir).path
+    return None
 
 
 def file_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
@@ -267,7 +277,8 @@ def database_mask_source(request: GenerateRequest, model: ModelSpec, size: tuple
                          spacing: tuple[float, float, float], anatomy_ids: tuple[int, ...], regions: tuple[int, ...],
                          device: str) -> Any:
     """Candidates from `--mask-database FILE` (masks relative to its folder), else from the model's released
-    database and mask archive (unpacked once under MAISI_HOME)."""
+    database and mask archive (unpacked once under MAISI_HOME), or, for a model whose spec names no archive (the
+    bundled demo), masks relative to its database file."""
     from maisi_cli.config import maisi_home
     from maisi_cli.engine.masks.archive import mask_root, unpack_archive
     from maisi_cli.engine.masks.database import read_database
@@ -278,13 +289,16 @@ def database_mask_source(request: GenerateRequest, model: ModelSpec, size: tuple
         entries = read_database(database)
         root = database.parent
     else:
-        if "mask_database" not in model.datasets or "mask_archive" not in model.datasets:
+        if "mask_database" not in model.datasets:
             raise UsageError(f"--mask: model {model.name} ships no candidate-mask database; pass --mask FILE or "
                              "--mask-database FILE")
         database = locate_weight(model, "mask_database", request.weights_dir).path
-        archive = locate_weight(model, "mask_archive", request.weights_dir).path
         entries = read_database(database)
-        root = mask_root(unpack_archive(archive, maisi_home() / "masks"), entries[0].pseudo_label_filename)
+        if "mask_archive" in model.datasets:
+            archive = locate_weight(model, "mask_archive", request.weights_dir).path
+            root = mask_root(unpack_archive(archive, maisi_home() / "masks"), entries[0].pseudo_label_filename)
+        else:
+            root = database.parent
     return database_source(database, root, entries, anatomy_ids, regions, size, spacing, request.seed,
                            request.num_samples, request.augment, device)
 
@@ -529,7 +543,10 @@ def recorded_result(task: SampleTask) -> SampleResult:
 
 
 def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = None,
-                   on_warning: WarningCallback | None = None) -> GenerationReport:
+                   on_warning: WarningCallback | None = None,
+                   on_written: Callable[[SampleTask], None] | None = None) -> GenerationReport:
+    """Make the plan's pending samples. `on_written(task)` runs after each sample's files are all written (e.g. to
+    write its preview)."""
     from maisi_cli.io.nifti import write_nifti
     from maisi_cli.io.provenance import write_json
 
@@ -556,6 +573,8 @@ def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = 
                 plan, sample.task, loaded, timings, sample.mask.provenance, sample.qc,
                 sample_regions(plan, sample.mask) if plan.model.uses_body_region else None))
             on_progress(f"sample {task.index:04d} write", 1, 1)
+            if on_written is not None:
+                on_written(task)
             qc = {"passed": sample.qc["passed"], "failed": sample.qc["failed"]} if sample.qc else None
             results.append(SampleResult(task.index, sample.task.seed, "written",
                                         [task.image.name, task.label.name, task.sidecar.name], timings["total_s"],

@@ -1,0 +1,407 @@
+"""A quick look at a CT and its label map: one RGB PNG with the three orthogonal planes, CT windowing, the labels as
+coloured contours and a legend of their names (`maisi preview`, `maisi generate --preview`).
+
+numpy, nibabel and Pillow only (no torch, Typer or rich).
+
+Orientation. The volumes are first reoriented to the closest canonical RAS grid (array axis 0 towards the patient's
+right, axis 1 anterior, axis 2 towards the head). The axial plane is shown as radiologists read it: anterior at the
+top and the patient's right on the viewer's left; the coronal plane with the head up and the patient's right on the
+viewer's left; the sagittal plane with the head up and anterior on the viewer's left. All three panels share one
+scale in mm per pixel, so pixels are square in mm whatever the voxel spacing.
+
+Labels. Each label is drawn as its boundary (a label pixel with a 4-neighbour of another label), computed on the
+panel's pixels, in a fixed colour per label id. The body (label 200) outlines the whole body and is not drawn.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from maisi_cli.errors import MaisiError, OutputError, UsageError
+from maisi_cli.labels import BODY_LABEL, label_dictionary
+
+# Named CT windows: name → (level, width) in HU.
+WINDOWS: dict[str, tuple[float, float]] = {
+    "soft-tissue": (40.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "liver": (80.0, 150.0),
+    "brain": (40.0, 80.0),
+}
+DEFAULT_WINDOW = "soft-tissue"
+HIDDEN_LABELS = frozenset({0, BODY_LABEL})  # background, and the body outline (it would circle everything)
+PLANES = ("axial", "coronal", "sagittal")
+PLANE_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # the canonical axis each plane holds fixed
+AXIS_NAMES = "xyz"
+
+MIN_PANEL, MAX_PANEL = 64, 2048
+GAP = 4  # pixels between panels and around the canvas
+TITLE_HEIGHT = 16  # the line above each panel
+LEGEND_ROW = 14  # one legend entry per row
+LEGEND_COLUMN = 200  # width of one legend column
+SWATCH = 10
+BACKGROUND = (0, 0, 0)
+TEXT = (255, 255, 255)
+
+
+# --- windows and slices -------------------------------------------------------------------------------------------
+def parse_window(text: str) -> tuple[float, float]:
+    """(level, width) in HU from a window name (soft-tissue, lung, bone, liver, brain) or `LEVEL,WIDTH`
+    (e.g. `40,400`, `-600,1500`)."""
+    key = text.strip().lower()
+    if key in WINDOWS:
+        return WINDOWS[key]
+    parts = key.split(",")
+    if len(parts) == 2:
+        try:
+            level, width = float(parts[0]), float(parts[1])
+        except ValueError:
+            pass
+        else:
+            if not (math.isfinite(level) and math.isfinite(width)):
+                pass
+            elif width <= 0:
+                raise UsageError(f"--window: width {parts[1].strip()} must be positive (LEVEL,WIDTH in HU, "
+                                 "e.g. 40,400)")
+            else:
+                return level, width
+    raise UsageError(f"--window: '{text}' is not a window; use {', '.join(WINDOWS)} or LEVEL,WIDTH in HU "
+                     "(e.g. 40,400)")
+
+
+def window_to_uint8(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+    """HU → 0..255: level − width/2 and below is black, level + width/2 and above is white, linear between."""
+    if width <= 0:
+        raise ValueError("width must be positive")
+    low = level - width / 2.0
+    scaled = (np.asarray(hu, dtype=np.float64) - low) / width
+    return np.round(np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def parse_slice(text: str | None, shape: Sequence[int]) -> tuple[int, int, int]:
+    """Voxel indices (x, y, z) of the sagittal, coronal and axial planes in the canonical RAS grid: `X,Y,Z`, or the
+    mid-planes when `text` is None."""
+    if text is None:
+        return tuple(int(n) // 2 for n in shape)  # type: ignore[return-value]
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3 or not all(re.fullmatch(r"-?\d+", p) for p in parts):
+        raise UsageError(f"--slice: '{text}' is not X,Y,Z; give three voxel indices, e.g. "
+                         f"{','.join(str(int(n) // 2) for n in shape)}")
+    index = tuple(int(p) for p in parts)
+    for axis, (i, n) in enumerate(zip(index, shape)):
+        if not 0 <= i < n:
+            raise UsageError(f"--slice: {AXIS_NAMES[axis]}={i} is outside the volume (0..{n - 1} on that axis of "
+                             f"the RAS grid, shape {'x'.join(str(int(s)) for s in shape)})")
+    return index  # type: ignore[return-value]
+
+
+# --- orientation --------------------------------------------------------------------------------------------------
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(data, affine) flipped and transposed to the closest canonical RAS grid (as nibabel's as_closest_canonical)."""
+    from nibabel import orientations
+
+    ornt = orientations.io_orientation(affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return data, affine
+    moved = orientations.apply_orientation(data, ornt)
+    return moved, affine @ orientations.inv_ornt_aff(ornt, data.shape)
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def plane_slices(volume: np.ndarray, index: Sequence[int]) -> dict[str, np.ndarray]:
+    """The three planes through voxel `index` of a canonical RAS volume, as 2-D arrays (rows top to bottom, columns
+    left to right) in viewing orientation: axial anterior up and patient's right on the left; coronal head up and
+    patient's right on the left; sagittal head up and anterior on the left."""
+    x, y, z = (int(i) for i in index)
+    return {
+        "axial": volume[::-1, ::-1, z].T,  # rows: anterior → posterior; columns: right → left
+        "coronal": volume[::-1, y, ::-1].T,  # rows: head → feet; columns: right → left
+        "sagittal": volume[x, ::-1, ::-1].T,  # rows: head → feet; columns: anterior → posterior
+    }
+
+
+def plane_pixel_mm(spacing: Sequence[float]) -> dict[str, tuple[float, float]]:
+    """(row, column) size in mm of a voxel in each plane of `plane_slices`."""
+    sx, sy, sz = (float(s) for s in spacing)
+    return {"axial": (sy, sx), "coronal": (sz, sx), "sagittal": (sz, sy)}
+
+
+def display_shapes(shape: Sequence[int], spacing: Sequence[float], panel_size: int) -> dict[str, tuple[int, int]]:
+    """(height, width) in pixels of each plane: one mm-per-pixel scale for all three, the volume's largest extent
+    filling `panel_size`."""
+    extents = [int(n) * float(s) for n, s in zip(shape, spacing)]
+    mm_per_pixel = max(extents) / panel_size
+    planes = plane_slices(np.empty(tuple(int(n) for n in shape), dtype=np.bool_), [0, 0, 0])
+    sizes = plane_pixel_mm(spacing)
+    shapes = {}
+    for name, plane in planes.items():
+        rows, cols = plane.shape
+        height = rows * sizes[name][0] / mm_per_pixel
+        width = cols * sizes[name][1] / mm_per_pixel
+        shapes[name] = (min(panel_size, max(1, round(height))), min(panel_size, max(1, round(width))))
+    return shapes
+
+
+def resample_nearest(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resampling of a 2-D array to `shape` (pixel centres aligned, as Pillow's resize)."""
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * plane.shape[0] / shape[0]).astype(np.int64), plane.shape[0] - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * plane.shape[1] / shape[1]).astype(np.int64), plane.shape[1] - 1)
+    return plane[rows[:, None], cols[None, :]]
+
+
+# --- labels -------------------------------------------------------------------------------------------------------
+def contour_mask(labels: np.ndarray, hidden: frozenset[int] | set[int] = HIDDEN_LABELS) -> np.ndarray:
+    """True where a pixel of a shown label has a 4-neighbour (inside the array) holding another label."""
+    labels = np.asarray(labels)
+    padded = np.pad(labels, 1, mode="edge")
+    centre = padded[1:-1, 1:-1]
+    differs = ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
+               | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
+    shown = ~np.isin(labels, list(hidden))
+    return differs & shown
+
+
+def label_colour(ident: int) -> tuple[int, int, int]:
+    """A fixed, saturated colour per label id: hues a golden-ratio step apart, so neighbouring ids differ."""
+    hue = (int(ident) * 0.6180339887498949) % 1.0
+    saturation = (1.0, 0.75)[(int(ident) // 7) % 2]
+    value = (1.0, 0.85)[(int(ident) // 3) % 2]
+    red, green, blue = colorsys.hsv_to_rgb(hue, saturation, value)
+    return round(red * 255), round(green * 255), round(blue * 255)
+
+
+def label_name(ident: int) -> str:
+    names = {value: name for name, value in label_dictionary().items()}
+    return names.get(int(ident), f"label {int(ident)}")
+
+
+# --- layout -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """Where everything goes on the canvas: three `panel_size` squares in a row under their titles, then the legend
+    in columns of LEGEND_COLUMN pixels, one entry per LEGEND_ROW."""
+
+    panel_size: int
+    legend_entries: int
+
+    @property
+    def width(self) -> int:
+        return 3 * self.panel_size + 4 * GAP
+
+    @property
+    def legend_columns(self) -> int:
+        return max(1, (self.width - GAP) // LEGEND_COLUMN)
+
+    @property
+    def legend_rows(self) -> int:
+        return math.ceil(self.legend_entries / self.legend_columns)
+
+    @property
+    def legend_top(self) -> int:
+        return GAP + TITLE_HEIGHT + self.panel_size + GAP
+
+    @property
+    def height(self) -> int:
+        return self.legend_top + (self.legend_rows * LEGEND_ROW + GAP if self.legend_entries else 0)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def panel_box(self, position: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of panel 0 (axial), 1 (coronal) or 2 (sagittal)."""
+        left = GAP + position * (self.panel_size + GAP)
+        top = GAP + TITLE_HEIGHT
+        return left, top, left + self.panel_size, top + self.panel_size
+
+    def legend_cell(self, entry: int) -> tuple[int, int]:
+        """(left, top) of legend entry `entry` (filled row by row)."""
+        row, column = divmod(entry, self.legend_columns)
+        return GAP + column * LEGEND_COLUMN, self.legend_top + row * LEGEND_ROW
+
+    def swatch_box(self, entry: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom), exclusive, of legend entry `entry`'s colour swatch."""
+        left, top = self.legend_cell(entry)
+        top += (LEGEND_ROW - SWATCH) // 2
+        return left, top, left + SWATCH, top + SWATCH
+
+
+# --- rendering ----------------------------------------------------------------------------------------------------
+@dataclass
+class Preview:
+    image: object  # PIL.Image.Image
+    slice: tuple[int, int, int]
+    window: tuple[float, float]
+    labels: list[int] = field(default_factory=list)  # ids drawn, in legend order
+    layout: Layout | None = None
+
+    def as_dict(self, out: Path) -> dict:
+        return {
+            "out": str(out),
+            "size": list(self.image.size),  # type: ignore[attr-defined]
+            "slice": list(self.slice),
+            "window": {"level": self.window[0], "width": self.window[1]},
+            "labels": [{"id": i, "name": label_name(i), "colour": "#%02x%02x%02x" % label_colour(i)}
+                       for i in self.labels],
+        }
+
+
+def _fit_text(draw, text: str, font, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def render_preview(image: np.ndarray, spacing: Sequence[float], labels: np.ndarray | None = None,
+                   index: Sequence[int] | None = None, window: tuple[float, float] = WINDOWS[DEFAULT_WINDOW],
+                   panel_size: int = 256) -> Preview:
+    """The preview of a canonical RAS `image` in HU (and its label map on the same grid) as an RGB Pillow image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    shape = image.shape
+    index = tuple(int(n) // 2 for n in shape) if index is None else tuple(int(i) for i in index)
+    shapes = display_shapes(shape, spacing, panel_size)
+    grey_planes = plane_slices(image, index)
+    label_planes = plane_slices(labels, index) if labels is not None else None
+
+    panels: dict[str, np.ndarray] = {}
+    shown: set[int] = set()
+    for name in PLANES:
+        height, width = shapes[name]
+        grey = Image.fromarray(np.ascontiguousarray(window_to_uint8(grey_planes[name], *window)))
+        rgb = np.array(grey.resize((width, height), Image.Resampling.BILINEAR).convert("RGB"))
+        if label_planes is not None:
+            display_labels = resample_nearest(np.asarray(label_planes[name]).astype(np.int64), (height, width))
+            edge = contour_mask(display_labels)
+            for ident in np.unique(display_labels[edge]).tolist():
+                rgb[edge & (display_labels == ident)] = label_colour(ident)
+                shown.add(int(ident))
+        panels[name] = rgb
+
+    ordered = sorted(shown)
+    layout = Layout(panel_size, len(ordered))
+    canvas = Image.new("RGB", layout.size, BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for position, name in enumerate(PLANES):
+        left, top, right, bottom = layout.panel_box(position)
+        height, width = shapes[name]
+        canvas.paste(Image.fromarray(panels[name]),
+                     (left + (panel_size - width) // 2, top + (panel_size - height) // 2))
+        axis = PLANE_AXIS[name]
+        title = f"{name} {AXIS_NAMES[axis]}={index[axis]}"
+        draw.text((left, GAP), _fit_text(draw, title, font, panel_size), fill=TEXT, font=font)
+    for entry, ident in enumerate(ordered):
+        left, top = layout.legend_cell(entry)
+        swatch = layout.swatch_box(entry)
+        draw.rectangle((swatch[0], swatch[1], swatch[2] - 1, swatch[3] - 1), fill=label_colour(ident))
+        text = _fit_text(draw, f"{ident} {label_name(ident)}", font, LEGEND_COLUMN - SWATCH - 10)
+        draw.text((left + SWATCH + 4, top), text, fill=TEXT, font=font)
+    return Preview(canvas, index, window, ordered, layout)  # type: ignore[arg-type]
+
+
+# --- files --------------------------------------------------------------------------------------------------------
+def _read(path: Path, field_name: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    from maisi_cli.io.nifti import read_nifti
+
+    try:
+        return read_nifti(path, field=field_name, what=what)
+    except UsageError:
+        raise
+    except MaisiError as error:  # a missing or unreadable file is a wrong argument here
+        raise UsageError(str(error)) from None
+
+
+def load_volumes(image_path: Path, mask_path: Path | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]:
+    """(image, label map or None, voxel spacing), both on the canonical RAS grid. A label map that is not on the
+    image's grid (shape or affine) is a UsageError naming MASK."""
+    image, affine = _read(image_path, "IMAGE", "CT image")
+    labels = None
+    if mask_path is not None:
+        labels, mask_affine = _read(mask_path, "MASK", "label map")
+        if labels.shape != image.shape:
+            raise UsageError(f"MASK: '{mask_path}' has shape {'x'.join(map(str, labels.shape))}, IMAGE has "
+                             f"{'x'.join(map(str, image.shape))}; give the label map of this image (same grid)")
+        if not np.allclose(mask_affine, affine, atol=1e-3):
+            raise UsageError(f"MASK: '{mask_path}' has another affine than IMAGE (different spacing, origin or "
+                             "orientation); give the label map of this image (same grid)")
+        if not np.issubdtype(labels.dtype, np.integer):
+            rounded = np.rint(labels)
+            if not np.array_equal(rounded, labels):
+                raise UsageError(f"MASK: '{mask_path}' holds non-integer values; give a label map")
+            labels = rounded.astype(np.int64)
+        labels, _ = to_canonical(labels, mask_affine)
+    image, canonical_affine = to_canonical(image, affine)
+    return image, labels, voxel_spacing(canonical_affine)
+
+
+def check_panel_size(panel_size: int) -> None:
+    if not MIN_PANEL <= panel_size <= MAX_PANEL:
+        raise UsageError(f"--panel-size: {panel_size} is outside {MIN_PANEL}..{MAX_PANEL} pixels")
+
+
+def check_out(out: Path) -> None:
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out: '{out}' must name a .png file")
+    if out.is_dir():
+        raise UsageError(f"--out: '{out}' is a folder; name a .png file")
+
+
+def write_png(path: Path, image) -> None:
+    """The PNG written atomically (a temporary name in the same folder, then renamed)."""
+    from maisi_cli.io.nifti import write_atomic
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buffer.getvalue())
+    except OSError as error:
+        raise OutputError(f"--out: cannot write '{path}' ({error.strerror or error}); choose a place you can "
+                          "write") from None
+
+
+def make_preview(image_path: Path, mask_path: Path | None, out: Path, window: str = DEFAULT_WINDOW,
+                 slice_text: str | None = None, panel_size: int = 256) -> Preview:
+    """Check every argument, read the volumes, render, write `out`. Nothing is written when a check fails."""
+    check_out(out)
+    check_panel_size(panel_size)
+    level_width = parse_window(window)
+    image, labels, spacing = load_volumes(image_path, mask_path)
+    index = parse_slice(slice_text, image.shape)
+    preview = render_preview(image, spacing, labels, index, level_width, panel_size)
+    write_png(out, preview.image)
+    return preview
+
+
+def sample_preview_path(image_path: Path) -> Path:
+    """sample_0000_image.nii.gz → sample_0000_preview.png (beside it)."""
+    name = image_path.name
+    for suffix in ("_image.nii.gz", "_image.nii", ".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return image_path.with_name(name[: -len(suffix)] + "_preview.png")
+    return image_path.with_name(name + "_preview.png")
+
+
+def write_sample_preview(image_path: Path, label_path: Path, missing_only: bool = False) -> Path | None:
+    """`maisi generate --preview`: sample_NNNN_preview.png beside a written pair (mid-planes, soft-tissue window).
+    With `missing_only`, an existing preview is kept (None is returned)."""
+    out = sample_preview_path(image_path)
+    if missing_only and out.is_file():
+        return None
+    make_preview(image_path, label_path, out)
+    return out
