@@ -1,7 +1,8 @@
 """Hardware profiles (profiles/*.toml) and the decode plan a profile gives for one output size.
 
 A profile is data: per-size decode settings copied from the reference `config_infer_*g_*.json` files, and a
-fallback rule for sizes missing from its table. No torch here, except `resolve_auto`, which asks the GPU.
+fallback rule for sizes missing from its table. On GPU profiles, sizes missing from the table are planned by the
+memory planner (`maisi_cli.engine.memory.plan_decode`) when the caller passes the model spec. No torch here, except `resolve_auto`, which asks the GPU.
 """
 
 from __future__ import annotations
@@ -53,12 +54,27 @@ class Profile(BaseModel):
     fallback: FallbackRule
     path: str = ""
 
-    def decode_plan(self, latent_spatial: Triple, image_size: Triple, split_axis: int = 1) -> "DecodePlan":
-        """The table entry for this image size, else the fallback rule. `split_axis` is the VAE's `dim_split`."""
+    @property
+    def budget_bytes(self) -> int | None:
+        """The GPU memory the planner may use: `memory_gb` read as GiB (as nvidia-smi and torch report)."""
+        return int(self.memory_gb * 1024**3) if self.device == "cuda" and self.memory_gb else None
+
+    def decode_plan(self, latent_spatial: Triple, image_size: Triple, split_axis: int = 1,
+                    spec=None) -> "DecodePlan":
+        """The table entry for this image size (the released settings, exact); else, on a GPU profile given the
+        model `spec`, the memory planner's fastest plan that fits `memory_gb` (`maisi_cli.engine.memory`); else
+        the fallback rule (the cpu profile, or a caller without a spec). `split_axis` is the VAE's `dim_split`."""
         for entry in self.decode:
             if entry.size == image_size:
                 return make_decode_plan(latent_spatial, entry.roi, entry.overlap, entry.tp_splits, split_axis,
                                         rule=f"{self.name} table ({entry.source or format_triple(entry.size)})")
+        if spec is not None and self.budget_bytes and tuple(spec.latent_shape(image_size)[1:]) == tuple(latent_spatial):
+            from maisi_cli.engine.memory import plan_decode
+
+            chosen = plan_decode(spec, image_size, self.budget_bytes, rois=[e.roi for e in self.decode],
+                                 min_overlap=self.fallback.overlap,
+                                 rule=f"{self.name} planner (fits {self.memory_gb:g} GiB)")
+            return chosen.plan
         roi = fallback_roi(latent_spatial, self.fallback.max_roi_latent_voxels)
         return make_decode_plan(latent_spatial, roi, self.fallback.overlap, self.fallback.tp_splits, split_axis,
                                 rule=f"{self.name} fallback (at most {self.fallback.max_roi_latent_voxels} latent voxels)")
@@ -169,8 +185,53 @@ def _profiles_in(directories: tuple[Path, ...]) -> dict[str, Profile]:
     return found
 
 
+def _merge_plugin_profiles(found: list) -> dict[str, Profile]:
+    """The profiles plugins add (`maisi.profiles`: .toml paths or dicts); a name maisi ships is refused."""
+    from maisi_cli import plugins
+    from maisi_cli.errors import MaisiError
+
+    owner = {name: "maisi" for name in ("auto", *_profiles_in((builtin_profile_dir(),)))}
+    added: dict[str, Profile] = {}
+    for record, obj in found:
+        items = plugins.as_list(record, obj, "profiles (.toml paths or dicts)")
+        if items is None:
+            continue
+        refusals: list[tuple[str, str]] = []
+        for item in items:
+            try:
+                if isinstance(item, dict):
+                    profile = Profile.model_validate({**item, "path": f"plugin {record.plugin}"})
+                else:
+                    profile = read_profile(Path(str(item)))
+            except ValidationError as error:
+                where, problem = first_validation_problem(error)
+                plugins.fail(record, f"profile field '{where}': {problem}")
+                continue
+            except MaisiError as error:
+                plugins.fail(record, str(error).removeprefix("--profile: "))
+                continue
+            if profile.name in owner:
+                refusals.append((profile.name, f"the profile name is taken by {owner[profile.name]}"))
+                continue
+            owner[profile.name] = f"plugin {record.plugin}"
+            added[profile.name] = profile
+            record.registered.append(profile.name)
+        plugins.refuse(record, refusals)
+    return added
+
+
+def _all_profiles() -> dict[str, Profile]:
+    """Profile folders (MAISI_PROFILE_PATH first, then maisi's own), then plugin profiles under names still free."""
+    from maisi_cli import plugins
+
+    found = dict(_profiles_in(tuple(profile_dirs())))
+    for name, profile in plugins.registry("profiles", _merge_plugin_profiles).items():
+        found.setdefault(name, profile)
+    return found
+
+
 def list_profiles() -> list[Profile]:
-    return list(_profiles_in(tuple(profile_dirs())).values())
+    return list(_all_profiles().values())
 
 
 def get_profile(name_or_path: str) -> Profile:
@@ -178,6 +239,8 @@ def get_profile(name_or_path: str) -> Profile:
     if name_or_path.endswith(".toml"):
         return read_profile(Path(name_or_path).expanduser())
     profiles = _profiles_in(tuple(profile_dirs()))
+    if name_or_path not in profiles:  # plugins are read only for a name that no profile folder holds
+        profiles = _all_profiles()
     if name_or_path not in profiles:
         known = ", ".join(["auto", *sorted(profiles)])
         raise UsageError(f"--profile: unknown profile '{name_or_path}'; known: {known} (or a .toml file)")
@@ -203,4 +266,12 @@ def resolve_profile(name_or_path: str, device: str) -> Profile:
     import torch
 
     free, _total = torch.cuda.mem_get_info(torch.device(device))
-    return pick_gpu_profile(free)
+    return auto_gpu_profile(free)
+
+
+def auto_gpu_profile(free_bytes: int) -> Profile:
+    """`auto` on a GPU: the profile `pick_gpu_profile` chooses (its table rows stay exact), with the planner's
+    budget set to the memory actually free, so sizes missing from its table are planned for this card."""
+    profile = pick_gpu_profile(free_bytes)
+    return profile.model_copy(update={"memory_gb": round(free_bytes / 1024**3, 2),
+                                      "description": f"{profile.description} (auto: {free_bytes / 1024**3:.1f} GiB free)"})

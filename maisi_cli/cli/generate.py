@@ -124,6 +124,14 @@ def generate(
                                  "written and their sidecars hold the QC report")
 
 
+def memory_text(memory: dict) -> str:
+    text = (f"predicted GPU peak {memory['peak_gib']:.1f} GiB in fp16 ({memory['peak_stage']}; diffusion "
+            f"{memory['diffusion_gib']:.1f}, decode {memory['decode_gib']:.1f})")
+    if memory.get("budget_gib"):
+        text += f", {'within' if memory['fits'] else 'OVER'} the profile's {memory['budget_gib']:g} GiB"
+    return text
+
+
 def show_plan(plan: dict, output: render.Output) -> None:
     if output.json:
         render.print_json({"dry_run": True, "plan": plan})
@@ -140,6 +148,7 @@ def show_plan(plan: dict, output: render.Output) -> None:
         ("latent", format_triple(tuple(plan["latent_shape"]))),
         ("steps", plan["steps"]),
         ("decode", decode_text),
+        ("memory", memory_text(plan["memory"])),
         ("mask", ", ".join(f"{k}: {v}" for k, v in plan["mask"].items())),
         ("out", plan["out"]),
         ("samples", ", ".join(f"{s['index']}:{s['status']}" for s in plan["samples"]) or "none in this shard"),

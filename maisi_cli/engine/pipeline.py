@@ -69,6 +69,17 @@ class GenerationPlan:
     def pending(self) -> list[SampleTask]:
         return [s for s in self.samples if not s.complete]
 
+    def memory_estimate(self) -> dict[str, Any]:
+        """Predicted peak GPU memory (fp16) of the diffusion loop and of the decode (engine/memory.py), and
+        whether it fits the profile's budget."""
+        from maisi_cli.engine.memory import estimate_peak_memory
+
+        estimate = estimate_peak_memory(self.model, self.size, self.decode).as_dict()
+        budget = self.profile.budget_bytes
+        estimate["budget_gib"] = round(budget / 2**30, 3) if budget else None
+        estimate["fits"] = (estimate["peak_gib"] * 2**30 <= budget) if budget else None
+        return estimate
+
     def describe(self) -> dict[str, Any]:
         """The resolved plan as plain data (for --dry-run and the run report)."""
         return {
@@ -83,6 +94,7 @@ class GenerationPlan:
             "latent_shape": list(self.latent_shape),
             "steps": self.steps,
             "decode": self.decode.model_dump(),
+            "memory": self.memory_estimate(),
             "mask": self.mask_source.describe(),
             "anatomy": list(self.request.anatomy),
             "anatomy_sizes": dict(self.request.anatomy_sizes),
@@ -222,7 +234,7 @@ def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> Ge
     anatomy_ids = tuple(label_id(name) for name in request.anatomy)
     latent_shape = model.latent_shape(size)
     split_axis = int(model.definition("autoencoder").get("dim_split", 1))
-    decode = profile.decode_plan(latent_shape[1:], size, split_axis=split_axis)
+    decode = profile.decode_plan(latent_shape[1:], size, split_axis=split_axis, spec=model)
 
     weights = [locate_weight(model, component, request.weights_dir) for component in IMAGE_COMPONENTS]
     if request.anatomy_sizes:
@@ -467,6 +479,7 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
             on_step=lambda done, total: on_progress(f"{name} denoise", done, total), generator=step_generator,
         )
     timings["denoise_s"] = time.perf_counter() - start
+    del controlnet_cond, unet_inputs, controlnet_inputs  # the decode is the memory peak: free the condition first
 
     start = time.perf_counter()
     image = decode_latents(loaded.decoder, latents, plan.decode,

@@ -149,10 +149,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model, mask_file, tmp_p
     assert plan["profile"] == "cpu" and plan["device"] == "cpu" and plan["steps"] == 4
     assert plan["decode"]["mode"] == "whole" and plan["latent_shape"] == [4, 8, 8, 8]
     assert [s["files"][0] for s in plan["samples"]] == ["sample_0000_image.nii.gz", "sample_0001_image.nii.gz"]
+    memory = plan["memory"]  # the planner's GPU estimate; the cpu profile has no GPU budget to compare with
+    assert 0 < memory["diffusion_gib"] and 0 < memory["decode_gib"] and memory["fits"] is None
+    assert memory["peak_gib"] == max(memory["diffusion_gib"], memory["decode_gib"])
     assert not out.exists()
 
     table = generate(tiny_model, mask_file, out, "--dry-run", json_output=False)
-    assert table.exit_code == 0 and "decode" in table.stdout and not out.exists()
+    assert table.exit_code == 0 and "decode" in table.stdout and "predicted GPU peak" in table.stdout
+    assert not out.exists()
 
 
 def test_profile_table_drives_the_decode_plan(tiny_model, mask_file, tmp_path):

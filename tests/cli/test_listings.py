@@ -53,7 +53,7 @@ def test_profiles_list_and_show():
     assert rows[(512, 512, 512)]["roi"] == [64, 64, 48] and rows[(512, 512, 512)]["overlap"] == 0.4
     assert rows[(512, 512, 512)]["tp_splits"] == 2
     table = runner.invoke(app, ["profiles", "show", "16g"])
-    assert table.exit_code == 0 and "48x48x64" in table.stdout and "fallback" in table.stdout
+    assert table.exit_code == 0 and "48x48x64" in table.stdout and "memory planner" in table.stdout
 
 
 def test_unknown_profile_in_show():
