@@ -9,17 +9,24 @@ import typer
 
 from maisi_cli.cli import render
 
-HELP = "2.5D FID between real and synthetic CT volumes, per plane and averaged (works under torchrun)."
+HELP = ("2.5D FID between real and synthetic CT volumes, per plane and averaged (--nproc N for N local processes; "
+        "works under torchrun). The RadImageNet ResNet-50 weights: `maisi weights download radimagenet-resnet50`.")
 
 
 def fid(
     ctx: typer.Context,
     real: Path = typer.Argument(..., metavar="REAL", help="Real volumes: a folder of NIfTI files, a datalist "
-                                "JSON (\"training\" items with \"image\") or a text file with one path a line."),
+                                ".json ({\"training\": [{\"image\": …}]} or a list of paths) or a .txt file with "
+                                "one path a line; relative paths are read from the list's folder."),
     synth: Path = typer.Argument(..., metavar="SYNTH", help="Synthetic volumes, in the same forms as REAL."),
     planes: str = typer.Option("xy,yz,zx", "--planes", help="Planes to slice, comma-separated: xy, yz, zx."),
-    extractor: Optional[Path] = typer.Option(None, "--extractor", help="RadImageNet ResNet-50 state dict "
-                                             "(default: $MAISI_HOME/fid/RadImageNet-ResNet50_notop.pth)."),
+    extractor: Optional[Path] = typer.Option(None, "--extractor", metavar="FILE", help="Weights file of the "
+                                             "extractor. For radimagenet-resnet50: a RadImageNet ResNet-50 state "
+                                             "dict; default $MAISI_HOME/fid/RadImageNet-ResNet50_notop.pth, else "
+                                             "the copy `maisi weights download radimagenet-resnet50` fetched."),
+    extractor_name: str = typer.Option("radimagenet-resnet50", "--extractor-name", metavar="NAME",
+                                       help="Feature extractor: the built-in radimagenet-resnet50, or a plugin "
+                                       "registered under the entry-point group maisi.extractors."),
     target_shape: str = typer.Option("512x512x512", "--target-shape", help="Pad (-1000 HU) and centre-crop every "
                                      "volume to this shape; 'none' keeps each volume's shape."),
     spacing: Optional[str] = typer.Option(None, "--spacing", help="Resample to this spacing in mm first, e.g. "
@@ -30,6 +37,8 @@ def fid(
     cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder; re-runs reuse features of "
                                          "unchanged files and parameters."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    nproc: int = typer.Option(1, "--nproc", metavar="N", help="Split the files over N local processes (gloo on "
+                              "the CPU, one GPU each with NCCL); the result equals one process. Not with torchrun."),
     json_flag: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     from maisi_cli.config import parse_size, parse_spacing
@@ -42,7 +51,9 @@ def fid(
         spacing=None if spacing is None else parse_spacing(spacing, "--spacing"),
         center_slices_ratio=center_slices_ratio, batch_size=batch_size)
     with render.progress(output) as on_progress:
-        report, is_main = run_fid(real, synth, settings, extractor, cache, device, on_progress)
+        report, is_main = run_fid(real, synth, settings, extractor, cache, device, on_progress,
+                                  extractor_name=extractor_name, nproc=nproc,
+                                  on_warning=lambda message: render.warning(message, output))
     if not is_main:
         return
     if output.json:

@@ -100,7 +100,8 @@ def _show_results(spec, repo: str, results: list, output: render.Output, **extra
 @app.command("download")
 def download_command(
     ctx: typer.Context,
-    model: str = typer.Argument("rflow-ct", help="Model name or alias (see `maisi models`), or a spec .json."),
+    model: str = typer.Argument("rflow-ct", help="Model name or alias (see `maisi models`), a spec .json, or "
+                                "radimagenet-resnet50 (the `maisi fid` feature extractor)."),
     component: list[str] = typer.Option([], "--component", "-c",
                                         help="Only this file (a weights or datasets key of the model; repeatable)."),
     models_only: bool = typer.Option(False, "--models-only", help="Skip the data files (datasets/…)."),
@@ -108,10 +109,15 @@ def download_command(
     force: bool = typer.Option(False, "--force", help="Fetch again even when a copy is cached (repairs one)."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
-    """Download a model's files into the Hugging Face cache and lock their sha256."""
-    from maisi_cli.engine.hub import download, repo_files, require_repository
+    """Download a model's files into the Hugging Face cache and lock their sha256. Also takes
+    `radimagenet-resnet50`: the feature extractor of `maisi fid`."""
+    from maisi_cli.engine.hub import download, extractor_file, repo_files, require_repository
 
     output = render.output_of(ctx.obj, json_flag)
+    item = extractor_file(model)
+    if item is not None:
+        _download_extractor(item, component, models_only, revision, force, output)
+        return
     spec = _model(model, revision)
     repo = require_repository(spec)
     files = repo_files(spec, component, models_only)
@@ -119,6 +125,26 @@ def download_command(
     with render.progress(output) as on_progress:
         results = download(spec, files, force=force, on_progress=on_progress)
     _show_results(spec, repo, results, output, licence=spec.licence)
+
+
+def _download_extractor(item, component: list[str], models_only: bool, revision: Optional[str], force: bool,
+                        output: render.Output) -> None:
+    """`maisi weights download radimagenet-resnet50`: one file, same cache, lock and output as a model's files."""
+    from types import SimpleNamespace
+
+    from maisi_cli.engine.hub import download_hub_file, hand_placed_path
+    from maisi_cli.errors import UsageError
+
+    if component or models_only:
+        flag = "--component" if component else "--models-only"
+        raise UsageError(f"{flag}: {item.name} is a single file; drop {flag}")
+    hint = f"copy {item.filename} to '{hand_placed_path(item)}'"
+    spec = SimpleNamespace(name=item.name, hf_revision=revision or item.revision, licence=item.licence,
+                           hf_repo=item.hf_repo)
+    _licence_line(spec, output)
+    with render.progress(output) as on_progress:
+        result = download_hub_file(item, revision, force=force, on_progress=on_progress, offline_hint=hint)
+    _show_results(spec, item.hf_repo, [result], output, licence=item.licence)
 
 
 @app.command("list")

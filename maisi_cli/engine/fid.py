@@ -8,26 +8,33 @@ the means 0.406/0.456/0.485 subtracted (no std), spatial mean → features, FID 
 `FIDMetric` computes it, and the average of the planes.
 
 Differences, on purpose:
-- the extractor is a local file (`--extractor`, default `$MAISI_HOME/fid/RadImageNet-ResNet50_notop.pth`); nothing
-  is downloaded, it loads with `weights_only=True` and strict keys;
+- the extractor's weights come from `--extractor FILE`, else `$MAISI_HOME/fid/RadImageNet-ResNet50_notop.pth`, else
+  the copy `maisi weights download radimagenet-resnet50` put in the Hugging Face cache (MONAI's mirror of the same
+  file, `MONAI/checkpoints`, sha256-locked); `maisi fid` itself never downloads; the file loads with
+  `weights_only=True` and strict keys;
+- other extractors plug in through the entry-point group `maisi.extractors` (see "extractor plugins" below);
+- `--nproc N` starts N local processes (gloo on the CPU, NCCL on GPUs) instead of needing torchrun;
 - slices go through the network in batches (`batch_size`) instead of one forward per plane and volume; the min-max
   is still taken over the whole stack, so features do not depend on the batch size;
 - the cache is keyed by the file's content and every parameter that changes features (the reference keys it by path
   only and silently reuses stale features);
-- inputs are a folder of NIfTI files, a datalist JSON ("training" items with "image") or a text list; all are used
-  (the reference keeps the first 100).
+- inputs are a folder of NIfTI files, a datalist JSON (MONAI's {"training": [{"image": …}]} or a plain list of paths
+  or items) or a text list (one path a line); relative paths are resolved against the list's folder; all files are
+  used (the reference keeps the first 100).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import socket
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,10 +48,13 @@ PLANES = ("xy", "yz", "zx")
 PLANE_AXIS = {"xy": 2, "yz": 0, "zx": 1}
 RADIMAGENET_MEANS = (0.406, 0.456, 0.485)  # per channel after the RGB→BGR reorder; no std division
 EXTRACTOR_FILE = "RadImageNet-ResNet50_notop.pth"
-CACHE_VERSION = 1
+BUILTIN_EXTRACTOR = "radimagenet-resnet50"
+EXTRACTOR_GROUP = "maisi.extractors"
+CACHE_VERSION = 2
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 FidProgress = Callable[[str, int, int], None]
+FidWarning = Callable[[str], None]
 
 
 class FidError(MaisiError):
@@ -118,14 +128,43 @@ class RadImageNetResNet50(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+def radimagenet_normalise(slices: torch.Tensor) -> torch.Tensor:
+    """(n, 1, h, w) → (n, 3, h, w): BGR copies, min-max over the whole stack, channel means subtracted."""
+    x = slices.float().repeat(1, 3, 1, 1)[:, [2, 1, 0]]
+    low, high = x.min(), x.max()
+    x = (x - low) / (high - low + 1e-10)
+    means = torch.tensor(RADIMAGENET_MEANS, dtype=x.dtype).view(1, 3, 1, 1)
+    return x - means
+
+
 @dataclass
 class Extractor:
-    model: RadImageNetResNet50
+    """A feature extractor: what the built-in loader and every plugin factory return (the plugin protocol).
+
+    - `model`: a torch module in eval mode; (n, c, h, w) network inputs → (n, d) float features. It is moved to the
+      run's device by maisi; it must not depend on the batch size (slices go through in `--batch-size` chunks).
+    - `sha256`: the identity of the weights (a file's sha256, or any string that changes whenever the features
+      would); it is part of the feature-cache key, together with `name`.
+    - `path`: the weights file, or None; shown in the report.
+    - `name`: the registry name (`--extractor-name`).
+    - `normalise`: (n, 1, h, w) float32 slices of one plane of one volume in HU, clipped to [−1000, 1000], the whole
+      stack at once (so stack-wide statistics such as the RadImageNet min-max are possible) → the network inputs.
+    """
+
+    model: nn.Module
     sha256: str
-    path: Path
+    path: Path | None = None
+    name: str = BUILTIN_EXTRACTOR
+    normalise: Callable[[torch.Tensor], torch.Tensor] = radimagenet_normalise
+
+
+# A plugin factory: called with `--extractor FILE` (or None) and returns an Extractor; errors it raises as MaisiError
+# reach the user as they are, anything else as one line naming the plugin.
+ExtractorFactory = Callable[[Optional[Path]], Extractor]
 
 
 def default_extractor_path() -> Path:
+    """Where a RadImageNet ResNet-50 state dict brought by hand goes (looked at before the Hugging Face cache)."""
     return maisi_home() / "fid" / EXTRACTOR_FILE
 
 
@@ -142,17 +181,45 @@ def _first(keys: Sequence[str], count: int = 3) -> str:
     return shown + (f" (+{len(keys) - count} more)" if len(keys) > count else "")
 
 
+def locate_radimagenet() -> tuple[Path, str | None] | None:
+    """(path, locked sha256 or None) of the RadImageNet weights when no `--extractor` is given:
+    `$MAISI_HOME/fid/RadImageNet-ResNet50_notop.pth`, else the `maisi weights download radimagenet-resnet50` copy in
+    the Hugging Face cache (held to the sha256 lock). None when neither is there."""
+    manual = default_extractor_path()
+    if manual.is_file():
+        return manual, None
+    from maisi_cli.engine.hub import check_hub_file, extractor_file, hub_file_in_cache
+
+    item = extractor_file(BUILTIN_EXTRACTOR)
+    cached = hub_file_in_cache(item) if item is not None else None
+    if cached is None:
+        return None
+    return cached, check_hub_file(item, cached)
+
+
+def missing_extractor_message() -> str:
+    from maisi_cli.engine.hub import offline
+
+    path = default_extractor_path()
+    where = ("HF_HUB_OFFLINE is set, so on a machine with network run `maisi weights download radimagenet-resnet50` "
+             "and copy the file") if offline() else "run `maisi weights download radimagenet-resnet50`, or copy it"
+    return (f"--extractor: no RadImageNet ResNet-50 weights ({EXTRACTOR_FILE}); {where} to '{path}', "
+            f"or pass --extractor FILE")
+
+
 def load_extractor(path: Path | None) -> Extractor:
-    """The RadImageNet ResNet-50 from a state-dict file, strict keys. The width follows `conv1.weight`."""
+    """The RadImageNet ResNet-50 from a state-dict file, strict keys. The width follows `conv1.weight`.
+    Without a path: see `locate_radimagenet`."""
     field_name = "--extractor"
+    locked = None
     if path is None:
-        path = default_extractor_path()
-        if not path.is_file():
-            raise WeightsError(f"{field_name}: no feature extractor; put the RadImageNet ResNet-50 state dict "
-                               f"({EXTRACTOR_FILE}) at '{path}' or pass --extractor FILE")
+        found = locate_radimagenet()
+        if found is None:
+            raise WeightsError(missing_extractor_message())
+        path, locked = found
     if not path.is_file():
         raise WeightsError(f"{field_name}: '{path}' does not exist; give the RadImageNet ResNet-50 state dict "
-                           f"({EXTRACTOR_FILE})")
+                           f"({EXTRACTOR_FILE}) or run `maisi weights download radimagenet-resnet50`")
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt or unsafe file
@@ -181,12 +248,110 @@ def load_extractor(path: Path | None) -> Extractor:
         raise WeightsError(f"{field_name}: '{path}' does not fit a RadImageNet ResNet-50: shape of {_first(wrong)}")
     model.load_state_dict(state, strict=True)
     model.eval()
-    return Extractor(model=model, sha256=file_sha256(path), path=path)
+    return Extractor(model=model, sha256=locked or file_sha256(path), path=path)
+
+
+# --- extractor plugins ----------------------------------------------------------------------------------------------
+# A package registers an extractor under the entry-point group `maisi.extractors`, e.g. in its pyproject.toml:
+#     [project.entry-points."maisi.extractors"]
+#     my-net = "my_package.fid:make_extractor"
+# where `make_extractor(weights: Path | None) -> maisi_cli.engine.fid.Extractor` (see Extractor for the contract).
+# `maisi fid --extractor-name my-net [--extractor FILE]` then uses it. Entry points are listed with
+# importlib.metadata, and only the one asked for is imported; the built-in name cannot be taken over.
+def _extractor_entry_points(on_warning: FidWarning | None = None) -> dict[str, Any]:
+    """name → entry point of the installed plugins. Problems (unreadable metadata, a plugin claiming the built-in
+    name) are one warning each and otherwise ignored: they never stop the built-in extractor."""
+    import importlib.metadata
+
+    warn = on_warning or (lambda message: None)
+    try:
+        found = list(importlib.metadata.entry_points(group=EXTRACTOR_GROUP))
+    except Exception as error:  # broken metadata of some installed distribution
+        warn(f"--extractor-name: could not list the '{EXTRACTOR_GROUP}' plugins ({type(error).__name__}: "
+             f"{str(error)[:80]}); only the built-in extractor is available")
+        return {}
+    plugins: dict[str, Any] = {}
+    for point in found:
+        name = point.name.strip().lower()
+        if name == BUILTIN_EXTRACTOR:
+            warn(f"--extractor-name: the plugin '{point.value}' registers the built-in name '{name}'; ignored")
+        elif name not in plugins:
+            plugins[name] = point
+    return plugins
+
+
+def extractor_names(on_warning: FidWarning | None = None) -> list[str]:
+    """The built-in extractor and the installed plugins' names (no plugin is imported)."""
+    return [BUILTIN_EXTRACTOR, *sorted(_extractor_entry_points(on_warning))]
+
+
+def resolve_extractor(name: str = BUILTIN_EXTRACTOR, path: Path | None = None,
+                      on_warning: FidWarning | None = None) -> Extractor:
+    """The extractor called `name`, with the weights file `path` (`--extractor`, or None for its default)."""
+    name = (name or BUILTIN_EXTRACTOR).strip().lower()
+    if name == BUILTIN_EXTRACTOR:
+        return load_extractor(path)
+    plugins = _extractor_entry_points(on_warning)
+    if name not in plugins:
+        raise UsageError(f"--extractor-name: no extractor '{name}'; installed: {', '.join(extractor_names())} "
+                         f"(plugins register under the entry-point group '{EXTRACTOR_GROUP}')")
+    point = plugins[name]
+    try:
+        factory = point.load()
+        extractor = factory(path)
+    except MaisiError:
+        raise
+    except Exception as error:  # a plugin's own failure, whatever its type
+        reason = " ".join(str(error).split())[:120] or type(error).__name__
+        raise FidError(f"--extractor-name: the plugin '{name}' ({point.value}) failed to load "
+                       f"({type(error).__name__}: {reason}); fix or uninstall it, or use --extractor-name "
+                       f"{BUILTIN_EXTRACTOR}") from None
+    if not isinstance(extractor, Extractor) or not isinstance(extractor.model, nn.Module) \
+            or not callable(extractor.normalise):
+        raise FidError(f"--extractor-name: the plugin '{name}' ({point.value}) returned "
+                       f"{type(extractor).__name__}, not a maisi_cli.engine.fid.Extractor with a torch module")
+    extractor.name = name
+    extractor.model.eval()
+    return extractor
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------------
 def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _datalist_paths(source: Path, field_name: str) -> list[Path]:
+    """The image paths of a datalist JSON: MONAI's {"training": [{"image": …}, …]}, or a plain list whose items are
+    paths or {"image": …} objects. Relative paths are resolved against the file's folder."""
+    shape = '{"training": [{"image": "…"}, …]} or a list of paths'
+    try:
+        document = json.loads(source.read_text())
+    except OSError as error:
+        raise FidError(f"{field_name}: cannot read '{source}' ({error.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        where = f" (line {error.lineno})" if isinstance(error, json.JSONDecodeError) else ""
+        raise UsageError(f"{field_name}: '{source}' is not valid JSON{where}; give {shape}") from None
+    items = document.get("training") if isinstance(document, dict) else document
+    if not isinstance(items, list):
+        raise UsageError(f"{field_name}: '{source}' must hold {shape}")
+    paths = []
+    for number, item in enumerate(items):
+        image = item.get("image") if isinstance(item, dict) else item
+        if not isinstance(image, str) or not image.strip():
+            raise UsageError(f"{field_name}: '{source}' item {number} has no image path; give {shape}")
+        paths.append((source.parent / Path(image.strip()).expanduser()).resolve())
+    return paths
+
+
+def _text_list_paths(source: Path, field_name: str) -> list[Path]:
+    """One path a line (blank lines and lines starting with # skipped), relative to the file's folder."""
+    try:
+        text = source.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not text"
+        raise FidError(f"{field_name}: cannot read '{source}' ({reason})") from None
+    lines = [line.strip() for line in text.splitlines()]
+    return [(source.parent / Path(line).expanduser()).resolve() for line in lines if line and not line.startswith("#")]
 
 
 def list_volumes(source: Path, field_name: str) -> list[Path]:
@@ -198,17 +363,16 @@ def list_volumes(source: Path, field_name: str) -> list[Path]:
     elif not source.exists():
         raise FidError(f"{field_name}: '{source}' does not exist; give a folder of NIfTI files or a datalist")
     elif source.suffix.lower() == ".json":
-        from maisi_cli.engine.train.common import read_datalist
-
-        files = [Path(item["image"]) for item in read_datalist(source, field=field_name)]
-    elif source.suffix.lower() == ".txt":
-        lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
-        files = [(source.parent / line).resolve() for line in lines]
+        files = _datalist_paths(source, field_name)
+    elif source.suffix.lower() in (".txt", ".lst", ".list"):
+        files = _text_list_paths(source, field_name)
     else:
         raise FidError(f"{field_name}: '{source}' is not a folder, a datalist (.json) or a file list (.txt)")
     for path in files:
         if not is_nifti(path):
             raise FidError(f"{field_name}: '{path}' is not a NIfTI file (.nii or .nii.gz)")
+        if not path.is_file():
+            raise FidError(f"{field_name}: '{path}' (listed in '{source}') does not exist")
     if len(files) < 2:
         raise FidError(f"{field_name}: '{source}' has {len(files)} volume(s); FID needs at least 2 on each side")
     return files
@@ -271,27 +435,23 @@ def plane_slices(volume: np.ndarray, plane: str, ratio: float | None) -> torch.T
     return torch.from_numpy(np.ascontiguousarray(stack))[:, None]
 
 
-def radimagenet_normalise(slices: torch.Tensor) -> torch.Tensor:
-    """(n, 1, h, w) → (n, 3, h, w): BGR copies, min-max over the whole stack, channel means subtracted."""
-    x = slices.float().repeat(1, 3, 1, 1)[:, [2, 1, 0]]
-    low, high = x.min(), x.max()
-    x = (x - low) / (high - low + 1e-10)
-    means = torch.tensor(RADIMAGENET_MEANS, dtype=x.dtype).view(1, 3, 1, 1)
-    return x - means
-
-
 @torch.no_grad()
-def plane_features(model: nn.Module, volume: np.ndarray, plane: str, settings: FidSettings) -> torch.Tensor:
-    inputs = radimagenet_normalise(plane_slices(volume, plane, settings.center_slices_ratio))
-    device = next(model.parameters()).device
+def plane_features(model: nn.Module, volume: np.ndarray, plane: str, settings: FidSettings,
+                   normalise: Callable[[torch.Tensor], torch.Tensor] = radimagenet_normalise) -> torch.Tensor:
+    """(n_slices, d) features of one plane: the whole stack normalised at once, then `batch_size` slices a forward."""
+    inputs = normalise(plane_slices(volume, plane, settings.center_slices_ratio))
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
     chunks = [model(inputs[i:i + settings.batch_size].to(device)).float().cpu()
               for i in range(0, inputs.shape[0], settings.batch_size)]
     return torch.cat(chunks)
 
 
 # --- cache ----------------------------------------------------------------------------------------------------------
-def cache_key(content_sha256: str, extractor_sha256: str, settings: FidSettings, plane: str) -> str:
+def cache_key(content_sha256: str, extractor_sha256: str, settings: FidSettings, plane: str,
+              extractor_name: str = BUILTIN_EXTRACTOR) -> str:
     identity = {"version": CACHE_VERSION, "content": content_sha256, "extractor": extractor_sha256,
+                "extractor_name": extractor_name,
                 "target_shape": settings.target_shape, "spacing": settings.spacing,
                 "ratio": settings.center_slices_ratio, "plane": plane}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -331,7 +491,8 @@ def volume_features(path: Path, extractor: Extractor, settings: FidSettings, cac
     if cache_dir is not None:
         content = file_sha256(path)
         for plane in settings.planes:
-            entries[plane] = cache_dir / f"{cache_key(content, extractor.sha256, settings, plane)}.pt"
+            key = cache_key(content, extractor.sha256, settings, plane, extractor.name)
+            entries[plane] = cache_dir / f"{key}.pt"
             cached = _cache_read(entries[plane]) if entries[plane].is_file() else None
             if cached is not None:
                 result[plane] = cached
@@ -340,7 +501,7 @@ def volume_features(path: Path, extractor: Extractor, settings: FidSettings, cac
     if todo:
         volume = preprocess(path, settings)
         for plane in todo:
-            result[plane] = plane_features(extractor.model, volume, plane, settings)
+            result[plane] = plane_features(extractor.model, volume, plane, settings, extractor.normalise)
             stats.computed += 1
             if plane in entries:
                 _cache_write(entries[plane], result[plane])
@@ -403,40 +564,49 @@ class FidReport:
                 "extractor": self.extractor, "settings": self.settings}
 
 
-def _gather(local: list, rank_count: int) -> list:
-    """Concatenation over ranks of a per-rank list (rank order); a no-op in one process."""
+def _gather(local: Any, rank_count: int) -> list:
+    """[rank 0's object, rank 1's, …] on every rank; [local] in one process."""
     if rank_count <= 1:
-        return local
+        return [local]
     import torch.distributed as dist
 
     gathered: list = [None] * rank_count
     dist.all_gather_object(gathered, local)
-    return [item for part in gathered for item in part]
+    return gathered
 
 
 def compute_fid(real: Sequence[Path], synth: Sequence[Path], extractor: Extractor, settings: FidSettings,
                 cache_dir: Path | None = None, rank: int = 0, world_size: int = 1,
                 progress: FidProgress | None = None) -> FidReport:
-    """FID per plane between the `real` and `synth` volumes. Under torchrun (a process group initialised, gloo on
-    the CPU) each rank takes every world_size-th file and the features are gathered on every rank."""
+    """FID per plane between the `real` and `synth` volumes. In a process group (torchrun or `--nproc`) each rank
+    takes every world_size-th file and the features are gathered on every rank; an error on one rank (a file it
+    cannot read) is raised on every rank, so none waits for the others."""
     settings.validate()
     stats = FeatureStats()
-    sides: dict[str, dict[str, list[torch.Tensor]]] = {}
     jobs = [("real", p) for p in real[rank::world_size]] + [("synth", p) for p in synth[rank::world_size]]
-    local: dict[str, list] = {"real": [], "synth": []}
-    for done, (side, path) in enumerate(jobs):
-        features = volume_features(path, extractor, settings, cache_dir, stats)
-        local[side].append({plane: features[plane].numpy() for plane in settings.planes})
-        if progress is not None:
-            progress("features", done + 1, len(jobs))
-    for side in ("real", "synth"):
-        gathered = _gather(local[side], world_size)
-        sides[side] = {plane: [torch.from_numpy(item[plane]) for item in gathered] for plane in settings.planes}
-    counts = torch.tensor([stats.computed, stats.cached])
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(counts)
+    local: dict[str, Any] = {"real": [], "synth": [], "error": None}
+    try:
+        for done, (side, path) in enumerate(jobs):
+            features = volume_features(path, extractor, settings, cache_dir, stats)
+            local[side].append({plane: features[plane].numpy() for plane in settings.planes})
+            if progress is not None:
+                progress("features", done + 1, len(jobs))
+    except MaisiError as error:
+        if world_size <= 1:
+            raise
+        local = {"real": [], "synth": [], "error": (type(error).__name__, error.exit_code, str(error))}
+    local["counts"] = (stats.computed, stats.cached)
+    gathered = _gather(local, world_size)
+    for part in gathered:
+        if part["error"] is not None:
+            kind, code, message = part["error"]
+            failure = FidError(message)
+            failure.exit_code = code
+            raise failure
+    sides = {side: {plane: [torch.from_numpy(item[plane]) for part in gathered for item in part[side]]
+                    for plane in settings.planes} for side in ("real", "synth")}
+    computed = sum(part["counts"][0] for part in gathered)
+    cached = sum(part["counts"][1] for part in gathered)
     result: dict[str, float] = {}
     for plane in settings.planes:
         real_features = torch.cat(sides["real"][plane])
@@ -447,24 +617,123 @@ def compute_fid(real: Sequence[Path], synth: Sequence[Path], extractor: Extracto
         planes=result, real_volumes=len(real), synth_volumes=len(synth),
         real_slices={p: int(sum(t.shape[0] for t in sides["real"][p])) for p in settings.planes},
         synth_slices={p: int(sum(t.shape[0] for t in sides["synth"][p])) for p in settings.planes},
-        features=int(sides["real"][first][0].shape[1]), computed=int(counts[0]), cached=int(counts[1]),
-        world_size=world_size, extractor=str(extractor.path),
+        features=int(sides["real"][first][0].shape[1]), computed=computed, cached=cached,
+        world_size=world_size, extractor=f"{extractor.name} ({extractor.path})" if extractor.path else extractor.name,
         settings={"planes": list(settings.planes), "target_shape": settings.target_shape,
                   "spacing": settings.spacing, "center_slices_ratio": settings.center_slices_ratio,
                   "batch_size": settings.batch_size})
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _spawned_rank(rank: int, job: dict[str, Any], results: Any) -> None:
+    """One `--nproc` process: the torchrun environment for its rank, then the same work as under torchrun.
+    Rank 0 puts ("report", FidReport); a rank that fails puts ("error", exit code, message) and exits non-zero."""
+    from maisi_cli.engine.train.common import setup_runtime, teardown_runtime
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(job["port"]), "WORLD_SIZE": str(job["nproc"]),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(job["nproc"])})
+    torch.set_num_threads(job["threads"])
+    try:
+        extractor = resolve_extractor(job["extractor_name"], job["extractor_path"])
+        runtime = setup_runtime(job["device"])
+        try:
+            extractor.model.to(runtime.device)
+            report = compute_fid(job["real"], job["synth"], extractor, job["settings"], job["cache_dir"],
+                                 rank=runtime.rank, world_size=runtime.world_size)
+        finally:
+            teardown_runtime(runtime)
+    except MaisiError as error:
+        results.put(("error", error.exit_code, str(error)))
+        raise SystemExit(1) from None
+    if rank == 0:
+        results.put(("report", report))
+
+
+def _run_spawned(real: list[Path], synth: list[Path], extractor_name: str, extractor_path: Path | None,
+                 settings: FidSettings, cache_dir: Path | None, device: str, nproc: int,
+                 progress: FidProgress | None) -> FidReport:
+    """`--nproc N`: N fresh processes on this machine (torch.multiprocessing, spawn), a gloo (CPU) or NCCL (GPU)
+    group on a free loopback port; the parent waits and returns rank 0's report. If one process dies, the others
+    are stopped."""
+    import queue
+
+    import torch.multiprocessing as mp
+
+    from maisi_cli.engine.pipeline import resolve_device
+
+    device_name = resolve_device(device)
+    if device_name.startswith("cuda") and nproc > torch.cuda.device_count():
+        raise UsageError(f"--nproc: {nproc} processes need {nproc} GPUs (one each); this machine has "
+                         f"{torch.cuda.device_count()}: lower --nproc or use --device cpu")
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    job = {"real": real, "synth": synth, "extractor_name": extractor_name, "extractor_path": extractor_path,
+           "settings": settings, "cache_dir": cache_dir, "device": device_name, "nproc": nproc,
+           "port": _free_port(), "threads": max(1, (os.cpu_count() or 1) // nproc)}
+    if progress is not None:
+        progress("features", 0, 1)
+    processes = mp.start_processes(_spawned_rank, args=(job, results), nprocs=nproc, join=False,
+                                   start_method="spawn")
+    failure: BaseException | None = None
+    spawn_logger = logging.getLogger("torch.multiprocessing.spawn")  # "Terminating process …" when one fails
+    level = spawn_logger.level
+    spawn_logger.setLevel(logging.ERROR)
+    try:
+        while not processes.join():
+            pass
+    except Exception as error:  # ProcessRaisedException / ProcessExitedException: the others were stopped
+        failure = error
+    finally:
+        spawn_logger.setLevel(level)
+    answers = []
+    while not results.empty():
+        try:
+            answers.append(results.get())
+        except (EOFError, OSError, queue.Empty):
+            break
+    for answer in answers:
+        if answer[0] == "error":
+            error = FidError(answer[2])
+            error.exit_code = answer[1]
+            raise error
+    reports = [answer[1] for answer in answers if answer[0] == "report"]
+    if failure is not None or not reports:
+        reason = " ".join(str(failure).split())[:160] if failure is not None else "no result"
+        raise FidError(f"--nproc: a FID process failed ({reason}); run again with --nproc 1 to see the error")
+    if progress is not None:
+        progress("features", 1, 1)
+    return reports[0]
+
+
 def run_fid(real_source: Path, synth_source: Path, settings: FidSettings, extractor_path: Path | None = None,
-            cache_dir: Path | None = None, device: str = "auto",
-            progress: FidProgress | None = None) -> tuple[FidReport, bool]:
-    """(report, whether this process should print it). Sets up torch.distributed under torchrun (gloo on the CPU)
-    and tears it down again."""
+            cache_dir: Path | None = None, device: str = "auto", progress: FidProgress | None = None,
+            extractor_name: str = BUILTIN_EXTRACTOR, nproc: int = 1,
+            on_warning: FidWarning | None = None) -> tuple[FidReport, bool]:
+    """(report, whether this process should print it). Under torchrun it joins the process group torchrun set up
+    (NCCL on GPUs, gloo on the CPU); with nproc > 1 it starts the processes itself (`_run_spawned`)."""
     from maisi_cli.engine.train.common import setup_runtime, teardown_runtime
 
     settings.validate()
+    if nproc < 1:
+        raise UsageError(f"--nproc: {nproc} must be at least 1")
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if nproc > 1 and under_torchrun:
+        raise UsageError(f"--nproc: already running under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}); drop "
+                         "--nproc or torchrun")
     real = list_volumes(real_source, "REAL")
     synth = list_volumes(synth_source, "SYNTH")
-    extractor = load_extractor(extractor_path)
+    extractor = resolve_extractor(extractor_name, extractor_path, on_warning)
+    if nproc > 1:
+        # every process loads the file the parent found (the built-in's default is resolved once, here)
+        path = extractor.path if extractor.name == BUILTIN_EXTRACTOR else extractor_path
+        del extractor
+        report = _run_spawned(real, synth, extractor_name, path, settings, cache_dir, device, nproc, progress)
+        return report, True
     runtime = setup_runtime(device)
     try:
         extractor.model.to(runtime.device)

@@ -495,3 +495,132 @@ def locations(spec: ModelSpec, weights_dir: Path | None = None) -> list[Location
         found.append(Location(item.component, item.repo_name, item.kind, path, source,
                               path.stat().st_size if path else None, item.repo_name in lock))
     return found
+
+
+# --- single files outside a model spec (feature extractors for `maisi fid`) ---------------------------------------
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a Hugging Face repository that belongs to no model spec, fetched by
+    `maisi weights download NAME` and locked like a model's files."""
+
+    name: str  # what `maisi weights download` takes
+    hf_repo: str
+    filename: str
+    revision: str = "main"
+    licence: str | None = None
+    what: str = ""
+
+
+# The published RadImageNet ResNet-50 (no top) in the state-dict layout of `Warvito/radimagenet-models`, the network
+# the reference FID script loads through torch.hub (which fetches it from Google Drive with gdown). MONAI hosts the
+# same layout on the Hugging Face hub for its perceptual loss (`Project-MONAI/perceptual-models`, which downloads
+# `MONAI/checkpoints/RadImageNet-ResNet50_notop.pth` with hf_hub_download); maisi fetches it from there.
+EXTRACTOR_FILES = {
+    "radimagenet-resnet50": HubFile(
+        name="radimagenet-resnet50", hf_repo="MONAI/checkpoints", filename="RadImageNet-ResNet50_notop.pth",
+        licence="see the Hugging Face repository MONAI/checkpoints and the RadImageNet terms (radimagenet.com)",
+        what="RadImageNet ResNet-50 feature extractor for `maisi fid`"),
+}
+
+
+def extractor_file(name: str) -> HubFile | None:
+    return EXTRACTOR_FILES.get(name.strip().lower())
+
+
+def hand_placed_path(item: HubFile) -> Path:
+    """Where a copy brought by hand goes (`maisi fid` looks there before the Hugging Face cache)."""
+    return maisi_home() / "fid" / item.filename
+
+
+def hub_file_in_cache(item: HubFile, revision: str | None = None) -> Path | None:
+    """The file in the Hugging Face cache, or None (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(item.hf_repo, item.filename, revision=revision or item.revision,
+                                    cache_dir=hf_hub_cache())
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def check_hub_file(item: HubFile, path: Path, revision: str | None = None) -> str:
+    """sha256 of a copy in the Hugging Face cache, held to the lock (WeightsError naming the fix on a mismatch)."""
+    revision = revision or item.revision
+    digest = sha256_of(path)
+    entry = read_lock(item.hf_repo, revision).get(item.filename)
+    if entry and entry.get("sha256") != digest:
+        raise WeightsError(f"weights: {path} ({item.name}) no longer matches the sha256 locked in "
+                           f"{lock_path(item.hf_repo, revision)} (changed or corrupt); re-fetch it with: "
+                           f"maisi weights download {item.name} --force")
+    return digest
+
+
+def _hub_file_error(error: BaseException, item: HubFile, revision: str, offline_hint: str) -> Exception:
+    """huggingface_hub's exceptions, for a HubFile, as one actionable line."""
+    from huggingface_hub import errors
+
+    repo = item.hf_repo
+    if isinstance(error, errors.RevisionNotFoundError):
+        return UsageError(f"--revision: {repo} has no revision '{revision}'; use a branch, tag or commit it has")
+    if isinstance(error, errors.GatedRepoError):
+        return WeightsError(f"weights: {repo} is gated: accept its licence on the hub, then set HF_TOKEN and run "
+                            "the command again")
+    if isinstance(error, errors.RepositoryNotFoundError) or (
+            isinstance(error, errors.HfHubHTTPError) and getattr(error.response, "status_code", None) == 401):
+        return WeightsError(f"weights: {repo} was not found or needs a token: set HF_TOKEN or check HF_ENDPOINT")
+    if isinstance(error, errors.RemoteEntryNotFoundError):
+        return WeightsError(f"weights: {repo}@{revision} has no file {item.filename}; check --revision")
+    if isinstance(error, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)) and offline():
+        return WeightsError(f"weights: {item.filename} ({item.name}) is not in the Hugging Face cache and "
+                            f"HF_HUB_OFFLINE is set (offline); unset it to download, or {offline_hint}")
+    cause = error
+    while isinstance(cause, (ValueError, errors.LocalEntryNotFoundError)) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    source = _endpoint() or "the Hugging Face hub"
+    return WeightsError(f"weights: downloading {item.filename} ({item.name}) from {source} "
+                        f"failed ({first_sentence(cause)}); nothing was kept under its name: check the network (or "
+                        f"HF_ENDPOINT) and run the command again, or {offline_hint}")
+
+
+def download_hub_file(item: HubFile, revision: str | None = None, force: bool = False,
+                      on_progress: ProgressCallback | None = None, offline_hint: str = "") -> FileResult:
+    """Fetch one HubFile into the Hugging Face cache (or find it there), hash it and hold it to the lock, as
+    `download` does for a model's files. `offline_hint` says how to bring the file without the hub."""
+    from huggingface_hub import hf_hub_download
+
+    revision = revision or item.revision
+    on_progress = on_progress or _no_progress
+    offline_hint = offline_hint or f"download {item.filename} on another machine"
+    is_offline = offline()
+    if force and is_offline:
+        raise WeightsError(f"--force: HF_HUB_OFFLINE is set, so nothing can be re-fetched; unset it, or "
+                           f"{offline_hint}")
+    stage = f"fetch {item.filename}"
+    locked = read_lock(item.hf_repo, revision).get(item.filename)
+    used = [False]
+    try:
+        with _quiet_hub_logger():
+            pointer = hf_hub_download(item.hf_repo, item.filename, revision=revision, cache_dir=hf_hub_cache(),
+                                      force_download=force, local_files_only=is_offline, endpoint=_endpoint(),
+                                      tqdm_class=_progress_bar(stage, on_progress, used))
+    except (OSError, ValueError, ConnectionError, _http_errors()) as error:
+        raise _hub_file_error(error, item, revision, offline_hint) from error
+    path = Path(pointer)
+    digest = sha256_of(path)
+    size = path.stat().st_size
+    fix = f"maisi weights download {item.name} --force"
+    blob = path.resolve().name
+    if _SHA256.fullmatch(blob) and blob != digest:  # LFS blobs are named by their sha256
+        raise WeightsError(f"weights: {path} ({item.name}) does not match the sha256 the hub gives for it "
+                           f"(corrupt); re-fetch it with: {fix}")
+    if locked and locked.get("sha256") != digest:
+        if used[0]:
+            raise WeightsError(
+                f"weights: {item.hf_repo}@{revision} now serves a different {item.filename} than the one locked in "
+                f"{lock_path(item.hf_repo, revision)}; if the repository changed on purpose, delete that lock file "
+                f"and download again, or pin --revision to the commit you locked")
+        raise WeightsError(f"weights: {path} ({item.name}) no longer matches the sha256 locked in "
+                           f"{lock_path(item.hf_repo, revision)} (changed or corrupt); re-fetch it with: {fix}")
+    if not locked:
+        record_in_lock(item.hf_repo, revision, item.filename, digest, size, "download", _commit_of(path))
+    on_progress(stage, size, size)
+    return FileResult(item.name, item.filename, "weights", path, "downloaded" if used[0] else "cached", digest, size,
+                      "matches" if locked else "recorded")

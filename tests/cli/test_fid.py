@@ -92,3 +92,116 @@ def test_torchrun_two_processes_match_one(fid_inputs):
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     assert ddp["fid"]["xy"] == pytest.approx(single["fid"]["xy"], rel=1e-6)
     assert ddp["real_slices"] == single["real_slices"]
+
+
+def test_datalist_and_file_list_inputs_match_folders(fid_inputs, tmp_path):
+    real, synth, extractor = fid_inputs
+    datalist = tmp_path / "lists" / "real.json"
+    datalist.parent.mkdir()
+    datalist.write_text(json.dumps({"training": [{"image": str(p)} for p in sorted(real.glob("*.nii.gz"))]}))
+    listing = tmp_path / "synth.txt"
+    listing.write_text("\n".join(str(p) for p in sorted(synth.glob("*.nii.gz"))) + "\n")
+    by_lists = runner.invoke(app, ["--json", "--quiet", *fid_args(datalist, listing, extractor, "--planes", "xy")])
+    assert by_lists.exit_code == 0, by_lists.output
+    by_folders = runner.invoke(app, ["--json", "--quiet", *fid_args(real, synth, extractor, "--planes", "xy")])
+    first, second = json.loads(by_lists.stdout), json.loads(by_folders.stdout)
+    assert first["real_volumes"] == 3 and first["synth_volumes"] == 2
+    assert first["fid"] == second["fid"]
+
+
+def test_relative_file_list_and_bad_datalist(fid_inputs, tmp_path):
+    real, synth, extractor = fid_inputs
+    listing = real.parent / "real-list.txt"
+    listing.write_text("real/v0.nii.gz\nreal/v1.nii.gz\n")
+    done = runner.invoke(app, ["--json", "--quiet", *fid_args(listing, synth, extractor, "--planes", "xy")])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["real_volumes"] == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"training": [{"label": "x.nii.gz"}]}')
+    result = runner.invoke(app, fid_args(real, bad, extractor))
+    assert result.exit_code == 2 and "SYNTH:" in result.stderr and "item 0 has no image path" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_plugin_extractor_by_name(fid_inputs, monkeypatch):
+    from tests.unit.test_fid import install_plugins
+
+    real, synth, extractor = fid_inputs
+    install_plugins(monkeypatch, toy="tests.unit.test_fid:toy_factory", broken="maisi_no_such_plugin_module:make")
+    args = ["fid", str(real), str(synth), "--target-shape", "16x16x16", "--device", "cpu", "--planes", "xy"]
+    toy = runner.invoke(app, ["--json", "--quiet", *args, "--extractor-name", "toy"])
+    assert toy.exit_code == 0, toy.output
+    assert json.loads(toy.stdout)["features"] == 4 and json.loads(toy.stdout)["extractor"] == "toy"
+    builtin = runner.invoke(app, ["--json", "--quiet", *args, "--extractor", str(extractor)])
+    assert builtin.exit_code == 0, builtin.output  # an installed broken plugin does not matter to the built-in
+    broken = runner.invoke(app, [*args, "--extractor-name", "broken"])
+    assert broken.exit_code == 1 and "the plugin 'broken'" in broken.stderr
+    assert len(broken.stderr.strip().splitlines()) == 1, broken.stderr
+    unknown = runner.invoke(app, [*args, "--extractor-name", "nope"])
+    assert unknown.exit_code == 2 and "installed: radimagenet-resnet50, broken, toy" in unknown.stderr
+
+
+def test_nproc_two_processes_match_one(fid_inputs, tmp_path):
+    real, synth, extractor = fid_inputs
+    args = fid_args(real, synth, extractor, "--planes", "xy,yz")
+    spawned = runner.invoke(app, ["--json", "--quiet", *args, "--nproc", "2", "--cache", str(tmp_path / "cache")])
+    assert spawned.exit_code == 0, spawned.output
+    two = json.loads(spawned.stdout)
+    one = json.loads(runner.invoke(app, ["--json", "--quiet", *args]).stdout)
+    assert two["world_size"] == 2 and one["world_size"] == 1 and two["computed"] == 10
+    for plane in ("xy", "yz", "average"):
+        assert two["fid"][plane] == pytest.approx(one["fid"][plane], rel=1e-6)
+    assert two["real_slices"] == one["real_slices"] and two["synth_slices"] == one["synth_slices"]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 10  # both processes wrote their files' features
+
+
+def test_nproc_error_on_one_rank_is_one_line(fid_inputs, tmp_path):
+    import shutil
+
+    real, synth, extractor = fid_inputs
+    broken = tmp_path / "synth"
+    shutil.copytree(synth, broken)
+    (broken / "v1.nii.gz").write_bytes(b"not a nifti")  # rank 1 reads v1
+    from tests.cli.test_subprocess import run
+
+    result = run(*fid_args(real, broken, extractor, "--planes", "xy", "--nproc", "2"))  # a real process: all stderr
+    assert result.returncode == 1, result.stderr
+    assert "v1.nii.gz" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    under_torchrun = runner.invoke(app, fid_args(real, synth, extractor, "--nproc", "2"), env={"WORLD_SIZE": "2"})
+    assert under_torchrun.exit_code == 2 and "--nproc: already running under torchrun" in under_torchrun.stderr
+
+
+def test_weights_download_radimagenet_then_fid_without_extractor(fid_inputs, tmp_path, monkeypatch):
+    """`maisi weights download radimagenet-resnet50` against a loopback hub that answers like huggingface.co for
+    MONAI/checkpoints (serving a tiny-width checkpoint in the published key layout), then `maisi fid` with no
+    --extractor finds it in the Hugging Face cache."""
+    import os
+
+    from tests.cli import test_weights
+
+    real, synth, extractor = fid_inputs
+    monkeypatch.setattr(test_weights, "REPO", "MONAI/checkpoints")
+    server = test_weights.FakeHub({"RadImageNet-ResNet50_notop.pth": extractor.read_bytes()})
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MAISI_"))}
+        env.update({"HF_ENDPOINT": server.endpoint, "HF_HOME": str(tmp_path / "hf-home"),
+                    "MAISI_HOME": str(tmp_path / "maisi-home"), "HF_HUB_DISABLE_XET": "1",
+                    "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1"})
+        done = test_weights.maisi(env, "--json", "weights", "download", "radimagenet-resnet50")
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["repo"] == "MONAI/checkpoints" and report["files"][0]["status"] == "downloaded"
+        assert report["files"][0]["lock"] == "recorded" and "Licence of the radimagenet-resnet50" in done.stderr
+        bad = test_weights.maisi(env, "weights", "download", "radimagenet-resnet50", "--component", "x")
+        test_weights.one_error_line(bad, 2, "--component: radimagenet-resnet50 is a single file")
+    finally:
+        server.close()
+    lock = json.loads((tmp_path / "maisi-home" / "locks" / "MONAI--checkpoints@main.json").read_text())
+    assert "RadImageNet-ResNet50_notop.pth" in lock["files"]
+    # the test process has the same HF_HOME and MAISI_HOME (tests/conftest.py), and is offline
+    result = runner.invoke(app, ["--json", "--quiet", "fid", str(real), str(synth), "--target-shape", "16x16x16",
+                                 "--device", "cpu", "--planes", "xy"])
+    assert result.exit_code == 0, result.output
+    assert "models--MONAI--checkpoints" in json.loads(result.stdout)["extractor"]
+    with_file = runner.invoke(app, ["--json", "--quiet", *fid_args(real, synth, extractor, "--planes", "xy")])
+    assert json.loads(with_file.stdout)["fid"] == json.loads(result.stdout)["fid"]

@@ -15,7 +15,7 @@ import torch
 from maisi_cli.engine import fid as fid_engine
 from maisi_cli.engine.fid import (FidError, FidSettings, RadImageNetResNet50, compute_fid, frechet_distance,
                                   list_volumes, load_extractor, plane_slices, radimagenet_normalise)
-from maisi_cli.errors import WeightsError
+from maisi_cli.errors import UsageError, WeightsError
 
 
 def reference_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -184,3 +184,192 @@ def test_unreadable_nifti_is_one_line(tmp_path, tiny_extractor_file):
 def test_module_has_no_cli_imports():
     source = Path(fid_engine.__file__).read_text()
     assert "import typer" not in source and "import rich" not in source and "from rich" not in source
+
+
+# --- datalists ------------------------------------------------------------------------------------------------------
+def test_datalist_and_text_list_forms(tmp_path):
+    folder = write_volumes(tmp_path / "data" / "vols", 3, 4)
+    expected = sorted(folder.glob("*.nii.gz"))
+    lists = tmp_path / "data"
+    (lists / "monai.json").write_text('{"training": [{"image": "vols/v0.nii.gz", "label": "x"}, '
+                                      '{"image": "vols/v1.nii.gz"}, {"image": "vols/v2.nii.gz"}]}')
+    (lists / "plain.json").write_text(f'["vols/v0.nii.gz", {{"image": "vols/v1.nii.gz"}}, "{expected[2]}"]')
+    (lists / "files.txt").write_text("# real volumes\nvols/v0.nii.gz\n\n  vols/v1.nii.gz  \n" f"{expected[2]}\n")
+    for name in ("monai.json", "plain.json", "files.txt"):
+        assert list_volumes(lists / name, "REAL") == expected, name
+
+
+@pytest.mark.parametrize("content, error, fragment", [
+    ("{not json", "UsageError", "is not valid JSON (line 1)"),
+    ('{"validation": []}', "UsageError", 'must hold {"training"'),
+    ('{"training": [{"label": "a.nii.gz"}]}', "UsageError", "item 0 has no image path"),
+    ('["vols/v0.nii.gz", "vols/missing.nii.gz"]', "FidError", "missing.nii.gz' (listed in"),
+    ('["vols/v0.nii.gz"]', "FidError", "has 1 volume(s); FID needs at least 2"),
+])
+def test_bad_datalists_are_one_line(tmp_path, content, error, fragment):
+    write_volumes(tmp_path / "vols", 1, 4)
+    (tmp_path / "list.json").write_text(content)
+    with pytest.raises(Exception) as caught:
+        list_volumes(tmp_path / "list.json", "SYNTH")
+    assert type(caught.value).__name__ == error and fragment in str(caught.value)
+    assert str(caught.value).startswith("SYNTH: ") and "\n" not in str(caught.value)
+
+
+# --- extractor plugins (entry-point group maisi.extractors) ---------------------------------------------------------
+class ToyNet(torch.nn.Module):
+    """A 1-channel toy extractor: 2×2 average pooling → 4 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1) * self.scale
+
+
+def toy_normalise(slices: torch.Tensor) -> torch.Tensor:
+    return slices.float() / 1000.0
+
+
+def toy_factory(weights):
+    return fid_engine.Extractor(model=ToyNet(), sha256="toy-v1", path=weights, normalise=toy_normalise)
+
+
+def broken_factory(weights):
+    raise RuntimeError("cannot find my weights")
+
+
+def not_an_extractor(weights):
+    return torch.nn.Linear(2, 2)
+
+
+def install_plugins(monkeypatch, **plugins: str) -> list:
+    """Fake installed plugins: importlib.metadata.entry_points answers these for the group (and records calls)."""
+    import importlib.metadata
+
+    calls = []
+    points = [importlib.metadata.EntryPoint(name, value, fid_engine.EXTRACTOR_GROUP) for name, value in plugins.items()]
+
+    def entry_points(**params):
+        calls.append(params)
+        assert params == {"group": fid_engine.EXTRACTOR_GROUP}
+        return points
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    return calls
+
+
+def test_plugin_extractor_is_found_loaded_lazily_and_used(tmp_path, monkeypatch, tiny_extractor_file):
+    import sys
+
+    calls = install_plugins(monkeypatch, toy="tests.unit.test_fid:toy_factory",
+                            broken="maisi_no_such_plugin_module:make")
+    assert fid_engine.extractor_names() == ["radimagenet-resnet50", "broken", "toy"]
+    assert "maisi_no_such_plugin_module" not in sys.modules
+    extractor = fid_engine.resolve_extractor("Toy", tmp_path / "w.bin")
+    assert extractor.name == "toy" and extractor.path == tmp_path / "w.bin" and not extractor.model.training
+    real = list_volumes(write_volumes(tmp_path / "real", 2, 1), "REAL")
+    synth = list_volumes(write_volumes(tmp_path / "synth", 2, 2), "SYNTH")
+    settings = FidSettings(target_shape=(16, 16, 16), planes=("xy",))
+    report = compute_fid(real, synth, extractor, settings, cache_dir=tmp_path / "cache")
+    assert report.features == 4 and report.extractor.startswith("toy (")
+    # the built-in never lists or imports plugins; a plugin's features never share cache entries with it
+    calls.clear()
+    builtin = fid_engine.resolve_extractor("radimagenet-resnet50", tiny_extractor_file)
+    assert calls == [] and builtin.name == "radimagenet-resnet50"
+    assert compute_fid(real, synth, builtin, settings, cache_dir=tmp_path / "cache").cached == 0
+
+
+def test_broken_plugins_fail_alone(tmp_path, monkeypatch, tiny_extractor_file):
+    install_plugins(monkeypatch, broken="maisi_no_such_plugin_module:make",
+                    failing="tests.unit.test_fid:broken_factory", wrong="tests.unit.test_fid:not_an_extractor",
+                    **{"radimagenet-resnet50": "tests.unit.test_fid:toy_factory"})
+    warnings_seen: list[str] = []
+    with pytest.raises(FidError) as caught:
+        fid_engine.resolve_extractor("broken", None, warnings_seen.append)
+    message = str(caught.value)
+    assert message.startswith("--extractor-name: the plugin 'broken' (maisi_no_such_plugin_module:make) failed to "
+                              "load (ModuleNotFoundError") and "\n" not in message
+    assert warnings_seen == ["--extractor-name: the plugin 'tests.unit.test_fid:toy_factory' registers the built-in "
+                             "name 'radimagenet-resnet50'; ignored"]
+    with pytest.raises(FidError, match=r"'failing' .* failed to load \(RuntimeError: cannot find my weights\)"):
+        fid_engine.resolve_extractor("failing", None)
+    with pytest.raises(FidError, match="returned Linear, not a maisi_cli.engine.fid.Extractor"):
+        fid_engine.resolve_extractor("wrong", None)
+    with pytest.raises(UsageError, match="no extractor 'nope'; installed: radimagenet-resnet50, broken, failing, "
+                                         "wrong") as unknown:
+        fid_engine.resolve_extractor("nope", None)
+    assert unknown.value.exit_code == 2
+    # the built-in name always means the built-in network
+    assert isinstance(fid_engine.resolve_extractor("radimagenet-resnet50", tiny_extractor_file).model,
+                      RadImageNetResNet50)
+
+
+def test_unreadable_plugin_metadata_is_one_warning(monkeypatch):
+    import importlib.metadata
+
+    def entry_points(**params):
+        raise ValueError("bad METADATA in some-dist")
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    seen: list[str] = []
+    assert fid_engine.extractor_names(seen.append) == ["radimagenet-resnet50"]
+    assert len(seen) == 1 and "could not list the 'maisi.extractors' plugins (ValueError" in seen[0]
+
+
+# --- the published checkpoint: download into the Hugging Face cache, lock, use --------------------------------------
+def test_downloaded_extractor_is_locked_and_used_without_extractor(tmp_path, monkeypatch, tiny_extractor_file):
+    import hashlib
+
+    import huggingface_hub
+
+    from maisi_cli.engine import hub
+    from tests.unit.test_hub import put_in_hf_cache
+
+    item = hub.extractor_file("radimagenet-resnet50")
+    assert (item.hf_repo, item.filename) == ("MONAI/checkpoints", "RadImageNet-ResNet50_notop.pth")
+    payload = tiny_extractor_file.read_bytes()
+    calls = []
+
+    def fake_download(repo, filename, **kwargs):
+        calls.append((repo, filename, kwargs))
+        return str(put_in_hf_cache(tmp_path, repo, filename, payload))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(WeightsError) as missing:
+        load_extractor(None)
+    assert "run `maisi weights download radimagenet-resnet50`" in str(missing.value)
+    assert str(fid_engine.default_extractor_path()) in str(missing.value)
+
+    result = hub.download_hub_file(item)
+    digest = hashlib.sha256(payload).hexdigest()
+    assert calls[-1][:2] == ("MONAI/checkpoints", "RadImageNet-ResNet50_notop.pth")
+    assert calls[-1][2]["local_files_only"] is False and result.lock == "recorded" and result.sha256 == digest
+    assert hub.read_lock("MONAI/checkpoints", "main")["RadImageNet-ResNet50_notop.pth"]["sha256"] == digest
+    assert hub.download_hub_file(item).lock == "matches"
+
+    extractor = load_extractor(None)  # found in the Hugging Face cache, held to the lock
+    assert extractor.path == hub.hub_file_in_cache(item) and extractor.sha256 == digest
+    assert extractor.model.width == 8
+    # a copy put by hand under MAISI_HOME wins
+    own = fid_engine.default_extractor_path()
+    own.parent.mkdir(parents=True)
+    own.write_bytes(payload)
+    assert load_extractor(None).path == own
+    own.unlink()
+    # a changed cache copy is refused with the command that repairs it
+    extractor.path.resolve().write_bytes(payload + b"x")
+    with pytest.raises(WeightsError, match="no longer matches the sha256 locked in .*maisi weights download "
+                                           "radimagenet-resnet50 --force$"):
+        load_extractor(None)
+
+
+def test_offline_without_an_extractor_says_where_to_put_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError) as caught:
+        load_extractor(None)
+    message = str(caught.value)
+    assert "HF_HUB_OFFLINE is set" in message and "maisi weights download radimagenet-resnet50" in message
+    assert f"to '{fid_engine.default_extractor_path()}'" in message and "\n" not in message
