@@ -1,4 +1,7 @@
-"""The label dictionary (132 anatomies of MAISI, plus body = 200) and anatomy-name lookup."""
+"""The label dictionary (132 anatomies of MAISI, plus body = 200), modality ids, and name lookup.
+
+Plugins (`maisi.labels`, `maisi.modalities` entry points) add names; they never replace a built-in name or id.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,27 @@ BODY_LABEL = 200
 
 
 @cache
-def label_dictionary() -> dict[str, int]:
-    """Anatomy name → label id, body included."""
+def builtin_label_dictionary() -> dict[str, int]:
+    """The packaged anatomy name → label id table, body included."""
     names = dict(load_json("label_dict.json"))
     names["body"] = BODY_LABEL
     return names
+
+
+def label_dictionary() -> dict[str, int]:
+    """Anatomy name → label id, body and plugin labels (ids 1..255: label maps are uint8) included."""
+    from maisi_cli import plugins
+
+    return plugins.registry("labels", lambda found: plugins.merge_ids(builtin_label_dictionary(), found, "label",
+                                                                      (1, 255)))
+
+
+def modality_mapping() -> dict[str, int]:
+    """Modality name → the id the networks take as class label (0..127), plugin modalities included."""
+    from maisi_cli import plugins
+
+    builtin = {name: int(ident) for name, ident in load_json("modality_mapping.json").items()}
+    return plugins.registry("modalities", lambda found: plugins.merge_ids(builtin, found, "modality", (0, 127)))
 
 
 def label_id(name: str) -> int:
@@ -30,7 +49,7 @@ def label_id(name: str) -> int:
 
 
 def modality_id(name: str) -> int:
-    mapping = load_json("modality_mapping.json")
+    mapping = modality_mapping()
     if name not in mapping:
         raise UsageError(f"modality '{name}' is unknown; known: {', '.join(mapping)}")
     return int(mapping[name])

@@ -1,7 +1,7 @@
 """Model registry: a model is data (network spec, scheduler, weight files, size rules), read into a `ModelSpec`.
 
-Built-in specs live in `maisi_cli/resources/models/*.json`; `--model PATH.json` loads one from a file.
-No torch here.
+Built-in specs live in `maisi_cli/resources/models/*.json`; plugins add more through the `maisi.models` entry-point
+group (never replacing a built-in name or alias); `--model PATH.json` loads one from a file. No torch here.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class SizeRules(BaseModel):
     spacing_z_range: tuple[float, float] | None = None
     min_fov_xy_mm: float | None = None
     max_size: tuple[int, int, int] | None = None
+    # The only sizes the model takes, when its rule is a list (the MR models' `check_input_mr`).
+    allowed_sizes: tuple[tuple[int, int, int], ...] | None = None
 
     def violations(self, size: Triple, spacing: FloatTriple) -> list[str]:
         """Each broken rule as '--field: what is wrong; the fix'."""
@@ -65,13 +67,18 @@ class SizeRules(BaseModel):
             found.append(f"--size: x/y must be one of {', '.join(map(str, self.xy_choices))} (got {size[0]})")
         if self.z_choices and size[2] not in self.z_choices:
             found.append(f"--size: z must be one of {', '.join(map(str, self.z_choices))} (got {size[2]})")
+        if self.allowed_sizes and tuple(size) not in self.allowed_sizes:
+            found.append(f"--size: one of {', '.join(format_triple(a) for a in self.allowed_sizes)} "
+                         f"(got {format_triple(size)})")
         if self.max_size and any(s > m for s, m in zip(size, self.max_size)):
             found.append(f"--size: at most {format_triple(self.max_size)} (got {format_triple(size)})")
         if self.spacing_xy_equal and spacing[0] != spacing[1]:
             found.append(f"--spacing: x and y must be equal (got {format_triple(spacing)})")
-        if self.spacing_xy_range and not (self.spacing_xy_range[0] <= spacing[0] <= self.spacing_xy_range[1]):
+        if self.spacing_xy_range and not all(self.spacing_xy_range[0] <= s <= self.spacing_xy_range[1]
+                                             for s in spacing[:2]):
             low, high = self.spacing_xy_range
-            found.append(f"--spacing: x/y must be within [{low:g}, {high:g}] mm (got {spacing[0]:g})")
+            got = spacing[0] if not low <= spacing[0] <= high else spacing[1]
+            found.append(f"--spacing: x/y must be within [{low:g}, {high:g}] mm (got {got:g})")
         if self.spacing_z_range and not (self.spacing_z_range[0] <= spacing[2] <= self.spacing_z_range[1]):
             low, high = self.spacing_z_range
             found.append(f"--spacing: z must be within [{low:g}, {high:g}] mm (got {spacing[2]:g})")
@@ -108,6 +115,9 @@ class ModelSpec(BaseModel):
     default_size: Triple
     recommended_spacing: tuple[RecommendedSpacing, ...] = ()
     network: dict[str, Any]
+    # A folder under maisi_cli/resources holding the weight and data files under their `weights`/`datasets`
+    # names: the model ships inside the package (the demo) and needs no download.
+    bundled: str | None = None
     source: str = "built-in"
 
     @field_validator("network")
@@ -128,6 +138,13 @@ class ModelSpec(BaseModel):
         if key not in self.network:
             raise UsageError(f"model {self.name}: its spec has no '{key}' network definition")
         return self.network[key]
+
+    def bundled_file(self, repo_name: str) -> Path | None:
+        """The packaged copy of one of the model's files, when the model ships inside the package."""
+        if self.bundled is None:
+            return None
+        path = resource_path(self.bundled, repo_name)
+        return path if path.is_file() else None
 
     @property
     def latent_channels(self) -> int:
@@ -234,17 +251,80 @@ def builtin_models() -> dict[str, ModelSpec]:
     return specs
 
 
+def _plugin_spec(item: Any, source: str) -> ModelSpec:
+    """One spec a plugin gave: a dict, or the path of a spec .json."""
+    if isinstance(item, dict):
+        data = item
+    else:
+        try:
+            data = json.loads(Path(str(item)).read_text())
+        except OSError as error:
+            raise ValueError(f"cannot read spec file '{item}': {error.strerror}") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"spec file '{item}' is not valid JSON (line {error.lineno}): {error.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"a spec is a JSON object, not a {type(data).__name__}")
+    if data.get("bundled"):
+        raise ValueError("'bundled' names files inside maisi itself; a plugin spec names files on its hf_repo")
+    try:
+        spec = ModelSpec.model_validate({**data, "source": source})
+    except ValidationError as error:
+        where, problem = first_validation_problem(error)
+        raise ValueError(f"spec {data.get('name', '?')!r} field '{where}': {problem}") from None
+    from maisi_cli.labels import modality_mapping
+
+    if spec.modality not in modality_mapping():
+        raise ValueError(f"spec {spec.name!r}: modality '{spec.modality}' is unknown (add it with a "
+                         "maisi.modalities entry point)")
+    return spec
+
+
+def _merge_plugin_models(found: list) -> dict[str, ModelSpec]:
+    from maisi_cli import plugins
+
+    owner = {key: "maisi" for spec in builtin_models().values() for key in (spec.name, *spec.aliases)}
+    added: dict[str, ModelSpec] = {}
+    for record, obj in found:
+        items = plugins.as_list(record, obj, "model specs")
+        if items is None:
+            continue
+        refusals: list[tuple[str, str]] = []
+        for item in items:
+            try:
+                spec = _plugin_spec(item, f"plugin {record.plugin}" + (f" {record.version}" if record.version else ""))
+            except ValueError as error:
+                plugins.fail(record, str(error))
+                continue
+            taken = [key for key in (spec.name, *spec.aliases) if key in owner]
+            if taken:
+                refusals.append((spec.name, f"{', '.join(taken)} is taken by {owner[taken[0]]}"))
+                continue
+            for key in (spec.name, *spec.aliases):
+                owner[key] = f"plugin {record.plugin}"
+            added[spec.name] = spec
+            record.registered.append(spec.name)
+        plugins.refuse(record, refusals)
+    return added
+
+
+def plugin_models() -> dict[str, ModelSpec]:
+    """The models plugins add (read once per process, when first needed)."""
+    from maisi_cli import plugins
+
+    return plugins.registry("models", _merge_plugin_models)
+
+
 def list_models() -> list[ModelSpec]:
-    return list(builtin_models().values())
+    return [*builtin_models().values(), *plugin_models().values()]
 
 
 def get_model(name_or_path: str) -> ModelSpec:
-    """A model by name or alias, or a spec file when the value ends in .json."""
+    """A model by name or alias (built-in first, then plugins), or a spec file when the value ends in .json."""
     if name_or_path.endswith(".json"):
         return _read_spec(Path(name_or_path).expanduser(), str(Path(name_or_path).expanduser().resolve()))
-    models = builtin_models()
-    for spec in models.values():
-        if name_or_path == spec.name or name_or_path in spec.aliases:
-            return spec
-    known = ", ".join(sorted(models))
+    for models in (builtin_models, plugin_models):  # plugins are read only for a name that is not built in
+        for spec in models().values():
+            if name_or_path == spec.name or name_or_path in spec.aliases:
+                return spec
+    known = ", ".join(sorted(spec.name for spec in list_models()))
     raise UsageError(f"--model: unknown model '{name_or_path}'; known: {known} (or a model spec .json file)")

@@ -7,6 +7,9 @@ from pathlib import Path
 
 # Before torch loads (see maisi_cli/cli/app.py): spinning OpenMP waits make 2-core runs erratically slow.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Installed plugins (plugins/maisi-mr in a dev or CI venv) stay out of tests, the app's command mounting at import
+# included; tests/cli/test_plugins.py loads them on purpose.
+os.environ["MAISI_LOAD_PLUGINS"] = ""
 
 import pytest
 
@@ -19,6 +22,7 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     monkeypatch.setenv("MAISI_HOME", str(tmp_path / "maisi-home"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MAISI_LOAD_PLUGINS", "")
     for name in ("MAISI_WEIGHTS_DIR", "MAISI_PROFILE_PATH", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
                  "HF_HUB_CACHE"):
         monkeypatch.delenv(name, raising=False)

@@ -62,10 +62,14 @@ def root(
                                  help="Print the version and exit."),
 ) -> None:
     ctx.obj = render.Output(json=json_output, quiet=quiet, debug=debug)
+    from maisi_cli import plugins
+
+    output = ctx.obj
+    plugins.warnings_to(lambda message: render.warning(message, output))  # plugin problems: one line each
 
 
 def _register() -> None:
-    from maisi_cli.cli import data, fid, generate, labels, models, profiles, qc
+    from maisi_cli.cli import data, fid, generate, labels, models, plugins, profiles, qc
 
     app.command("generate", help=generate.HELP)(generate.generate)
     app.command("models", help=models.HELP)(models.models)
@@ -83,6 +87,32 @@ def _register() -> None:
     from maisi_cli.cli import train
 
     app.add_typer(train.app, name="train")
+    app.command("plugins", help=plugins.HELP)(plugins.plugins_command)
+    _mount_plugin_commands()
+
+
+def _mount_plugin_commands() -> None:
+    """Each `maisi.commands` entry point's Typer under its entry-point name; a taken name or a broken Typer is
+    refused with one warning, and the built-in commands stay as they are."""
+    from maisi_cli import plugins
+
+    owner = {c.name: "maisi" for c in app.registered_commands} | {g.name: "maisi" for g in app.registered_groups}
+    for record, obj in plugins.loaded("commands"):
+        if not isinstance(obj, typer.Typer):
+            plugins.fail(record, f"gave a {type(obj).__name__}, not a typer.Typer")
+            continue
+        if record.name in owner:
+            plugins.refuse(record, [(record.name, f"the command name is taken by {owner[record.name]}")])
+            continue
+        try:
+            typer.main.get_command(obj)  # a Typer that cannot be built would break every command
+        except Exception as error:
+            plugins.fail(record, f"is not a usable Typer: {type(error).__name__}: {error}")
+            continue
+        app.add_typer(obj, name=record.name, rich_help_panel="Plugin commands")
+        owner[record.name] = f"plugin {record.plugin}"
+        if record.name not in record.registered:  # the app assembled again (tests reload it)
+            record.registered.append(record.name)
 
 
 _register()

@@ -42,7 +42,7 @@ class WeightFile:
     component: str
     repo_name: str  # path inside the Hugging Face repository, e.g. models/autoencoder_v1.pt
     path: Path
-    source: str = "path"  # weights-dir | store | hf-cache | path
+    source: str = "path"  # weights-dir | bundled | store | hf-cache | path
 
     def verified_sha256(self, spec: ModelSpec) -> str:
         """sha256 of the file; a WeightsError when a locked file no longer matches its lock (see verified_sha256)."""
@@ -82,12 +82,16 @@ def first_sentence(error: BaseException, limit: int = 120) -> str:
 
 def locate_file(spec: ModelSpec, repo_name: str, weights_dir: Path | None) -> tuple[Path, str] | None:
     """(path, source) of one repository file of a model, or None. Order: `--weights-dir` / `MAISI_WEIGHTS_DIR`
-    (or an absolute name in the spec), maisi's import store, the Hugging Face cache."""
+    (or an absolute name in the spec), the package itself (a bundled model), maisi's import store, the Hugging Face
+    cache."""
     weights_dir = weights_dir_from_env(weights_dir)
     if weights_dir is not None and (weights_dir / repo_name).is_file():
         return weights_dir / repo_name, "weights-dir"
     if Path(repo_name).is_absolute():
         return (Path(repo_name), "path") if Path(repo_name).is_file() else None
+    bundled = spec.bundled_file(repo_name)
+    if bundled is not None:
+        return bundled, "bundled"
     if spec.hf_repo:
         from maisi_cli.engine.hub import cached_file, store_dir
 
@@ -105,6 +109,10 @@ def locate_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> 
     naming it and the command that fetches it."""
     files = {**spec.weights, **spec.datasets}
     if component not in files:
+        if component == "controlnet":  # the MR models of MAISI v2 (plugin maisi-mr): no ControlNet is released
+            raise WeightsError(f"model {spec.name} is image-only: its spec names no ControlNet weights, and "
+                               "`maisi generate` makes image + label pairs through a ControlNet; use a model "
+                               "with a ControlNet (`maisi models`)")
         raise WeightsError(f"model {spec.name}: its spec names no file for '{component}'")
     repo_name = files[component]
     found = locate_file(spec, repo_name, weights_dir)

@@ -1,0 +1,41 @@
+"""`maisi plugins`: the installed plugins, what each registers, and what went wrong."""
+
+from __future__ import annotations
+
+import typer
+
+from maisi_cli.cli import render
+
+HELP = ("List the installed plugins (entry points maisi.models, .modalities, .labels, .profiles, .commands): "
+        "version, what each registers, and any error. MAISI_LOAD_PLUGINS picks which load.")
+
+
+def plugins_command(
+    ctx: typer.Context,
+    json_flag: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    from maisi_cli import plugins
+
+    output = render.output_of(ctx.obj, json_flag)
+    records = plugins.plugin_status()
+    selected = plugins.selected_names()
+    if output.json:
+        render.print_json({
+            "load_plugins": None if selected is None else sorted(selected),
+            "plugins": [record.as_dict() for record in records],
+        })
+        return
+    if not records:
+        render.info("no plugins installed (entry-point groups maisi.models, maisi.modalities, maisi.labels, "
+                    "maisi.profiles, maisi.commands)", output)
+        return
+    rows = []
+    for record in records:
+        entry = record.as_dict()
+        problem = entry["error"] or "; ".join(entry["refused"]) or ("not loaded (MAISI_LOAD_PLUGINS)"
+                                                                     if record.skipped else "")
+        names = record.registered
+        shown = ", ".join(names[:4]) + (f" … ({len(names)} in all)" if len(names) > 4 else "")
+        rows.append((record.plugin, record.version or "-", f"{entry['group']} {record.name}", shown or "-",
+                     entry["status"], problem))
+    render.print_table(None, ("plugin", "version", "entry point", "registers", "status", "problem"), rows)

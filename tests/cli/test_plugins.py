@@ -1,0 +1,318 @@
+"""Plugins through entry points: registered in-test as temporary distributions (a `*.dist-info` folder with
+`METADATA` and `entry_points.txt` on sys.path), then driven through the CLI. Nothing is installed.
+
+The last test checks the real `plugins/maisi-mr` distribution and runs only where it is installed (`.ci/run`)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from maisi_cli import plugins
+
+REPO = Path(__file__).resolve().parents[2]
+MR_PLUGIN = REPO / "plugins" / "maisi-mr"
+runner = CliRunner()
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`site(dist, entry_points, modules)` makes a distribution visible to importlib.metadata for this test."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    added_modules: list[str] = []
+
+    def install(dist: str, entry_points: dict[str, dict[str, str]], modules: dict[str, str] | None = None,
+                version: str = "1.0") -> None:
+        info = folder / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text("".join(
+            f"[maisi.{group}]\n" + "".join(f"{name} = {value}\n" for name, value in items.items()) + "\n"
+            for group, items in entry_points.items()))
+        for name, source in (modules or {}).items():
+            (folder / f"{name}.py").write_text(source)
+            added_modules.append(name)
+        importlib.invalidate_caches()
+        plugins.reset()
+
+    yield install
+    for name in added_modules:
+        sys.modules.pop(name, None)
+    plugins.reset()
+
+
+@pytest.fixture
+def fresh_app(monkeypatch: pytest.MonkeyPatch):
+    """`fresh_app()`: the maisi app assembled again, so that it mounts the plugin commands visible now."""
+    import maisi_cli.cli.app as app_module
+
+    def assemble():
+        return importlib.reload(app_module).app
+
+    yield assemble
+    monkeypatch.setenv("MAISI_LOAD_PLUGINS", "")
+    plugins.reset()
+    importlib.reload(app_module)
+
+
+def mr_plugin(site, dist: str = "maisi-mr-test") -> None:
+    """The example plugin's package (plugins/maisi-mr on sys.path) behind a test distribution, all five groups."""
+    site(dist, {group: {"mr": value} for group, value in (
+        ("models", "maisi_mr:models"), ("modalities", "maisi_mr:MODALITIES"), ("labels", "maisi_mr:labels"),
+        ("profiles", "maisi_mr:profiles"), ("commands", "maisi_mr.cli:app"))})
+
+
+@pytest.fixture
+def mr(site, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(MR_PLUGIN))
+    monkeypatch.setenv("MAISI_LOAD_PLUGINS", "maisi-mr-test")
+    mr_plugin(site)
+
+
+def warning_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("Warning:")]
+
+
+def invoke(app, *args: str):
+    return runner.invoke(app, list(args))
+
+
+def tiny_spec(tiny_model, name: str) -> dict:
+    spec_path, _ = tiny_model
+    return {**json.loads(spec_path.read_text()), "name": name, "aliases": []}
+
+
+# --- the example plugin's content, through test distributions -------------------------------------------------------
+def test_mr_models_appear_in_models_and_resolve(mr, fresh_app):
+    app = fresh_app()
+    result = invoke(app, "models", "--json")
+    assert result.exit_code == 0, result.stderr
+    by_name = {m["name"]: m for m in json.loads(result.stdout)["models"]}
+    assert {"rflow-ct", "rflow-mr", "rflow-mr-brain"} <= set(by_name)
+    assert by_name["rflow-mr"]["hf_repo"] == "nvidia/NV-Generate-MR"
+    assert {w["file"] for w in by_name["rflow-mr-brain"]["weights"]} == {
+        "models/autoencoder_v1.pt", "models/diff_unet_3d_rflow-mr-brain_v1.pt"}
+    assert warning_lines(result.stderr) == []
+
+    from maisi_cli.models import get_model
+
+    brain = get_model("rflow-mr-brain")
+    assert brain.source == "plugin maisi-mr-test 1.0"
+    assert brain.modality_id == 31  # mri_flair_skull_stripped: a modality the plugin adds
+    assert get_model("rflow-mr").modality_id == 9 and get_model("rflow-mr").default_spacing((128, 256, 256)) == (
+        1.25, 1.0, 1.0)
+
+
+def test_generate_dry_run_resolves_an_mr_model(mr, fresh_app, tmp_path):
+    """The model, its size rules and the profile resolve; weights missing → the exact fetch command; weights here →
+    the one-line refusal of an image-only model (no MR ControlNet is released)."""
+    app = fresh_app()
+    missing = invoke(app, "generate", "--model", "rflow-mr", "--device", "cpu", "--dry-run")
+    assert missing.exit_code == 1
+    assert "maisi weights download rflow-mr --component autoencoder" in missing.stderr
+    assert "nvidia/NV-Generate-MR" in missing.stderr
+
+    rules = invoke(app, "generate", "--model", "rflow-mr", "--device", "cpu", "--size", "256x256x192", "--dry-run")
+    assert rules.exit_code == 2 and "--size: one of 128x128x128" in rules.stderr, rules.stderr
+
+    weights = tmp_path / "weights"
+    for name in ("models/autoencoder_v2.pt", "models/diff_unet_3d_rflow-mr.pt"):
+        (weights / name).parent.mkdir(parents=True, exist_ok=True)
+        (weights / name).write_bytes(b"")
+    found = invoke(app, "generate", "--model", "rflow-mr", "--device", "cpu", "--profile", "mr",
+                   "--weights-dir", str(weights), "--dry-run")
+    assert found.exit_code == 1 and "rflow-mr is image-only" in found.stderr, found.stderr
+    assert len(found.stderr.strip().splitlines()) == 1
+
+
+def test_plugin_command_profile_labels_and_modalities(mr, fresh_app):
+    app = fresh_app()
+    info = invoke(app, "mr", "info", "--json")
+    assert info.exit_code == 0, info.stderr
+    assert [m["name"] for m in json.loads(info.stdout)["models"]] == ["rflow-mr", "rflow-mr-brain"]
+    modalities = invoke(app, "mr", "modalities", "--json")
+    assert {"name": "mri_swi", "id": 20, "from": "maisi-mr"} in json.loads(modalities.stdout)["modalities"]
+    assert "mr" in invoke(app, "--help").stdout
+
+    shown = invoke(app, "profiles", "show", "mr", "--json")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["fallback"]["max_roi_latent_voxels"] == 512000
+    labels = invoke(app, "labels", "chiasm", "--json")
+    assert json.loads(labels.stdout)["labels"] == [{"id": 177, "name": "chiasm"}]
+
+
+def test_plugins_json_lists_each_entry_point(mr, fresh_app):
+    app = fresh_app()
+    result = invoke(app, "plugins", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    mine = {e["group"]: e for e in document["plugins"] if e["plugin"] == "maisi-mr-test"}
+    assert set(mine) == {"maisi.models", "maisi.modalities", "maisi.labels", "maisi.profiles", "maisi.commands"}
+    assert all(e["status"] == "ok" and e["version"] == "1.0" and e["error"] is None for e in mine.values())
+    assert sorted(mine["maisi.models"]["registered"]) == ["rflow-mr", "rflow-mr-brain"]
+    assert mine["maisi.profiles"]["registered"] == ["mr"] and mine["maisi.commands"]["registered"] == ["mr"]
+    assert len(mine["maisi.labels"]["registered"]) == 67
+    assert document["load_plugins"] == ["maisi-mr-test"]
+    table = invoke(app, "plugins")
+    assert table.exit_code == 0 and "rflow-mr" in table.stdout and "fibula" in table.stdout, table.stdout
+
+
+@pytest.mark.parametrize("value, loaded", [("", False), ("someone-else", False), ("maisi-mr-test", True),
+                                           ("MAISI_MR_TEST", True), ("other, mr", True), (None, True)])
+def test_load_plugins_filter(site, monkeypatch, value, loaded):
+    """Names are distribution or entry-point names (any case, - or _); empty loads none; unset loads all."""
+    monkeypatch.syspath_prepend(str(MR_PLUGIN))
+    if value is None:
+        monkeypatch.delenv("MAISI_LOAD_PLUGINS", raising=False)
+    else:
+        monkeypatch.setenv("MAISI_LOAD_PLUGINS", value)
+    mr_plugin(site)
+    from maisi_cli.models import list_models
+
+    assert ("rflow-mr" in {m.name for m in list_models()}) is loaded
+    status = {r.group: r for r in plugins.plugin_status() if r.plugin == "maisi-mr-test"}
+    assert all(r.skipped is not loaded for r in status.values())
+
+
+# --- broken and conflicting plugins ----------------------------------------------------------------------------------
+def test_broken_plugin_warns_once_and_generate_works(site, fresh_app, monkeypatch, tiny_model, mask_file, tmp_path):
+    monkeypatch.setenv("MAISI_LOAD_PLUGINS", "maisi-broken")
+    site("maisi-broken", {"commands": {"broken": "maisi_broken_missing.cli:app"},
+                          "models": {"broken": "maisi_broken_models:models"}},
+         modules={"maisi_broken_models": "def models():\n    raise RuntimeError('boom')\n"})
+    app = fresh_app()
+    spec, weights = tiny_model
+    result = invoke(app, "--json", "generate", "--model", str(spec), "--weights-dir", str(weights), "--mask",
+                    str(mask_file), "--out", str(tmp_path / "out"), "--no-qc")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["written"] == [0]
+    lines = warning_lines(result.stderr)
+    assert len(lines) == 1 and "maisi-broken" in lines[0] and "maisi_broken_missing" in lines[0], result.stderr
+
+    listed = invoke(app, "models", "--json")  # the broken models entry point: recorded, no second warning
+    assert listed.exit_code == 0 and "rflow-ct" in listed.stdout and warning_lines(listed.stderr) == []
+    status = {e["group"]: e for e in json.loads(invoke(app, "plugins", "--json").stdout)["plugins"]
+              if e["plugin"] == "maisi-broken"}
+    assert status["maisi.commands"]["status"] == "error" and "ModuleNotFoundError" in status["maisi.commands"]["error"]
+    assert "RuntimeError: boom" in status["maisi.models"]["error"]
+
+
+def test_conflicting_plugin_overrides_nothing(site, fresh_app, monkeypatch, tiny_model):
+    monkeypatch.setenv("MAISI_LOAD_PLUGINS", "maisi-thief")
+    taken = tiny_spec(tiny_model, "rflow-ct")
+    aliased = {**tiny_spec(tiny_model, "fresh-name"), "aliases": ["maisi3d-ddpm"]}
+    site("maisi-thief", {
+        "models": {"thief": "maisi_thief:models"}, "profiles": {"thief": "maisi_thief:PROFILES"},
+        "labels": {"thief": "maisi_thief:LABELS"}, "modalities": {"thief": "maisi_thief:MODALITIES"},
+        "commands": {"generate": "maisi_thief:app"},
+    }, modules={"maisi_thief": (
+        "import typer\n"
+        f"SPECS = {taken!r}, {aliased!r}, {tiny_spec(tiny_model, 'thief-ok')!r}\n"
+        "def models():\n    return list(SPECS)\n"
+        "PROFILES = [{'name': 'cpu', 'device': 'cuda', 'precision': 'fp16',\n"
+        "             'fallback': {'max_roi_latent_voxels': 4096, 'overlap': 0.5, 'tp_splits': 1}}]\n"
+        "LABELS = {'Liver': 140, 'thief organ': 1, 'new organ': 150}\n"
+        "MODALITIES = {'ct': 5}\n"
+        "app = typer.Typer()\n"
+        "@app.command()\ndef steal():\n    print('stolen')\n")})
+    app = fresh_app()
+    result = invoke(app, "models", "--json")
+    assert result.exit_code == 0, result.stderr
+    lines = warning_lines(result.stderr)
+    assert len(lines) == 1 and "maisi-thief" in lines[0] and "'generate'" in lines[0], result.stderr
+
+    from maisi_cli.labels import label_dictionary, modality_id
+    from maisi_cli.models import get_model
+    from maisi_cli.profiles import get_profile
+
+    names = {m["name"]: m for m in json.loads(result.stdout)["models"]}
+    assert "thief-ok" in names and "fresh-name" not in names
+    assert get_model("rflow-ct").source == "built-in" and get_model("maisi3d-ddpm").name == "ddpm-ct"
+    assert get_profile("cpu").device == "cpu" and modality_id("ct") == 1
+    table = label_dictionary()
+    assert table["liver"] == 1 and "Liver" not in table and "thief organ" not in table and table["new organ"] == 150
+    assert "Generate CT image + label pairs" in invoke(app, "generate", "--help").stdout
+
+    status = {e["group"]: e for e in json.loads(invoke(app, "plugins", "--json").stdout)["plugins"]
+              if e["plugin"] == "maisi-thief"}
+    assert status["maisi.models"]["status"] == "conflict" and status["maisi.models"]["registered"] == ["thief-ok"]
+    assert any(r.startswith("rflow-ct (rflow-ct is taken by maisi") for r in status["maisi.models"]["refused"])
+    assert any("maisi3d-ddpm" in r for r in status["maisi.models"]["refused"])
+    assert status["maisi.profiles"]["refused"] == ["cpu (the profile name is taken by maisi)"]
+    assert status["maisi.modalities"]["refused"] == ["ct (the modality name is taken by maisi)"]
+    assert status["maisi.commands"]["refused"] == ["generate (the command name is taken by maisi)"]
+    assert len(status["maisi.labels"]["refused"]) == 2
+
+
+def test_spec_outside_the_target_allow_list_is_refused(site, monkeypatch, tiny_model):
+    monkeypatch.setenv("MAISI_LOAD_PLUGINS", "maisi-evil")
+    spec = tiny_spec(tiny_model, "evil")
+    spec["network"]["autoencoder_def"]["_target_"] = "os.system"
+    site("maisi-evil", {"models": {"evil": "maisi_evil:models"}},
+         modules={"maisi_evil": f"def models():\n    return [{spec!r}]\n"})
+    from maisi_cli.errors import UsageError
+    from maisi_cli.models import get_model
+
+    with pytest.raises(UsageError, match="unknown model 'evil'"):
+        get_model("evil")
+    (record,) = [r for r in plugins.plugin_status(["models"]) if r.plugin == "maisi-evil"]
+    assert "_target_" in record.error and "os.system" in record.error
+    assert plugins.pending_warnings() and "maisi-evil" in plugins.pending_warnings()[0]
+
+
+def test_broken_plugin_in_a_real_process(site, tmp_path):
+    """The installed executable: one warning line on stderr, the command's output untouched."""
+    site("maisi-broken", {"commands": {"broken": "maisi_broken_missing:app"}})
+    env = {**os.environ, "MAISI_LOAD_PLUGINS": "maisi-broken",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO)])}
+    done = subprocess.run([sys.executable, "-m", "maisi_cli", "--json", "labels", "liver"], capture_output=True,
+                          text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["labels"][0]["name"] == "liver"
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Warning: plugin maisi-broken"), done.stderr
+
+
+# --- the example plugin as installed (.ci/run installs plugins/maisi-mr) ----------------------------------------------
+def _installed(name: str) -> bool:
+    try:
+        metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _installed("maisi-mr"), reason="plugins/maisi-mr is not installed (pip install ./plugins/maisi-mr)")
+def test_installed_maisi_mr_plugin():
+    maisi = Path(sys.executable).parent / "maisi"
+    command = [str(maisi)] if maisi.exists() else [sys.executable, "-m", "maisi_cli"]
+    env = {key: value for key, value in os.environ.items() if key != "MAISI_LOAD_PLUGINS"}  # unset: load all
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=120,
+                              stdin=subprocess.DEVNULL)
+
+    status = json.loads(run("plugins", "--json").stdout)["plugins"]
+    mine = {e["group"]: e for e in status if e["plugin"] == "maisi-mr"}
+    assert len(mine) == 5 and all(e["status"] == "ok" for e in mine.values()), mine
+    models = run("models", "--json")
+    assert models.returncode == 0 and models.stderr == "", models.stderr
+    assert {"rflow-mr", "rflow-mr-brain"} <= {m["name"] for m in json.loads(models.stdout)["models"]}
+    info = run("mr", "info", "--json")
+    assert info.returncode == 0 and "nvidia/NV-Generate-MR-Brain" in info.stdout, info.stderr
+    dry = run("generate", "--model", "rflow-mr", "--device", "cpu", "--dry-run")
+    assert dry.returncode == 1 and "maisi weights download rflow-mr --component autoencoder" in dry.stderr, dry.stderr
+    code = ("import sys\nsys.argv = ['maisi', '--help']\nfrom maisi_cli.cli.app import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY=' + ','.join(m for m in ('torch', 'monai', 'nibabel') if m in sys.modules), file=sys.stderr)\n")
+    helped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert "Plugin commands" in helped.stdout and helped.stderr.rstrip().endswith("HEAVY="), helped.stderr
