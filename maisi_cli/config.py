@@ -19,6 +19,7 @@ FloatTriple = tuple[float, float, float]
 
 Precision = Literal["fp32", "fp16", "bf16"]
 LabelMode = Literal["full", "requested"]
+Backend = Literal["torch", "onnx", "trt"]
 
 _SEPARATORS = re.compile(r"\s*[x,×]\s*")
 
@@ -121,6 +122,9 @@ class GenerateRequest(BaseModel):
     precision: Precision | None = None
     allow_any_size: bool = False
     weights_dir: Path | None = None
+    backend: Backend = "torch"  # `--backend`: PyTorch, onnxruntime or TensorRT (engine/backends.py)
+    onnx_dir: Path | None = None  # `--onnx-dir`: a `maisi export onnx` folder (default: MAISI_HOME/onnx)
+    guidance: float | None = Field(None, ge=1)  # `--guidance S`: classifier-free guidance (image-only models); 1 = off
 
 
 def maisi_home() -> Path:

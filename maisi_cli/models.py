@@ -10,9 +10,9 @@ import json
 import math
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
 from maisi_cli.errors import UsageError, first_validation_problem
@@ -27,7 +27,8 @@ COMPONENTS = (
     "mask_generation_autoencoder",
     "mask_generation_diffusion",
 )
-# The three every generation needs, and the two of the mask generator (`--anatomy NAME:SIZE`).
+# The three an image + label generation needs (an image-only model, `ModelSpec.image_only`, has no ControlNet),
+# and the two of the mask generator (`--anatomy NAME:SIZE`).
 IMAGE_COMPONENTS = ("autoencoder", "diffusion_unet", "controlnet")
 MASK_COMPONENTS = ("mask_generation_autoencoder", "mask_generation_diffusion")
 
@@ -119,15 +120,32 @@ class ModelSpec(BaseModel):
     # names: the model ships inside the package (the demo) and needs no download.
     bundled: str | None = None
     source: str = "built-in"
+    # Classifier-free guidance on the modality class of an image-only model (NV-Generate-CTMR
+    # `cfg_guidance_scale`): each step runs the UNet on the modality and on class 0 ("unknown") and takes
+    # uncond + s·(cond − uncond). None, 0 or 1: off.
+    cfg_guidance_scale: float | None = None
+    # How the VAE output in [0, 1] becomes the written image: "hu" CT (−1000..1000 HU, air outside the body),
+    # "mr" MR intensities (0..1000, clipped below at 0 only), as NV-Generate-CTMR's diff_model_infer.
+    output_intensity: Literal["hu", "mr"] = "hu"
+
+    @field_validator("cfg_guidance_scale")
+    @classmethod
+    def _guidance_off_or_at_least_one(cls, value: float | None) -> float | None:
+        if value is not None and value != 0 and value < 1:
+            raise ValueError("use 0 or 1 (off), or a scale above 1")
+        return value
 
     @field_validator("network")
     @classmethod
-    def _known_classes_only(cls, network: dict[str, Any]) -> dict[str, Any]:
+    def _known_classes_only(cls, network: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         for key, block in network.items():
             if isinstance(block, dict) and "_target_" in block and block["_target_"] not in ALLOWED_TARGETS:
                 names = ", ".join(sorted(t.rsplit(".", 1)[1] for t in ALLOWED_TARGETS))
                 raise ValueError(f"'_target_' {block['_target_']!r} is not a MONAI MAISI class; use one of {names}")
-        for key in ("autoencoder_def", "diffusion_unet_def", "controlnet_def", "noise_scheduler"):
+        required = ["autoencoder_def", "diffusion_unet_def", "noise_scheduler"]
+        if "controlnet" in (info.data.get("weights") or {}):  # an image-only model needs no ControlNet block
+            required.insert(2, "controlnet_def")
+        for key in required:
             if key not in network:
                 raise ValueError(f"the '{key}' block is missing")
         return network
@@ -171,6 +189,22 @@ class ModelSpec(BaseModel):
         if target.endswith("DDPMScheduler"):
             return "ddpm"
         raise UsageError(f"model {self.name}: unsupported noise scheduler '{target}'")
+
+    @property
+    def image_only(self) -> bool:
+        """No ControlNet (no `controlnet` weight file or no `controlnet_def`): the model makes images without a
+        condition mask and without a label file (MAISI v2's MR models)."""
+        return "controlnet" not in self.weights or "controlnet_def" not in self.network
+
+    @property
+    def image_components(self) -> tuple[str, ...]:
+        """The weight components an image generation loads: IMAGE_COMPONENTS, less the ControlNet when image-only."""
+        return tuple(c for c in IMAGE_COMPONENTS if not (c == "controlnet" and self.image_only))
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The spec's classifier-free guidance scale when it is on (> 1), else None."""
+        return self.cfg_guidance_scale if self.cfg_guidance_scale is not None and self.cfg_guidance_scale > 1 else None
 
     @property
     def uses_modality(self) -> bool:

@@ -87,6 +87,9 @@ def _register() -> None:
     from maisi_cli.cli import train
 
     app.add_typer(train.app, name="train")
+    from maisi_cli.cli import export
+
+    app.add_typer(export.app, name="export")
     app.command("plugins", help=plugins.HELP)(plugins.plugins_command)
     _mount_plugin_commands()
 

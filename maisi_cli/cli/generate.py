@@ -12,7 +12,8 @@ from maisi_cli.config import (GenerateRequest, format_triple, parse_anatomy, par
                               parse_spacing)
 
 HELP = ("Generate CT image + label pairs (NIfTI), conditioned on a label map: your --mask, one from the candidate "
-        "database, or one generated with --anatomy NAME:SIZE.")
+        "database, or one generated with --anatomy NAME:SIZE. An image-only model (no ControlNet, e.g. the "
+        "maisi-mr plugin's rflow-mr) writes images alone, with no mask options.")
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the run report as one JSON document.")
 
@@ -45,6 +46,11 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate samples that are already complete."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 (default: the profile's)."),
+    backend: str = typer.Option("torch", "--backend", help="torch; onnx: onnxruntime (extra maisi[onnx]; graphs "
+                                "exported on first use into MAISI_HOME); trt: TensorRT engines per size (extra "
+                                "maisi[trt], a GPU)."),
+    onnx_dir: Optional[Path] = typer.Option(None, "--onnx-dir", help="With --backend onnx: the graphs of `maisi "
+                                            "export onnx --out DIR` (checked against the weights' sha256)."),
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", envvar="MAISI_WEIGHTS_DIR",
                                                help="Folder holding weight files under their repository names."),
     allow_any_size: bool = typer.Option(False, "--allow-any-size", help="Lift the model's size/spacing rules (small CPU runs)."),
@@ -55,6 +61,8 @@ def generate(
     max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts per sample while it fails the check."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="HU statistics JSON for the check (default: the "
                                          "packaged image_median_statistics.json)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale on the "
+                                             "modality (image-only models; 1 = off; default: the model's)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
     preview: bool = typer.Option(False, "--preview/--no-preview", help="Also write sample_NNNN_preview.png beside "
                                  "each pair: mid-planes, soft-tissue window, label contours (see `maisi preview`)."),
@@ -67,8 +75,14 @@ def generate(
         raise UsageError(f"--label-mode: '{label_mode}' is not a mode; use full or requested")
     if precision is not None and precision not in ("fp32", "fp16", "bf16"):
         raise UsageError(f"--precision: '{precision}' is not a precision; use fp32, fp16 or bf16")
+    if backend not in ("torch", "onnx", "trt"):
+        raise UsageError(f"--backend: '{backend}' is not a backend; use torch, onnx or trt")
+    if onnx_dir is not None and backend != "onnx":
+        raise UsageError("--onnx-dir: only with --backend onnx; add --backend onnx or drop --onnx-dir")
     if strict_qc and not qc:
         raise UsageError("--strict-qc: needs the quality check; drop --no-qc")
+    if guidance is not None and guidance < 1:
+        raise UsageError(f"--guidance: {guidance:g} is under 1; use 1 (off) or a larger scale, e.g. 15")
     names, sizes = parse_anatomy(anatomy)
     request = GenerateRequest(
         model=model, profile=profile,
@@ -77,13 +91,17 @@ def generate(
         num_samples=num_samples, seed=seed, steps=steps, mask=mask, anatomy=names, anatomy_sizes=sizes,
         body_regions=tuple(body_region), mask_database=mask_database, augment=augment, mask_steps=mask_steps,
         label_mode=label_mode, out=out, shard=parse_shard(shard), overwrite=overwrite, device=device,
-        precision=precision, allow_any_size=allow_any_size, weights_dir=weights_dir,
+        precision=precision, allow_any_size=allow_any_size, weights_dir=weights_dir, guidance=guidance,
+        backend=backend, onnx_dir=onnx_dir,
     )
 
     from maisi_cli.engine.pipeline import plan_generation, run_generation, summary_line
     from maisi_cli.engine.qc import QCOptions
 
     plan = plan_generation(request, QCOptions(enabled=qc, strict=strict_qc, max_attempts=max_attempts, stats=stats))
+    if preview and plan.model.image_only:
+        raise UsageError(f"model {plan.model.name} generates images only (no ControlNet): drop --preview (it "
+                         "draws label contours on a CT window)")
     for message in plan.warnings:
         render.warning(message, output)
     if dry_run:
@@ -117,6 +135,13 @@ def generate(
         render.info(summary_line(report), output)
         if previews:
             render.info(f"{len(previews)} preview(s) written ({', '.join(sorted(previews))})", output)
+    failed = report.indices("failed")
+    if failed:
+        from maisi_cli.errors import GenerationError
+
+        first = next(s for s in report.samples if s.status == "failed")
+        raise GenerationError(f"sample(s) {', '.join(map(str, failed))} failed (sample {first.index}: {first.error}); "
+                              "the others are written; run the same command again to retry only the missing samples")
     if strict_qc and report.qc_failed:
         attempts = {s.index: len(s.attempts) for s in report.samples}
         named = ", ".join(f"{i} ({attempts[i]} attempt(s))" if attempts[i] else str(i) for i in report.qc_failed)
@@ -143,7 +168,8 @@ def show_plan(plan: dict, output: render.Output) -> None:
     rows = [
         ("model", f"{plan['model']} ({plan['scheduler']}, {plan['model_source']})"),
         ("profile", plan["profile"]),
-        ("device / precision", f"{plan['device']} / {plan['precision']}"),
+        ("device / precision", f"{plan['device']} / {plan['precision']}"
+                               + (f" ({plan['backend']} backend)" if plan.get("backend", "torch") != "torch" else "")),
         ("size", f"{format_triple(tuple(plan['size']))} voxels at {format_triple(tuple(plan['spacing']))} mm"),
         ("latent", format_triple(tuple(plan["latent_shape"]))),
         ("steps", plan["steps"]),
@@ -153,7 +179,12 @@ def show_plan(plan: dict, output: render.Output) -> None:
         ("out", plan["out"]),
         ("samples", ", ".join(f"{s['index']}:{s['status']}" for s in plan["samples"]) or "none in this shard"),
         ("quality check", (f"on, up to {plan['qc']['max_attempts']} attempt(s), {plan['qc']['statistics']}"
-                           + (", strict" if plan["qc"]["strict"] else "")) if plan["qc"]["enabled"] else "off"),
+                           + (", strict" if plan["qc"]["strict"] else "")) if plan["qc"]["enabled"]
+         else plan["qc"].get("note") or "off"),
     ]
+    if plan.get("image_only"):
+        rows.insert(rows.index(("out", plan["out"])), (
+            "image only", f"no label file; {plan['output_intensity']} intensities; guidance "
+                          + (f"{plan['guidance']:g}" if plan.get("guidance") else "off")))
     rows += [(f"weights {component}", path) for component, path in plan["weights"].items()]
     render.print_table("maisi generate --dry-run", ("", ""), rows)

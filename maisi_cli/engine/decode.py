@@ -41,7 +41,8 @@ def decode_latents(
 
     from maisi_cli.engine.sampling import autocast_for
 
-    set_tp_splits(decoder.autoencoder, plan.tp_splits)
+    if isinstance(decoder, LatentDecoder):  # not an exported decoder (--backend onnx), which decodes whole
+        set_tp_splits(decoder.autoencoder, plan.tp_splits)
     with torch.inference_mode(), autocast_for(latents.device, precision):
         if plan.mode == "whole":
             image = decoder(latents)

@@ -200,11 +200,13 @@ def weight_parameters(spec: Any) -> dict[str, int]:
 
 
 def _weight_parameters(spec: Any) -> dict[str, int]:
-    return {
+    parameters = {
         "autoencoder": vae_parameters(resolved_definition(spec, "autoencoder")),
         "diffusion_unet": unet_parameters(resolved_definition(spec, "diffusion_unet")),
-        "controlnet": unet_parameters(resolved_definition(spec, "controlnet"), controlnet=True),
     }
+    if not getattr(spec, "image_only", False):  # an image-only model loads no ControlNet
+        parameters["controlnet"] = unet_parameters(resolved_definition(spec, "controlnet"), controlnet=True)
+    return parameters
 
 
 # --- the estimate ------------------------------------------------------------------------------------------------
@@ -371,12 +373,15 @@ def _unet_activation_bytes(unet: dict[str, Any], controlnet: dict[str, Any], lat
 
 
 def estimate_peak_memory(spec: Any, size: Triple, plan: Any, dtype_bytes: int = 2,
-                         overhead_gib: float | None = None, transient_factor: float | None = None) -> MemoryEstimate:
-    """Peak GPU memory of one generation of `size` with the decode `plan` (a `DecodePlan`), fp16 by default."""
+                         overhead_gib: float | None = None, transient_factor: float | None = None,
+                         guided: bool = False) -> MemoryEstimate:
+    """Peak GPU memory of one generation of `size` with the decode `plan` (a `DecodePlan`), fp16 by default.
+    `guided`: classifier-free guidance runs the UNet on a batch of 2 (twice the step activations)."""
     overhead = int((FRAMEWORK_OVERHEAD_GIB if overhead_gib is None else overhead_gib) * GIB)
     vae = resolved_definition(spec, "autoencoder")
     unet = resolved_definition(spec, "diffusion_unet")
-    controlnet = resolved_definition(spec, "controlnet")
+    image_only = bool(getattr(spec, "image_only", False))
+    controlnet = {} if image_only else resolved_definition(spec, "controlnet")
     latent_shape = spec.latent_shape(size)
     latent: Triple = (latent_shape[1], latent_shape[2], latent_shape[3])
     n = math.prod(latent)
@@ -384,12 +389,17 @@ def estimate_peak_memory(spec: Any, size: Triple, plan: Any, dtype_bytes: int = 
     params = weight_parameters(spec)
     weights = 4 * sum(params.values())
     cast_copies = 2 * sum(params.values()) if dtype_bytes == 2 else 0
-    label = image  # the uint8 label map stays on the GPU until the image is cropped to the body (reference §9.4)
+    # the uint8 label map stays on the GPU until the image is cropped to the body (reference §9.4); none image-only
+    label = 0 if image_only else image
     latents = latent_shape[0] * n * dtype_bytes
     common = {"framework overhead": overhead, "weights": weights, "fp16 weight copies": cast_copies,
               "label map": label, "latents": latents}
     step, embed = _unet_activation_bytes(unet, controlnet, latent, dtype_bytes)
-    diffusion = {**common, "conditioning planes": 8 * image * dtype_bytes,
+    if image_only:  # no condition embedding; the residual term of `step` stays (a small over-estimate)
+        embed = 0
+    if guided:
+        step *= 2
+    diffusion = {**common, "conditioning planes": 0 if image_only else 8 * image * dtype_bytes,
                  "activations": max(step, embed)}
     split_axis = int(vae.get("dim_split", 1))
     live, transient = decoder_activation_bytes(vae, plan.roi, plan.tp_splits, split_axis, dtype_bytes,
@@ -441,7 +451,9 @@ def candidate_plans(spec: Any, size: Triple, rois: Sequence[Triple] = (), min_ov
     whose largest convolution chunk exceeds 2^31 elements (cuDNN's 32-bit indexing) are left out.
 
     Overlap changes time and seams, not memory, so the fastest plan always takes the smallest allowed overlap:
-    `min_overlap` (the profile's, 0.4 by default as the reference's 24g/32g/80g files) is the quality floor."""
+    `min_overlap` (the profile's, 0.4 by default as the reference's 24g/32g/80g files) is the quality floor.
+    Measured (bench/seams_cpu.py, engine/seams.py): the tile-seam excess falls ~6x from overlap 0 to 0.4 and barely
+    moves from 0.4 to 0.5; 0.25 leaves about twice the seam of 0.4 (small windows: an upper bound)."""
     from maisi_cli.profiles import make_decode_plan
 
     latent_shape = spec.latent_shape(size)

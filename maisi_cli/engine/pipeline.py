@@ -19,7 +19,7 @@ import numpy as np
 
 from maisi_cli import __version__
 from maisi_cli.config import GenerateRequest, format_triple
-from maisi_cli.engine.masks.sources import FileMaskSource, SampleMask
+from maisi_cli.engine.masks.sources import FileMaskSource, NoMaskSource, SampleMask
 from maisi_cli.engine.masks.user import load_condition_mask, resample_warning
 from maisi_cli.engine.qc import QCOptions, QCStatistics, check_quality, load_statistics
 from maisi_cli.engine.masks.database import region_indices
@@ -27,7 +27,7 @@ from maisi_cli.engine.masks.regions import body_region_indices
 from maisi_cli.engine.weights import WeightFile, locate_weight
 from maisi_cli.errors import GenerationError, MaskError, OutputError, UsageError
 from maisi_cli.labels import label_id
-from maisi_cli.models import IMAGE_COMPONENTS, MASK_COMPONENTS, ModelSpec, get_model
+from maisi_cli.models import MASK_COMPONENTS, ModelSpec, get_model
 from maisi_cli.profiles import DecodePlan, Profile, resolve_profile
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -40,9 +40,22 @@ class SampleTask:
     index: int
     seed: int
     image: Path
-    label: Path
+    label: Path | None  # None: an image-only model writes no label file
     sidecar: Path
     complete: bool
+
+    @property
+    def paths(self) -> list[Path]:
+        """The sample's files, the sidecar (written last) last."""
+        return [p for p in (self.image, self.label, self.sidecar) if p is not None]
+
+    @property
+    def file_names(self) -> list[str]:
+        return [p.name for p in self.paths]
+
+    def files_exist(self) -> bool:
+        """Every file of the sample is there: it is complete (the sidecar is written last)."""
+        return all(p.is_file() for p in self.paths)
 
 
 @dataclass
@@ -64,6 +77,8 @@ class GenerationPlan:
     warnings: list[str] = field(default_factory=list)
     qc: QCOptions = field(default_factory=QCOptions)
     qc_statistics: QCStatistics | None = None  # None: the quality check is off
+    guidance: float | None = None  # classifier-free guidance scale (image-only models); None: off
+    qc_note: str | None = None  # why the quality check is off although it was asked for (an image-only model)
 
     @property
     def pending(self) -> list[SampleTask]:
@@ -74,7 +89,8 @@ class GenerationPlan:
         whether it fits the profile's budget."""
         from maisi_cli.engine.memory import estimate_peak_memory
 
-        estimate = estimate_peak_memory(self.model, self.size, self.decode).as_dict()
+        estimate = estimate_peak_memory(self.model, self.size, self.decode,
+                                        guided=self.guidance is not None).as_dict()
         budget = self.profile.budget_bytes
         estimate["budget_gib"] = round(budget / 2**30, 3) if budget else None
         estimate["fits"] = (estimate["peak_gib"] * 2**30 <= budget) if budget else None
@@ -89,6 +105,7 @@ class GenerationPlan:
             "profile": self.profile.name,
             "device": self.device,
             "precision": self.precision,
+            "backend": self.request.backend,
             "size": list(self.size),
             "spacing": list(self.spacing),
             "latent_shape": list(self.latent_shape),
@@ -96,10 +113,13 @@ class GenerationPlan:
             "decode": self.decode.model_dump(),
             "memory": self.memory_estimate(),
             "mask": self.mask_source.describe(),
+            "image_only": self.model.image_only,
+            "output_intensity": self.model.output_intensity,
+            "guidance": self.guidance,
             "anatomy": list(self.request.anatomy),
             "anatomy_sizes": dict(self.request.anatomy_sizes),
             "body_regions": list(self.request.body_regions),
-            "label_mode": self.request.label_mode,
+            "label_mode": None if self.model.image_only else self.request.label_mode,
             "out": str(self.request.out),
             "seed": self.request.seed,
             "num_samples": self.request.num_samples,
@@ -107,13 +127,14 @@ class GenerationPlan:
             "weights": {w.component: str(w.path) for w in self.weights},
             "samples": [
                 {"index": s.index, "seed": s.seed, "status": "complete" if s.complete else "to write",
-                 "files": [s.image.name, s.label.name, s.sidecar.name]}
+                 "files": s.file_names}
                 for s in self.samples
             ],
             "warnings": list(self.warnings),
             "qc": {"enabled": self.qc_statistics is not None, "strict": self.qc.strict,
                    "max_attempts": self.qc.max_attempts if self.qc_statistics is not None else 1,
-                   "statistics": self.qc_statistics.source if self.qc_statistics is not None else None},
+                   "statistics": self.qc_statistics.source if self.qc_statistics is not None else None,
+                   **({"note": self.qc_note} if self.qc_note else {})},
         }
 
 
@@ -121,11 +142,15 @@ class GenerationPlan:
 class SampleResult:
     index: int
     seed: int
-    status: str  # "written" or "skipped"
+    # "written"; "skipped" (complete before, or finished by another job meanwhile); "locked" (another live job
+    # holds its lock: left to it); "failed" (its generation raised; nothing of it is kept, a re-run retries it)
+    status: str
     files: list[str]
     seconds: float = 0.0
     qc: dict[str, Any] | None = None  # {"passed", "failed"} of the kept attempt; None when not checked
     attempts: list[dict[str, Any]] = field(default_factory=list)  # {"attempt", "seed", "passed", "failed"}
+    timings: dict[str, float] = field(default_factory=dict)  # the sidecar's timings of a sample written now
+    error: str | None = None  # why a "failed" sample failed
 
 
 @dataclass
@@ -133,14 +158,21 @@ class GenerationReport:
     plan: dict[str, Any]
     samples: list[SampleResult]
     seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # run-level: load_s, samples_s, total_s
+
+    def indices(self, status: str) -> list[int]:
+        return [s.index for s in self.samples if s.status == status]
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "plan": self.plan,
-            "written": [s.index for s in self.samples if s.status == "written"],
-            "skipped": [s.index for s in self.samples if s.status == "skipped"],
+            "written": self.indices("written"),
+            "skipped": self.indices("skipped"),
+            "locked": self.indices("locked"),
+            "failed": self.indices("failed"),
             "qc_failed": self.qc_failed,
             "samples": [s.__dict__ for s in self.samples],
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "seconds": round(self.seconds, 3),
         }
 
@@ -186,17 +218,18 @@ def sample_paths(out: Path, index: int, num_samples: int) -> tuple[Path, Path, P
     return out / f"{stem}_image.nii.gz", out / f"{stem}_label.nii.gz", out / f"{stem}.json"
 
 
-def sample_tasks(request: GenerateRequest) -> list[SampleTask]:
+def sample_tasks(request: GenerateRequest, image_only: bool = False) -> list[SampleTask]:
     """This shard's samples: index k belongs to shard k mod N. A sample is complete when its sidecar (written
-    last) and both images exist."""
+    last) and its images exist (the image alone for an image-only model: it has no label file)."""
     from maisi_cli.engine.sampling import derive_sample_seed
 
     shard_index, shard_count = request.shard
     tasks = []
     for index in range(shard_index, request.num_samples, shard_count):
         image, label, sidecar = sample_paths(request.out, index, request.num_samples)
-        complete = not request.overwrite and image.is_file() and label.is_file() and sidecar.is_file()
-        tasks.append(SampleTask(index, derive_sample_seed(request.seed, index), image, label, sidecar, complete))
+        task = SampleTask(index, derive_sample_seed(request.seed, index), image, None if image_only else label,
+                          sidecar, False)
+        tasks.append(replace(task, complete=not request.overwrite and task.files_exist()))
     return tasks
 
 
@@ -224,20 +257,40 @@ def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> Ge
     if model.scheduler_kind == "ddpm" and steps < model.default_steps:
         warnings.append(f"--steps: {steps} DDPM steps is fewer than the {model.default_steps} it was trained for; "
                         "quality is not guaranteed")
+    if model.image_only:
+        refuse_mask_options(request, model, qc)
+    guidance = resolve_guidance(request, model)
     if request.body_regions and not model.uses_body_region:
         raise UsageError(f"--body-region: model {model.name} takes no body-region input; drop it (the ddpm models "
                          "use it)")
     regions = region_indices(request.body_regions)
     device = resolve_device(request.device)
     profile = resolve_profile(request.profile, device)
-    precision = resolve_precision(request.precision, profile, device)
+    if request.backend == "onnx" and request.precision is None:
+        precision = "fp32"  # the exported graphs are fp32
+    else:
+        precision = resolve_precision(request.precision, profile, device)
+    if request.backend != "torch":
+        from maisi_cli.engine.backends import check_backend
+
+        check_backend(request.backend, device, request.precision, request.onnx_dir, model)
+        if guidance is not None and guidance > 1:
+            raise UsageError(f"--guidance: runs with --backend torch only (the {request.backend} graphs take one "
+                             "sample per call); drop --guidance or --backend")
     anatomy_ids = tuple(label_id(name) for name in request.anatomy)
     latent_shape = model.latent_shape(size)
     split_axis = int(model.definition("autoencoder").get("dim_split", 1))
     decode = profile.decode_plan(latent_shape[1:], size, split_axis=split_axis, spec=model)
 
-    weights = [locate_weight(model, component, request.weights_dir) for component in IMAGE_COMPONENTS]
-    if request.anatomy_sizes:
+    weights = [locate_weight(model, component, request.weights_dir) for component in model.image_components]
+    qc_note = None
+    if model.image_only:
+        source: Any = NoMaskSource()
+        if qc.enabled:
+            qc_note = (f"off: it checks organ HU of CT against a condition mask, and model {model.name} is "
+                       "image-only")
+            qc = qc.model_copy(update={"enabled": False})
+    elif request.anatomy_sizes:
         source, anatomy_ids, mask_weights = generated_source(request, model, size, spacing, device, precision,
                                                              profile)
         weights += mask_weights
@@ -252,9 +305,47 @@ def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> Ge
     return GenerationPlan(
         request=request, model=model, profile=profile, device=device, precision=precision, size=size,
         spacing=spacing, latent_shape=latent_shape, steps=steps, decode=decode, mask_source=source,
-        anatomy_ids=anatomy_ids, samples=sample_tasks(request), weights=weights, warnings=warnings,
-        qc=qc, qc_statistics=qc_statistics,
+        anatomy_ids=anatomy_ids, samples=sample_tasks(request, model.image_only), weights=weights,
+        warnings=warnings, qc=qc, qc_statistics=qc_statistics, guidance=guidance, qc_note=qc_note,
     )
+
+
+def refuse_mask_options(request: GenerateRequest, model: ModelSpec, qc: QCOptions) -> None:
+    """An image-only model takes no condition mask and writes no label file: the options about them are usage
+    errors, named one at a time."""
+    given = (
+        ("--mask", request.mask is not None),
+        ("--anatomy", bool(request.anatomy or request.anatomy_sizes)),
+        ("--mask-database", request.mask_database is not None),
+        ("--mask-steps", request.mask_steps is not None),
+        ("--label-mode requested", request.label_mode == "requested"),
+        ("--body-region", bool(request.body_regions)),
+        ("--strict-qc", qc.strict),
+        ("--stats", qc.stats is not None),
+    )
+    for option, present in given:
+        if present:
+            raise UsageError(f"model {model.name} generates images only (no ControlNet): drop {option}")
+    if model.uses_body_region:
+        raise UsageError(f"model {model.name}: an image-only model with body-region inputs is not supported (its "
+                         "regions would come from a mask); set include_body_region false in its spec")
+
+
+def resolve_guidance(request: GenerateRequest, model: ModelSpec) -> float | None:
+    """The classifier-free guidance scale: `--guidance`, else the spec's `cfg_guidance_scale`; None when off (1)."""
+    if request.guidance is not None and not model.image_only:
+        raise UsageError(f"--guidance: model {model.name} is conditioned through its ControlNet; classifier-free "
+                         "guidance is for image-only models (e.g. rflow-mr); drop it")
+    if model.guidance_scale is not None and not model.image_only:
+        raise UsageError(f"model {model.name}: its spec sets cfg_guidance_scale, which needs an image-only model "
+                         "(no ControlNet)")
+    scale = request.guidance if request.guidance is not None else model.guidance_scale
+    if scale is None or scale <= 1:
+        return None
+    if not model.uses_modality:
+        raise UsageError(f"--guidance: model {model.name} has no modality class input (num_class_embeds) to guide "
+                         "on; drop it")
+    return float(scale)
 
 
 def qc_statistics_file(model: ModelSpec, qc: QCOptions, request: GenerateRequest) -> Path | None:
@@ -326,6 +417,9 @@ def generated_source(request: GenerateRequest, model: ModelSpec, size: tuple[int
 
     if request.mask is not None or request.mask_database is not None:
         raise UsageError("--anatomy NAME:SIZE generates the mask; drop --mask / --mask-database")
+    if not all(component in model.weights for component in MASK_COMPONENTS):
+        raise UsageError(f"--anatomy NAME:SIZE: model {model.name} has no mask generator; name the anatomy without "
+                         "a size (masks from its database) or pass --mask FILE")
     requests = check_size_requests(request.anatomy_sizes)
     table = read_size_table(locate_weight(model, "anatomy_size_conditions", request.weights_dir).path)
     condition = size_condition(requests, table)
@@ -350,6 +444,7 @@ class LoadedModel:
     weight_hashes: dict[str, dict[str, str]]
     networks: dict[str, Any]  # every loaded network by component, the mask generator's included
     scale_factors: dict[str, Any]  # component → scale factor, for the diffusion UNets
+    backend: dict[str, Any] = field(default_factory=lambda: {"name": "torch"})  # engine/backends.py's record
 
 
 def load_networks(plan: GenerationPlan, on_progress: ProgressCallback) -> LoadedModel:
@@ -365,7 +460,10 @@ def load_networks(plan: GenerationPlan, on_progress: ProgressCallback) -> Loaded
         hashes[weight.component] = {"file": weight.repo_name, "path": str(weight.path),
                                     "sha256": weight.verified_sha256(plan.model)}
         on_progress("hash weights", i + 1, len(plan.weights))
-    device = torch.device(plan.device)
+    from maisi_cli.engine.backends import apply_backend, network_device
+
+    backend = plan.request.backend
+    device = torch.device(network_device(backend, plan.device))
     networks, scale_factors = {}, {}
     for i, weight in enumerate(plan.weights):
         network = build_network(plan.model, weight.component, device, plan.precision)
@@ -375,8 +473,15 @@ def load_networks(plan: GenerationPlan, on_progress: ProgressCallback) -> Loaded
         networks[weight.component] = network.to(device)
         on_progress("load networks", i + 1, len(plan.weights))
     decoder = LatentDecoder(networks["autoencoder"], scale_factors["diffusion_unet"]).to(device)
-    loaded = LoadedModel(networks["diffusion_unet"], networks["controlnet"], decoder, build_scheduler(plan.model),
-                         hashes, networks, scale_factors)
+    swapped, record = apply_backend(backend, plan.model, networks, scale_factors, hashes, plan.device, plan.precision,
+                                    plan.request.onnx_dir, on_progress)
+    if "mask-unet" in swapped:
+        networks["mask_generation_diffusion"] = swapped["mask-unet"]
+    if "mask-decoder" in swapped:
+        networks["mask_generation_decoder"] = swapped["mask-decoder"]
+    loaded = LoadedModel(swapped.get("unet", networks["diffusion_unet"]),
+                         swapped.get("controlnet", networks.get("controlnet")), swapped.get("vae-decoder", decoder),
+                         build_scheduler(plan.model), hashes, networks, scale_factors, record)
     plan.mask_source.prepare(loaded)
     return loaded
 
@@ -399,14 +504,17 @@ def condition_inputs(plan: GenerationPlan, sample_mask: SampleMask, device: Any)
     from maisi_cli.engine.sampling import (body_region_condition, label_bit_planes, modality_condition,
                                            spacing_condition)
 
-    labels = torch.from_numpy(sample_mask.mask.labels.astype(np.int64))[None, None]
-    controlnet_cond = label_bit_planes(labels).to(device)
+    controlnet_cond = None  # an image-only model (no mask): the UNet runs alone
+    if sample_mask.mask is not None:
+        labels = torch.from_numpy(sample_mask.mask.labels.astype(np.int64))[None, None]
+        controlnet_cond = label_bit_planes(labels).to(device)
     unet_inputs: dict[str, Any] = {"spacing_tensor": spacing_condition(plan.spacing).to(device)}
     controlnet_inputs: dict[str, Any] = {}
     if plan.model.uses_modality:
         modality = modality_condition(plan.model.modality_id).to(device)
         unet_inputs["class_labels"] = modality
-        controlnet_inputs["class_labels"] = modality
+        if controlnet_cond is not None:
+            controlnet_inputs["class_labels"] = modality
     if plan.model.uses_body_region:
         top, bottom = sample_regions(plan, sample_mask)
         unet_inputs["top_region_index_tensor"] = body_region_condition(top).to(device)
@@ -425,8 +533,12 @@ def sidecar_document(plan: GenerationPlan, task: SampleTask, loaded: LoadedModel
     return {
         "maisi_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "files": {"image": task.image.name, "label": task.label.name},
+        "files": {"image": task.image.name, "label": task.label.name if task.label is not None else None},
         "model": {"name": plan.model.name, "source": plan.model.source, "scheduler": plan.model.scheduler_kind},
+        "image_only": plan.model.image_only,
+        "modality": plan.model.modality,
+        "output_intensity": plan.model.output_intensity,
+        "guidance": plan.guidance,
         "weights": loaded.weight_hashes,
         "profile": {"name": plan.profile.name, "path": plan.profile.path},
         "decode": plan.decode.model_dump(),
@@ -436,29 +548,33 @@ def sidecar_document(plan: GenerationPlan, task: SampleTask, loaded: LoadedModel
         "sample_index": task.index,
         "sample_seed": task.seed,
         "anatomy": list(plan.request.anatomy),
-        "label_mode": plan.request.label_mode,
+        "label_mode": None if plan.model.image_only else plan.request.label_mode,
         "anatomy_sizes": dict(plan.request.anatomy_sizes),
         "mask_source": mask_provenance,
         "body_region": list(regions) if regions is not None else None,
         "steps": plan.steps,
         "device": plan.device,
         "precision": plan.precision,
+        "backend": loaded.backend,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "qc": qc_record,
-        "qc_skipped": None if qc_record is not None else "quality check disabled (--no-qc)",
+        "qc_skipped": None if qc_record is not None else (
+            f"quality check {plan.qc_note}" if plan.qc_note else "quality check disabled (--no-qc)"),
         "versions": {"torch": torch.__version__, "monai": monai.__version__},
         "warnings": list(plan.warnings),
     }
 
 
 def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, sample_mask: SampleMask,
-                    on_progress: ProgressCallback, attempt: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """One sample from `task.seed`: (HU image int16, label uint8, timings). Nothing is written here. `attempt`
-    (a quality-check retry) only names the progress stages."""
+                    on_progress: ProgressCallback,
+                    attempt: int = 0) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+    """One sample from `task.seed`: (image int16 — HU, or MR intensities for `output_intensity` "mr" —, label
+    uint8 or None for an image-only model, timings). Nothing is written here. `attempt` (a quality-check retry)
+    only names the progress stages."""
     import torch
 
     from maisi_cli.engine.decode import decode_latents
-    from maisi_cli.engine.postprocess import air_outside_body, hu_to_int16, intensity_to_hu, output_labels
+    from maisi_cli.engine.postprocess import output_image, output_labels
     from maisi_cli.engine.sampling import denoise, derive_sample_seed, initial_noise, schedule
 
     device = torch.device(plan.device)
@@ -477,6 +593,7 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
             loaded.unet, loaded.controlnet, loaded.scheduler, latents, controlnet_cond, steps, unet_inputs,
             controlnet_inputs, precision=plan.precision,
             on_step=lambda done, total: on_progress(f"{name} denoise", done, total), generator=step_generator,
+            guidance_scale=plan.guidance,
         )
     timings["denoise_s"] = time.perf_counter() - start
     del controlnet_cond, unet_inputs, controlnet_inputs  # the decode is the memory peak: free the condition first
@@ -494,9 +611,11 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
             f"sample {task.index}: the decoder produced {bad} non-finite voxels (overflow in {plan.precision}); "
             "retry with --precision fp32 or check the weights"
         )
-    hu = air_outside_body(intensity_to_hu(decoded), sample_mask.mask.labels)
+    if sample_mask.mask is None:  # image-only: no body crop, no label file
+        return output_image(decoded, plan.model.output_intensity), None, timings
+    image = output_image(decoded, plan.model.output_intensity, sample_mask.mask.labels)
     labels = output_labels(sample_mask.mask.labels, plan.request.label_mode, plan.anatomy_ids)
-    return hu_to_int16(hu), labels, timings
+    return image, labels, timings
 
 
 @dataclass
@@ -504,7 +623,7 @@ class CheckedSample:
     task: SampleTask  # with the seed of the kept attempt
     mask: SampleMask  # the kept attempt's condition mask
     image: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None  # None: an image-only model
     timings: dict[str, float]
     qc: dict[str, Any] | None  # the kept attempt's QC report and the attempts; None when the check is off
     attempts: list[dict[str, Any]]
@@ -550,7 +669,7 @@ def recorded_result(task: SampleTask) -> SampleResult:
     document = read_json(task.sidecar) or {}
     qc = document.get("qc") if isinstance(document.get("qc"), dict) else None
     seed = document.get("sample_seed") if isinstance(document.get("sample_seed"), int) else task.seed
-    return SampleResult(task.index, seed, "skipped", [task.image.name, task.label.name, task.sidecar.name],
+    return SampleResult(task.index, seed, "skipped", task.file_names,
                         qc={"passed": bool(qc.get("passed")), "failed": list(qc.get("failed") or [])} if qc else None,
                         attempts=list(qc.get("attempts") or []) if qc else [])
 
@@ -559,41 +678,76 @@ def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = 
                    on_warning: WarningCallback | None = None,
                    on_written: Callable[[SampleTask], None] | None = None) -> GenerationReport:
     """Make the plan's pending samples. `on_written(task)` runs after each sample's files are all written (e.g. to
-    write its preview)."""
+    write its preview).
+
+    Each sample is made under its lock (engine/locks.py): a sample another live job is making is left to it
+    ("locked", with a warning); one that another job finished since the plan was made is "skipped". A sample whose
+    generation raises a GenerationError or MaskError is "failed" (a warning; nothing of it is kept) and the run
+    goes on with the next. The networks are loaded for the first sample this run makes."""
+    from maisi_cli.engine.locks import SampleLock, remove_stale_partials, sample_lock_path
+    from maisi_cli.engine.postprocess import ras_affine
     from maisi_cli.io.nifti import write_nifti
     from maisi_cli.io.provenance import write_json
 
     on_progress = on_progress or (lambda stage, done, total: None)
     on_warning = on_warning or (lambda message: None)
     started = time.perf_counter()
+    run_timings: dict[str, float] = {}
     results = [recorded_result(t) for t in plan.samples if t.complete]
     pending = plan.pending
+    loaded: LoadedModel | None = None
     if pending:
         ensure_writable(plan.request.out)
-        loaded = load_networks(plan, on_progress)
-        for task in pending:
+    for task in pending:
+        files = task.file_names
+        lock = SampleLock(sample_lock_path(task.sidecar))
+        if not lock.acquire():
+            on_warning(f"sample {task.index}: another job holds {lock.path.name} and is writing it; left to that job")
+            results.append(SampleResult(task.index, task.seed, "locked", files))
+            continue
+        try:
+            if not plan.request.overwrite and task.files_exist():
+                results.append(recorded_result(task))  # another job finished it after this run was planned
+                continue
+            remove_stale_partials(task.paths)  # left by a killed writer
+            if loaded is None:
+                load_start = time.perf_counter()
+                loaded = load_networks(plan, on_progress)
+                run_timings["load_s"] = time.perf_counter() - load_start
             sample_start = time.perf_counter()
-            sample = generate_checked_sample(plan, loaded, task, on_progress, on_warning)
+            try:
+                sample = generate_checked_sample(plan, loaded, task, on_progress, on_warning)
+            except (GenerationError, MaskError) as failure:
+                on_warning(f"sample {task.index}: {failure}; skipped (a re-run retries it)")
+                results.append(SampleResult(task.index, task.seed, "failed", files,
+                                            time.perf_counter() - sample_start, error=str(failure)))
+                continue
             timings = sample.timings
             write_start = time.perf_counter()
-            affine = sample.mask.mask.affine
+            affine = sample.mask.mask.affine if sample.mask.mask is not None else ras_affine(plan.spacing)
             write_nifti(task.image, sample.image, affine)
-            write_nifti(task.label, sample.labels, affine)
+            if task.label is not None and sample.labels is not None:
+                write_nifti(task.label, sample.labels, affine)
             timings["write_s"] = time.perf_counter() - write_start
             timings["total_s"] = time.perf_counter() - sample_start
             # The sidecar goes last: its presence marks the sample complete for a re-run.
             write_json(task.sidecar, sidecar_document(
                 plan, sample.task, loaded, timings, sample.mask.provenance, sample.qc,
                 sample_regions(plan, sample.mask) if plan.model.uses_body_region else None))
-            on_progress(f"sample {task.index:04d} write", 1, 1)
-            if on_written is not None:
-                on_written(task)
-            qc = {"passed": sample.qc["passed"], "failed": sample.qc["failed"]} if sample.qc else None
-            results.append(SampleResult(task.index, sample.task.seed, "written",
-                                        [task.image.name, task.label.name, task.sidecar.name], timings["total_s"],
-                                        qc=qc, attempts=sample.attempts))
+        finally:
+            lock.release()  # after the sidecar: the lock file goes once the sample is complete
+        on_progress(f"sample {task.index:04d} write", 1, 1)
+        if on_written is not None:
+            on_written(task)
+        qc = {"passed": sample.qc["passed"], "failed": sample.qc["failed"]} if sample.qc else None
+        results.append(SampleResult(task.index, sample.task.seed, "written", files, timings["total_s"],
+                                    qc=qc, attempts=sample.attempts,
+                                    timings={k: round(v, 3) for k, v in timings.items()}))
     results.sort(key=lambda r: r.index)
-    return GenerationReport(plan.describe(), results, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    run_timings["samples_s"] = sum(r.seconds for r in results if r.status in ("written", "failed"))
+    run_timings["total_s"] = seconds
+    return GenerationReport(plan.describe(), results, seconds, run_timings)
 
 
 def summary_line(report: GenerationReport) -> str:
@@ -603,6 +757,9 @@ def summary_line(report: GenerationReport) -> str:
     checked = [r for r in report.samples if r.qc is not None]
     quality = (f"; quality check: {len(checked) - len(report.qc_failed)} passed, {len(report.qc_failed)} failed"
                if checked else "")
-    return (f"{written} sample(s) written, {skipped} already complete, to {plan['out']} "
+    others = "".join(f", {len(report.indices(status))} {what}" for status, what in
+                     (("locked", "locked by another job"), ("failed", "failed"))
+                     if report.indices(status))
+    return (f"{written} sample(s) written, {skipped} already complete{others}, to {plan['out']} "
             f"({plan['model']}, {format_triple(tuple(plan['size']))} at "
             f"{format_triple(tuple(plan['spacing']))} mm, {report.seconds:.1f} s){quality}")

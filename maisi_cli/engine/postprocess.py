@@ -1,4 +1,5 @@
-"""Decoded image → CT in HU, body crop, output label selection, NIfTI affine (reference §8, §11)."""
+"""Decoded image → CT in HU (or MR intensities), body crop, output label selection, NIfTI affine (reference §8,
+§11)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,33 @@ def air_outside_body(hu: np.ndarray, label_map: np.ndarray) -> np.ndarray:
 
 def hu_to_int16(hu: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(hu, HU_MIN, HU_MAX)).astype(np.int16)
+
+
+MR_SCALE = 1000.0
+INT16_MAX = float(np.iinfo(np.int16).max)
+
+
+def intensity_to_mr(image: np.ndarray) -> np.ndarray:
+    """VAE output → MR intensity: 1000·x clipped below at 0 only (NV-Generate-CTMR `diff_model_infer.py` for MR
+    modalities: [0, 1] → [0, 1000]; values above 1 survive, as the MR training data were scaled by the 99.5th
+    percentile without clipping)."""
+    return np.clip(image.astype(np.float32), 0.0, None) * MR_SCALE
+
+
+def mr_to_int16(mr: np.ndarray) -> np.ndarray:
+    """int16 as the CT images; the top is clipped only where int16 ends (32767, about 33 times the 0..1 range)."""
+    return np.rint(np.clip(mr, 0.0, INT16_MAX)).astype(np.int16)
+
+
+def output_image(decoded: np.ndarray, intensity: str, label_map: np.ndarray | None = None) -> np.ndarray:
+    """The written int16 image of a decoded volume: "hu" → HU, air (−1000) where `label_map` is background when a
+    condition mask is given; "mr" → MR intensities (no body crop: there is no mask)."""
+    if intensity == "mr":
+        return mr_to_int16(intensity_to_mr(decoded))
+    if intensity != "hu":
+        raise ValueError(f"output intensity {intensity!r}: use 'hu' or 'mr'")
+    hu = intensity_to_hu(decoded)
+    return hu_to_int16(air_outside_body(hu, label_map) if label_map is not None else hu)
 
 
 def output_labels(label_map: np.ndarray, mode: str, requested_ids: Iterable[int] = ()) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Diffusion sampling for MAISI: seeds, noise, conditioning tensors and the ControlNet + UNet denoising loop.
+"""Diffusion sampling for MAISI: seeds, noise, conditioning tensors and the ControlNet + UNet denoising loop (or,
+for an image-only model, the UNet alone, optionally with classifier-free guidance on the modality class).
 
 Numerics follow the reference `scripts/sample.py::ldm_conditional_sample_one_image` (reference-inference.md §5–§6):
 noise in fp32 on the CPU, the RFlow schedule of MONAI's `RFlowScheduler` with the latent voxel count, spacing ×100,
@@ -108,12 +109,36 @@ def condition_embedded_once(controlnet: torch.nn.Module, controlnet_cond: torch.
         controlnet.controlnet_cond_embedding = original
 
 
+UNCONDITIONAL_CLASS = 0  # the modality class "unknown" that NV-Generate-CTMR trains with for CFG (p 0.1 dropout)
+
+
+def guided_inputs(unet_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The UNet inputs of a classifier-free-guidance step, batch 2: [conditional, unconditional]. Every input is
+    repeated; the class labels of the second half are the unconditional class 0."""
+    if "class_labels" not in unet_inputs:
+        raise ValueError("classifier-free guidance needs the modality class input (class_labels)")
+    doubled = {}
+    for key, value in unet_inputs.items():
+        if key == "class_labels":
+            doubled[key] = torch.cat([value, torch.full_like(value, UNCONDITIONAL_CLASS)])
+        else:
+            doubled[key] = torch.cat([value, value])
+    return doubled
+
+
+def guided_output(output: torch.Tensor, scale: float) -> torch.Tensor:
+    """uncond + scale·(cond − uncond) of a batch-2 UNet output [cond, uncond] (NV-Generate-CTMR
+    `diff_model_infer.py`)."""
+    cond, uncond = output.chunk(2, dim=0)
+    return uncond + scale * (cond - uncond)
+
+
 def denoise(
     unet: torch.nn.Module,
-    controlnet: torch.nn.Module,
+    controlnet: torch.nn.Module | None,
     scheduler: Any,
     latents: torch.Tensor,
-    controlnet_cond: torch.Tensor,
+    controlnet_cond: torch.Tensor | None,
     timesteps: list[tuple[Any, Any]],
     unet_inputs: dict[str, torch.Tensor],
     controlnet_inputs: dict[str, torch.Tensor],
@@ -121,32 +146,50 @@ def denoise(
     on_step: Callable[[int, int], None] | None = None,
     generator: torch.Generator | None = None,
     embed_condition_once: bool = True,
+    guidance_scale: float | None = None,
 ) -> torch.Tensor:
     """Run the ControlNet + UNet loop from `latents` (noise) to clean latents.
 
     `unet_inputs` carries spacing_tensor / class_labels / region tensors; `controlnet_inputs` class_labels.
     `timesteps` comes from `schedule`: RFlow steps use next_t, DDPM steps draw their noise from `generator`.
+    With `controlnet=None` (an image-only model) the UNet runs alone, without residual inputs; then
+    `guidance_scale` > 1 turns on classifier-free guidance on the class label (`guided_inputs`, `guided_output`).
     """
     from monai.networks.schedulers import RFlowScheduler
 
+    guided = guidance_scale is not None and guidance_scale > 1
+    if guided and controlnet is not None:
+        raise ValueError("classifier-free guidance runs only without a ControlNet (image-only models)")
+    if guided:
+        unet_inputs = guided_inputs(unet_inputs)
     is_rflow = isinstance(scheduler, RFlowScheduler)
     device = latents.device
     total = len(timesteps)
-    cached = condition_embedded_once(controlnet, controlnet_cond) if embed_condition_once else contextlib.nullcontext()
+    cached = (condition_embedded_once(controlnet, controlnet_cond)
+              if embed_condition_once and controlnet is not None else contextlib.nullcontext())
     with autocast_for(device, precision), cached:
         for i, (t, next_t) in enumerate(timesteps):
             # The reference passes the fp16-rounded t as an fp32 tensor.
             t_input = torch.tensor([float(t)], dtype=torch.float32, device=device)
-            down_residuals, mid_residual = controlnet(
-                x=latents, timesteps=t_input, controlnet_cond=controlnet_cond, **controlnet_inputs
-            )
-            model_output = unet(
-                x=latents,
-                timesteps=t_input,
-                down_block_additional_residuals=down_residuals,
-                mid_block_additional_residual=mid_residual,
-                **unet_inputs,
-            )
+            if controlnet is None:
+                if guided:
+                    model_output = guided_output(
+                        unet(x=torch.cat([latents, latents]), timesteps=t_input.repeat(2), **unet_inputs),
+                        float(guidance_scale),
+                    )
+                else:
+                    model_output = unet(x=latents, timesteps=t_input, **unet_inputs)
+            else:
+                down_residuals, mid_residual = controlnet(
+                    x=latents, timesteps=t_input, controlnet_cond=controlnet_cond, **controlnet_inputs
+                )
+                model_output = unet(
+                    x=latents,
+                    timesteps=t_input,
+                    down_block_additional_residuals=down_residuals,
+                    mid_block_additional_residual=mid_residual,
+                    **unet_inputs,
+                )
             if is_rflow:
                 latents, _ = scheduler.step(model_output, t, latents, next_t)
             else:

@@ -110,9 +110,9 @@ def locate_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> 
     files = {**spec.weights, **spec.datasets}
     if component not in files:
         if component == "controlnet":  # the MR models of MAISI v2 (plugin maisi-mr): no ControlNet is released
-            raise WeightsError(f"model {spec.name} is image-only: its spec names no ControlNet weights, and "
-                               "`maisi generate` makes image + label pairs through a ControlNet; use a model "
-                               "with a ControlNet (`maisi models`)")
+            raise WeightsError(f"model {spec.name} is image-only: its spec names no ControlNet weights (it "
+                               "generates images without a condition mask); use a model with a ControlNet "
+                               "(`maisi models`) for anything that needs one")
         raise WeightsError(f"model {spec.name}: its spec names no file for '{component}'")
     repo_name = files[component]
     found = locate_file(spec, repo_name, weights_dir)

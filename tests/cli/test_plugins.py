@@ -115,7 +115,7 @@ def test_mr_models_appear_in_models_and_resolve(mr, fresh_app):
 
 def test_generate_dry_run_resolves_an_mr_model(mr, fresh_app, tmp_path):
     """The model, its size rules and the profile resolve; weights missing → the exact fetch command; weights here →
-    the one-line refusal of an image-only model (no MR ControlNet is released)."""
+    the plan of an image-only model (no MR ControlNet is released): no mask, guidance 15, MR intensities, no QC."""
     app = fresh_app()
     missing = invoke(app, "generate", "--model", "rflow-mr", "--device", "cpu", "--dry-run")
     assert missing.exit_code == 1
@@ -129,10 +129,29 @@ def test_generate_dry_run_resolves_an_mr_model(mr, fresh_app, tmp_path):
     for name in ("models/autoencoder_v2.pt", "models/diff_unet_3d_rflow-mr.pt"):
         (weights / name).parent.mkdir(parents=True, exist_ok=True)
         (weights / name).write_bytes(b"")
-    found = invoke(app, "generate", "--model", "rflow-mr", "--device", "cpu", "--profile", "mr",
+    found = invoke(app, "--json", "generate", "--model", "rflow-mr", "--device", "cpu", "--profile", "mr",
                    "--weights-dir", str(weights), "--dry-run")
-    assert found.exit_code == 1 and "rflow-mr is image-only" in found.stderr, found.stderr
-    assert len(found.stderr.strip().splitlines()) == 1
+    assert found.exit_code == 0, found.stderr
+    plan = json.loads(found.stdout)["plan"]
+    assert plan["mask"]["type"] == "none" and plan["image_only"] is True and plan["label_mode"] is None
+    assert plan["guidance"] == 15.0 and plan["output_intensity"] == "mr"
+    assert plan["size"] == [128, 256, 256] and plan["spacing"] == [1.25, 1.0, 1.0] and plan["profile"] == "mr"
+    assert set(plan["weights"]) == {"autoencoder", "diffusion_unet"} and plan["qc"]["enabled"] is False
+    assert plan["samples"][0]["files"] == ["sample_0000_image.nii.gz", "sample_0000.json"]
+    table = invoke(app, "generate", "--model", "rflow-mr-brain", "--device", "cpu", "--profile", "mr",
+                   "--weights-dir", str(weights), "--dry-run")  # its autoencoder_v1.pt is missing here
+    assert table.exit_code == 1 and "models/autoencoder_v1.pt" in table.stderr, table.stderr
+    (weights / "models/autoencoder_v1.pt").write_bytes(b"")
+    (weights / "models/diff_unet_3d_rflow-mr-brain_v1.pt").write_bytes(b"")
+    table = invoke(app, "generate", "--model", "rflow-mr-brain", "--device", "cpu", "--profile", "mr",
+                   "--weights-dir", str(weights), "--dry-run")
+    assert table.exit_code == 0 and "type: none" in table.stdout and "guidance 10" in table.stdout, table.stderr
+
+    refused = invoke(app, "generate", "--model", "rflow-mr", "--device", "cpu", "--weights-dir", str(weights),
+                     "--mask", str(tmp_path / "mask.nii.gz"), "--dry-run")
+    assert refused.exit_code == 2, refused.stderr
+    assert "model rflow-mr generates images only (no ControlNet): drop --mask" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_plugin_command_profile_labels_and_modalities(mr, fresh_app):

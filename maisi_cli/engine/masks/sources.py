@@ -22,7 +22,7 @@ ProgressCallback = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class SampleMask:
-    mask: ConditionMask
+    mask: ConditionMask | None  # None: an image-only model (NoMaskSource)
     provenance: dict[str, Any]  # the sidecar's `mask_source`
     regions: tuple[int, int] | None = None  # (top, bottom) body regions when the source knows them
 
@@ -57,6 +57,22 @@ class FileMaskSource:
             "original_shape": list(self.mask.original_shape),
             "original_spacing": [round(s, 6) for s in self.mask.original_spacing],
         })
+
+
+@dataclass
+class NoMaskSource:
+    """An image-only model (no ControlNet): no condition mask, no label file."""
+
+    kind: str = "none"
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.kind, "reason": "image-only model (no ControlNet)"}
+
+    def prepare(self, loaded: Any) -> None:
+        """Nothing to take from the loaded networks."""
+
+    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback | None = None) -> SampleMask:
+        return SampleMask(None, {"type": self.kind})
 
 
 @dataclass
@@ -174,10 +190,13 @@ class GeneratedMaskSource:
         from maisi_cli.engine.networks import build_scheduler
 
         vae = loaded.networks["mask_generation_autoencoder"]
+        decoder = loaded.networks.get("mask_generation_decoder")  # --backend onnx: the exported decoder
+        if decoder is None:
+            decoder = LatentDecoder(vae, loaded.scale_factors["mask_generation_diffusion"]).to(
+                next(vae.parameters()).device)
         self._loaded = {
             "unet": loaded.networks["mask_generation_diffusion"],
-            "decoder": LatentDecoder(vae, loaded.scale_factors["mask_generation_diffusion"]).to(
-                next(vae.parameters()).device),
+            "decoder": decoder,
             "scheduler": build_scheduler(self.spec, "mask_generation_noise_scheduler"),
         }
 
