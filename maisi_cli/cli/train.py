@@ -180,6 +180,8 @@ def vae_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Patches per step per process (default 1)."),
     patch_size: Optional[str] = typer.Option(None, "--patch-size", help="Training patch, N or XxYxZ (default 64)."),
     kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="KL weight (default 1e-7)."),
+    latent_sampling: Optional[bool] = typer.Option(None, "--latent-sampling/--no-latent-sampling", help="Decode a "
+                                                   "sample of the latent (default, the reference) or its mean."),
     perceptual_weight: Optional[float] = typer.Option(None, "--perceptual-weight", help="Perceptual weight "
                                                       "(default 0.3; 0 skips it)."),
     perceptual_network: Optional[str] = typer.Option(None, "--perceptual-network", help="MONAI PerceptualLoss "
@@ -206,7 +208,8 @@ def vae_command(
 
     output = render.output_of(ctx.obj, json_flag)
     flags = {"data": data, "out": out, "model": model, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-             "patch_size": patch_size, "kl_weight": kl_weight, "perceptual_weight": perceptual_weight,
+             "patch_size": patch_size, "kl_weight": kl_weight, "latent_sampling": latent_sampling,
+             "perceptual_weight": perceptual_weight,
              "perceptual_network": perceptual_network, "perceptual_weights": perceptual_weights,
              "adversarial_weight": adversarial_weight, "val_every": val_every, "val_fold": val_fold,
              "resume": resume, "init": init, "device": device, "amp": amp, "seed": seed}

@@ -69,3 +69,34 @@ def test_bad_patch_size_and_unknown_config_key_are_usage_errors(tmp_path, phanto
     result = CliRunner().invoke(app, ["train", "vae", "--data", str(phantoms), "--out", str(tmp_path / "o"),
                                       "--config", str(config)])
     assert result.exit_code == 2 and "--kl-weigth" in result.stderr
+
+
+def test_no_latent_sampling_trains_a_deterministic_autoencoder(tiny_model, tmp_path, phantoms):
+    """`--no-latent-sampling` decodes the latent mean: the training forward is then deterministic (no sampling
+    noise), the run's validation is reproducible, and the saved file is the plain autoencoder."""
+    from maisi_cli.engine.networks import build_network, set_tp_splits
+    from maisi_cli.engine.train.vae import MeanLatentAutoencoder, VaeTrainConfig, trained_forward
+    from maisi_cli.models import get_model
+
+    spec_path, _ = tiny_model
+    autoencoder = build_network(get_model(str(spec_path)), "autoencoder").train()
+    set_tp_splits(autoencoder, 1)  # as the trainer
+    image = torch.rand(1, 1, 16, 16, 16)
+    sampled = trained_forward(autoencoder, VaeTrainConfig(data=phantoms, out=tmp_path, latent_sampling=True))
+    mean = trained_forward(autoencoder, VaeTrainConfig(data=phantoms, out=tmp_path, latent_sampling=False))
+    assert sampled is autoencoder and isinstance(mean, MeanLatentAutoencoder)
+    with torch.no_grad():
+        assert torch.equal(mean(image)[0], mean(image)[0])
+        assert not torch.equal(sampled(image)[0], sampled(image)[0])  # the reference's forward samples
+
+    runs = []
+    for name in ("a", "b"):
+        result = CliRunner().invoke(app, ["--json", "train", "vae", "--data", str(phantoms), "--out",
+                                          str(tmp_path / name), "--model", str(spec_path), "--device", "cpu",
+                                          "--epochs", "1", "--patch-size", "32", "--perceptual-weight", "0",
+                                          "--adversarial-weight", "0", "--no-latent-sampling", "--lr", "1e-3"])
+        assert result.exit_code == 0, result.stderr
+        runs.append(json.loads(result.stdout))
+    assert runs[0]["val"]["val_recon_l1"] == runs[1]["val"]["val_recon_l1"]
+    saved = torch.load(tmp_path / "a" / "autoencoder.pt", map_location="cpu", weights_only=True)
+    assert set(saved) == set(autoencoder.state_dict())  # no "autoencoder." prefix from the wrapper

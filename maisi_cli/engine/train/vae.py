@@ -108,6 +108,9 @@ class VaeTrainConfig(TrainConfig):
     val_window: list[int] = [96, 96, 64]
     random_aug: bool = True
     warmup: bool = True
+    # False: decode the latent mean, not a sample (a plain autoencoder). The reference always samples; with a small
+    # latent and short training the sampling noise hides soft-tissue contrast (bench/demo/README.md).
+    latent_sampling: bool = True
 
     @field_validator("patch_size", "val_window", mode="before")
     @classmethod
@@ -322,6 +325,23 @@ class VaeLosses:
                       + self.adversarial(real, target_is_real=True, for_discriminator=True))
 
 
+class MeanLatentAutoencoder(torch.nn.Module):
+    """The autoencoder decoding its latent mean instead of a sample (`latent_sampling = false`); the same
+    (reconstruction, z_mu, z_sigma) outputs, the same parameters (saved as the plain autoencoder's)."""
+
+    def __init__(self, autoencoder: torch.nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z_mu, z_sigma = self.autoencoder.encode(images)
+        return self.autoencoder.decode(z_mu), z_mu, z_sigma
+
+
+def trained_forward(autoencoder: torch.nn.Module, config: VaeTrainConfig) -> torch.nn.Module:
+    return autoencoder if config.latent_sampling else MeanLatentAutoencoder(autoencoder)
+
+
 # --- validation ---------------------------------------------------------------------------------------------------
 def reconstruct(autoencoder: torch.nn.Module, image: torch.Tensor, window: list[int]) -> tuple[torch.Tensor, ...]:
     """(reconstruction, z_mu, z_sigma) of a whole volume by sliding windows (reference `dynamic_infer`): the
@@ -455,7 +475,7 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
             torch.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + runtime.rank)
 
     losses = VaeLosses(config, perceptual, discriminator)
-    model_g = wrap_ddp(autoencoder, runtime)
+    model_g = wrap_ddp(trained_forward(autoencoder, config), runtime)
     model_d = wrap_ddp(discriminator, runtime) if discriminator is not None else None
     val_indices = list(range(runtime.rank, len(val_set), runtime.world_size))
     amp = (amp_enabled, amp_dtype)
@@ -506,7 +526,7 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
                                 f"use --no-amp")
         validated = bool(val_set) and (epoch % config.val_every == 0 or epoch == config.epochs - 1)
         if validated:
-            last_val = {"epoch": epoch + 1, **validate(autoencoder, losses, val_set, val_indices, config, runtime,
+            last_val = {"epoch": epoch + 1, **validate(trained_forward(autoencoder, config), losses, val_set, val_indices, config, runtime,
                                                        amp)}
             history.append(last_val)
         if runtime.is_main:
