@@ -264,13 +264,47 @@ def _download_error(error: BaseException, spec: ModelSpec, item: RepoFile, revis
                         f"HF_ENDPOINT) and run the command again, or import the files: {_import_hint(spec)}")
 
 
+def _fetch_locked(repo: str, repo_name: str, revision: str, locked: dict[str, Any] | None, *, force: bool,
+                  is_offline: bool, stage: str, on_progress: ProgressCallback, label: str, fix: str,
+                  on_error: Callable[[BaseException], Exception]) -> tuple[Path, str, int, bool]:
+    """One file through `hf_hub_download` (into the Hugging Face cache, or found there), hashed and held to the
+    lock — recorded when it has no entry yet: (path, sha256, size, downloaded now). `label` names the file in
+    messages, `fix` is the command that re-fetches it, `on_error` turns a hub failure into the error to raise."""
+    # Imported before the logger is quieted: huggingface_hub configures its logger when the module first loads.
+    from huggingface_hub import hf_hub_download
+
+    used = [False]
+    try:
+        with _quiet_hub_logger():
+            pointer = hf_hub_download(repo, repo_name, revision=revision, cache_dir=hf_hub_cache(),
+                                      force_download=force, local_files_only=is_offline, endpoint=_endpoint(),
+                                      tqdm_class=_progress_bar(stage, on_progress, used))
+    except (OSError, ValueError, ConnectionError, _http_errors()) as error:
+        raise on_error(error) from error
+    path = Path(pointer)
+    digest = sha256_of(path)
+    size = path.stat().st_size
+    blob = path.resolve().name
+    if _SHA256.fullmatch(blob) and blob != digest:  # LFS blobs are named by their sha256
+        raise WeightsError(f"weights: {path} ({label}) does not match the sha256 the hub gives for it (corrupt); "
+                           f"re-fetch it with: {fix}")
+    if locked and locked.get("sha256") != digest:
+        if used[0]:
+            raise WeightsError(
+                f"weights: {repo}@{revision} now serves a different {repo_name} than the one locked in "
+                f"{lock_path(repo, revision)}; if the repository changed on purpose, delete that lock file and "
+                f"download again, or pin --revision to the commit you locked")
+        raise WeightsError(f"weights: {path} ({label}) no longer matches the sha256 locked in "
+                           f"{lock_path(repo, revision)} (changed or corrupt); re-fetch it with: {fix}")
+    if not locked:
+        record_in_lock(repo, revision, repo_name, digest, size, "download", _commit_of(path))
+    return path, digest, size, used[0]
+
+
 def download(spec: ModelSpec, files: list[RepoFile], force: bool = False,
              on_progress: ProgressCallback | None = None) -> list[FileResult]:
     """Fetch files into the Hugging Face cache (or find them there, or in the import store), hash them, and hold
     them to the lock: the first download records a file; a later one must match it."""
-    # Imported before the logger is quieted: huggingface_hub configures its logger when the module first loads.
-    from huggingface_hub import hf_hub_download
-
     repo = require_repository(spec)
     revision = spec.hf_revision
     on_progress = on_progress or _no_progress
@@ -297,35 +331,11 @@ def download(spec: ModelSpec, files: list[RepoFile], force: bool = False,
                 results.append(FileResult(item.component, item.repo_name, item.kind, stored, "stored", stored_sha,
                                           size, "matches" if locked else None))
                 continue
-        used = [False]
-        try:
-            with _quiet_hub_logger():
-                pointer = hf_hub_download(
-                    repo, item.repo_name, revision=revision, cache_dir=hf_hub_cache(), force_download=force,
-                    local_files_only=is_offline, endpoint=_endpoint(),
-                    tqdm_class=_progress_bar(stage, on_progress, used),
-                )
-        except (OSError, ValueError, ConnectionError, _http_errors()) as error:
-            raise _download_error(error, spec, item, revision) from error
-        path = Path(pointer)
-        downloaded = used[0]
-        digest = sha256_of(path)
-        size = path.stat().st_size
-        fix = f"{fetch_command(spec, item.component)} --force"
-        blob = path.resolve().name
-        if _SHA256.fullmatch(blob) and blob != digest:  # LFS blobs are named by their sha256
-            raise WeightsError(f"weights: {path} ({spec.name} {item.component}) does not match the sha256 the hub "
-                               f"gives for it (corrupt); re-fetch it with: {fix}")
-        if locked and locked.get("sha256") != digest:
-            if downloaded:
-                raise WeightsError(
-                    f"weights: {repo}@{revision} now serves a different {item.repo_name} than the one locked in "
-                    f"{lock_path(repo, revision)}; if the repository changed on purpose, delete that lock file and "
-                    f"download again, or pin --revision to the commit you locked")
-            raise WeightsError(f"weights: {path} ({spec.name} {item.component}) no longer matches the sha256 locked "
-                               f"in {lock_path(repo, revision)} (changed or corrupt); re-fetch it with: {fix}")
-        if not locked:
-            record_in_lock(repo, revision, item.repo_name, digest, size, "download", _commit_of(path))
+        path, digest, size, downloaded = _fetch_locked(
+            repo, item.repo_name, revision, locked, force=force, is_offline=is_offline, stage=stage,
+            on_progress=on_progress, label=f"{spec.name} {item.component}",
+            fix=f"{fetch_command(spec, item.component)} --force",
+            on_error=lambda error: _download_error(error, spec, item, revision))
         on_progress(stage, size, size)
         results.append(FileResult(item.component, item.repo_name, item.kind, path,
                                   "downloaded" if downloaded else "cached", digest, size,
@@ -584,8 +594,6 @@ def download_hub_file(item: HubFile, revision: str | None = None, force: bool = 
                       on_progress: ProgressCallback | None = None, offline_hint: str = "") -> FileResult:
     """Fetch one HubFile into the Hugging Face cache (or find it there), hash it and hold it to the lock, as
     `download` does for a model's files. `offline_hint` says how to bring the file without the hub."""
-    from huggingface_hub import hf_hub_download
-
     revision = revision or item.revision
     on_progress = on_progress or _no_progress
     offline_hint = offline_hint or f"download {item.filename} on another machine"
@@ -595,32 +603,10 @@ def download_hub_file(item: HubFile, revision: str | None = None, force: bool = 
                            f"{offline_hint}")
     stage = f"fetch {item.filename}"
     locked = read_lock(item.hf_repo, revision).get(item.filename)
-    used = [False]
-    try:
-        with _quiet_hub_logger():
-            pointer = hf_hub_download(item.hf_repo, item.filename, revision=revision, cache_dir=hf_hub_cache(),
-                                      force_download=force, local_files_only=is_offline, endpoint=_endpoint(),
-                                      tqdm_class=_progress_bar(stage, on_progress, used))
-    except (OSError, ValueError, ConnectionError, _http_errors()) as error:
-        raise _hub_file_error(error, item, revision, offline_hint) from error
-    path = Path(pointer)
-    digest = sha256_of(path)
-    size = path.stat().st_size
-    fix = f"maisi weights download {item.name} --force"
-    blob = path.resolve().name
-    if _SHA256.fullmatch(blob) and blob != digest:  # LFS blobs are named by their sha256
-        raise WeightsError(f"weights: {path} ({item.name}) does not match the sha256 the hub gives for it "
-                           f"(corrupt); re-fetch it with: {fix}")
-    if locked and locked.get("sha256") != digest:
-        if used[0]:
-            raise WeightsError(
-                f"weights: {item.hf_repo}@{revision} now serves a different {item.filename} than the one locked in "
-                f"{lock_path(item.hf_repo, revision)}; if the repository changed on purpose, delete that lock file "
-                f"and download again, or pin --revision to the commit you locked")
-        raise WeightsError(f"weights: {path} ({item.name}) no longer matches the sha256 locked in "
-                           f"{lock_path(item.hf_repo, revision)} (changed or corrupt); re-fetch it with: {fix}")
-    if not locked:
-        record_in_lock(item.hf_repo, revision, item.filename, digest, size, "download", _commit_of(path))
+    path, digest, size, downloaded = _fetch_locked(
+        item.hf_repo, item.filename, revision, locked, force=force, is_offline=is_offline, stage=stage,
+        on_progress=on_progress, label=item.name, fix=f"maisi weights download {item.name} --force",
+        on_error=lambda error: _hub_file_error(error, item, revision, offline_hint))
     on_progress(stage, size, size)
-    return FileResult(item.name, item.filename, "weights", path, "downloaded" if used[0] else "cached", digest, size,
+    return FileResult(item.name, item.filename, "weights", path, "downloaded" if downloaded else "cached", digest, size,
                       "matches" if locked else "recorded")
