@@ -317,28 +317,11 @@ def _merge_plugin_models(found: list) -> dict[str, ModelSpec]:
     from maisi_cli import plugins
 
     owner = {key: "maisi" for spec in builtin_models().values() for key in (spec.name, *spec.aliases)}
-    added: dict[str, ModelSpec] = {}
-    for record, obj in found:
-        items = plugins.as_list(record, obj, "model specs")
-        if items is None:
-            continue
-        refusals: list[tuple[str, str]] = []
-        for item in items:
-            try:
-                spec = _plugin_spec(item, f"plugin {record.plugin}" + (f" {record.version}" if record.version else ""))
-            except ValueError as error:
-                plugins.fail(record, str(error))
-                continue
-            taken = [key for key in (spec.name, *spec.aliases) if key in owner]
-            if taken:
-                refusals.append((spec.name, f"{', '.join(taken)} is taken by {owner[taken[0]]}"))
-                continue
-            for key in (spec.name, *spec.aliases):
-                owner[key] = f"plugin {record.plugin}"
-            added[spec.name] = spec
-            record.registered.append(spec.name)
-        plugins.refuse(record, refusals)
-    return added
+    return plugins.merge_named(
+        found, owner, "model specs",
+        lambda record, item: _plugin_spec(item, f"plugin {record.plugin}"
+                                          + (f" {record.version}" if record.version else "")),
+        lambda spec: (spec.name, *spec.aliases))
 
 
 def plugin_models() -> dict[str, ModelSpec]:

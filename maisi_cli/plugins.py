@@ -205,6 +205,37 @@ def as_list(record: PluginRecord, obj: Any, what: str) -> list[Any] | None:
     return None
 
 
+def merge_named(found: list, owner: dict[str, str], what: str, parse: Callable[[PluginRecord, Any], Any],
+                keys_of: Callable[[Any], tuple[str, ...]], noun: str | None = None) -> dict[str, Any]:
+    """The items plugins give in one group (each entry point's list through `parse`, which raises ValueError on a
+    bad item), keyed by their first key. A key already in `owner` (maisi's names, then earlier plugins') refuses
+    the item; `noun` words the refusal ("the profile name is taken by …"), else the taken keys are named."""
+    added: dict[str, Any] = {}
+    for record, obj in found:
+        items = as_list(record, obj, what)
+        if items is None:
+            continue
+        refusals: list[tuple[str, str]] = []
+        for item in items:
+            try:
+                value = parse(record, item)
+            except ValueError as error:
+                fail(record, str(error))
+                continue
+            keys = keys_of(value)
+            taken = [key for key in keys if key in owner]
+            if taken:
+                subject = f"the {noun} name" if noun else ", ".join(taken)
+                refusals.append((keys[0], f"{subject} is taken by {owner[taken[0]]}"))
+                continue
+            for key in keys:
+                owner[key] = f"plugin {record.plugin}"
+            added[keys[0]] = value
+            record.registered.append(keys[0])
+        refuse(record, refusals)
+    return added
+
+
 def as_mapping(record: PluginRecord, obj: Any, what: str) -> dict[str, int] | None:
     """The entry point's object as {name: int id}, or None after recording why it is not one."""
     if not isinstance(obj, dict):

@@ -191,33 +191,20 @@ def _merge_plugin_profiles(found: list) -> dict[str, Profile]:
     from maisi_cli.errors import MaisiError
 
     owner = {name: "maisi" for name in ("auto", *_profiles_in((builtin_profile_dir(),)))}
-    added: dict[str, Profile] = {}
-    for record, obj in found:
-        items = plugins.as_list(record, obj, "profiles (.toml paths or dicts)")
-        if items is None:
-            continue
-        refusals: list[tuple[str, str]] = []
-        for item in items:
-            try:
-                if isinstance(item, dict):
-                    profile = Profile.model_validate({**item, "path": f"plugin {record.plugin}"})
-                else:
-                    profile = read_profile(Path(str(item)))
-            except ValidationError as error:
-                where, problem = first_validation_problem(error)
-                plugins.fail(record, f"profile field '{where}': {problem}")
-                continue
-            except MaisiError as error:
-                plugins.fail(record, str(error).removeprefix("--profile: "))
-                continue
-            if profile.name in owner:
-                refusals.append((profile.name, f"the profile name is taken by {owner[profile.name]}"))
-                continue
-            owner[profile.name] = f"plugin {record.plugin}"
-            added[profile.name] = profile
-            record.registered.append(profile.name)
-        plugins.refuse(record, refusals)
-    return added
+
+    def parse(record, item) -> Profile:
+        try:
+            if isinstance(item, dict):
+                return Profile.model_validate({**item, "path": f"plugin {record.plugin}"})
+            return read_profile(Path(str(item)))
+        except ValidationError as error:
+            where, problem = first_validation_problem(error)
+            raise ValueError(f"profile field '{where}': {problem}") from None
+        except MaisiError as error:
+            raise ValueError(str(error).removeprefix("--profile: ")) from None
+
+    return plugins.merge_named(found, owner, "profiles (.toml paths or dicts)", parse,
+                               lambda profile: (profile.name,), noun="profile")
 
 
 def _all_profiles() -> dict[str, Profile]:
