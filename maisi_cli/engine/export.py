@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from maisi_cli import __version__
 from maisi_cli.errors import MaisiError, UsageError
+from maisi_cli.engine.weights import hash_file
 
 COMPONENTS = ("unet", "controlnet", "vae-decoder", "mask-unet", "mask-decoder")
 # The weight files each component's graphs are made from (the decoders bake in the diffusion UNet's scale factor).
@@ -451,21 +452,13 @@ def export_component(component: str, networks: dict[str, Any], scale_factor: Any
                 "export_shapes": {k: list(v.shape) for k, v in graph.inputs.items()},
                 "dynamic_axes": {k: list(v) for k, v in graph.dynamic.items()},
                 "max_abs_diff": difference, "export_seconds": round(seconds, 2),
-                "file_sha256": _file_sha256(path), "bytes": _size_with_data(path),
+                "file_sha256": hash_file(path), "bytes": _size_with_data(path),
             })
         for item in sorted(staging.iterdir()):
             os.replace(item, folder / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"parts": parts, "latent_shape": list(latent_shape)}
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _size_with_data(path: Path) -> int:

@@ -42,6 +42,7 @@ import torch.nn as nn
 
 from maisi_cli.config import maisi_home
 from maisi_cli.errors import MaisiError, UsageError, WeightsError
+from maisi_cli.engine.weights import hash_file
 
 PLANES = ("xy", "yz", "zx")
 # The axis of a (H, W, D) volume that each plane's slices run along (reference §7.4).
@@ -168,14 +169,6 @@ def default_extractor_path() -> Path:
     return maisi_home() / "fid" / EXTRACTOR_FILE
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _first(keys: Sequence[str], count: int = 3) -> str:
     shown = ", ".join(keys[:count])
     return shown + (f" (+{len(keys) - count} more)" if len(keys) > count else "")
@@ -248,7 +241,7 @@ def load_extractor(path: Path | None) -> Extractor:
         raise WeightsError(f"{field_name}: '{path}' does not fit a RadImageNet ResNet-50: shape of {_first(wrong)}")
     model.load_state_dict(state, strict=True)
     model.eval()
-    return Extractor(model=model, sha256=locked or file_sha256(path), path=path)
+    return Extractor(model=model, sha256=locked or hash_file(path), path=path)
 
 
 # --- extractor plugins ----------------------------------------------------------------------------------------------
@@ -489,7 +482,7 @@ def volume_features(path: Path, extractor: Extractor, settings: FidSettings, cac
     result: dict[str, torch.Tensor] = {}
     entries: dict[str, Path] = {}
     if cache_dir is not None:
-        content = file_sha256(path)
+        content = hash_file(path)
         for plane in settings.planes:
             key = cache_key(content, extractor.sha256, settings, plane, extractor.name)
             entries[plane] = cache_dir / f"{key}.pt"

@@ -163,11 +163,17 @@ def sha256_of(path: Path, fresh: bool = False) -> str:
         cached = _read_sha256_cache().get(key)
         if cached:
             return cached
+    digest = hash_file(path)
+    remember_sha256(path, digest)
+    return digest
+
+
+def hash_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (no cache: `sha256_of` remembers large checkpoints)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    remember_sha256(path, digest.hexdigest())
     return digest.hexdigest()
 
 
