@@ -6,7 +6,6 @@ group (never replacing a built-in name or alias); `--model PATH.json` loads one 
 
 from __future__ import annotations
 
-import json
 import math
 from functools import cache
 from pathlib import Path
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
 from maisi_cli.errors import UsageError, first_validation_problem
+from maisi_cli.io.documents import read_document
 from maisi_cli.labels import modality_id
 from maisi_cli.resources import resource_path
 
@@ -263,12 +263,7 @@ class ModelSpec(BaseModel):
 
 
 def _read_spec(path: Path, source: str) -> ModelSpec:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as error:
-        raise UsageError(f"--model: cannot read '{path}': {error.strerror}") from None
-    except json.JSONDecodeError as error:
-        raise UsageError(f"--model: '{path}' is not valid JSON (line {error.lineno}): {error.msg}") from None
+    data = read_document(path, "--model", kind="json", shape="a JSON object (a model spec)")
     try:
         return ModelSpec.model_validate({**data, "source": source})
     except ValidationError as error:
@@ -290,14 +285,8 @@ def _plugin_spec(item: Any, source: str) -> ModelSpec:
     if isinstance(item, dict):
         data = item
     else:
-        try:
-            data = json.loads(Path(str(item)).read_text())
-        except OSError as error:
-            raise ValueError(f"cannot read spec file '{item}': {error.strerror}") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"spec file '{item}' is not valid JSON (line {error.lineno}): {error.msg}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"a spec is a JSON object, not a {type(data).__name__}")
+        data = read_document(Path(str(item)), "spec file", kind="json", shape="a JSON object (a model spec)",
+                             error=ValueError)
     if data.get("bundled"):
         raise ValueError("'bundled' names files inside maisi itself; a plugin spec names files on its hf_repo")
     try:

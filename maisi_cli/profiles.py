@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from maisi_cli.config import Triple, format_triple
 from maisi_cli.errors import UsageError, first_validation_problem
+from maisi_cli.io.documents import read_document
 
 PROFILE_NAMES = ("16g", "24g", "32g", "80g", "cpu")
 # MONAI's MaisiConvolution pads each tensor-parallel chunk with a 3-voxel halo; a chunk must be at least that wide.
@@ -162,12 +162,7 @@ def profile_dirs() -> list[Path]:
 
 
 def read_profile(path: Path) -> Profile:
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as error:
-        raise UsageError(f"--profile: cannot read '{path}': {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise UsageError(f"--profile: '{path}' is not valid TOML: {error}") from None
+    data = read_document(path, "--profile", kind="toml")
     try:
         return Profile.model_validate({**data, "path": str(path)})
     except ValidationError as error:

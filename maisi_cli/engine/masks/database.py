@@ -7,7 +7,6 @@ the masks themselves come from a zip archive unpacked once under MAISI_HOME (see
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
 from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
+from maisi_cli.io.documents import read_document
 
 # Tumours a candidate may hold only when they are requested (reference `find_masks`).
 TUMOR_LABELS = frozenset({23, 24, 26, 27, 128})
@@ -56,14 +56,8 @@ class MaskEntry(BaseModel):
 
 
 def read_database(path: Path) -> list[MaskEntry]:
-    try:
-        document = json.loads(path.read_text())
-    except OSError as error:
-        raise MaskDatabaseError(f"mask database: cannot read '{path}' ({error.strerror})") from None
-    except json.JSONDecodeError as error:
-        raise MaskDatabaseError(f"mask database: '{path}' is not valid JSON (line {error.lineno}): {error.msg}") from None
-    if not isinstance(document, list):
-        raise MaskDatabaseError(f"mask database: '{path}' must hold a JSON list of entries, not {type(document).__name__}")
+    document = read_document(path, "mask database", kind="json", expect=list, shape="a JSON list of entries",
+                             error=MaskDatabaseError)
     entries = []
     for number, item in enumerate(document):
         try:

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -27,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
+from maisi_cli.io.documents import read_document
 
 TrainProgress = Callable[[dict], None]
 """Receives events: {"event": "step", epoch, epochs, step, steps, loss, lr} and
@@ -57,18 +57,8 @@ class TrainConfig(BaseModel):
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise UsageError(f"--config: cannot read '{path}' ({error.strerror})") from None
-    try:
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"--config: '{path}' is not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} "
-                         f"({error})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config: '{path}' must hold a table/object of options")
-    return data
+    """A `--config` file: TOML when it ends in .toml, else JSON; a table/object of options."""
+    return read_document(path, "--config", shape="a table/object of options")
 
 
 def build_config(cls: type[BaseModel], config_file: Path | None, flags: dict[str, Any]) -> Any:
@@ -361,15 +351,10 @@ def optimizer_steps(samples: int, batch_size: int, world_size: int, epochs: int)
 # --- latent data ----------------------------------------------------------------------------------------------------
 def read_datalist(path: Path, field: str = "--data") -> list[dict[str, Any]]:
     """The "training" items of a datalist JSON, with `image` made absolute (relative to the file's folder)."""
-    try:
-        document = json.loads(path.read_text())
-    except OSError as error:
-        raise UsageError(f"{field}: cannot read '{path}' ({error.strerror})") from None
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{field}: '{path}' is not valid JSON (line {error.lineno}): {error.msg}") from None
-    items = document.get("training") if isinstance(document, dict) else None
+    shape = '{"training": [{"image": …}, …]}'
+    items = read_document(path, field, kind="json", shape=shape).get("training")
     if not isinstance(items, list):
-        raise UsageError(f"{field}: '{path}' must hold {{\"training\": [{{\"image\": …}}, …]}}")
+        raise UsageError(f"{field}: '{path}' must hold {shape}")
     if not items:
         raise TrainingError(f"{field}: '{path}' has an empty training split; list at least one item under "
                             f"\"training\"")
