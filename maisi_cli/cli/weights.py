@@ -1,4 +1,6 @@
 """`maisi weights download|list|verify|import|path`: a model's repository files, their sha256 lock, offline import.
+Also the single hub files outside a model spec (engine/hub.py `HubFile`: radimagenet-resnet50, the `maisi fid`
+feature extractor), but for import.
 
 Thin: parse, call engine/hub.py, render. huggingface_hub is imported only inside the commands.
 """
@@ -21,15 +23,19 @@ WEIGHTS_DIR_OPTION = typer.Option(None, "--weights-dir", envvar="MAISI_WEIGHTS_D
                                   help="Folder holding weight files under their repository names (looked at first).")
 
 
-def _model(name: str, revision: Optional[str]):
-    from maisi_cli.engine.hub import with_revision
+def _model(name: str, revision: Optional[str], hub_files: bool = False):
+    """The model spec; `hub_files`: the command also takes a HubFile's name, so an unknown name lists those too."""
+    from maisi_cli.engine.hub import EXTRACTOR_FILES, with_revision
     from maisi_cli.errors import UsageError
     from maisi_cli.models import get_model
 
     try:
         spec = get_model(name)
     except UsageError as error:
-        raise UsageError(str(error).replace("--model:", "MODEL:", 1)) from None
+        message = str(error).replace("--model:", "MODEL:", 1)
+        if hub_files and "unknown model" in message:
+            message += f"; or a feature extractor: {', '.join(EXTRACTOR_FILES)}"
+        raise UsageError(message) from None
     return with_revision(spec, revision)
 
 
@@ -38,8 +44,19 @@ def _models(name: Optional[str], revision: Optional[str], with_repository: bool 
     from maisi_cli.models import list_models
 
     if name is not None:
-        return [_model(name, revision)]
+        return [_model(name, revision, hub_files=True)]
     return [with_revision(s, revision) for s in list_models() if s.hf_repo or not with_repository]
+
+
+def _targets(name: Optional[str], revision: Optional[str], with_repository: bool = False) -> tuple[list, list]:
+    """(model specs, HubFiles) that `list`, `path` and `verify` show: every model then every HubFile (no name),
+    or the one named."""
+    from maisi_cli.engine.hub import hub_files
+
+    items = hub_files(name, revision)
+    if name is not None and items:
+        return [], items
+    return _models(name, revision, with_repository), items
 
 
 def _size(size: Optional[int]) -> str:
@@ -118,7 +135,7 @@ def download_command(
     if item is not None:
         _download_extractor(item, component, models_only, revision, force, output)
         return
-    spec = _model(model, revision)
+    spec = _model(model, revision, hub_files=True)
     repo = require_repository(spec)
     files = repo_files(spec, component, models_only)
     _licence_line(spec, output)
@@ -147,57 +164,70 @@ def _download_extractor(item, component: list[str], models_only: bool, revision:
     _show_results(spec, item.hf_repo, [result], output, licence=item.licence)
 
 
+def _located(name: Optional[str], weights_dir: Optional[Path], revision: Optional[str]) -> list:
+    """(name, hf_repo, revision, [Location]) of each model, then each HubFile (see `_targets`)."""
+    from maisi_cli.engine.hub import hub_file_locations, locations
+
+    specs, items = _targets(name, revision)
+    return ([(s.name, s.hf_repo, s.hf_revision, locations(s, weights_dir)) for s in specs]
+            + [(i.name, i.hf_repo, i.revision, hub_file_locations(i)) for i in items])
+
+
 @app.command("list")
 def list_command(
     ctx: typer.Context,
-    model: Optional[str] = typer.Argument(None, help="Model name, alias or spec .json (default: every model)."),
+    model: Optional[str] = typer.Argument(None, help="Model name, alias or spec .json, or radimagenet-resnet50 "
+                                          "(default: every model, then radimagenet-resnet50)."),
     weights_dir: Optional[Path] = WEIGHTS_DIR_OPTION,
     revision: Optional[str] = REVISION_OPTION,
     json_flag: bool = JSON_OPTION,
 ) -> None:
-    """List a model's files: present or missing, size, whether their sha256 is locked."""
-    from maisi_cli.engine.hub import locations
-
+    """List a model's files (or radimagenet-resnet50, the `maisi fid` extractor): present or missing, size, whether
+    their sha256 is locked."""
     output = render.output_of(ctx.obj, json_flag)
-    entries = [(spec, locations(spec, weights_dir)) for spec in _models(model, revision)]
+    entries = _located(model, weights_dir, revision)
     if output.json:
         render.print_json({"models": [
-            {"name": spec.name, "hf_repo": spec.hf_repo, "revision": spec.hf_revision,
-             "files": [f.document() for f in found]} for spec, found in entries]})
+            {"name": name, "hf_repo": repo, "revision": at, "files": [f.document() for f in found]}
+            for name, repo, at, found in entries]})
         return
-    rows = [(spec.name, f.component, f.repo_name, "present" if f.path else "missing", _size(f.size),
-             "yes" if f.locked else "no", f.source or "-") for spec, found in entries for f in found]
+    rows = [(name, f.component, f.repo_name, "present" if f.path else "missing", _size(f.size),
+             "yes" if f.locked else "no", f.source or "-") for name, _, _, found in entries for f in found]
     _table(None, ("model", "component", "file", "status", "size", "locked", "where"), rows)
 
 
 @app.command("verify")
 def verify_command(
     ctx: typer.Context,
-    model: Optional[str] = typer.Argument(None, help="Model name, alias or spec .json (default: every model)."),
+    model: Optional[str] = typer.Argument(None, help="Model name, alias or spec .json, or radimagenet-resnet50 "
+                                          "(default: every model, then radimagenet-resnet50)."),
     revision: Optional[str] = REVISION_OPTION,
     json_flag: bool = JSON_OPTION,
 ) -> None:
-    """Re-hash every file maisi manages and compare it with the lock; exit 1 on a mismatch."""
-    from maisi_cli.engine.hub import mismatch_error, repo_files, verify
+    """Re-hash every file maisi manages (radimagenet-resnet50 included) and compare it with the lock; exit 1 on a
+    mismatch."""
+    from maisi_cli.engine.hub import hub_file_mismatch_error, mismatch_error, repo_files, verify, verify_hub_file
 
     output = render.output_of(ctx.obj, json_flag)
-    specs = _models(model, revision, with_repository=True)
+    specs, items = _targets(model, revision, with_repository=True)
     hashed: dict = {}
-    checked = []
+    checked = []  # (name, hf_repo, revision, results, error)
     with render.progress(output) as on_progress:
         for spec in specs:
-            checked.append((spec, verify(spec, repo_files(spec), on_progress, hashed)))
+            results = verify(spec, repo_files(spec), on_progress, hashed)
+            checked.append((spec.name, spec.hf_repo, spec.hf_revision, results, mismatch_error(spec, results)))
+        for item in items:
+            results = verify_hub_file(item, on_progress, hashed)
+            checked.append((item.name, item.hf_repo, item.revision, results, hub_file_mismatch_error(item, results)))
     if output.json:
         render.print_json({"models": [
-            {"name": spec.name, "hf_repo": spec.hf_repo, "revision": spec.hf_revision,
-             "ok": not any(r.status == "mismatch" for r in results), "files": [r.document() for r in results]}
-            for spec, results in checked]})
+            {"name": name, "hf_repo": repo, "revision": at, "ok": error is None,
+             "files": [r.document() for r in results]} for name, repo, at, results, error in checked]})
     else:
-        rows = [(spec.name, r.component, r.repo_name, r.where or "-", r.status, _short(r.sha256))
-                for spec, results in checked for r in results]
+        rows = [(name, r.component, r.repo_name, r.where or "-", r.status, _short(r.sha256))
+                for name, _, _, results, _ in checked for r in results]
         _table(None, ("model", "component", "file", "where", "status", "sha256"), rows)
-    for spec, results in checked:
-        error = mismatch_error(spec, results)
+    for *_, error in checked:
         if error is not None:
             raise error
 
@@ -226,22 +256,22 @@ def import_command(
 @app.command("path")
 def path_command(
     ctx: typer.Context,
-    model: Optional[str] = typer.Argument(None, help="Model name, alias or spec .json (default: every model)."),
+    model: Optional[str] = typer.Argument(None, help="Model name, alias or spec .json, or radimagenet-resnet50 "
+                                          "(default: every model, then radimagenet-resnet50)."),
     weights_dir: Optional[Path] = WEIGHTS_DIR_OPTION,
     revision: Optional[str] = REVISION_OPTION,
     json_flag: bool = JSON_OPTION,
 ) -> None:
-    """Print where each file of a model is read from (or "missing")."""
-    from maisi_cli.engine.hub import locations
-
+    """Print where each file of a model (or radimagenet-resnet50, as `maisi fid` finds it) is read from (or
+    "missing")."""
     output = render.output_of(ctx.obj, json_flag)
-    entries = [(spec, locations(spec, weights_dir)) for spec in _models(model, revision)]
+    entries = _located(model, weights_dir, revision)
     if output.json:
         render.print_json({"models": [
-            {"name": spec.name, "files": [{"component": f.component, "file": f.repo_name,
-                                           "path": str(f.path) if f.path else None, "where": f.source}
-                                          for f in found]} for spec, found in entries]})
+            {"name": name, "files": [{"component": f.component, "file": f.repo_name,
+                                      "path": str(f.path) if f.path else None, "where": f.source}
+                                     for f in found]} for name, _, _, found in entries]})
         return
-    rows = [(spec.name, f.component, str(f.path) if f.path else "missing", f.source or "-")
-            for spec, found in entries for f in found]
+    rows = [(name, f.component, str(f.path) if f.path else "missing", f.source or "-")
+            for name, _, _, found in entries for f in found]
     _table(None, ("model", "component", "path", "where"), rows)

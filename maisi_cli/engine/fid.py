@@ -177,17 +177,16 @@ def _first(keys: Sequence[str], count: int = 3) -> str:
 def locate_radimagenet() -> tuple[Path, str | None] | None:
     """(path, locked sha256 or None) of the RadImageNet weights when no `--extractor` is given:
     `$MAISI_HOME/fid/RadImageNet-ResNet50_notop.pth`, else the `maisi weights download radimagenet-resnet50` copy in
-    the Hugging Face cache (held to the sha256 lock). None when neither is there."""
-    manual = default_extractor_path()
-    if manual.is_file():
-        return manual, None
-    from maisi_cli.engine.hub import check_hub_file, extractor_file, hub_file_in_cache
+    the Hugging Face cache (held to the sha256 lock). None when neither is there. The lookup is
+    engine/hub.py `locate_hub_file`, which `maisi weights list|path` show."""
+    from maisi_cli.engine.hub import EXTRACTOR_FILES, check_hub_file, locate_hub_file
 
-    item = extractor_file(BUILTIN_EXTRACTOR)
-    cached = hub_file_in_cache(item) if item is not None else None
-    if cached is None:
+    item = EXTRACTOR_FILES[BUILTIN_EXTRACTOR]
+    found = locate_hub_file(item)
+    if found is None:
         return None
-    return cached, check_hub_file(item, cached)
+    path, where = found
+    return path, (check_hub_file(item, path) if where == "hf-cache" else None)
 
 
 def missing_extractor_message() -> str:

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -483,7 +483,7 @@ class Location:
     repo_name: str
     kind: str
     path: Path | None
-    source: str | None  # weights-dir | store | hf-cache | path
+    source: str | None  # weights-dir | bundled | store | hf-cache | path | hand-placed (a HubFile under MAISI_HOME)
     size: int | None
     locked: bool
 
@@ -537,6 +537,17 @@ def extractor_file(name: str) -> HubFile | None:
     return EXTRACTOR_FILES.get(name.strip().lower())
 
 
+def hub_files(name: str | None = None, revision: str | None = None) -> list[HubFile]:
+    """The HubFiles `maisi weights list|path|verify` show: every one (no name), the one named, or none (a model's
+    name); at `revision` when one is given (`--revision`)."""
+    if name is None:
+        chosen = list(EXTRACTOR_FILES.values())
+    else:
+        item = extractor_file(name)
+        chosen = [item] if item is not None else []
+    return [replace(item, revision=revision) if revision else item for item in chosen]
+
+
 def hand_placed_path(item: HubFile) -> Path:
     """Where a copy brought by hand goes (`maisi fid` looks there before the Hugging Face cache)."""
     return maisi_home() / "fid" / item.filename
@@ -549,6 +560,60 @@ def hub_file_in_cache(item: HubFile, revision: str | None = None) -> Path | None
     cached = try_to_load_from_cache(item.hf_repo, item.filename, revision=revision or item.revision,
                                     cache_dir=hf_hub_cache())
     return Path(cached) if isinstance(cached, str) else None
+
+
+def locate_hub_file(item: HubFile) -> tuple[Path, str] | None:
+    """(path, where) of the copy a HubFile is read from, or None: the copy brought by hand (`hand_placed_path`,
+    not held to the lock) first, then the Hugging Face cache at the item's revision (held to the lock). The order
+    `maisi fid` loads the extractor in (engine/fid.py `locate_radimagenet`)."""
+    manual = hand_placed_path(item)
+    if manual.is_file():
+        return manual, "hand-placed"
+    cached = hub_file_in_cache(item)
+    return (cached, "hf-cache") if cached is not None else None
+
+
+def hub_file_locations(item: HubFile) -> list[Location]:
+    """`locations` for a HubFile: one entry, in the fields of a model's files (component = the HubFile's name)."""
+    found = locate_hub_file(item)
+    path, source = found if found else (None, None)
+    locked = item.filename in read_lock(item.hf_repo, item.revision)
+    return [Location(item.name, item.filename, "weights", path, source, path.stat().st_size if path else None,
+                     locked)]
+
+
+def verify_hub_file(item: HubFile, on_progress: ProgressCallback | None = None,
+                    hashed: dict[Path, str] | None = None) -> list[CheckResult]:
+    """`verify` for a HubFile: re-hash the Hugging Face cache copy (the one maisi manages; a copy brought by hand is
+    the user's own, as a --weights-dir file) and compare it with the lock. See `hub_file_mismatch_error`."""
+    on_progress = on_progress or _no_progress
+    hashed = {} if hashed is None else hashed
+    cached = hub_file_in_cache(item)
+    if cached is None:
+        return [CheckResult(item.name, item.filename, "weights", None, None, "missing")]
+    expected = (read_lock(item.hf_repo, item.revision).get(item.filename) or {}).get("sha256")
+    key = cached.resolve()
+    if key not in hashed:
+        hashed[key] = sha256_of(cached, fresh=True)
+    digest = hashed[key]
+    status = "unlocked" if expected is None else ("ok" if digest == expected else "mismatch")
+    on_progress(f"hash {item.filename}", 1, 1)
+    return [CheckResult(item.name, item.filename, "weights", "hf-cache", cached, status, digest, expected)]
+
+
+def hub_file_fix(item: HubFile) -> str:
+    """The command that re-fetches a HubFile."""
+    pinned = f" --revision {item.revision}" if item.revision != EXTRACTOR_FILES.get(item.name, item).revision else ""
+    return f"maisi weights download {item.name}{pinned} --force"
+
+
+def hub_file_mismatch_error(item: HubFile, results: list[CheckResult]) -> WeightsError | None:
+    """`mismatch_error` for a HubFile: one line naming the file and the command that re-fetches it."""
+    bad = [r for r in results if r.status == "mismatch"]
+    if not bad:
+        return None
+    return WeightsError(f"weights: {bad[0].path} ({item.name}) does not match the sha256 locked in "
+                        f"{lock_path(item.hf_repo, item.revision)}; re-fetch with: {hub_file_fix(item)}")
 
 
 def check_hub_file(item: HubFile, path: Path, revision: str | None = None) -> str:

@@ -355,7 +355,10 @@ runner = CliRunner()
     (["weights", "download", "no-such-model"], ["MODEL", "unknown model 'no-such-model'", "rflow-ct"]),
     (["weights", "download", "rflow-ct", "--component", "vae"], ["--component", "'vae'", "diffusion_unet"]),
     (["weights", "download", "rflow-ct", "-c", "mask_database", "--models-only"], ["--models-only"]),
-    (["weights", "verify", "nope"], ["MODEL", "unknown model 'nope'"]),
+    (["weights", "verify", "nope"], ["MODEL", "unknown model 'nope'", "radimagenet-resnet50"]),
+    (["weights", "list", "nope"], ["MODEL", "unknown model 'nope'", "rflow-ct", "radimagenet-resnet50"]),
+    (["weights", "path", "nope"], ["MODEL", "unknown model 'nope'", "rflow-ct", "radimagenet-resnet50"]),
+    (["weights", "download", "nope"], ["MODEL", "unknown model 'nope'", "radimagenet-resnet50"]),
 ])
 def test_usage_errors_exit_2(args, fragments):
     result = runner.invoke(app, args)
@@ -374,6 +377,114 @@ def test_list_and_path_with_nothing_downloaded():
     assert table.exit_code == 0 and "missing" in table.stdout
     verify = runner.invoke(app, ["weights", "verify", "rflow-ct"])
     assert verify.exit_code == 0 and "missing" in verify.stdout
+
+
+EXTRACTOR = "radimagenet-resnet50"
+EXTRACTOR_FILE = "RadImageNet-ResNet50_notop.pth"
+
+
+@pytest.fixture
+def extractor_hub(tmp_path, monkeypatch):
+    """`maisi weights download radimagenet-resnet50` in process, online, against a stand-in for hf_hub_download
+    that writes the Hugging Face cache layout (under the test's HF_HOME). Returns the file's bytes."""
+    import huggingface_hub
+
+    from tests.unit.test_hub import put_in_hf_cache
+
+    payload = b"RadImageNet ResNet-50 stand-in " * 64
+
+    def fake_download(repo, filename, **kwargs):
+        assert (repo, filename) == ("MONAI/checkpoints", EXTRACTOR_FILE)
+        return str(put_in_hf_cache(tmp_path, repo, filename, payload))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return payload
+
+
+def json_of(*args: str) -> dict:
+    result = runner.invoke(app, ["--json", *args])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return json.loads(result.stdout)
+
+
+def test_list_path_verify_show_the_fid_extractor(extractor_hub, tmp_path):
+    """list, path and verify know the file `maisi weights download radimagenet-resnet50` fetches: missing before,
+    present and locked after, read from where `maisi fid` reads it, and a changed copy fails verify in one line."""
+    from maisi_cli.engine import hub as hub_engine
+    from maisi_cli.engine.fid import locate_radimagenet
+
+    # before the download: listed after the models, missing, not locked
+    everything = json_of("weights", "list")["models"]
+    assert everything[-1]["name"] == EXTRACTOR and "rflow-ct" in [m["name"] for m in everything[:-1]]
+    model_entry = {m["name"]: m for m in everything}["rflow-ct"]
+    listed = json_of("weights", "list", EXTRACTOR)["models"]
+    assert [(m["name"], m["hf_repo"], m["revision"]) for m in listed] == [(EXTRACTOR, "MONAI/checkpoints", "main")]
+    assert listed == everything[-1:]
+    assert set(listed[0]) == set(model_entry) and set(listed[0]["files"][0]) == set(model_entry["files"][0])
+    assert listed[0]["files"][0] == {
+        "component": EXTRACTOR, "file": EXTRACTOR_FILE, "kind": "weights", "path": None, "where": None,
+        "present": False, "size": None, "locked": False}
+    table = runner.invoke(app, ["weights", "list", EXTRACTOR])
+    assert table.exit_code == 0 and "missing" in table.stdout and "rflow-ct" not in table.stdout
+    where = json_of("weights", "path", EXTRACTOR)["models"]
+    assert [m["name"] for m in where] == [EXTRACTOR] and where[0]["files"][0]["path"] is None
+    assert json_of("weights", "path")["models"][-1] == where[0]
+    assert set(where[0]["files"][0]) == set(json_of("weights", "path", "rflow-ct")["models"][0]["files"][0])
+    assert locate_radimagenet() is None
+    checked = json_of("weights", "verify", EXTRACTOR)["models"]
+    assert [(m["name"], m["ok"], m["files"][0]["status"]) for m in checked] == [(EXTRACTOR, True, "missing")]
+    verify_model = json_of("weights", "verify", "rflow-ct")["models"][0]
+    assert set(checked[0]) == set(verify_model) and set(checked[0]["files"][0]) == set(verify_model["files"][0])
+
+    # a fake download: present, locked, read from the Hugging Face cache, exactly where `maisi fid` reads it
+    downloaded = runner.invoke(app, ["--quiet", "weights", "download", EXTRACTOR])
+    assert downloaded.exit_code == 0, downloaded.stderr
+    digest = hashlib.sha256(extractor_hub).hexdigest()
+    fid_path, locked_sha = locate_radimagenet()
+    assert locked_sha == digest
+    entry = json_of("weights", "list", EXTRACTOR)["models"][0]["files"][0]
+    assert (entry["present"], entry["locked"], entry["size"], entry["where"]) == (True, True, len(extractor_hub),
+                                                                                  "hf-cache")
+    assert entry["path"] == str(fid_path)
+    assert json_of("weights", "list")["models"][-1]["files"][0] == entry
+    table = runner.invoke(app, ["weights", "list"])
+    assert table.exit_code == 0 and "present" in table.stdout and "hf-cache" in table.stdout
+    where = json_of("weights", "path", EXTRACTOR)["models"][0]["files"][0]
+    assert (where["path"], where["where"]) == (str(fid_path), "hf-cache")
+    assert fid_path.is_relative_to(tmp_path / "hf-home" / "hub" / "models--MONAI--checkpoints")
+    checked = json_of("weights", "verify", EXTRACTOR)["models"][0]
+    assert checked["ok"] and checked["files"][0] == {
+        "component": EXTRACTOR, "file": EXTRACTOR_FILE, "kind": "weights", "where": "hf-cache", "path": str(fid_path),
+        "status": "ok", "sha256": digest, "locked_sha256": digest}
+    assert runner.invoke(app, ["weights", "verify"]).exit_code == 0
+
+    # a copy brought by hand wins, for `maisi fid` and for `path`
+    own = hub_engine.hand_placed_path(hub_engine.extractor_file(EXTRACTOR))
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"my own copy")
+    where = json_of("weights", "path", EXTRACTOR)["models"][0]["files"][0]
+    assert (where["path"], where["where"]) == (str(own), "hand-placed") and locate_radimagenet() == (own, None)
+    assert json_of("weights", "list", EXTRACTOR)["models"][0]["files"][0]["size"] == len(b"my own copy")
+    own.unlink()
+
+    # one byte changes in the cache: verify (named or not) exits 1 with one line naming the file and the fix
+    data = bytearray(extractor_hub)
+    data[7] ^= 0xFF
+    fid_path.resolve().write_bytes(bytes(data))
+    for args in ([EXTRACTOR], []):
+        result = runner.invoke(app, ["--quiet", "weights", "verify", *args])
+        assert result.exit_code == 1, (result.stdout, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert str(fid_path) in lines[0] and f"({EXTRACTOR})" in lines[0], lines[0]
+        assert lines[0].endswith(f"re-fetch with: maisi weights download {EXTRACTOR} --force"), lines[0]
+    failed = runner.invoke(app, ["--json", "weights", "verify", EXTRACTOR])
+    assert failed.exit_code == 1 and json.loads(failed.stdout)["models"][0]["files"][0]["status"] == "mismatch"
+    # the download repairs it
+    assert runner.invoke(app, ["--quiet", "weights", "download", EXTRACTOR, "--force"]).exit_code == 0
+    assert runner.invoke(app, ["weights", "verify", EXTRACTOR]).exit_code == 0
 
 
 def test_weights_help_does_not_import_heavy_modules():

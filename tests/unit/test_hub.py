@@ -208,3 +208,24 @@ def test_hub_failures_read_as_one_actionable_line(spec, monkeypatch):
     network = hub._download_error(wrapped, spec, item, "main")
     assert isinstance(network, WeightsError) and "(All connection attempts failed)" in str(network)
     assert "\n" not in str(network)
+
+
+def test_hub_files_are_picked_by_name_and_revision(tmp_path):
+    item = hub.extractor_file("radimagenet-resnet50")
+    assert hub.hub_files() == list(hub.EXTRACTOR_FILES.values()) and hub.hub_files("RadImageNet-ResNet50") == [item]
+    assert hub.hub_files("rflow-ct") == [] and hub.hub_files("nope") == []
+    pinned = hub.hub_files("radimagenet-resnet50", "v2")[0]
+    assert pinned.revision == "v2" and pinned.filename == item.filename
+    assert hub.hub_file_fix(item) == "maisi weights download radimagenet-resnet50 --force"
+    assert hub.hub_file_fix(pinned) == "maisi weights download radimagenet-resnet50 --revision v2 --force"
+    # nothing there: missing, unlocked, and verify says so without raising
+    assert [(loc.path, loc.source, loc.locked) for loc in hub.hub_file_locations(item)] == [(None, None, False)]
+    results = hub.verify_hub_file(item)
+    assert [r.status for r in results] == ["missing"] and hub.hub_file_mismatch_error(item, results) is None
+    # an unlocked cache copy is hashed and reported, not refused
+    payload = b"weights"
+    path = put_in_hf_cache(tmp_path, item.hf_repo, item.filename, payload)
+    assert hub.locate_hub_file(item) == (path, "hf-cache")
+    assert [(r.status, r.sha256) for r in hub.verify_hub_file(item)] == [
+        ("unlocked", hashlib.sha256(payload).hexdigest())]
+    assert hub.locate_hub_file(pinned) is None  # another revision: not in the cache
