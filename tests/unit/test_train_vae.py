@@ -19,6 +19,7 @@ from maisi_cli.engine.train.vae import (
     build_discriminator,
     build_perceptual_loss,
     kl_loss,
+    lr_rule,
     split_folds,
     train_vae,
 )
@@ -91,6 +92,52 @@ def test_reconstruction_loss_goes_down_on_one_phantom_with_kl_in_the_total(tmp_p
         optimizer.step()
         recon.append(terms["recon"].item())
     assert recon[-1] < 0.7 * recon[0], recon
+
+
+def test_l2_reconstruction_loss_is_the_mean_squared_error():
+    images, reconstruction = torch.zeros(1, 1, 2, 2, 2), torch.full((1, 1, 2, 2, 2), 0.5)
+    reconstruction[..., 0, 0, 0] = 1.0
+    z = torch.zeros(1, 4, 1, 1, 1)
+    for name, expected in (("l1", (7 * 0.5 + 1.0) / 8), ("l2", (7 * 0.25 + 1.0) / 8)):
+        losses = VaeLosses(VaeTrainConfig(data=Path("d.json"), out=Path("o"), recon_loss=name), None, None)
+        assert losses.generator_terms(images, reconstruction, z, torch.ones_like(z))["recon"].item() == \
+            pytest.approx(expected)
+
+
+def test_cosine_lr_decay_runs_per_step_from_one_to_zero_times_the_warm_up():
+    base = dict(data=Path("d.json"), out=Path("o"), epochs=2)
+    rule, per_step = lr_rule(VaeTrainConfig(**base, warmup=False, lr_decay="cosine"), steps_per_epoch=10)
+    assert per_step and rule(0) == pytest.approx(1.0) and rule(10) == pytest.approx(0.5)
+    assert rule(20) == pytest.approx(0.0, abs=1e-12) and rule(5) > rule(6)
+    warm, per_step = lr_rule(VaeTrainConfig(**base, warmup=True, lr_decay="cosine"), steps_per_epoch=10)
+    assert warm(10) == pytest.approx(0.01 * 0.5)  # the reference's warm-up still applies per epoch
+    constant, per_step = lr_rule(VaeTrainConfig(**base, warmup=False), steps_per_epoch=10)
+    assert not per_step and constant(0) == constant(1) == 1.0
+
+
+def test_cosine_decay_reaches_zero_at_the_last_step_and_resumes_exactly(tmp_path, phantoms):
+    options = dict(epochs=2, adversarial_weight=0.0, lr_decay="cosine", recon_loss="l2", val_window=[16, 16, 16])
+    rates = []
+    straight = train_vae(config(tmp_path, phantoms, out="straight", **options),
+                         lambda event: rates.append(event["lr"]) if event["event"] == "step" else None)
+    steps = len(rates)
+    assert steps == 2 and rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-3 * 0.5)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(event):
+        if event["event"] == "epoch":
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_vae(config(tmp_path, phantoms, out="split", **options), kill_after_first_epoch)
+    resumed = train_vae(config(tmp_path, phantoms, out="split", resume=True, **options))
+    assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-4)
+    a, b = load(tmp_path / "straight" / "autoencoder.pt"), load(tmp_path / "split" / "autoencoder.pt")
+    for key, value in a.items():
+        assert torch.allclose(value, b[key], atol=1e-5), key
+    assert load(tmp_path / "split" / "train_state.pt")["lr_schedule"]["last_epoch"] == 2  # counted in steps
 
 
 class FakePerceptual(torch.nn.Module):

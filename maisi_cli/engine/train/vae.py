@@ -41,7 +41,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import field_validator
@@ -111,6 +111,12 @@ class VaeTrainConfig(TrainConfig):
     # False: decode the latent mean, not a sample (a plain autoencoder). The reference always samples; with a small
     # latent and short training the sampling noise hides soft-tissue contrast (bench/demo/README.md).
     latent_sampling: bool = True
+    # Not in the reference (L1, constant LR after the warm-up), both for short runs: "l2" weighs a voxel's error by
+    # its size, so the few voxels far off (bone, organ contrast) drive the first epochs that L1's sign-only gradient
+    # spends on the many voxels almost right; "cosine" takes the LR to 0 over the run (per step), so the last
+    # weights are not a batch-1 snapshot that swings organ HU by tens of HU from one epoch to the next.
+    recon_loss: Literal["l1", "l2"] = "l1"
+    lr_decay: Literal["none", "cosine"] = "none"
 
     @field_validator("patch_size", "val_window", mode="before")
     @classmethod
@@ -278,6 +284,20 @@ def warmup_rule(epoch: int) -> float:
     return 0.01 if epoch < 10 else (0.1 if epoch < 20 else 1.0)
 
 
+def lr_rule(config: VaeTrainConfig, steps_per_epoch: int) -> tuple[Callable[[int], float], bool]:
+    """(LR multiplier, stepped per optimiser step?). The warm-up rule per epoch (or 1), times a cosine from 1 to 0
+    over all steps of the run when `lr_decay` is "cosine" (then the schedule counts steps, not epochs)."""
+    warm = warmup_rule if config.warmup else (lambda epoch: 1.0)
+    if config.lr_decay == "none":
+        return warm, False
+    total = max(config.epochs * steps_per_epoch, 1)
+
+    def rule(step: int) -> float:
+        return warm(step // steps_per_epoch) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+    return rule, True
+
+
 def adversarial_logits(discriminator: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return discriminator(images.contiguous())[-1]
 
@@ -297,7 +317,8 @@ class VaeLosses:
     def generator_terms(self, images: torch.Tensor, reconstruction: torch.Tensor, z_mu: torch.Tensor,
                         z_sigma: torch.Tensor, with_adversarial: bool = True) -> dict[str, torch.Tensor]:
         c = self.config
-        terms = {"recon": torch.nn.functional.l1_loss(reconstruction.float(), images.float()),
+        recon = torch.nn.functional.mse_loss if c.recon_loss == "l2" else torch.nn.functional.l1_loss
+        terms = {"recon": recon(reconstruction.float(), images.float()),
                  "kl": kl_loss(z_mu, z_sigma)}
         total = terms["recon"] + c.kl_weight * terms["kl"]
         if self.perceptual is not None:
@@ -370,7 +391,8 @@ def validate(autoencoder: torch.nn.Module, losses: VaeLosses, dataset: ImageData
         with autocast(device, *amp):
             reconstruction, z_mu, z_sigma = reconstruct(autoencoder, image, config.val_window)
             terms = losses.generator_terms(image, reconstruction, z_mu, z_sigma, with_adversarial=False)
-        sums += torch.tensor([terms["total"].item(), terms["recon"].item(), terms["kl"].item(),
+        l1 = torch.nn.functional.l1_loss(reconstruction.float(), image.float())  # the metric, whatever recon_loss
+        sums += torch.tensor([terms["total"].item(), l1.item(), terms["kl"].item(),
                               float(terms["perceptual"].item()) if "perceptual" in terms else 0.0, 1.0],
                              dtype=torch.float64, device=device)
         scale = torch.tensor([1.0 / float(z_mu.float().std()), 1.0], dtype=torch.float64, device=device)
@@ -400,6 +422,12 @@ def train_vae(config: VaeTrainConfig, on_progress: TrainProgress | None = None) 
 def _make_scaler(device: torch.device, enabled: bool, dtype: torch.dtype) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, init_scale=2.0**8, growth_factor=1.5,
                                 enabled=enabled and dtype == torch.float16 and device.type == "cuda")
+
+
+def _step_schedules(*schedules: torch.optim.lr_scheduler.LRScheduler | None) -> None:
+    for schedule in schedules:
+        if schedule is not None:
+            schedule.step()
 
 
 def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress | None) -> dict[str, Any]:
@@ -439,9 +467,14 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
     autoencoder = autoencoder.to(device).train()
     discriminator = build_discriminator(config.discriminator_layers).to(device).train() if adversarial_on else None
 
+    # Built before the RNG is restored on --resume: MONAI's DataLoader draws a seed from torch's RNG.
+    sampler = DistributedSampler(train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
+                                 seed=config.seed, drop_last=False)
+    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers)
+
     eps = 1e-6 if amp_enabled else 1e-8
     optimizer_g = torch.optim.Adam(autoencoder.parameters(), lr=config.lr, eps=eps)
-    rule = warmup_rule if config.warmup else (lambda epoch: 1.0)
+    rule, per_step = lr_rule(config, len(loader))
     schedule_g = torch.optim.lr_scheduler.LambdaLR(optimizer_g, lr_lambda=rule)
     scaler_g = _make_scaler(device, amp_enabled, amp_dtype)
     optimizer_d = schedule_d = scaler_d = None
@@ -449,11 +482,6 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
         optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, eps=eps)
         schedule_d = torch.optim.lr_scheduler.LambdaLR(optimizer_d, lr_lambda=rule)
         scaler_d = _make_scaler(device, amp_enabled, amp_dtype)
-
-    # Built before the RNG is restored on --resume: MONAI's DataLoader draws a seed from torch's RNG.
-    sampler = DistributedSampler(train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
-                                 seed=config.seed, drop_last=False)
-    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers)
     start_epoch = 0
     history: list[dict[str, Any]] = []
     best = {"epoch": 0, "val_loss": float("inf")}
@@ -512,12 +540,13 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
             report({"event": "step", "epoch": epoch + 1, "epochs": config.epochs, "step": step,
                     "steps": steps_per_epoch, "loss": float(terms["total"].item()),
                     "lr": float(schedule_g.get_last_lr()[0])})
-        schedule_g.step()
-        if schedule_d is not None:
-            schedule_d.step()
+            if per_step:
+                _step_schedules(schedule_g, schedule_d)
+        if not per_step:
+            _step_schedules(schedule_g, schedule_d)
         all_reduce(totals, runtime)
         batches = max(float(totals[5]), 1.0)
-        last = {"loss": float(totals[0]) / batches, "recon_l1": float(totals[1]) / batches,
+        last = {"loss": float(totals[0]) / batches, f"recon_{config.recon_loss}": float(totals[1]) / batches,
                 "kl": float(totals[2]) / batches}
         if discriminator is not None:
             last.update(adversarial_loss=float(totals[3]) / batches, discriminator_loss=float(totals[4]) / batches)
