@@ -193,8 +193,9 @@ def vae_command(
     val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate every N epochs (default 10; the "
                                             "first and last epoch always)."),
     val_fold: Optional[int] = typer.Option(None, "--val-fold", help="Items with this fold validate (default 0)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of these options; flags "
-                                          "override it."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of these options and of "
+                                          "warmup, random_aug, recon_loss (l1|l2), lr_decay (none|cosine), "
+                                          "discriminator_layers, val_window; flags override it."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out."),
     init: Optional[Path] = typer.Option(None, "--init", help="Fine-tune from this autoencoder state dict."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
