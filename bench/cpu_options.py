@@ -1,5 +1,5 @@
 """Issue 9, part 2: which CPU settings speed up a denoise step and the decode of the full-size rflow-ct networks at a
-64³ image (latent 16³) — measured, not assumed.
+64³ image (latent 16³; `--size 96`: latent 24³) — measured, not assumed.
 
 One ControlNet + UNet step (inference mode unless the variant says otherwise, batch 1, fp32, 2 threads) and one
 whole VAE decode, per variant, each in a fresh process (imports, weights and allocator state do not carry over):
@@ -15,7 +15,8 @@ whole VAE decode, per variant, each in a fresh process (imports, weights and all
 Random weights (speed does not depend on their values). Rounds interleave the variants to share the machine's
 noise; the median step time per variant is reported with its ratio to the baseline.
 
-    python bench/cpu_options.py [--rounds 2] [--steps 5]   → bench/results/cpu_options.json
+    python bench/cpu_options.py [--rounds 2] [--steps 5] [--size 64] [--variants a,b]
+        → bench/results/cpu_options.json (64³) or cpu_options_{size}.json
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("baseline", "no_grad", "channels_last", "bf16", "threads_1", "compile", "decode_tiles")
 
 
-def measure(variant: str, steps: int) -> dict:
+def measure(variant: str, steps: int, size: int = 64) -> dict:
     """Runs in the child process: seconds per step (median of `steps` after 2 warm-up steps) and per decode."""
     import contextlib
 
@@ -54,7 +55,7 @@ def measure(variant: str, steps: int) -> dict:
     from maisi_cli.engine.networks import set_tp_splits
 
     set_tp_splits(vae, 1)
-    size, latent = 64, 16
+    latent = size // 4
     x = torch.randn(1, 4, latent, latent, latent)
     cond = torch.randint(0, 2, (1, 8, size, size, size)).float()
     spacing, modality = torch.tensor([[150.0, 150.0, 150.0]]), torch.tensor([1])
@@ -99,20 +100,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process
-    parser.add_argument("--out", type=Path, default=RESULTS / "cpu_options.json")
+    parser.add_argument("--size", type=int, default=64, help="image size (a multiple of 4)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, baseline always runs")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(measure(args.variant, args.steps)))
+        print(json.dumps(measure(args.variant, args.steps, args.size)))
         return
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    out = args.out or RESULTS / ("cpu_options.json" if args.size == 64 else f"cpu_options_{args.size}.json")
+    chosen = ["baseline", *(v for v in args.variants.split(",") if v in VARIANTS and v != "baseline")]
+    runs: dict[str, list[dict]] = {v: [] for v in chosen}
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     for round_ in range(args.rounds):
-        for variant in VARIANTS:
+        for variant in chosen:
             try:
-                done = subprocess.run([sys.executable, __file__, "--variant", variant, "--steps", str(args.steps)],
-                                      capture_output=True, text=True, timeout=240, env=env)
+                done = subprocess.run([sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
+                                       "--size", str(args.size)], capture_output=True, text=True, timeout=600, env=env)
             except subprocess.TimeoutExpired:
-                runs[variant].append({"error": "timed out after 240 s"})
+                runs[variant].append({"error": "timed out after 600 s"})
                 continue
             if done.returncode != 0:
                 runs[variant].append({"error": done.stderr.strip().splitlines()[-1][:300]})
@@ -134,12 +139,12 @@ def main() -> None:
         if "step_s" in row:
             row["step_vs_baseline"] = round(row["step_s"] / base["step_s"], 3)
             row["decode_vs_baseline"] = round(row["decode_s"] / base["decode_s"], 3)
-    report = {"what": "full-size rflow-ct ControlNet+UNet step and whole VAE decode, 64³ image, CPU",
+    report = {"what": f"full-size rflow-ct ControlNet+UNet step and whole VAE decode, {args.size}³ image, CPU",
               "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "torch": __import__("torch").__version__, "rounds": args.rounds, "steps": args.steps,
               "summary": summary, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
     for variant, row in summary.items():
         print(variant, row)
 

@@ -201,11 +201,26 @@ def resolve_device(text: str) -> str:
     raise UsageError(f"--device: '{text}' is not a device; use auto, cpu, cuda or cuda:N")
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX; oneDNN's own check). Without it bf16 is emulated
+    and slower than fp32, so a profile's bf16 falls back to fp32 there."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_precision(requested: str | None, profile: Profile, device: str) -> str:
+    """--precision, else the profile's (bf16 on a CPU only where `cpu_computes_bf16`), else fp16 on a GPU and fp32
+    on a CPU. An explicit --precision bf16 is kept as asked."""
     on_gpu = device.startswith("cuda")
     if requested is None:
         if profile.device == ("cuda" if on_gpu else "cpu"):
             requested = profile.precision
+            if requested == "bf16" and not on_gpu and not cpu_computes_bf16():
+                requested = "fp32"
         else:
             requested = "fp16" if on_gpu else "fp32"
     if requested == "fp16" and not on_gpu:

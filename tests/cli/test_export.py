@@ -59,7 +59,7 @@ def test_export_onnx_writes_every_graph_and_the_manifest(onnx_dir):
 
 
 def test_generate_onnx_from_exported_files_matches_torch(tiny_model, mask_file, onnx_dir, tmp_path):
-    torch_run = generate(tiny_model, mask_file, tmp_path / "torch")
+    torch_run = generate(tiny_model, mask_file, tmp_path / "torch", "--precision", "fp32")  # the graphs are fp32
     assert torch_run.exit_code == 0, torch_run.stderr
     onnx_run = generate(tiny_model, mask_file, tmp_path / "onnx", "--backend", "onnx", "--onnx-dir", str(onnx_dir))
     assert onnx_run.exit_code == 0, onnx_run.stderr
