@@ -1,12 +1,14 @@
-"""CPU generation with the full-size rflow-ct networks at a 64^3 image, 30 steps: the `maisi generate` engine
-against a bare loop of the same MONAI network calls.
+"""CPU generation with the full-size rflow-ct networks at a 64^3 (or --size) image, 30 steps: the `maisi generate`
+engine against a bare loop of the same MONAI network calls. The bare loop embeds the ControlNet condition once per
+sample, as the engine does (`--bare-embeds-per-step`: every step, MONAI's plain forward), so the difference is the
+engine's overhead, not a difference of algorithm.
 
 Reports, per run: wall time of the whole process, peak RSS, and the denoise and decode seconds; the engine's
 overhead = (engine denoise + decode) / (bare loop + bare decode) - 1 (goal < 5 %). Runs alternate to share the
 machine's noise. The weights are random (released layout, written once to a cache folder): speed does not depend
 on their values.
 
-Usage: python bench/generate_cpu.py [--runs 3] [--size 64] [--steps 30]   → bench/results/generate_cpu.json
+Usage: python bench/generate_cpu.py [--runs 3] [--size 64] [--steps 30]   → bench/results/generate_cpu_{size}{tag}.json
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import Diff
 from monai.networks.schedulers import RFlowScheduler
 
 weights, size, steps, spec_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+embed_once = sys.argv[5] == "once"
+bf16 = sys.argv[6] == "bf16"
 net = json.load(open(spec_path))["network"]
 def kwargs(block, **over):
     out = {k: (net[v[1:]] if isinstance(v, str) and v.startswith("@") else v) for k, v in net[block].items() if k != "_target_"}
@@ -56,7 +60,14 @@ torch.manual_seed(0); x = torch.randn(1, 4, lat, lat, lat)
 sched.set_timesteps(num_inference_steps=steps, input_img_size_numel=lat ** 3)
 ts = sched.timesteps; nts = torch.cat((ts[1:], torch.tensor([0], dtype=ts.dtype)))
 t1 = time.perf_counter()
-with torch.inference_mode():
+import contextlib
+autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+with torch.inference_mode(), autocast:
+    if embed_once:  # the condition embedding does not depend on t: the same shortcut the engine takes
+        class Fixed(torch.nn.Module):
+            def __init__(self, value): super().__init__(); self.value = value
+            def forward(self, _): return self.value
+        cnet.controlnet_cond_embedding = Fixed(cnet.controlnet_cond_embedding(cond))
     for t, nt in zip(ts, nts):
         tt = torch.tensor([float(t)])
         down, mid = cnet(x=x, timesteps=tt, controlnet_cond=cond, class_labels=modality)
@@ -89,6 +100,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--weights", type=Path, default=Path(tempfile.gettempdir()) / "maisi-bench-weights")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="both sides: fp32, or bf16 autocast (the cpu profile's default where the CPU has bf16)")
+    parser.add_argument("--bare-embeds-per-step", action="store_true",
+                        help="the bare loop embeds the ControlNet condition every step, as MONAI's forward does "
+                             "(default: once per sample, as the engine)")
     options = parser.parse_args()
 
     from maisi_cli.models import get_model
@@ -107,7 +123,8 @@ def main() -> None:
     engine_runs, bare_runs = [], []
     for run in range(options.runs):
         wall, rss, out = run_measured([sys.executable, "-c", BARE_LOOP, str(options.weights), str(size),
-                                       str(options.steps), str(spec_path)], env)
+                                       str(options.steps), str(spec_path),
+                                       "per-step" if options.bare_embeds_per_step else "once", options.precision], env)
         bare = json.loads(out)
         bare_runs.append({"wall_s": wall, "peak_rss_gb": rss, **bare})
 
@@ -115,6 +132,7 @@ def main() -> None:
         wall, rss, out = run_measured(
             [*maisi, "--quiet", "--json", "generate", "--no-qc", "--weights-dir", str(options.weights), "--mask", str(mask),
              "--size", str(size), "--spacing", "1.5", "--allow-any-size", "--steps", str(options.steps),
+             "--precision", options.precision,
              "--out", str(out_dir)], env)
         timings = json.loads((out_dir / "sample_0000.json").read_text())["timings"]
         engine_runs.append({"wall_s": wall, "peak_rss_gb": rss, **timings})
@@ -131,10 +149,12 @@ def main() -> None:
         (e["denoise_s"] + e["decode_s"]) / (b["denoise_s"] + b["decode_s"]) - 1 for e, b in zip(engine_runs, bare_runs)
     ]
     results = {
-        "what": f"rflow-ct full-size networks, {size}^3 image, {options.steps} steps, CPU fp32, random weights",
+        "what": f"rflow-ct full-size networks, {size}^3 image, {options.steps} steps, CPU {options.precision}, "
+                "random weights",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads default",
         "omp_wait_policy": env["OMP_WAIT_POLICY"],
         "runs": options.runs,
+        "bare_loop_condition_embedding": "per step" if options.bare_embeds_per_step else "once per sample",
         "engine": {k: median(engine_runs, k) for k in ("wall_s", "peak_rss_gb", "denoise_s", "decode_s")},
         "bare_loop": {k: median(bare_runs, k) for k in ("wall_s", "peak_rss_gb", "denoise_s", "decode_s", "setup_s")},
         "engine_overhead_pct": round(100 * (engine_compute / bare_compute - 1), 2),
@@ -143,7 +163,8 @@ def main() -> None:
         "raw": {"engine": engine_runs, "bare_loop": bare_runs},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"generate_cpu_{size}{options.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
+    precision_tag = "" if options.precision == "fp32" else f"_{options.precision}"
+    (RESULTS / f"generate_cpu_{size}{precision_tag}{options.tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "raw"}, indent=2))
 
 
