@@ -103,7 +103,8 @@ def diffusion_command(
     init: Optional[Path] = typer.Option(None, "--init", help="Fine-tune from this diffusion UNet checkpoint "
                                         "(its scale factor is kept)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (CUDA only; default on there)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision: fp16 on CUDA (default on "
+                                       "there), bf16 on the CPU (default off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run (default 0)."),
     json_flag: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
@@ -147,7 +148,8 @@ def controlnet_command(
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this ControlNet checkpoint instead of the "
                                         "UNet's weights."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (CUDA only; default on there)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision: fp16 on CUDA (default on "
+                                       "there), bf16 on the CPU (default off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run (default 0)."),
     json_flag: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
@@ -199,7 +201,8 @@ def vae_command(
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out."),
     init: Optional[Path] = typer.Option(None, "--init", help="Fine-tune from this autoencoder state dict."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (CUDA only; default on there)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision: fp16 on CUDA (default on "
+                                       "there), bf16 on the CPU (default off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run (default 0)."),
     json_flag: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:

@@ -328,3 +328,12 @@ def test_torchrun_two_processes_on_cpu_write_what_one_process_writes(tmp_path, s
     assert set(load(ddp / "train_state.pt")) == set(load(one / "train_state.pt"))
     # 2 labelled latents over 2 ranks: 1 step per epoch, 2 in all
     assert load(ddp / "train_state.pt")["lr_schedule"]["last_epoch"] == 2
+
+
+def test_amp_on_cpu_trains_the_controlnet_in_bf16(tmp_path, setup):
+    fp32 = train(tmp_path, setup, out="fp32", epochs=1)
+    bf16 = train(tmp_path, setup, out="bf16", epochs=1, amp=True)
+    assert bf16["amp"] is True and fp32["amp"] is False
+    assert bf16["loss"] != fp32["loss"] and bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
+    assert set(load(tmp_path / "bf16" / "controlnet.pt")["controlnet_state_dict"]) == \
+        set(load(tmp_path / "fp32" / "controlnet.pt")["controlnet_state_dict"])

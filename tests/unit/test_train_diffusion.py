@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -206,9 +207,24 @@ def test_empty_training_split_is_a_clear_error(tmp_path):
     assert "empty training split" in result.stderr
 
 
-def test_amp_on_cpu_is_a_usage_error(tmp_path, latents):
-    with pytest.raises(UsageError, match="CUDA"):
-        train(tmp_path, latents, epochs=1, amp=True)
+def test_amp_on_cpu_trains_in_bf16_and_refuses_fp16(tmp_path, latents):
+    fp32 = train(tmp_path, latents, out="fp32", epochs=1)
+    bf16 = train(tmp_path, latents, out="bf16", epochs=1, amp=True)
+    assert bf16["amp"] is True and fp32["amp"] is False and math.isfinite(bf16["loss"])
+    assert bf16["loss"] != fp32["loss"]  # autocast really ran: bf16 rounds the forward pass
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
+    with pytest.raises(UsageError, match='amp_dtype = "bf16"'):
+        train(tmp_path, latents, out="fp16", epochs=1, amp=True, amp_dtype="fp16")
+
+
+def test_amp_settings_per_device():
+    from maisi_cli.engine.train.common import amp_settings
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_settings(None, None, cpu) == (False, torch.bfloat16)
+    assert amp_settings(True, None, cpu) == (True, torch.bfloat16)
+    assert amp_settings(None, None, cuda) == (True, torch.float16)
+    assert amp_settings(False, "bf16", cuda) == (False, torch.bfloat16)
 
 
 def test_second_fresh_run_into_the_same_folder_is_refused(tmp_path, latents):

@@ -305,3 +305,12 @@ def test_torchrun_two_processes_on_cpu_write_what_one_process_writes(tmp_path):
     assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in one.iterdir())
     for name in sorted(p.name for p in one.iterdir() if p.suffix == ".pt"):
         assert set(load(ddp / name)) == set(load(one / name)), name
+
+
+def test_amp_on_cpu_trains_the_vae_in_bf16(tmp_path, phantoms):
+    options = dict(epochs=1, adversarial_weight=0.1, val_window=[16, 16, 16])
+    fp32 = train_vae(config(tmp_path, phantoms, out="fp32", **options))
+    bf16 = train_vae(config(tmp_path, phantoms, out="bf16", amp=True, **options))
+    assert bf16["amp"] is True and fp32["amp"] is False
+    assert bf16["loss"] != fp32["loss"] and bf16["loss"] == pytest.approx(fp32["loss"], rel=0.1)
+    assert set(load(tmp_path / "bf16" / "autoencoder.pt")) == set(load(tmp_path / "fp32" / "autoencoder.pt"))
