@@ -175,3 +175,13 @@ def run_torchrun(args: list[str], timeout: int = 300):
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).resolve().parents[1],
                           stdin=subprocess.DEVNULL)
+
+
+class Killed(Exception):
+    """Raised by `kill_after_first_epoch`: a training run stopped as if its process died after epoch 1."""
+
+
+def kill_after_first_epoch(event: dict) -> None:
+    """A trainer's progress callback that stops the run at its first epoch event (resume tests)."""
+    if event["event"] == "epoch":
+        raise Killed

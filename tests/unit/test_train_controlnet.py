@@ -21,7 +21,15 @@ from maisi_cli.engine.train.controlnet import (
     unet_with_residuals,
 )
 from maisi_cli.models import get_model
-from tests.helpers import fill_random, phantom_labels, tiny_spec_document, write_mask, write_released_weights
+from tests.helpers import (
+    Killed,
+    fill_random,
+    kill_after_first_epoch,
+    phantom_labels,
+    tiny_spec_document,
+    write_mask,
+    write_released_weights,
+)
 from tests.unit.test_train_diffusion import write_latents
 
 RELEASED_KEYS = {"controlnet_state_dict", "epoch", "loss"}
@@ -214,12 +222,6 @@ def test_run_writes_released_layout_trains_the_controlnet_and_leaves_the_unet(tm
 def test_resume_continues_exactly(tmp_path, setup):
     train(tmp_path, setup, out="straight", epochs=2, lr=1e-3)
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_first_epoch(event):
-        if event["event"] == "epoch":
-            raise Killed
 
     with pytest.raises(Killed):
         train(tmp_path, setup, out="split", on_progress=kill_after_first_epoch, epochs=2, lr=1e-3)

@@ -22,7 +22,13 @@ from maisi_cli.engine.train.diffusion import DiffusionTrainConfig, diffusion_los
 from maisi_cli.engine.train.common import TrainingError
 from maisi_cli.errors import UsageError
 from maisi_cli.models import get_model
-from tests.helpers import tiny_spec_document, write_mask, write_released_weights
+from tests.helpers import (
+    Killed,
+    kill_after_first_epoch,
+    tiny_spec_document,
+    write_mask,
+    write_released_weights,
+)
 
 RELEASED_KEYS = {"unet_state_dict", "scale_factor", "epoch", "loss", "num_train_timesteps"}
 
@@ -127,13 +133,6 @@ def test_fresh_run_writes_released_layout_and_a_resume_file(tmp_path, latents):
 def test_resume_continues_exactly_and_keeps_the_scale_factor(tmp_path, latents):
     spec_path = spec_file(tmp_path)
     straight = train(tmp_path, latents, out="straight", model=spec_path, epochs=2, lr=1e-3)
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_first_epoch(event):
-        if event["event"] == "epoch":
-            raise Killed  # as if the job died right after epoch 1 was saved
 
     config = DiffusionTrainConfig(data=latents, out=tmp_path / "split", model=str(spec_path), device="cpu", epochs=2,
                                   lr=1e-3)

@@ -25,7 +25,7 @@ from maisi_cli.engine.train.vae import (
 )
 from maisi_cli.errors import UsageError
 from maisi_cli.models import get_model
-from tests.helpers import tiny_spec_document
+from tests.helpers import Killed, kill_after_first_epoch, tiny_spec_document
 
 
 def write_phantoms(folder: Path, num: int = 2) -> Path:
@@ -123,12 +123,6 @@ def test_cosine_decay_reaches_zero_at_the_last_step_and_resumes_exactly(tmp_path
     steps = len(rates)
     assert steps == 2 and rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-3 * 0.5)
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_first_epoch(event):
-        if event["event"] == "epoch":
-            raise Killed
 
     with pytest.raises(Killed):
         train_vae(config(tmp_path, phantoms, out="split", **options), kill_after_first_epoch)
@@ -240,12 +234,6 @@ def test_validation_metrics_are_written_on_first_every_n_and_last_epoch(tmp_path
 def test_resume_continues_exactly_with_the_discriminator(tmp_path, phantoms):
     straight = train_vae(config(tmp_path, phantoms, out="straight", epochs=2, adversarial_weight=0.1))
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_first_epoch(event):
-        if event["event"] == "epoch":
-            raise Killed
 
     with pytest.raises(Killed):
         train_vae(config(tmp_path, phantoms, out="split", epochs=2, adversarial_weight=0.1), kill_after_first_epoch)
