@@ -91,13 +91,15 @@ def main() -> None:
 
     import torch
 
+    from maisi_cli.engine.pipeline import cpu_computes_bf16
+
     from maisi_cli.models import get_model
     from tests.helpers import write_mask, write_released_weights
 
     work = Path(tempfile.mkdtemp(prefix="maisi-bf16-"))
     results: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "cpu_native_bf16": cpu_computes_bf16(),
     }
 
     demo = {}

@@ -56,6 +56,8 @@ def main() -> None:
 
     import torch
 
+    from maisi_cli.engine.pipeline import cpu_computes_bf16
+
     from maisi_cli.engine.train.controlnet import ControlNetTrainConfig, train_controlnet
     from maisi_cli.engine.train.diffusion import DiffusionTrainConfig, train_diffusion
     from maisi_cli.engine.train.vae import VaeTrainConfig, train_vae
@@ -85,7 +87,7 @@ def main() -> None:
         print(name, row, flush=True)
     report = {"what": "seconds per training step, demo networks, batch 1, CPU, fp32 vs --amp (bf16 autocast)",
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-              "cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "steps": args.steps,
+              "cpu_native_bf16": cpu_computes_bf16(), "steps": args.steps,
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

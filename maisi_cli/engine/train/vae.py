@@ -457,7 +457,9 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
         check_discriminator_fits(config.patch_size, config.discriminator_layers)
     perceptual = build_perceptual_loss(config, device)  # fails early, before any work, when it cannot be built
 
-    autoencoder = build_network(spec, "autoencoder", device, precision="fp16" if amp_enabled else "fp32")
+    # The precision decides norm_float16 (fp16 on CUDA only): bf16 autocast must not turn it on.
+    precision = ("fp16" if amp_dtype == torch.float16 else "bf16") if amp_enabled else "fp32"
+    autoencoder = build_network(spec, "autoencoder", device, precision=precision)
     set_tp_splits(autoencoder, 1)  # the reference trains with num_splits 1 (TP splitting is for inference)
     if config.resume or config.init is not None:
         source = checkpoint_path if config.resume else config.init
