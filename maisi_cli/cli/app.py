@@ -6,10 +6,24 @@ Kept light: nothing here imports torch or MONAI, so `maisi --help` and shell com
 from __future__ import annotations
 
 import os
+import sys
 
-# OpenMP threads that spin while waiting made about one CPU run in three 10x slower on shared 2-core machines;
-# passive waiting removed that (bench/omp_wait_policy.py). It must be set before torch loads; users can override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def default_wait_policy(argv: list[str]) -> str | None:
+    """The OMP_WAIT_POLICY maisi sets when the user has not: PASSIVE, except for `maisi train …` (None: libgomp's
+    default, a short spin before sleeping).
+
+    OpenMP threads that spin while waiting made about one CPU run in three 10x slower on shared 2-core machines, and
+    passive waiting costs inference 3-10 % (bench/omp_wait_policy.py). A training step is hundreds of small kernels,
+    each waking the threads: there PASSIVE cost up to 2.2x per step (bench/omp_wait_policy_train.py).
+    """
+    command = next((arg for arg in argv if not arg.startswith("-")), None)  # the root options take no values
+    return None if command == "train" else "PASSIVE"
+
+
+# Must be set before torch loads; a value the user set is kept.
+if (_policy := default_wait_policy(sys.argv[1:])) is not None:
+    os.environ.setdefault("OMP_WAIT_POLICY", _policy)
 
 import traceback  # noqa: E402
 

@@ -86,3 +86,25 @@ def test_version():
 
     done = run("--version")
     assert done.returncode == 0 and done.stdout.strip() == f"maisi {__version__}"
+
+
+PRINT_WAIT_POLICY = ("import os, sys; sys.argv = ['maisi', *sys.argv[1:]]; import maisi_cli.cli.app; "
+                     "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))")
+
+
+@pytest.mark.parametrize(("args", "env_value", "expected"), [
+    (["generate", "--help"], None, "PASSIVE"),   # inference: passive waiting, no erratic slow runs
+    (["--json", "qc", "x.nii.gz"], None, "PASSIVE"),
+    (["train", "vae", "--help"], None, "unset"),  # training: libgomp's short spin (up to 2.2x faster per CPU step)
+    (["--json", "train", "diffusion"], None, "unset"),
+    (["train", "vae"], "PASSIVE", "PASSIVE"),    # the user's own value always wins
+    (["generate"], "ACTIVE", "ACTIVE"),
+])
+def test_openmp_wait_policy_is_chosen_per_command_before_torch_loads(args, env_value, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if env_value is not None:
+        env["OMP_WAIT_POLICY"] = env_value
+    done = subprocess.run([sys.executable, "-c", PRINT_WAIT_POLICY, *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected

@@ -133,3 +133,37 @@ def test_builtin_network_blocks_equal_reference(model, config):
     for key in ("spatial_dims", "image_channels", "latent_channels", "include_body_region",
                 "mask_generation_scale_factor", "mask_generation_latent_shape"):
         assert network[key] == reference[key], key
+
+
+def _vae_with_random_weights():
+    from tests.helpers import fill_random
+
+    vae = build_network(get_model("demo"), "autoencoder")  # its GroupNorms have several channels per group
+    fill_random(vae, 3, scale=0.2)
+    return vae
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_fused_group_norms_compute_what_monai_computes(amp):
+    """The VAE trainer's fused GroupNorm gives MONAI's outputs and gradients (fp32 statistics, fp32 output under
+    bf16 autocast as MONAI's), with the same state-dict keys, so a VAE trained with it loads and runs anywhere."""
+    from maisi_cli.engine.networks import fuse_group_norms, set_tp_splits
+
+    reference, fused = _vae_with_random_weights().train(), _vae_with_random_weights().train()
+    set_tp_splits(reference, 1), set_tp_splits(fused, 1)
+    assert fuse_group_norms(fused) > 0
+    assert fused.state_dict().keys() == reference.state_dict().keys()
+    image = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    results = []
+    for vae in (reference, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            z_mu = vae.encode(image)[0]
+            reconstruction = vae.decode(z_mu)
+        reconstruction.float().square().mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in vae.parameters() if p.grad is not None])
+        results.append((z_mu.detach().float(), reconstruction.detach().float(), grads))
+    tolerance = 2e-2 if amp else 1e-4
+    for ours, theirs in zip(results[1], results[0]):
+        assert ours.shape == theirs.shape
+        assert torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance * float(theirs.abs().max()))
+    assert results[0][1].std() > 0  # not a network that outputs a constant

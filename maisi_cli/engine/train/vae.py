@@ -434,7 +434,7 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
     from monai.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
-    from maisi_cli.engine.networks import build_network, set_tp_splits
+    from maisi_cli.engine.networks import build_network, fuse_group_norms, set_tp_splits
     from maisi_cli.engine.weights import WeightFile, load_into, save_released_checkpoint
     from maisi_cli.models import get_model
 
@@ -461,6 +461,7 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
     precision = ("fp16" if amp_dtype == torch.float16 else "bf16") if amp_enabled else "fp32"
     autoencoder = build_network(spec, "autoencoder", device, precision=precision)
     set_tp_splits(autoencoder, 1)  # the reference trains with num_splits 1 (TP splitting is for inference)
+    fuse_group_norms(autoencoder)  # MONAI's per-group loop saves memory on whole-body volumes, not on patches
     if config.resume or config.init is not None:
         source = checkpoint_path if config.resume else config.init
         if not source.is_file():

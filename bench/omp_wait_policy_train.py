@@ -1,0 +1,109 @@
+"""Does `OMP_WAIT_POLICY` matter for training on the CPU? Seconds per step of the demo recipe's three training runs
+(the VAE on whole 64³ phantoms as the recipe configures it, fp32 and bf16; the diffusion UNet and the ControlNet on
+the 16³×8 latents in bf16), each in a fresh process with the variable unset (libgomp's default: spin a while, then
+sleep) and `PASSIVE` (sleep at once, the CLI's default), alternating. Batch 1, 2 threads.
+
+Needs a finished demo recipe work folder (`bench/demo/recipe.py --work DIR`): its phantoms, latents and weights.
+
+    python bench/omp_wait_policy_train.py [--work /tmp/maisi-demo-recipe4] [--runs 2]
+        → bench/results/omp_wait_policy_train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The child must not import anything that sets OMP_WAIT_POLICY before torch loads (maisi_cli.cli.app does).
+CHILD = r'''
+import json, statistics, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(2)
+work, network, amp, steps, out = Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "bf16", int(sys.argv[5]), Path(sys.argv[6])
+spec = str(Path(sys.argv[1]) / "maisi_cli" / "resources" / "models" / "demo.json")
+if network == "vae":
+    from maisi_cli.engine.train.vae import VaeTrainConfig, train_vae
+    run = lambda on: train_vae(VaeTrainConfig(
+        data=work / "phantoms" / "datalist.json", out=out, model=spec, device="cpu", epochs=1, lr=3e-4,
+        patch_size=64, perceptual_weight=0.0, adversarial_weight=0.0, kl_weight=0.0, latent_sampling=False,
+        warmup=False, random_aug=False, recon_loss="l2", lr_decay="cosine", val_fold=None, amp=amp), on)
+elif network == "diffusion":
+    from maisi_cli.engine.train.diffusion import DiffusionTrainConfig, train_diffusion
+    run = lambda on: train_diffusion(DiffusionTrainConfig(
+        data=work / "latents" / "embeddings.json", out=out, model=spec, device="cpu", epochs=1, lr=5e-4, amp=amp), on)
+else:
+    from maisi_cli.engine.train.controlnet import ControlNetTrainConfig, train_controlnet
+    run = lambda on: train_controlnet(ControlNetTrainConfig(
+        data=work / "latents" / "embeddings.json", out=out, model=spec, device="cpu", epochs=1, lr=2e-4,
+        weights_dir=work / "weights", amp=amp), on)
+stamps = []
+class Enough(Exception):
+    pass
+def on_event(event):
+    if event["event"] == "step":
+        stamps.append(time.perf_counter())
+        if len(stamps) > steps + 2:
+            raise Enough
+try:
+    run(on_event)
+except Enough:
+    pass
+gaps = [b - a for a, b in zip(stamps, stamps[1:])][2:]
+print(json.dumps({"step_s": statistics.median(gaps), "mean_step_s": sum(gaps) / len(gaps)}))
+'''
+
+RUNS = {"vae fp32": ("vae", "fp32", 8), "vae bf16": ("vae", "bf16", 8),
+        "diffusion bf16": ("diffusion", "bf16", 40), "controlnet bf16": ("controlnet", "bf16", 30)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/maisi-demo-recipe4"))
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "omp_wait_policy_train.json")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="maisi-omp-train-"))
+    policies = ("unset", "PASSIVE")
+    seconds: dict[str, dict[str, list[float]]] = {name: {p: [] for p in policies} for name in RUNS}
+    for run in range(args.runs):
+        for name, (network, precision, steps) in RUNS.items():
+            for policy in policies:
+                env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                env.update(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+                if policy != "unset":
+                    env["OMP_WAIT_POLICY"] = policy
+                out = scratch / f"{network}-{precision}-{policy}-{run}"
+                done = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(args.work), network, precision,
+                                       str(steps), str(out)], capture_output=True, text=True, env=env, check=True)
+                seconds[name][policy].append(round(json.loads(done.stdout)["step_s"], 3))
+                print(run, name, policy, seconds[name][policy][-1], file=sys.stderr, flush=True)
+    results = {}
+    for name, by_policy in seconds.items():
+        row = {f"{p}_step_s": statistics.median(v) for p, v in by_policy.items()}
+        row["passive_vs_unset"] = round(row["PASSIVE_step_s"] / row["unset_step_s"], 2)
+        row["runs"] = by_policy
+        results[name] = row
+    import torch
+
+    report = {"what": "median seconds per training step, demo recipe's networks, batch 1, 2 threads, fresh process "
+                      "per run, OMP_WAIT_POLICY unset vs PASSIVE",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+              "runs": args.runs, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
