@@ -30,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(2)
-work, network, amp, steps, out = Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "bf16", int(sys.argv[5]), Path(sys.argv[6])
+work, network, steps, out = Path(sys.argv[2]), sys.argv[3], int(sys.argv[5]), Path(sys.argv[6])
+amp = sys.argv[4] == "bf16"
 spec = str(Path(sys.argv[1]) / "maisi_cli" / "resources" / "models" / "demo.json")
 if network == "vae":
     from maisi_cli.engine.train.vae import VaeTrainConfig, train_vae

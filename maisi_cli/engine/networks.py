@@ -88,7 +88,8 @@ def fuse_group_norms(autoencoder: torch.nn.Module) -> int:
     """Run every `MaisiGroupNorm3D` of the VAE through torch's fused group_norm; returns how many it changed.
 
     MONAI normalises one group at a time to bound the memory of whole-body volumes on a GPU. At training sizes that
-    loop was a third of a step: in bf16 on 2 CPU cores the demo VAE's training step went from 1.4 s to 0.9 s (bench/README.md).
+    loop was a third of a step: in bf16 on 2 CPU cores the demo VAE's training step went from 1.4 s to 0.9 s
+    (bench/README.md).
     Same function and the same state-dict keys; results agree to float rounding (tests/unit/test_networks.py).
     """
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
