@@ -49,12 +49,15 @@ DATABASE_SEED = 7  # the candidate masks come from phantoms the networks never s
 # and a constant LR the organ HU of the last weights swung by ±40 HU from epoch to epoch (batch-1 snapshots); L2
 # spends the first epochs on the voxels far off (bone, organ contrast). The spec's 8 latent channels (MAISI: 4) give
 # the decoder room for detail finer than a 24 mm latent voxel (pilots in bench/demo/README.md).
-VAE = ["--epochs", "10", "--lr", "3e-4", "--patch-size", "64", "--perceptual-weight", "0",
+VAE = ["--epochs", "15", "--lr", "3e-4", "--amp", "--patch-size", "64", "--perceptual-weight", "0",
        "--adversarial-weight", "0", "--kl-weight", "0", "--val-every", "5", "--no-latent-sampling"]
 VAE_CONFIG = ('warmup = false\nrandom_aug = false\n'  # short run: no 10-epoch LR warm-up, phantoms vary enough
               'recon_loss = "l2"\nlr_decay = "cosine"\n')
-DIFFUSION = ["--epochs", "10", "--lr", "5e-4"]
-CONTROLNET = ["--epochs", "5", "--lr", "2e-4"]
+# --amp: bf16 autocast on the CPU. Per step it costs the VAE 0.55x of fp32 (since the trainer fuses MONAI's per-group
+# GroupNorm loop), the UNet 0.4x and the ControlNet 0.6x (bench/omp_wait_policy_train.py). The epochs spend what that
+# saves: a longer ControlNet lifted QC from 0 % to 80 % in the session-4 pilot (bench/demo/README.md).
+DIFFUSION = ["--epochs", "20", "--lr", "5e-4", "--amp"]
+CONTROLNET = ["--epochs", "14", "--lr", "2e-4", "--amp"]
 
 
 class Recipe:
