@@ -3,7 +3,8 @@ fresh process with an empty MAISI_HOME (one 64³ pair, 30 steps, QC on), as a ne
 
     python bench/demo/quickstart_time.py [--runs 5]
 
-Writes bench/demo/results/quickstart_time.json: per run the wall seconds of the whole process (Python start-up,
+Writes bench/demo/results/quickstart_preview.png (the first run's preview, shown in the README) and
+bench/demo/results/quickstart_time.json: per run the wall seconds of the whole process (Python start-up,
 imports, network loading, sampling, decode, QC, NIfTI and PNG writing) and the engine's own timings from the sidecar.
 """
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +44,9 @@ def main() -> None:
                 raise SystemExit(done.stderr)
             sidecar = json.loads((out / "sample_0000.json").read_text())
             runs.append({"wall_s": round(wall, 2), "engine": sidecar["timings"], "qc_passed": sidecar["qc"]["passed"]})
+            if len(runs) == 1:  # the README shows this exact command's preview
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                shutil.copy(out / "sample_0000_preview.png", RESULTS / "quickstart_preview.png")
             print(f"run {len(runs)}: {wall:.1f} s wall, QC {'pass' if sidecar['qc']['passed'] else 'FAIL'}")
     walls = [r["wall_s"] for r in runs]
     report = {"command": "maisi generate --model demo --out DIR --preview", "cpu_count": os.cpu_count(),

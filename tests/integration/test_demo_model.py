@@ -77,9 +77,9 @@ def test_quick_start_command_in_a_real_process(tmp_path: Path):
     assert LIVER in labels and np.isin(labels, LUNG_LOBES).any()
     sidecar = json.loads((out / "sample_0000.json").read_text())
     assert sidecar["model"]["name"] == "demo"
-    # QC ran against the demo's own phantom statistics (its pass rate is measured in bench/demo/quality.py)
-    assert isinstance(sidecar["qc"]["passed"], bool) and sidecar["qc"]["statistics"].endswith(
-        "image_median_statistics.json")
+    # QC ran against the demo's own phantom statistics and the quick-start pair passes it (in bf16 and in fp32 at its
+    # first attempt; the pass rate over 20 pairs, 80 %, is measured in bench/demo/quality.py)
+    assert sidecar["qc"]["passed"] is True and sidecar["qc"]["statistics"].endswith("image_median_statistics.json")
     assert {sidecar["weights"][c]["file"] for c in IMAGE_COMPONENTS} == {
         "models/autoencoder.pt", "models/diff_unet.pt", "models/controlnet.pt"}
     assert (out / "sample_0000_preview.png").stat().st_size > 1000
