@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The child must not import anything that sets OMP_WAIT_POLICY before torch loads (maisi_cli.cli.app does).
 CHILD = r'''
-import json, statistics, sys, time
+import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import torch
@@ -48,20 +48,8 @@ else:
     run = lambda on: train_controlnet(ControlNetTrainConfig(
         data=work / "latents" / "embeddings.json", out=out, model=spec, device="cpu", epochs=1, lr=2e-4,
         weights_dir=work / "weights", amp=amp), on)
-stamps = []
-class Enough(Exception):
-    pass
-def on_event(event):
-    if event["event"] == "step":
-        stamps.append(time.perf_counter())
-        if len(stamps) > steps + 2:
-            raise Enough
-try:
-    run(on_event)
-except Enough:
-    pass
-gaps = [b - a for a, b in zip(stamps, stamps[1:])][2:]
-print(json.dumps({"step_s": statistics.median(gaps), "mean_step_s": sum(gaps) / len(gaps)}))
+from bench.train_cpu_amp import step_seconds  # a namespace package; sets no OMP_WAIT_POLICY on import
+print(json.dumps({"step_s": step_seconds(run, steps)}))
 '''
 
 RUNS = {"vae fp32": ("vae", "fp32", 8), "vae bf16": ("vae", "bf16", 8),
