@@ -32,24 +32,8 @@ import torch
 torch.set_num_threads(2)
 work, network, steps, out = Path(sys.argv[2]), sys.argv[3], int(sys.argv[5]), Path(sys.argv[6])
 amp = sys.argv[4] == "bf16"
-spec = str(Path(sys.argv[1]) / "maisi_cli" / "resources" / "models" / "demo.json")
-if network == "vae":
-    from maisi_cli.engine.train.vae import VaeTrainConfig, train_vae
-    run = lambda on: train_vae(VaeTrainConfig(
-        data=work / "phantoms" / "datalist.json", out=out, model=spec, device="cpu", epochs=1, lr=3e-4,
-        patch_size=64, perceptual_weight=0.0, adversarial_weight=0.0, kl_weight=0.0, latent_sampling=False,
-        warmup=False, random_aug=False, recon_loss="l2", lr_decay="cosine", val_fold=None, amp=amp), on)
-elif network == "diffusion":
-    from maisi_cli.engine.train.diffusion import DiffusionTrainConfig, train_diffusion
-    run = lambda on: train_diffusion(DiffusionTrainConfig(
-        data=work / "latents" / "embeddings.json", out=out, model=spec, device="cpu", epochs=1, lr=5e-4, amp=amp), on)
-else:
-    from maisi_cli.engine.train.controlnet import ControlNetTrainConfig, train_controlnet
-    run = lambda on: train_controlnet(ControlNetTrainConfig(
-        data=work / "latents" / "embeddings.json", out=out, model=spec, device="cpu", epochs=1, lr=2e-4,
-        weights_dir=work / "weights", amp=amp), on)
-from bench.train_cpu_amp import step_seconds  # a namespace package; sets no OMP_WAIT_POLICY on import
-print(json.dumps({"step_s": step_seconds(run, steps)}))
+from bench.train_cpu_amp import step_seconds, training_run  # sets no OMP_WAIT_POLICY on import
+print(json.dumps({"step_s": step_seconds(training_run(network, amp, work, out), steps)}))
 '''
 
 RUNS = {"vae fp32": ("vae", "fp32", 8), "vae bf16": ("vae", "bf16", 8),

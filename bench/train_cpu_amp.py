@@ -46,6 +46,32 @@ def step_seconds(run, steps: int) -> float:
     return statistics.median(gaps)
 
 
+def training_run(network: str, amp: bool, work: Path, out: Path):
+    """One epoch of the demo recipe's `network` training ("vae", "diffusion" or "controlnet") on a finished recipe
+    work folder, as `run(on_event)`; the VAE as the recipe configures it (whole 64³ volumes, mean latent, L2, cosine
+    LR, no discriminator or perceptual loss). Imports torch: set OpenMP variables before calling it."""
+    spec = str(ROOT / "maisi_cli" / "resources" / "models" / "demo.json")
+    latents = work / "latents" / "embeddings.json"
+    if network == "vae":
+        from maisi_cli.engine.train.vae import VaeTrainConfig, train_vae
+
+        config = VaeTrainConfig(
+            data=work / "phantoms" / "datalist.json", out=out, model=spec, device="cpu", epochs=1, lr=3e-4,
+            patch_size=64, perceptual_weight=0.0, adversarial_weight=0.0, kl_weight=0.0, latent_sampling=False,
+            warmup=False, random_aug=False, recon_loss="l2", lr_decay="cosine", val_fold=None, amp=amp)
+        return lambda on: train_vae(config, on)
+    if network == "diffusion":
+        from maisi_cli.engine.train.diffusion import DiffusionTrainConfig, train_diffusion
+
+        config = DiffusionTrainConfig(data=latents, out=out, model=spec, device="cpu", epochs=1, lr=5e-4, amp=amp)
+        return lambda on: train_diffusion(config, on)
+    from maisi_cli.engine.train.controlnet import ControlNetTrainConfig, train_controlnet
+
+    config = ControlNetTrainConfig(data=latents, out=out, model=spec, device="cpu", epochs=1, lr=2e-4,
+                                   weights_dir=work / "weights", amp=amp)
+    return lambda on: train_controlnet(config, on)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/maisi-demo-recipe3"))
@@ -58,30 +84,14 @@ def main() -> None:
 
     from maisi_cli.engine.pipeline import cpu_computes_bf16
 
-    from maisi_cli.engine.train.controlnet import ControlNetTrainConfig, train_controlnet
-    from maisi_cli.engine.train.diffusion import DiffusionTrainConfig, train_diffusion
-    from maisi_cli.engine.train.vae import VaeTrainConfig, train_vae
-
     torch.set_num_threads(2)
-    spec = str(ROOT / "maisi_cli" / "resources" / "models" / "demo.json")
     work, scratch = args.work, Path(tempfile.mkdtemp(prefix="maisi-amp-"))
-    runs = {
-        "vae": lambda amp, out: (lambda on: train_vae(VaeTrainConfig(
-            data=work / "phantoms" / "datalist.json", out=out, model=spec, device="cpu", epochs=1, lr=3e-4,
-            patch_size=64, perceptual_weight=0.0, adversarial_weight=0.0, kl_weight=0.0, latent_sampling=False,
-            warmup=False, random_aug=False, val_fold=None, amp=amp), on)),
-        "diffusion": lambda amp, out: (lambda on: train_diffusion(DiffusionTrainConfig(
-            data=work / "latents" / "embeddings.json", out=out, model=spec, device="cpu", epochs=1, lr=5e-4,
-            amp=amp), on)),
-        "controlnet": lambda amp, out: (lambda on: train_controlnet(ControlNetTrainConfig(
-            data=work / "latents" / "embeddings.json", out=out, model=spec, device="cpu", epochs=1, lr=2e-4,
-            weights_dir=work / "weights", amp=amp), on)),
-    }
     results = {}
-    for name, make in runs.items():
+    for name in ("vae", "diffusion", "controlnet"):
         row = {}
         for precision, amp in (("fp32", False), ("bf16", True)):
-            row[f"{precision}_step_s"] = round(step_seconds(make(amp, scratch / f"{name}-{precision}"), args.steps), 3)
+            run = training_run(name, amp, work, scratch / f"{name}-{precision}")
+            row[f"{precision}_step_s"] = round(step_seconds(run, args.steps), 3)
         row["bf16_vs_fp32"] = round(row["bf16_step_s"] / row["fp32_step_s"], 3)
         results[name] = row
         print(name, row, flush=True)

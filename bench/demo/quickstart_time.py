@@ -31,6 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     executable = Path(sys.executable).parent / "maisi"
     command = [str(executable)] if executable.exists() else [sys.executable, "-m", "maisi_cli"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
     runs = []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory() as folder:
@@ -45,14 +46,12 @@ def main() -> None:
             sidecar = json.loads((out / "sample_0000.json").read_text())
             runs.append({"wall_s": round(wall, 2), "engine": sidecar["timings"], "qc_passed": sidecar["qc"]["passed"]})
             if len(runs) == 1:  # the README shows this exact command's preview
-                RESULTS.mkdir(parents=True, exist_ok=True)
                 shutil.copy(out / "sample_0000_preview.png", RESULTS / "quickstart_preview.png")
             print(f"run {len(runs)}: {wall:.1f} s wall, QC {'pass' if sidecar['qc']['passed'] else 'FAIL'}")
     walls = [r["wall_s"] for r in runs]
     report = {"command": "maisi generate --model demo --out DIR --preview", "cpu_count": os.cpu_count(),
               "load_average_before": os.getloadavg(), "machine": platform.processor() or platform.machine(),
               "wall_s_median": statistics.median(walls), "wall_s_max": max(walls), "runs": runs}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quickstart_time.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"median {report['wall_s_median']:.1f} s, max {report['wall_s_max']:.1f} s")
 

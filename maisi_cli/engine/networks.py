@@ -75,8 +75,9 @@ def set_tp_splits(autoencoder: torch.nn.Module, splits: int) -> None:
 
 
 def _fused_group_norm_forward(norm: torch.nn.GroupNorm, input: torch.Tensor) -> torch.Tensor:
-    """What `MaisiGroupNorm3D.forward` computes (statistics, normalisation and affine in fp32; fp16 output with
-    norm_float16), in one call of torch's group_norm kernel instead of MONAI's Python loop over the groups."""
+    """What `MaisiGroupNorm3D.forward` computes (fp32 statistics and normalisation; fp16 output with norm_float16,
+    where MONAI applies the affine after the cast and this before it), in one call of torch's group_norm kernel
+    instead of MONAI's Python loop over the groups."""
     with torch.autocast(input.device.type, enabled=False):
         weight = None if norm.weight is None else norm.weight.float()
         bias = None if norm.bias is None else norm.bias.float()
@@ -89,8 +90,8 @@ def fuse_group_norms(autoencoder: torch.nn.Module) -> int:
 
     MONAI normalises one group at a time to bound the memory of whole-body volumes on a GPU. At training sizes that
     loop was a third of a step: in bf16 on 2 CPU cores the demo VAE's training step went from 1.4 s to 0.9 s
-    (bench/README.md).
-    Same function and the same state-dict keys; results agree to float rounding (tests/unit/test_networks.py).
+    (bench/README.md). Same function and the same state-dict keys; results agree to float rounding
+    (tests/unit/test_networks.py).
     """
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
 

@@ -23,8 +23,12 @@ def phantoms(tmp_path: Path) -> Path:
     return tmp_path / "ph" / "datalist.json"
 
 
-def test_trained_autoencoder_generates_through_maisi_generate(tiny_model, tmp_path, phantoms):
+def test_trained_autoencoder_generates_through_maisi_generate(tiny_model, tmp_path, phantoms, monkeypatch):
+    from maisi_cli.engine import networks
+
     spec_path, tiny_weights = tiny_model
+    fused, fuse = [], networks.fuse_group_norms
+    monkeypatch.setattr(networks, "fuse_group_norms", lambda vae: fused.append(fuse(vae)) or fused[-1])
     config = tmp_path / "vae.toml"
     config.write_text("discriminator_layers = 2\nwarmup = false\n")  # 16³ patches need a 2-layer discriminator
     result = CliRunner().invoke(app, ["--json", "train", "vae", "--data", str(phantoms), "--out", str(tmp_path / "run"),
@@ -36,6 +40,7 @@ def test_trained_autoencoder_generates_through_maisi_generate(tiny_model, tmp_pa
     assert summary["perceptual"] is None and summary["val"]["epoch"] == 1
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     assert [line["epoch"] for line in lines] == [1]
+    assert fused and fused[0] > 0  # trained with torch's fused GroupNorm, not MONAI's per-group loop (bench/README.md)
     trained = torch.load(tmp_path / "run" / "autoencoder.pt", map_location="cpu", weights_only=True)
     weights = tmp_path / "weights"
     shutil.copytree(tiny_weights, weights)
