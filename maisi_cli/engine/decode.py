@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 
@@ -22,6 +23,38 @@ class LatentDecoder(torch.nn.Module):
         return self.autoencoder.decode_stage_2_outputs(z / self.scale_factor.to(z.dtype))
 
 
+@contextlib.contextmanager
+def output_convolution_in_fp32(autoencoder: torch.nn.Module) -> Iterator[bool]:
+    """While active, the VAE decoder's last convolution (features → image) runs in fp32 even under autocast; yields
+    whether there was one to change (an exported or compiled decoder has none).
+
+    Under bf16 autocast that convolution returns bf16, whose 8 significant bits put the [0, 1] image on a grid of
+    2^-8 near mid-range: 7.8 HU steps across the whole soft-tissue range once mapped to HU (the reference runs fp16 on
+    GPUs, 2^-11 = 1 HU, so it never meets this). Its input is fp32 already (MONAI's GroupNorm returns fp32 under
+    autocast), so this costs no memory, only one features → 1 convolution in fp32.
+    """
+    blocks = getattr(getattr(autoencoder, "decoder", None), "blocks", None)
+    if not blocks:
+        yield False
+        return
+    last = blocks[-1]
+    bound_forward = last.forward
+
+    def fp32_forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return bound_forward(x.float())
+
+    had_own_forward = "forward" in vars(last)
+    last.forward = fp32_forward
+    try:
+        yield True
+    finally:
+        if had_own_forward:
+            last.forward = bound_forward
+        else:
+            del last.forward
+
+
 def decode_latents(
     decoder: LatentDecoder,
     latents: torch.Tensor,
@@ -35,15 +68,19 @@ def decode_latents(
 
     Sliding windows run on the latents' device and blend into a CPU buffer (Gaussian weights, sigma 0.125), as the
     reference does, so only one window's activations sit on the GPU at a time. In fp16/bf16 the decode runs under
-    autocast, as the reference's (fp16 latents meet fp32 VAE weights).
+    autocast, as the reference's (fp16 latents meet fp32 VAE weights); in bf16 its last convolution runs in fp32
+    (`output_convolution_in_fp32`: bf16 output would step by 7.8 HU).
     """
     from monai.inferers import SlidingWindowInferer
 
     from maisi_cli.engine.sampling import autocast_for
 
+    exact_output: contextlib.AbstractContextManager = contextlib.nullcontext()
     if isinstance(decoder, LatentDecoder):  # not an exported decoder (--backend onnx), which decodes whole
         set_tp_splits(decoder.autoencoder, plan.tp_splits)
-    with torch.inference_mode(), autocast_for(latents.device, precision):
+        if precision == "bf16":
+            exact_output = output_convolution_in_fp32(decoder.autoencoder)
+    with torch.inference_mode(), autocast_for(latents.device, precision), exact_output:
         if plan.mode == "whole":
             image = decoder(latents)
             if on_window is not None:

@@ -366,3 +366,20 @@ def test_tiny_vae_tp_splits_do_not_change_image(tiny_vae):
         split = decode_latents(decoder, latent, plan)
         assert splits() == {capped}
         assert torch.allclose(one, split, rtol=0, atol=1e-5)
+
+
+def test_bf16_decode_is_not_quantised_to_the_bf16_grid(tiny_vae):
+    """In bf16 the image comes out of an fp32 last convolution: a bf16 output has 8 significant bits, 7.8 HU steps
+    in the soft-tissue range once mapped to HU (the cpu profile's demo livers showed medians only on that grid)."""
+    set_tp_splits(tiny_vae, 1)
+    latents = _latents((8, 8, 8), seed=5)
+    plan = make_decode_plan((8, 8, 8), (8, 8, 8), 0.25, 1)
+    fp32 = decode_latents(LatentDecoder(tiny_vae, 1.0), latents, plan, precision="fp32")
+    bf16 = decode_latents(LatentDecoder(tiny_vae, 1.0), latents, plan, precision="bf16")
+    assert bf16.dtype == torch.float32
+    on_bf16_grid = bf16 == bf16.to(torch.bfloat16).float()
+    assert on_bf16_grid.float().mean() < 0.2  # fp32 values land on the bf16 grid only by chance
+    assert (bf16 - fp32).abs().max() < 0.02  # still a bf16 decode up to the last layer, close to fp32
+    # the layer is back to what it was: outside a bf16 decode the network is MONAI's own again
+    assert "forward" not in vars(tiny_vae.decoder.blocks[-1])
+
