@@ -4,7 +4,8 @@ partial-volume phantoms would change (bench/demo/README.md, "Session 4 pilot").
     python bench/demo/bone_ceiling.py [--phantoms 40] [--out bench/demo/results/bone_ceiling.json]
 
 1. Phantoms 0 and 5 of the recipe's seed, encoded to their latent means and decoded by the packaged demo VAE: median
-   HU of ribs, vertebrae, the vertebrae's interior (one-voxel erosion), kidney and liver, reconstructed vs true.
+   HU of ribs, vertebrae, the vertebrae's interior (one-voxel erosion), kidney and liver, reconstructed vs true; the
+   liver's spread and the share of its voxels inside quality.py's Dice window; the mean absolute error.
 2. Point-sampled phantoms (as `maisi data phantoms` makes them) vs partial-volume ones: the same phantom seed made on
    a 3× finer grid (the seed fixes the anatomy whatever the grid) and averaged over 3³ blocks, labels taken at the
    block centres (= the coarse voxel centres). Per kind: the bone median over the phantoms, the QC floor
@@ -23,8 +24,10 @@ from scipy import ndimage
 from maisi_cli.engine.phantoms import LEFT_RIBS, RIGHT_RIBS, VERTEBRAE, default_spacing, make_phantom
 from maisi_cli.engine.qc import ORGAN_LABELS
 from maisi_cli.engine.seeds import derive_sample_seed
+from quality import LIVER_HALF_WINDOW  # bench/demo/quality.py: the window its liver Dice segments by
 
 SIZE, RECIPE_SEED = 64, 0
+STATISTICS = Path(__file__).resolve().parents[2] / "maisi_cli/resources/demo/datasets/image_median_statistics.json"
 STRUCTURES = {"ribs": (*LEFT_RIBS, *RIGHT_RIBS), "vertebrae": VERTEBRAE, "kidney": ORGAN_LABELS["kidney"],
               "liver": ORGAN_LABELS["liver"]}
 
@@ -69,6 +72,13 @@ def vae_reconstruction(indices: tuple[int, ...]) -> list[dict]:
         for name, mask in masks.items():
             row[name] = {"voxels": int(mask.sum()), "true": round(float(np.median(image[mask]))),
                          "reconstructed": round(float(np.median(decoded[mask])))}
+        # What quality.py's liver Dice sees: the spread inside the liver and the share in its ±45 HU window.
+        liver, centre = masks["liver"], json.loads(STATISTICS.read_text())["liver"]["median"]
+        for key, volume in (("true", image), ("reconstructed", decoded)):
+            values = volume[liver]
+            row["liver"][f"{key}_std"] = round(float(values.std()), 1)
+            row["liver"][f"{key}_in_window"] = round(float((np.abs(values - centre) <= LIVER_HALF_WINDOW).mean()), 3)
+        row["mean_abs_error"] = round(float(np.abs(decoded - image).mean()), 1)
         rows.append(row)
     return rows
 
@@ -98,7 +108,9 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "vae_reconstruction"}))
     for row in report["vae_reconstruction"]:
-        print(row["phantom"], {k: (v["reconstructed"], v["true"]) for k, v in row.items() if k != "phantom"})
+        print(row["phantom"], {k: (v["reconstructed"], v["true"]) if isinstance(v, dict) else v
+                               for k, v in row.items() if k != "phantom"})
+        print("  liver", {k: v for k, v in row["liver"].items() if k.endswith(("std", "window"))})
 
 
 if __name__ == "__main__":
