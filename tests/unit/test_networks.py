@@ -168,3 +168,29 @@ def test_fused_group_norms_compute_what_monai_computes(amp):
         assert ours.shape == theirs.shape
         assert torch.allclose(ours, theirs, rtol=tolerance, atol=tolerance * float(theirs.abs().max()))
     assert results[0][1].std() > 0  # not a network that outputs a constant
+
+
+def test_fused_group_norm_under_norm_float16_returns_fp16_as_monai():
+    """The released VAE sets norm_float16: the fused norm then returns fp16 as MONAI's, equal up to fp16 rounding
+    (MONAI casts to fp16 before its affine, the fused norm after; runs on the CPU too)."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
+
+    from maisi_cli.engine.networks import fuse_group_norms
+
+    def norm() -> torch.nn.Module:
+        module = MaisiGroupNorm3D(num_groups=4, num_channels=8, eps=1e-6, affine=True, norm_float16=True)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            module.weight.copy_(1 + 0.3 * torch.randn(8, generator=generator))
+            module.bias.copy_(0.3 * torch.randn(8, generator=generator))
+        return module
+
+    reference, fused = norm(), norm()
+    assert fuse_group_norms(fused) == 1
+    x = 3 * torch.randn(1, 8, 6, 6, 6, generator=torch.Generator().manual_seed(2)) + 1
+    with torch.no_grad():
+        expected, got = reference(x), fused(x)
+    assert expected.dtype == got.dtype == torch.float16
+    spacing = 2.0 ** -10 * float(expected.abs().max())  # fp16's step at the largest value
+    assert torch.allclose(got.float(), expected.float(), rtol=0, atol=2 * spacing)
+    assert not torch.allclose(got.float(), x, atol=0.1)  # it normalised
