@@ -24,18 +24,19 @@ class LatentDecoder(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def output_convolution_in_fp32(autoencoder: torch.nn.Module) -> Iterator[bool]:
-    """While active, the VAE decoder's last convolution (features → image) runs in fp32 even under autocast; yields
-    whether there was one to change (an exported or compiled decoder has none).
+def output_convolution_in_fp32(autoencoder: torch.nn.Module) -> Iterator[None]:
+    """While active, the VAE decoder's last convolution (features → image) runs in fp32 even under autocast
+    (nothing changes for an exported or compiled decoder, which has no such block).
 
     Under bf16 autocast that convolution returns bf16, whose 8 significant bits put the [0, 1] image on a grid of
     2^-8 near mid-range: 7.8 HU steps across the whole soft-tissue range once mapped to HU (the reference runs fp16 on
     GPUs, 2^-11 = 1 HU, so it never meets this). Its input is fp32 already (MONAI's GroupNorm returns fp32 under
-    autocast), so this costs no memory, only one features → 1 convolution in fp32.
+    autocast; norm_float16 is on only in fp16, engine/networks.py), so this costs no memory, only one features → 1
+    convolution in fp32.
     """
     blocks = getattr(getattr(autoencoder, "decoder", None), "blocks", None)
     if not blocks:
-        yield False
+        yield
         return
     last = blocks[-1]
     bound_forward = last.forward
@@ -47,7 +48,7 @@ def output_convolution_in_fp32(autoencoder: torch.nn.Module) -> Iterator[bool]:
     had_own_forward = "forward" in vars(last)
     last.forward = fp32_forward
     try:
-        yield True
+        yield
     finally:
         if had_own_forward:
             last.forward = bound_forward
