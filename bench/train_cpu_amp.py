@@ -6,7 +6,7 @@ Needs a finished demo recipe work folder (`bench/demo/recipe.py --work DIR`): it
 A step is the time between two consecutive step events (data loading included); the first 2 are dropped and the
 median of the next ones is reported. fp32 and bf16 alternate per network.
 
-    python bench/train_cpu_amp.py [--work /tmp/maisi-demo-recipe3] [--steps 10]  → bench/results/train_cpu_amp.json
+    python bench/train_cpu_amp.py [--work /tmp/maisi-demo-recipe] [--steps 10]  → bench/results/train_cpu_amp.json
 """
 
 from __future__ import annotations
@@ -74,11 +74,12 @@ def training_run(network: str, amp: bool, work: Path, out: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/maisi-demo-recipe3"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/maisi-demo-recipe"))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_cpu_amp.json")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as this figure was first measured; before torch loads
+    # `maisi train` leaves libgomp's wait policy at its default (cli/app.py default_wait_policy); so does this bench
+    # since session 6 (its first figures ran under PASSIVE, which slowed the small UNet steps 2×).
 
     import torch
 
@@ -98,6 +99,7 @@ def main() -> None:
     report = {"what": "seconds per training step, demo networks, batch 1, CPU, fp32 vs --amp (bf16 autocast)",
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "cpu_native_bf16": cpu_computes_bf16(), "steps": args.steps,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "libgomp default"),
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -53,11 +53,11 @@ VAE = ["--epochs", "15", "--lr", "3e-4", "--amp", "--patch-size", "64", "--perce
        "--adversarial-weight", "0", "--kl-weight", "0", "--val-every", "5", "--no-latent-sampling"]
 VAE_CONFIG = ('warmup = false\nrandom_aug = false\n'  # short run: no 10-epoch LR warm-up, phantoms vary enough
               'recon_loss = "l2"\nlr_decay = "cosine"\n')
-# --amp: bf16 autocast on the CPU. Per step it costs the VAE about 0.55x of fp32 since the trainer fuses MONAI's
-# per-group GroupNorm loop (bench/omp_wait_policy_train.py), the UNet 0.4x and the ControlNet 0.6x
-# (bench/train_cpu_amp.py). The epochs spend what that saves: a longer ControlNet lifted QC from 0 % to 80 % in the
-# session-4 pilot, and 10 epochs more on session 5's 14 lifted kidney 97 → 110 HU and the liver Dice 0.67 → 0.70,
-# where more VAE epochs or another VAE loss did not (bench/demo/README.md, "Session 6").
+# --amp: bf16 autocast on the CPU. Per step it costs the VAE 0.46x of fp32 (the trainer fuses MONAI's per-group
+# GroupNorm loop), the UNet 0.32x and the ControlNet 0.28x (bench/train_cpu_amp.py, session 6). The epochs spend
+# what that saves: a longer ControlNet lifted QC from 0 % to 80 % in the session-4 pilot, and 10 epochs more on
+# session 5's 14 lifted kidney 97 → 110 HU and the liver Dice 0.67 → 0.70, where more VAE epochs or another VAE
+# loss did not (bench/demo/README.md, "Session 6").
 DIFFUSION = ["--epochs", "20", "--lr", "5e-4", "--amp"]
 CONTROLNET = ["--epochs", "28", "--lr", "2e-4", "--amp"]
 

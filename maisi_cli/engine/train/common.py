@@ -139,7 +139,7 @@ def all_reduce(tensor: torch.Tensor, runtime: Runtime, average: bool = False) ->
 
 def amp_settings(requested: bool | None, dtype_name: str | None, device: torch.device) -> tuple[bool, torch.dtype]:
     """(enabled, dtype). CUDA: on by default, fp16 unless `amp_dtype` says bf16. CPU: off by default; `--amp` runs
-    bf16 autocast there (a CPU with bf16 arithmetic trains the demo's networks about twice as fast as fp32, see
+    bf16 autocast there (a CPU with bf16 arithmetic trains the demo's networks 2–3.5× as fast as fp32, see
     bench/results/train_cpu_amp.json); fp16 autocast on the CPU is refused (few, slow kernels)."""
     if device.type == "cuda":
         return (True if requested is None else requested), (torch.bfloat16 if dtype_name == "bf16" else torch.float16)
