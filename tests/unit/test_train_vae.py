@@ -20,6 +20,7 @@ from maisi_cli.engine.train.vae import (
     build_perceptual_loss,
     kl_loss,
     lr_rule,
+    reconstruction_loss,
     split_folds,
     train_vae,
 )
@@ -102,6 +103,31 @@ def test_l2_reconstruction_loss_is_the_mean_squared_error():
         losses = VaeLosses(VaeTrainConfig(data=Path("d.json"), out=Path("o"), recon_loss=name), None, None)
         assert losses.generator_terms(images, reconstruction, z, torch.ones_like(z))["recon"].item() == \
             pytest.approx(expected)
+
+
+def test_bright_weight_multiplies_the_error_of_bright_target_voxels_only():
+    images = torch.zeros(1, 1, 2, 2, 2)
+    images[..., 0, 0, 0] = 0.8  # one bone voxel (600 HU) among air (0 = −1000 HU)
+    reconstruction = images.clone()
+    reconstruction[..., 0, 0, 0] = 0.6  # bone decoded 400 HU too dark
+    reconstruction[..., 1, 1, 1] = 0.1  # one air voxel decoded 200 HU off
+    base = dict(data=Path("d.json"), out=Path("o"), recon_loss="l2")
+    plain = reconstruction_loss(reconstruction, images, VaeTrainConfig(**base)).item()
+    weighted = reconstruction_loss(reconstruction, images, VaeTrainConfig(**base, bright_weight=10)).item()
+    assert plain == pytest.approx((0.2**2 + 0.1**2) / 8)
+    assert weighted == pytest.approx((10 * 0.2**2 + 0.1**2) / 8)
+    # The threshold reads the target, not the reconstruction: a dark voxel decoded bright is not up-weighted.
+    higher = VaeTrainConfig(**base, bright_weight=10, bright_threshold=0.9)
+    assert reconstruction_loss(reconstruction, images, higher).item() == pytest.approx(plain)
+
+
+def test_cli_refuses_a_bright_weight_below_one_naming_the_key(tmp_path, phantoms):
+    settings = tmp_path / "vae.toml"
+    settings.write_text("bright_weight = 0.5\n")
+    result = CliRunner().invoke(app, ["train", "vae", "--data", str(phantoms), "--out", str(tmp_path / "o"),
+                                      "--config", str(settings), "--device", "cpu"])
+    assert result.exit_code == 2 and "bright-weight" in result.stderr and "≥ 1" in result.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_cosine_lr_decay_runs_per_step_from_one_to_zero_times_the_warm_up():

@@ -117,6 +117,12 @@ class VaeTrainConfig(TrainConfig):
     # weights are not a batch-1 snapshot that swings organ HU by tens of HU from one epoch to the next.
     recon_loss: Literal["l1", "l2"] = "l1"
     lr_decay: Literal["none", "cosine"] = "none"
+    # Not in the reference: voxels whose target is at or above `bright_threshold` (the 0–1 training scale; CT:
+    # (HU + 1000) / 2000, so 0.65 = 300 HU, cortical bone and contrast) weigh `bright_weight` times in the
+    # reconstruction term. Thin bright structures are a few % of the voxels; a small VAE otherwise spends its
+    # capacity on edges and texture and decodes 1–2-voxel bone at soft-tissue HU (bench/demo/README.md).
+    bright_weight: float = 1.0
+    bright_threshold: float = 0.65
 
     @field_validator("patch_size", "val_window", mode="before")
     @classmethod
@@ -125,6 +131,13 @@ class VaeTrainConfig(TrainConfig):
         if any(s < 4 or s % 4 for s in sizes):
             raise ValueError(f"{value} must be multiples of 4 (the VAE downsamples by 4)")
         return sizes
+
+    @field_validator("bright_weight")
+    @classmethod
+    def _at_least_one(cls, value: float) -> float:
+        if not (value >= 1 and math.isfinite(value)):
+            raise ValueError("must be a finite number ≥ 1 (1: every voxel weighs the same)")
+        return value
 
     @field_validator("kl_weight", "perceptual_weight", "adversarial_weight")
     @classmethod
@@ -302,6 +315,17 @@ def adversarial_logits(discriminator: torch.nn.Module, images: torch.Tensor) -> 
     return discriminator(images.contiguous())[-1]
 
 
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, config: VaeTrainConfig) -> torch.Tensor:
+    """L1 or L2 per voxel, the voxels at or above `bright_threshold` times `bright_weight`, averaged over all voxels
+    (so with weight 1 it is the plain mean, and the other voxels' gradient does not shrink as the weight grows)."""
+    images = images.float()
+    difference = reconstruction.float() - images
+    per_voxel = difference.square() if config.recon_loss == "l2" else difference.abs()
+    if config.bright_weight != 1.0:
+        per_voxel = per_voxel * torch.where(images >= config.bright_threshold, config.bright_weight, 1.0)
+    return per_voxel.mean()
+
+
 class VaeLosses:
     """The weighted loss terms of one batch; `generator_step` and `discriminator_step` are one optimiser step each."""
 
@@ -317,9 +341,7 @@ class VaeLosses:
     def generator_terms(self, images: torch.Tensor, reconstruction: torch.Tensor, z_mu: torch.Tensor,
                         z_sigma: torch.Tensor, with_adversarial: bool = True) -> dict[str, torch.Tensor]:
         c = self.config
-        recon = torch.nn.functional.mse_loss if c.recon_loss == "l2" else torch.nn.functional.l1_loss
-        terms = {"recon": recon(reconstruction.float(), images.float()),
-                 "kl": kl_loss(z_mu, z_sigma)}
+        terms = {"recon": reconstruction_loss(reconstruction, images, c), "kl": kl_loss(z_mu, z_sigma)}
         total = terms["recon"] + c.kl_weight * terms["kl"]
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(reconstruction.float(), images.float())
