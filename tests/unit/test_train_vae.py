@@ -116,9 +116,12 @@ def test_bright_weight_multiplies_the_error_of_bright_target_voxels_only():
     weighted = reconstruction_loss(reconstruction, images, VaeTrainConfig(**base, bright_weight=10)).item()
     assert plain == pytest.approx((0.2**2 + 0.1**2) / 8)
     assert weighted == pytest.approx((10 * 0.2**2 + 0.1**2) / 8)
-    # The threshold reads the target, not the reconstruction: a dark voxel decoded bright is not up-weighted.
-    higher = VaeTrainConfig(**base, bright_weight=10, bright_threshold=0.9)
-    assert reconstruction_loss(reconstruction, images, higher).item() == pytest.approx(plain)
+    # The threshold reads the target, not the reconstruction: at 0.05 the air voxel decoded at 0.1 is not
+    # up-weighted (its target is 0), the bone voxel still is.
+    low = VaeTrainConfig(**base, bright_weight=10, bright_threshold=0.05)
+    assert reconstruction_loss(reconstruction, images, low).item() == pytest.approx(weighted)
+    above_bone = VaeTrainConfig(**base, bright_weight=10, bright_threshold=0.9)
+    assert reconstruction_loss(reconstruction, images, above_bone).item() == pytest.approx(plain)
 
 
 def test_cli_refuses_a_bright_weight_below_one_naming_the_key(tmp_path, phantoms):
