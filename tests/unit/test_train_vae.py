@@ -124,12 +124,34 @@ def test_bright_weight_multiplies_the_error_of_bright_target_voxels_only():
     assert reconstruction_loss(reconstruction, images, above_bone).item() == pytest.approx(plain)
 
 
+
+def test_bright_margin_extends_the_weight_to_the_bright_voxels_neighbours_only():
+    images = torch.zeros(1, 1, 1, 1, 6)
+    images[..., 0] = 0.8  # bone at x = 0; its neighbour at x = 1, a voxel two away at x = 2
+    reconstruction = images.clone()
+    reconstruction[..., 1] = 0.3  # bone brightness painted into the neighbour (air)
+    reconstruction[..., 2] = 0.3  # and into the voxel beyond the margin
+    base = dict(data=Path("d.json"), out=Path("o"), recon_loss="l2", bright_weight=10)
+    bright_only = reconstruction_loss(reconstruction, images, VaeTrainConfig(**base)).item()
+    margin = reconstruction_loss(reconstruction, images, VaeTrainConfig(**base, bright_margin=1)).item()
+    assert bright_only == pytest.approx(2 * 0.3**2 / 6)  # overshoot beside bone is as cheap as anywhere
+    assert margin == pytest.approx((10 * 0.3**2 + 0.3**2) / 6)  # x = 1 weighs 10×, x = 2 still 1×
+
+
+def test_cli_refuses_a_negative_bright_margin_naming_the_key(tmp_path, phantoms):
+    settings = tmp_path / "vae.toml"
+    settings.write_text("bright_margin = -1\n")
+    result = CliRunner().invoke(app, ["train", "vae", "--data", str(phantoms), "--out", str(tmp_path / "o"),
+                                      "--config", str(settings), "--device", "cpu"])
+    assert result.exit_code == 2 and "bright_margin" in result.stderr and "≥ 0" in result.stderr
+    assert not (tmp_path / "o").exists()
+
 def test_cli_refuses_a_bright_weight_below_one_naming_the_key(tmp_path, phantoms):
     settings = tmp_path / "vae.toml"
     settings.write_text("bright_weight = 0.5\n")
     result = CliRunner().invoke(app, ["train", "vae", "--data", str(phantoms), "--out", str(tmp_path / "o"),
                                       "--config", str(settings), "--device", "cpu"])
-    assert result.exit_code == 2 and "bright-weight" in result.stderr and "≥ 1" in result.stderr
+    assert result.exit_code == 2 and "key 'bright_weight'" in result.stderr and "≥ 1" in result.stderr
     assert not (tmp_path / "o").exists()
 
 

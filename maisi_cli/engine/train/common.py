@@ -69,6 +69,9 @@ def build_config(cls: type[BaseModel], config_file: Path | None, flags: dict[str
         return cls.model_validate(values)
     except ValidationError as error:
         field, problem = first_validation_problem(error)
+        if field not in flags and config_file is not None:
+            # A config-only key (no flag of that name): name the key and the file, not a flag that does not exist.
+            raise UsageError(f"--config {config_file}: key '{field}': {problem}") from None
         source = f" (from --config {config_file} or its flag)" if config_file else ""
         raise UsageError(f"--{field.replace('_', '-')}: {problem}{source}") from None
 
