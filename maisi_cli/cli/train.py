@@ -197,7 +197,7 @@ def vae_command(
     val_fold: Optional[int] = typer.Option(None, "--val-fold", help="Items with this fold validate (default 0)."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of these options and of "
                                           "warmup, random_aug, recon_loss (l1|l2), lr_decay (none|cosine), "
-                                          "bright_weight, bright_threshold, "
+                                          "bright_weight, bright_threshold, bright_margin, "
                                           "discriminator_layers, val_window; flags override it."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out."),
     init: Optional[Path] = typer.Option(None, "--init", help="Fine-tune from this autoencoder state dict."),
