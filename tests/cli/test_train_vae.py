@@ -73,7 +73,7 @@ def test_bad_patch_size_and_unknown_config_key_are_usage_errors(tmp_path, phanto
     config.write_text(json.dumps({"kl_weigth": 1e-6}))
     result = CliRunner().invoke(app, ["train", "vae", "--data", str(phantoms), "--out", str(tmp_path / "o"),
                                       "--config", str(config)])
-    assert result.exit_code == 2 and "--kl-weigth" in result.stderr
+    assert result.exit_code == 2 and "key 'kl_weigth'" in result.stderr and "did you mean 'kl_weight'" in result.stderr
 
 
 def test_no_latent_sampling_trains_a_deterministic_autoencoder(tiny_model, tmp_path, phantoms):

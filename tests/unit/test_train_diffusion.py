@@ -252,7 +252,7 @@ def test_config_file_unknown_key_names_it(tmp_path, latents):
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"data": str(latents), "epoch": 2}))
     result = CliRunner().invoke(app, ["train", "diffusion", "--config", str(config), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "--epoch" in result.stderr
+    assert result.exit_code == 2 and "key 'epoch'" in result.stderr and "did you mean 'epochs'" in result.stderr
 
 
 def test_trained_checkpoint_generates_through_maisi_generate(tiny_model, tmp_path, latents):

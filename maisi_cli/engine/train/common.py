@@ -13,6 +13,7 @@ Everything saved is tensors, numbers, strings, lists and dicts, so every file lo
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import math
 import os
@@ -69,6 +70,11 @@ def build_config(cls: type[BaseModel], config_file: Path | None, flags: dict[str
         return cls.model_validate(values)
     except ValidationError as error:
         field, problem = first_validation_problem(error)
+        if error.errors()[0]["type"] == "extra_forbidden" and config_file is not None:
+            # A typo in the file: name the key and the nearest real setting, not a flag that does not exist.
+            close = difflib.get_close_matches(field, list(cls.model_fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; the settings are: {', '.join(cls.model_fields)}"
+            raise UsageError(f"--config {config_file}: key '{field}' is not a setting of this command{hint}") from None
         if field not in flags and config_file is not None:
             # A config-only key (no flag of that name): name the key and the file, not a flag that does not exist.
             raise UsageError(f"--config {config_file}: key '{field}': {problem}") from None
