@@ -10,10 +10,12 @@ import torch
 from typer.testing import CliRunner
 
 from maisi_cli.cli.app import app
+from maisi_cli.engine.decode import output_convolution_in_fp32
 from maisi_cli.engine.networks import build_network, set_tp_splits
-from maisi_cli.engine.train.common import TrainingError, read_datalist
+from maisi_cli.engine.train.common import Runtime, TrainingError, read_datalist
 from maisi_cli.engine.train.vae import (
     ImageDataset,
+    MeanLatentAutoencoder,
     VaeLosses,
     VaeTrainConfig,
     build_discriminator,
@@ -23,6 +25,7 @@ from maisi_cli.engine.train.vae import (
     reconstruction_loss,
     split_folds,
     train_vae,
+    validate,
 )
 from maisi_cli.errors import UsageError
 from maisi_cli.models import get_model
@@ -353,3 +356,25 @@ def test_amp_on_cpu_trains_the_vae_in_bf16(tmp_path, phantoms):
     assert bf16["amp"] is True and fp32["amp"] is False
     assert bf16["loss"] != fp32["loss"] and bf16["loss"] == pytest.approx(fp32["loss"], rel=0.1)
     assert set(load(tmp_path / "bf16" / "autoencoder.pt")) == set(load(tmp_path / "fp32" / "autoencoder.pt"))
+
+
+def test_validation_under_bf16_amp_measures_the_fp32_output_not_its_bf16_rounding(tmp_path, phantoms):
+    """bf16 rounds a [0, 1] image to 2^-8 steps (7.8 HU): the reported val L1 must be that of the decoder's fp32
+    output, as `maisi generate` writes it, not of its rounded copy."""
+    torch.manual_seed(0)
+    cfg = config(tmp_path, phantoms, val_window=[32, 32, 32])
+    autoencoder = build_network(get_model(cfg.model), "autoencoder").eval()
+    set_tp_splits(autoencoder, 1)  # as the trainer
+    with torch.no_grad():
+        for parameter in autoencoder.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    dataset = ImageDataset(read_datalist(phantoms)[:1], cfg, train=False)
+    image = dataset[0]["image"].unsqueeze(0)
+    amp = (True, torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), output_convolution_in_fp32(autoencoder):
+        fp32_output = MeanLatentAutoencoder(autoencoder)(image)[0]  # the latent mean: no sampling noise
+    assert fp32_output.dtype == torch.float32 and not torch.equal(fp32_output, fp32_output.bfloat16().float())
+    metrics = validate(MeanLatentAutoencoder(autoencoder), VaeLosses(cfg, None, None), dataset, [0], cfg,
+                       Runtime(device=torch.device("cpu")), amp)
+    expected = torch.nn.functional.l1_loss(fp32_output, image).item()
+    assert metrics["val_recon_l1"] == pytest.approx(expected, rel=1e-6)

@@ -46,6 +46,7 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import field_validator
 
+from maisi_cli.engine.decode import output_convolution_in_fp32
 from maisi_cli.engine.train.common import (
     Runtime,
     TrainConfig,
@@ -431,9 +432,12 @@ def validate(autoencoder: torch.nn.Module, losses: VaeLosses, dataset: ImageData
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, recon, kl, perceptual, volumes
     scale = torch.zeros(2, dtype=torch.float64, device=device)  # 1/std(z_mu), count
     autoencoder.eval()
+    # The metric must not carry bf16's rounding of the output (7.8 HU steps; see output_convolution_in_fp32):
+    # --amp on the CPU would otherwise report a validation error the generated images do not have.
+    plain = getattr(autoencoder, "autoencoder", autoencoder)  # through MeanLatentAutoencoder
     for index in indices:
         image = dataset[index]["image"].unsqueeze(0).to(device)
-        with autocast(device, *amp):
+        with autocast(device, *amp), output_convolution_in_fp32(plain):
             reconstruction, z_mu, z_sigma = reconstruct(autoencoder, image, config.val_window)
             terms = losses.generator_terms(image, reconstruction, z_mu, z_sigma, with_adversarial=False)
         l1 = torch.nn.functional.l1_loss(reconstruction.float(), image.float())  # the metric, whatever recon_loss
