@@ -141,20 +141,14 @@ def test_bright_margin_extends_the_weight_to_the_bright_voxels_neighbours_only()
     assert margin == pytest.approx((10 * 0.3**2 + 0.3**2) / 6)  # x = 1 weighs 10×, x = 2 still 1×
 
 
-def test_cli_refuses_a_negative_bright_margin_naming_the_key(tmp_path, phantoms):
+@pytest.mark.parametrize("line, problem", [("bright_margin = -1", "≥ 0"), ("bright_weight = 0.5", "≥ 1")])
+def test_cli_refuses_a_bad_bright_setting_naming_the_key(tmp_path, phantoms, line, problem):
     settings = tmp_path / "vae.toml"
-    settings.write_text("bright_margin = -1\n")
+    settings.write_text(line + "\n")
     result = CliRunner().invoke(app, ["train", "vae", "--data", str(phantoms), "--out", str(tmp_path / "o"),
                                       "--config", str(settings), "--device", "cpu"])
-    assert result.exit_code == 2 and "bright_margin" in result.stderr and "≥ 0" in result.stderr
-    assert not (tmp_path / "o").exists()
-
-def test_cli_refuses_a_bright_weight_below_one_naming_the_key(tmp_path, phantoms):
-    settings = tmp_path / "vae.toml"
-    settings.write_text("bright_weight = 0.5\n")
-    result = CliRunner().invoke(app, ["train", "vae", "--data", str(phantoms), "--out", str(tmp_path / "o"),
-                                      "--config", str(settings), "--device", "cpu"])
-    assert result.exit_code == 2 and "key 'bright_weight'" in result.stderr and "≥ 1" in result.stderr
+    key = line.split(" = ")[0]
+    assert result.exit_code == 2 and f"key '{key}'" in result.stderr and problem in result.stderr
     assert not (tmp_path / "o").exists()
 
 
