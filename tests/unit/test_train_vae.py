@@ -141,13 +141,12 @@ def test_bright_margin_extends_the_weight_to_the_bright_voxels_neighbours_only()
     assert margin == pytest.approx((10 * 0.3**2 + 0.3**2) / 6)  # x = 1 weighs 10×, x = 2 still 1×
 
 
-@pytest.mark.parametrize("line, problem", [("bright_margin = -1", "≥ 0"), ("bright_weight = 0.5", "≥ 1")])
-def test_cli_refuses_a_bad_bright_setting_naming_the_key(tmp_path, phantoms, line, problem):
+@pytest.mark.parametrize("key, value, problem", [("bright_margin", -1, "≥ 0"), ("bright_weight", 0.5, "≥ 1")])
+def test_cli_refuses_a_bad_bright_setting_naming_the_key(tmp_path, phantoms, key, value, problem):
     settings = tmp_path / "vae.toml"
-    settings.write_text(line + "\n")
+    settings.write_text(f"{key} = {value}\n")
     result = CliRunner().invoke(app, ["train", "vae", "--data", str(phantoms), "--out", str(tmp_path / "o"),
                                       "--config", str(settings), "--device", "cpu"])
-    key = line.split(" = ")[0]
     assert result.exit_code == 2 and f"key '{key}'" in result.stderr and problem in result.stderr
     assert not (tmp_path / "o").exists()
 
@@ -356,7 +355,7 @@ def test_validation_under_bf16_amp_measures_the_fp32_output_not_its_bf16_roundin
     """bf16 rounds a [0, 1] image to 2^-8 steps (7.8 HU): the reported val L1 must be that of the decoder's fp32
     output, as `maisi generate` writes it, not of its rounded copy."""
     torch.manual_seed(0)
-    cfg = config(tmp_path, phantoms, val_window=[32, 32, 32])
+    cfg = config(tmp_path, phantoms, val_window=[32, 32, 32], latent_sampling=False)
     autoencoder = build_network(get_model(cfg.model), "autoencoder").eval()
     set_tp_splits(autoencoder, 1)  # as the trainer
     with torch.no_grad():
@@ -368,7 +367,7 @@ def test_validation_under_bf16_amp_measures_the_fp32_output_not_its_bf16_roundin
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), output_convolution_in_fp32(autoencoder):
         fp32_output = MeanLatentAutoencoder(autoencoder)(image)[0]  # the latent mean: no sampling noise
     assert fp32_output.dtype == torch.float32 and not torch.equal(fp32_output, fp32_output.bfloat16().float())
-    metrics = validate(MeanLatentAutoencoder(autoencoder), VaeLosses(cfg, None, None), dataset, [0], cfg,
+    metrics = validate(autoencoder, VaeLosses(cfg, None, None), dataset, [0], cfg,
                        Runtime(device=torch.device("cpu")), amp)
     expected = torch.nn.functional.l1_loss(fp32_output, image).item()
     assert metrics["val_recon_l1"] == pytest.approx(expected, rel=1e-6)

@@ -427,18 +427,19 @@ def reconstruct(autoencoder: torch.nn.Module, image: torch.Tensor, window: list[
 def validate(autoencoder: torch.nn.Module, losses: VaeLosses, dataset: ImageDataset, indices: list[int],
              config: VaeTrainConfig, runtime: Runtime, amp: tuple[bool, torch.dtype]) -> dict[str, float]:
     """Mean over this rank's volumes (then over ranks) of recon, KL, perceptual and the weighted val loss (no
-    adversarial term, as the reference), and 1/std(z_mu) of the last volume (should stay near 1)."""
+    adversarial term, as the reference), and 1/std(z_mu) of the last volume (should stay near 1). `autoencoder`
+    is the plain network; it runs as trained (`trained_forward`)."""
     device = runtime.device
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, recon, kl, perceptual, volumes
     scale = torch.zeros(2, dtype=torch.float64, device=device)  # 1/std(z_mu), count
     autoencoder.eval()
-    # The metric must not carry bf16's rounding of the output (7.8 HU steps; see output_convolution_in_fp32):
-    # --amp on the CPU would otherwise report a validation error the generated images do not have.
-    plain = getattr(autoencoder, "autoencoder", autoencoder)  # through MeanLatentAutoencoder
+    forward = trained_forward(autoencoder, config)
     for index in indices:
         image = dataset[index]["image"].unsqueeze(0).to(device)
-        with autocast(device, *amp), output_convolution_in_fp32(plain):
-            reconstruction, z_mu, z_sigma = reconstruct(autoencoder, image, config.val_window)
+        # The metric must not carry bf16's rounding of the output (7.8 HU steps; see output_convolution_in_fp32):
+        # --amp on the CPU would otherwise report a validation error the generated images do not have.
+        with autocast(device, *amp), output_convolution_in_fp32(autoencoder):
+            reconstruction, z_mu, z_sigma = reconstruct(forward, image, config.val_window)
             terms = losses.generator_terms(image, reconstruction, z_mu, z_sigma, with_adversarial=False)
         l1 = torch.nn.functional.l1_loss(reconstruction.float(), image.float())  # the metric, whatever recon_loss
         sums += torch.tensor([terms["total"].item(), l1.item(), terms["kl"].item(),
@@ -607,8 +608,7 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
                                 f"use --no-amp")
         validated = bool(val_set) and (epoch % config.val_every == 0 or epoch == config.epochs - 1)
         if validated:
-            last_val = {"epoch": epoch + 1, **validate(trained_forward(autoencoder, config), losses, val_set, val_indices, config, runtime,
-                                                       amp)}
+            last_val = {"epoch": epoch + 1, **validate(autoencoder, losses, val_set, val_indices, config, runtime, amp)}
             history.append(last_val)
         if runtime.is_main:
             save_released_checkpoint(autoencoder, "autoencoder", checkpoint_path)
