@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rows": [],
     }
+    stem = "gpu_table3_tiny" if options.tiny else "gpu_table3"
+    options.out.mkdir(parents=True, exist_ok=True)
     for row in rows:
         entry = {**row, "results": []}
         if options.tiny:
@@ -338,15 +340,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"peak {result.get('peak_allocated_gib')} GiB", file=sys.stderr)
         document["rows"].append(entry)
         # Written after every row: a run stopped at a time limit (a lent GPU is held for minutes) keeps its rows.
-        write_results(document, options.out, "gpu_table3_tiny" if options.tiny else "gpu_table3")
-    print(options.out / f"{'gpu_table3_tiny' if options.tiny else 'gpu_table3'}.json")
+        (options.out / f"{stem}.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
+        (options.out / f"{stem}.md").write_text(markdown(document))
+    print(options.out / f"{stem}.json")
     return 0
-
-
-def write_results(document: dict[str, Any], out: Path, stem: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
-    (out / f"{stem}.md").write_text(markdown(document))
 
 
 if __name__ == "__main__":

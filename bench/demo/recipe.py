@@ -49,10 +49,11 @@ DATABASE_SEED = 7  # the candidate masks come from phantoms the networks never s
 # and a constant LR the organ HU of the last weights swung by ±40 HU from epoch to epoch (batch-1 snapshots); L2
 # spends the first epochs on the voxels far off (bone, organ contrast). The spec's 8 latent channels (MAISI: 4) give
 # the decoder room for detail finer than a 24 mm latent voxel (pilots in bench/demo/README.md).
-VAE = ["--epochs", "12", "--lr", "3e-4", "--amp", "--patch-size", "64", "--perceptual-weight", "0",
-       "--adversarial-weight", "0", "--kl-weight", "0", "--val-every", "5", "--no-latent-sampling"]
-VAE_CONFIG = ('warmup = false\nrandom_aug = false\n'  # short run: no 10-epoch LR warm-up, phantoms vary enough
-              'recon_loss = "l2"\nlr_decay = "cosine"\n')
+VAE_SETTINGS = ["--amp", "--patch-size", "64", "--perceptual-weight", "0", "--adversarial-weight", "0",
+                "--kl-weight", "0", "--val-every", "5", "--no-latent-sampling"]  # both VAE stages
+VAE = ["--epochs", "12", "--lr", "3e-4", *VAE_SETTINGS]
+VAE_SCHEDULE = 'warmup = false\nrandom_aug = false\n'  # short runs: no 10-epoch LR warm-up, phantoms vary enough
+VAE_CONFIG = VAE_SCHEDULE + 'recon_loss = "l2"\nlr_decay = "cosine"\n'
 # --amp: bf16 autocast on the CPU. Per step it costs the VAE 0.46x of fp32 (the trainer fuses MONAI's per-group
 # GroupNorm loop), the UNet 0.32x and the ControlNet 0.28x (bench/train_cpu_amp.py, session 6). The epochs spend
 # what that saves: a longer ControlNet lifted QC from 0 % to 80 % in the session-4 pilot, and 10 epochs more on
@@ -61,16 +62,15 @@ VAE_CONFIG = ('warmup = false\nrandom_aug = false\n'  # short run: no 10-epoch L
 # Then 8 epochs of L1 with bone weighted 10× (`bright_weight`: target ≥ 300 HU), from the L2 VAE. L2 alone decodes
 # 1–2-voxel ribs at soft-tissue HU (ribs 121 HU against 402); the weight lifts them, and L1, median-seeking, keeps
 # the soft tissue smoother than L2 under the same weight (session-8 pilots, bench/demo/README.md).
-VAE_FINE_TUNE_CONFIG = ('warmup = false\nrandom_aug = false\nrecon_loss = "l1"\nlr_decay = "cosine"\n'
-                        'bright_weight = 10\n')
-VAE_FINE_TUNE = ["--epochs", "8", "--lr", "1.5e-4", "--amp", "--patch-size", "64", "--perceptual-weight", "0",
-                 "--adversarial-weight", "0", "--kl-weight", "0", "--val-every", "5", "--no-latent-sampling"]
+VAE_FINE_TUNE_CONFIG = VAE_SCHEDULE + 'recon_loss = "l1"\nlr_decay = "cosine"\nbright_weight = 10\n'
+VAE_FINE_TUNE = ["--epochs", "8", "--lr", "1.5e-4", *VAE_SETTINGS]
 DIFFUSION = ["--epochs", "20", "--lr", "5e-4", "--amp"]
-CONTROLNET = ["--epochs", "28", "--lr", "2e-4", "--amp"]
+CONTROLNET_SETTINGS = ["--lr", "2e-4", "--amp"]  # both ControlNet stages
+CONTROLNET = ["--epochs", "28", *CONTROLNET_SETTINGS]
 # Then 6 epochs more from those weights under a fresh LR schedule (a warm restart): with the L1 bone VAE the liver
 # Dice came out at 0.696 after 28 epochs and 0.715 after the 6 more (0.705 → 0.712 on another seed; session 10,
 # bench/demo/README.md). 6 and not 10: each epoch costs ~33 s and the recipe must stay under 60 minutes.
-CONTROLNET_MORE = ["--epochs", "6", "--lr", "2e-4", "--amp"]
+CONTROLNET_MORE = ["--epochs", "6", *CONTROLNET_SETTINGS]
 
 
 class Recipe:
