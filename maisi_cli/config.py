@@ -112,6 +112,7 @@ class GenerateRequest(BaseModel):
     anatomy_sizes: tuple[tuple[str, float], ...] = ()  # `--anatomy NAME:SIZE`: generate the mask
     body_regions: tuple[str, ...] = ()
     mask_database: Path | None = None
+    allow_outside_database: bool = False  # `--allow-outside-database`: entries may lie outside the mask folder
     mask_steps: int | None = Field(None, ge=1)
     augment: bool = True
     label_mode: LabelMode = "full"

@@ -36,6 +36,9 @@ def generate(
     mask_database: Optional[Path] = typer.Option(None, "--mask-database", help="Candidate-mask database JSON "
                                                  "(masks relative to its folder; see `maisi data masks index`). "
                                                  "Default: the model's released database."),
+    allow_outside_database: bool = typer.Option(False, "--allow-outside-database", help="Read database entries "
+                                                "that lie outside the mask folder (a '../' or absolute path, or a "
+                                                "link out of it); refused without this."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Augment database masks (tumour moved in its "
                                  "organ, or a ±1 % zoom)."),
     mask_steps: Optional[int] = typer.Option(None, "--mask-steps", min=1, help="DDPM steps of the mask generator "
@@ -89,7 +92,8 @@ def generate(
         size=parse_size(size) if size else None,
         spacing=parse_spacing(spacing) if spacing else None,
         num_samples=num_samples, seed=seed, steps=steps, mask=mask, anatomy=names, anatomy_sizes=sizes,
-        body_regions=tuple(body_region), mask_database=mask_database, augment=augment, mask_steps=mask_steps,
+        body_regions=tuple(body_region), mask_database=mask_database,
+        allow_outside_database=allow_outside_database, augment=augment, mask_steps=mask_steps,
         label_mode=label_mode, out=out, shard=parse_shard(shard), overwrite=overwrite, device=device,
         precision=precision, allow_any_size=allow_any_size, weights_dir=weights_dir, guidance=guidance,
         backend=backend, onnx_dir=onnx_dir,

@@ -205,7 +205,7 @@ def verify_command(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     """Re-hash every file maisi manages (radimagenet-resnet50 included) and compare it with the lock; exit 1 on a
-    mismatch."""
+    mismatch or on a locked file that is missing."""
     from maisi_cli.engine.hub import hub_file_mismatch_error, mismatch_error, repo_files, verify, verify_hub_file
 
     output = render.output_of(ctx.obj, json_flag)
@@ -222,9 +222,11 @@ def verify_command(
     if output.json:
         render.print_json({"models": [
             {"name": name, "hf_repo": repo, "revision": at, "ok": error is None,
+             "error": str(error) if error is not None else None,
              "files": [r.document() for r in results]} for name, repo, at, results, error in checked]})
     else:
-        rows = [(name, r.component, r.repo_name, r.where or "-", r.status, _short(r.sha256))
+        rows = [(name, r.component, r.repo_name, r.where or "-",
+                 "missing (locked)" if r.status == "missing" and r.expected else r.status, _short(r.sha256))
                 for name, _, _, results, _ in checked for r in results]
         _table(None, ("model", "component", "file", "where", "status", "sha256"), rows)
     for *_, error in checked:

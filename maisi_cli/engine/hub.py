@@ -372,10 +372,11 @@ def verify(spec: ModelSpec, files: list[RepoFile], on_progress: ProgressCallback
     results = []
     for item in files:
         copies = managed_copies(spec, item.repo_name)
-        if not copies:
-            results.append(CheckResult(item.component, item.repo_name, item.kind, None, None, "missing"))
-            continue
         expected = (lock.get(item.repo_name) or {}).get("sha256")
+        if not copies:  # with `expected`: locked, so it was fetched once, and is gone
+            results.append(CheckResult(item.component, item.repo_name, item.kind, None, None, "missing", None,
+                                       expected))
+            continue
         for where, path in copies:
             key = path.resolve()
             if key not in hashed:
@@ -388,11 +389,17 @@ def verify(spec: ModelSpec, files: list[RepoFile], on_progress: ProgressCallback
     return results
 
 
+def locked_but_missing(results: list[CheckResult]) -> list[CheckResult]:
+    """The files the lock holds (fetched once) of which maisi manages no copy any more."""
+    return [r for r in results if r.status == "missing" and r.expected is not None]
+
+
 def mismatch_error(spec: ModelSpec, results: list[CheckResult]) -> WeightsError | None:
-    """One line naming the first file that does not match the lock and the command that re-fetches it."""
+    """One line naming the first file that does not match the lock and the command that re-fetches it, else the
+    first locked file that is missing and the command that fetches it."""
     bad = [r for r in results if r.status == "mismatch"]
     if not bad:
-        return None
+        return missing_error(spec, results)
     first = bad[0]
     components = list(dict.fromkeys(r.component for r in bad))
     fix = "maisi weights download " + model_reference(spec) + "".join(f" --component {c}" for c in components)
@@ -400,6 +407,21 @@ def mismatch_error(spec: ModelSpec, results: list[CheckResult]) -> WeightsError 
     return WeightsError(
         f"weights: {first.path} ({spec.name} {first.component}) does not match the sha256 locked in "
         f"{lock_path(spec.hf_repo or '', spec.hf_revision)}{more}; re-fetch with: {fix} --force"
+    )
+
+
+def missing_error(spec: ModelSpec, results: list[CheckResult]) -> WeightsError | None:
+    gone = locked_but_missing(results)
+    if not gone:
+        return None
+    first = gone[0]
+    components = list(dict.fromkeys(r.component for r in gone))
+    fix = "maisi weights download " + model_reference(spec) + "".join(f" --component {c}" for c in components)
+    more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+    return WeightsError(
+        f"weights: {first.repo_name} ({spec.name} {first.component}) is locked in "
+        f"{lock_path(spec.hf_repo or '', spec.hf_revision)} but missing from maisi's store and the Hugging Face "
+        f"cache{more}; fetch it with: {fix}"
     )
 
 
@@ -589,9 +611,9 @@ def verify_hub_file(item: HubFile, on_progress: ProgressCallback | None = None,
     on_progress = on_progress or _no_progress
     hashed = {} if hashed is None else hashed
     cached = hub_file_in_cache(item)
-    if cached is None:
-        return [CheckResult(item.name, item.filename, "weights", None, None, "missing")]
     expected = (read_lock(item.hf_repo, item.revision).get(item.filename) or {}).get("sha256")
+    if cached is None:  # with `expected`: locked, so it was fetched once, and is gone
+        return [CheckResult(item.name, item.filename, "weights", None, None, "missing", None, expected)]
     key = cached.resolve()
     if key not in hashed:
         hashed[key] = sha256_of(cached, fresh=True)
@@ -608,10 +630,15 @@ def hub_file_fix(item: HubFile) -> str:
 
 
 def hub_file_mismatch_error(item: HubFile, results: list[CheckResult]) -> WeightsError | None:
-    """`mismatch_error` for a HubFile: one line naming the file and the command that re-fetches it."""
+    """`mismatch_error` for a HubFile: one line naming the file and the command that re-fetches it (or fetches it,
+    when it is locked but missing)."""
     bad = [r for r in results if r.status == "mismatch"]
     if not bad:
-        return None
+        if not locked_but_missing(results):
+            return None
+        return WeightsError(f"weights: {item.filename} ({item.name}) is locked in "
+                            f"{lock_path(item.hf_repo, item.revision)} but missing from the Hugging Face cache; "
+                            f"fetch it with: {hub_file_fix(item).removesuffix(' --force')}")
     return WeightsError(f"weights: {bad[0].path} ({item.name}) does not match the sha256 locked in "
                         f"{lock_path(item.hf_repo, item.revision)}; re-fetch with: {hub_file_fix(item)}")
 

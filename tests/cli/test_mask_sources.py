@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from maisi_cli.cli.app import app
+from maisi_cli.engine.masks.database import read_database
 from tests.helpers import phantom_labels, write_mask, write_tiny_model
 
 runner = CliRunner()
@@ -267,3 +268,127 @@ def test_corrupt_archive_and_broken_database_are_one_line_errors(tiny_model, tmp
                                         "--mask-database", str(broken), "--out", str(out)])
     assert missing_field.exit_code == 1 and len(missing_field.stderr.strip().splitlines()) == 1
     assert "entry 0 field 'label_list'" in missing_field.stderr and not out.exists()
+
+
+def released_masks(tmp_path: Path, weights: Path, archive_members: dict[str, bytes] | None = None,
+                   entries: list[dict] | None = None) -> Path:
+    """A copy of the tiny model's weights with its released database and mask archive in datasets/: the phantom
+    folder's by default, else the given archive members and database entries."""
+    copied = tmp_path / "weights"
+    shutil.copytree(weights, copied)
+    (copied / "datasets").mkdir()
+    folder = mask_folder(tmp_path / "staging" / "all_masks")
+    if entries is None:
+        assert runner.invoke(app, ["--quiet", "data", "masks", "index", str(folder)]).exit_code == 0
+        entries = json.loads((folder / "candidate_masks.json").read_text())
+    (copied / "datasets" / "candidate_masks.json").write_text(json.dumps(entries))
+    if archive_members is None:
+        archive_members = {f"all_masks/{p.name}": p.read_bytes() for p in folder.glob("*.nii.gz")}
+    with zipfile.ZipFile(copied / "datasets" / "all_masks.zip", "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        for name, payload in archive_members.items():
+            bundle.writestr(name, payload)
+    return copied
+
+
+def unpacked_masks(tmp_path: Path) -> list[Path]:
+    """What MAISI_HOME/masks holds besides lock files."""
+    home = tmp_path / "maisi-home" / "masks"
+    return [p for p in home.iterdir() if not p.name.endswith(".lock")] if home.exists() else []
+
+
+def test_dry_run_never_unpacks_the_archive(tiny_model, tmp_path):
+    """--dry-run reads the database and the archive's directory, says where the archive would be unpacked, and
+    writes nothing; the run unpacks it when the masks are first needed (here closest matches, tried once there)."""
+    spec, weights = tiny_model
+    copied = released_masks(tmp_path, weights)
+    args = ["--model", str(spec), "--weights-dir", str(copied), "--no-augment", "--no-qc", "--size", "48x48x48",
+            "--spacing", "1.5", "--out", str(tmp_path / "out")]
+    plan = invoke(*args, "--dry-run")["plan"]["mask"]
+    target = tmp_path / "maisi-home" / "masks" / "all_masks-"
+    assert plan["archive"] == str(copied / "datasets" / "all_masks.zip")
+    assert plan["unpacked"].startswith(f"not yet: would be unpacked into {target}")
+    assert plan["match"] == "closest (resampled)"
+    table = runner.invoke(app, ["generate", *args, "--dry-run"])
+    assert table.exit_code == 0 and "not yet" in table.stdout and "unpacked" in table.stdout
+    assert unpacked_masks(tmp_path) == [] and not (tmp_path / "out").exists()
+
+    report = invoke(*args)
+    assert report["written"] == [0] and report["plan"]["mask"]["unpacked"].startswith(f"in {target}")
+    assert len(unpacked_masks(tmp_path)) == 1
+    sidecar = json.loads((tmp_path / "out" / "sample_0000.json").read_text())
+    assert sidecar["mask_source"]["resampled"] is True
+
+
+def test_zip_bomb_archive_is_refused_without_unpacking(tiny_model, tmp_path):
+    spec, weights = tiny_model
+    entries = [{"pseudo_label_filename": "a.nii.gz", "label_list": [1, 200], "dim": [32, 32, 32],
+                "spacing": [2, 2, 2]}]
+    copied = released_masks(tmp_path, weights, {"all_masks/a.nii.gz": bytes(80 * 2**20)}, entries)
+    archive = copied / "datasets" / "all_masks.zip"
+    assert archive.stat().st_size < 2**20
+    for extra in (["--dry-run"], []):
+        result = runner.invoke(app, ["--quiet", "generate", "--model", str(spec), "--weights-dir", str(copied),
+                                     "--no-qc", "--out", str(tmp_path / "out"), *extra])
+        assert result.exit_code == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"'{archive}' would unpack to 80.0 MiB, over the limit of 100x" in lines[0]
+    assert unpacked_masks(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_database_entries_must_stay_inside_the_mask_folder(tiny_model, tmp_path):
+    """An entry that leaves the database's folder ('../', an absolute path, a link out) is refused at plan time
+    in one line naming the database, the entry and the option; --allow-outside-database reads it."""
+    spec, weights = tiny_model
+    outside = write_mask(tmp_path / "outside.nii.gz", (32, 32, 32), (2.0, 2.0, 2.0))
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    (folder / "link.nii.gz").symlink_to(outside)
+    database = folder / "db.json"
+    out = tmp_path / "out"
+    args = ["--model", str(spec), "--weights-dir", str(weights), "--mask-database", str(database), "--no-qc",
+            "--no-augment", "--out", str(out)]
+    for name in ("../outside.nii.gz", str(outside), "link.nii.gz", "sub/../../outside.nii.gz"):
+        database.write_text(json.dumps([{"pseudo_label_filename": name, "label_list": [1, 200],
+                                         "dim": [32, 32, 32], "spacing": [2, 2, 2]}]))
+        refused = runner.invoke(app, ["--quiet", "generate", *args, "--dry-run"])
+        assert refused.exit_code == 1, (name, refused.stderr)
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"'{database}' entry '{name}' lies outside" in lines[0], lines
+        assert "--allow-outside-database" in lines[0]
+    assert not out.exists()
+
+    database.write_text(json.dumps([{"pseudo_label_filename": "../outside.nii.gz", "label_list": [1, 200],
+                                     "dim": [32, 32, 32], "spacing": [2, 2, 2]}]))
+    invoke(*args, "--allow-outside-database")
+    assert json.loads((out / "sample_0000.json").read_text())["mask_source"]["entry"] == "../outside.nii.gz"
+
+    # the released layout: checked as written before the archive is unpacked
+    entries = [{"pseudo_label_filename": "../outside.nii.gz", "label_list": [1, 200], "dim": [32, 32, 32],
+                "spacing": [2, 2, 2]}]
+    copied = released_masks(tmp_path / "released", weights, {"all_masks/a.nii.gz": b"1"}, entries)
+    refused = runner.invoke(app, ["--quiet", "generate", "--model", str(spec), "--weights-dir", str(copied),
+                                  "--no-qc", "--out", str(tmp_path / "none"), "--dry-run"])
+    assert refused.exit_code == 1 and "'../outside.nii.gz' lies outside the unpacked mask archive" in refused.stderr
+    assert unpacked_masks(tmp_path) == []
+
+
+def test_index_refuses_paths_that_generate_would_refuse(tmp_path):
+    """`maisi data masks index` writes only paths inside the database's folder: a database beside the mask folder,
+    or a link out of it, is refused in one line and nothing is written."""
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    write_mask(folder / "a.nii.gz", (16, 16, 16), (2.0, 2.0, 2.0))
+    beside = tmp_path / "elsewhere" / "db.json"
+    result = runner.invoke(app, ["--quiet", "data", "masks", "index", str(folder), "--out", str(beside)])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "'../labels/a.nii.gz'" in result.stderr and "maisi generate" in result.stderr
+    assert not beside.exists()
+
+    outside = write_mask(tmp_path / "outside.nii.gz", (16, 16, 16), (2.0, 2.0, 2.0))
+    (folder / "link.nii.gz").symlink_to(outside)
+    result = runner.invoke(app, ["--quiet", "data", "masks", "index", str(folder)])
+    assert result.exit_code == 1 and "link.nii.gz" in result.stderr and "'../outside.nii.gz'" in result.stderr
+    assert not (folder / "candidate_masks.json").exists()
+    (folder / "link.nii.gz").unlink()
+    above = runner.invoke(app, ["--quiet", "data", "masks", "index", str(folder), "--out", str(tmp_path / "db.json")])
+    assert above.exit_code == 0 and read_database(tmp_path / "db.json")[0].pseudo_label_filename == "labels/a.nii.gz"

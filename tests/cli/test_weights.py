@@ -497,3 +497,37 @@ def test_weights_help_does_not_import_heavy_modules():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stderr.rstrip().endswith("HEAVY="), done.stderr
+
+
+def test_verify_fails_on_a_locked_file_that_is_missing(extractor_hub):
+    """A file fetched once (in the lock) whose copy is gone: verify exits 1 with one line naming the file and the
+    fetch command, and its JSON says which file is missing; files never fetched stay a plain "missing"."""
+    from maisi_cli.engine import hub as hub_engine
+
+    hub_engine.record_in_lock("nvidia/NV-Generate-CT", "main", "models/diff_unet_3d_rflow-ct.pt", "1" * 64, 10, "download")
+    for args in (["rflow-ct"], []):
+        result = runner.invoke(app, ["--quiet", "weights", "verify", *args])
+        assert result.exit_code == 1, (result.stdout, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "models/diff_unet_3d_rflow-ct.pt (rflow-ct diffusion_unet)" in lines[0] and "missing" in lines[0], lines[0]
+        assert lines[0].endswith("fetch it with: maisi weights download rflow-ct --component diffusion_unet"), lines[0]
+    failed = runner.invoke(app, ["--json", "weights", "verify", "rflow-ct"])
+    assert failed.exit_code == 1
+    model = json.loads(failed.stdout)["models"][0]
+    assert model["ok"] is False and "models/diff_unet_3d_rflow-ct.pt" in model["error"]
+    files = {f["file"]: f for f in model["files"]}
+    locked = files["models/diff_unet_3d_rflow-ct.pt"]
+    assert (locked["status"], locked["locked_sha256"]) == ("missing", "1" * 64)
+    assert files["models/autoencoder_v1.pt"]["locked_sha256"] is None  # never fetched: not a failure
+
+    # the extractor: downloaded (locked), then its cached copy removed
+    assert runner.invoke(app, ["--quiet", "weights", "download", EXTRACTOR]).exit_code == 0
+    cached = hub_engine.hub_file_in_cache(hub_engine.extractor_file(EXTRACTOR))
+    cached.unlink()
+    result = runner.invoke(app, ["--quiet", "weights", "verify", EXTRACTOR])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert EXTRACTOR_FILE in result.stderr
+    assert result.stderr.strip().endswith(f"fetch it with: maisi weights download {EXTRACTOR}"), result.stderr
+    extractor = json.loads(runner.invoke(app, ["--json", "weights", "verify", EXTRACTOR]).stdout)["models"][0]
+    assert extractor["ok"] is False and extractor["files"][0]["status"] == "missing"

@@ -229,3 +229,28 @@ def test_hub_files_are_picked_by_name_and_revision(tmp_path):
     assert [(r.status, r.sha256) for r in hub.verify_hub_file(item)] == [
         ("unlocked", hashlib.sha256(payload).hexdigest())]
     assert hub.locate_hub_file(pinned) is None  # another revision: not in the cache
+
+
+def test_verify_refuses_a_locked_file_that_is_missing(spec, payloads, tmp_path):
+    """A file the lock holds was fetched once: its copy gone is a failure naming the file and the fetch command,
+    while a file never fetched (not locked) stays a plain "missing"."""
+    name = spec.weights["autoencoder"]
+    digest = hashlib.sha256(payloads[name]).hexdigest()
+    hub.record_in_lock(spec.hf_repo, spec.hf_revision, name, digest, len(payloads[name]), "download")
+    results = hub.verify(spec, hub.repo_files(spec))
+    by_name = {r.repo_name: r for r in results}
+    assert (by_name[name].status, by_name[name].expected) == ("missing", digest)
+    assert by_name[spec.weights["controlnet"]].expected is None
+    error = hub.mismatch_error(spec, results)
+    assert error is not None and "\n" not in str(error)
+    assert str(error).startswith(f"weights: {name} ({spec.name} autoencoder) is locked in ")
+    assert str(error).endswith(f"fetch it with: maisi weights download {spec.source} --component autoencoder")
+    assert hub.mismatch_error(spec, [by_name[spec.weights["controlnet"]]]) is None
+
+    item = hub.extractor_file("radimagenet-resnet50")
+    hub.record_in_lock(item.hf_repo, item.revision, item.filename, "3" * 64, 7, "download")
+    checked = hub.verify_hub_file(item)
+    assert [(r.status, r.expected) for r in checked] == [("missing", "3" * 64)]
+    gone = hub.hub_file_mismatch_error(item, checked)
+    assert gone is not None and item.filename in str(gone)
+    assert str(gone).endswith("fetch it with: maisi weights download radimagenet-resnet50")

@@ -3,7 +3,9 @@ order, database validation, safe archive unpacking."""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import threading
 import zipfile
 from pathlib import Path
@@ -11,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maisi_cli.engine.masks.archive import unpack_archive, unsafe_member
+from maisi_cli.engine.masks import archive as archive_module
+from maisi_cli.engine.masks.archive import inspect_archive, unpack_archive, unsafe_member
 from maisi_cli.engine.masks.database import (MaskDatabaseError, MaskEntry, closeness, find_candidates,
                                              index_folder, read_database, region_indices, shuffled)
 from maisi_cli.errors import UsageError
@@ -169,3 +172,76 @@ def test_index_folder_builds_entries_with_regions(tmp_path):
     assert first["top_region_index"] == CHEST and first["bottom_region_index"] == ABDOMEN  # lungs + liver
     assert "top_region_index" not in entries[1]  # body only: no landmark
     assert MaskEntry.model_validate(first).region_span() == (1, 2)
+
+
+def nothing_unpacked(cache: Path) -> bool:
+    """The cache holds at most the lock files: no unpacked folder, no partial one."""
+    return not cache.exists() or not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
+
+
+def make_bomb(path: Path, megabytes: int = 80) -> Path:
+    """A zip of a few hundred KB that honestly declares and holds `megabytes` MiB of zeros."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("masks/a.nii.gz", b"1")
+        bundle.writestr("masks/zeros.nii.gz", bytes(megabytes * 2**20))
+    return path
+
+
+def test_zip_bomb_is_refused_before_anything_is_written(tmp_path):
+    archive = make_bomb(tmp_path / "bomb.zip")
+    assert archive.stat().st_size < 2**20
+    for check in (inspect_archive, lambda path: unpack_archive(path, tmp_path / "cache")):
+        with pytest.raises(MaskDatabaseError) as refused:
+            check(archive)
+        message = str(refused.value)
+        assert f"'{archive}'" in message and "80.0 MiB" in message and "the limit of 100x" in message
+        assert "\n" not in message
+    assert nothing_unpacked(tmp_path / "cache")
+
+
+def test_size_and_member_limits_and_their_override(tmp_path, monkeypatch):
+    archive = make_zip(tmp_path / "masks.zip", {f"masks/m{i}.nii.gz": os.urandom(40_000) for i in range(3)})
+    monkeypatch.setenv(archive_module.LIMIT_VARIABLE, "0.0001")  # about 105 KB: under the 120 KB declared
+    with pytest.raises(MaskDatabaseError, match="over the limit of 104.9 KiB \\(set MAISI_MASK_ARCHIVE_MAX_GIB"):
+        unpack_archive(archive, tmp_path / "cache")
+    assert nothing_unpacked(tmp_path / "cache")
+    monkeypatch.setenv(archive_module.LIMIT_VARIABLE, "lots")
+    with pytest.raises(MaskDatabaseError, match="MAISI_MASK_ARCHIVE_MAX_GIB: 'lots' is not a size"):
+        unpack_archive(archive, tmp_path / "cache")
+    monkeypatch.delenv(archive_module.LIMIT_VARIABLE)
+
+    monkeypatch.setattr(archive_module, "MAX_MEMBERS", 2)
+    with pytest.raises(MaskDatabaseError, match="holds 3 members, over the limit of 2"):
+        unpack_archive(archive, tmp_path / "cache")
+    assert nothing_unpacked(tmp_path / "cache")
+    monkeypatch.setattr(archive_module, "MAX_MEMBERS", 3)
+    assert (unpack_archive(archive, tmp_path / "cache") / "masks" / "m2.nii.gz").stat().st_size == 40_000
+
+
+def test_bytes_written_are_counted_not_the_declared_sizes(tmp_path, monkeypatch):
+    """A directory that under-declares its members (a reader that trusts it would write them whole): extraction
+    stops past the declared size and leaves nothing behind."""
+    archive = make_zip(tmp_path / "masks.zip", {"masks/a.nii.gz": b"1", "masks/big.nii.gz": bytes(3 * 2**20)})
+    true_sizes = {}
+    real_infolist, real_open = zipfile.ZipFile.infolist, zipfile.ZipFile.open
+
+    def lying_infolist(self):
+        declared = []
+        for member in real_infolist(self):
+            true_sizes[member.filename] = member.file_size
+            member = copy.copy(member)
+            member.file_size = min(member.file_size, 1000)
+            declared.append(member)
+        return declared
+
+    def honest_open(self, member, *args, **kwargs):
+        if isinstance(member, zipfile.ZipInfo):
+            member = copy.copy(member)
+            member.file_size = true_sizes[member.filename]
+        return real_open(self, member, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "infolist", lying_infolist)
+    monkeypatch.setattr(zipfile.ZipFile, "open", honest_open)
+    with pytest.raises(MaskDatabaseError, match="'masks/big.nii.gz' unpacks past its declared 1000 bytes"):
+        unpack_archive(archive, tmp_path / "cache")
+    assert nothing_unpacked(tmp_path / "cache")

@@ -7,6 +7,7 @@ the masks themselves come from a zip archive unpacked once under MAISI_HOME (see
 
 from __future__ import annotations
 
+import posixpath
 import random
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,8 @@ REGION_INDEX = {"head": 0, "neck": 0, "head/neck": 0, "chest": 1, "thorax": 1, "
                 "pelvis": 3, "lower": 3, "pelvis/lower": 3}
 # "cannot upsample too much": a candidate may be at most this many voxels smaller than the output on any axis.
 MAX_UPSAMPLE_VOXELS = 64
+# `maisi generate` reads entries outside the mask folder only when asked to.
+OUTSIDE_OPTION = "--allow-outside-database"
 
 
 class MaskDatabaseError(MaisiError):
@@ -71,6 +74,25 @@ def read_database(path: Path) -> list[MaskEntry]:
     if not entries:
         raise MaskDatabaseError(f"mask database: '{path}' holds no entries")
     return entries
+
+
+def climbs_out(name: str) -> bool:
+    """A path that leaves its folder before any link is followed: absolute, drive-qualified, or climbing with '..'
+    past its start."""
+    path = name.replace("\\", "/")
+    normal = posixpath.normpath(path)
+    return posixpath.isabs(normal) or normal == ".." or normal.startswith("../") or (len(path) > 1 and path[1] == ":")
+
+
+def resolves_outside(root: Path, name: str) -> bool:
+    """A path that leaves `root` once every symbolic link is followed."""
+    start = root.resolve()
+    return climbs_out(name) or not (start / name).resolve().is_relative_to(start)
+
+
+def outside_error(database: Path, name: str, folder: str) -> MaskDatabaseError:
+    return MaskDatabaseError(f"mask database: '{database}' entry '{name}' lies outside {folder}, the folder its masks "
+                             f"are read from; move the mask inside it, or pass {OUTSIDE_OPTION} to read it anyway")
 
 
 def region_indices(names: Iterable[str]) -> tuple[int, ...]:
@@ -183,7 +205,13 @@ def index_folder(root: Path, on_progress=None, base: Path | None = None) -> list
         raise MaskDatabaseError(f"mask folder: '{root}' holds no .nii or .nii.gz files")
     entries = []
     for number, path in enumerate(files, 1):
-        entries.append(entry_for_file(path, base or root))
+        entry = entry_for_file(path, base or root)
+        if climbs_out(entry["pseudo_label_filename"]):  # `maisi generate` would refuse it: say so now
+            raise MaskDatabaseError(
+                f"mask folder: '{path}' would be listed as '{entry['pseudo_label_filename']}', outside "
+                f"{(base or root).resolve()}, the database's folder, which `maisi generate` refuses; keep the label "
+                "maps themselves (not links) in the folder and write the database there or in a folder above it")
+        entries.append(entry)
         if on_progress:
             on_progress("index masks", number, len(files))
     return entries

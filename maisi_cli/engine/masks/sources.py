@@ -13,7 +13,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
-from maisi_cli.engine.masks.database import MaskDatabaseError, MaskEntry, find_candidates, shuffled
+from maisi_cli.engine.masks.database import (MaskDatabaseError, MaskEntry, climbs_out, find_candidates, outside_error,
+                                             resolves_outside, shuffled)
 from maisi_cli.engine.masks.user import ConditionMask, load_condition_mask
 from maisi_cli.errors import MaskError
 
@@ -78,10 +79,14 @@ class NoMaskSource:
 @dataclass
 class DatabaseMaskSource:
     """Candidate masks from a database, in an order fixed by the run seed; sample k takes candidate k, its retry a
-    takes candidate k + a·N (N samples), so samples get different masks as in the reference, whatever the shard."""
+    takes candidate k + a·N (N samples), so samples get different masks as in the reference, whatever the shard.
+
+    The masks are read from `root`, a folder, or from `archive`, unpacked under `cache_root` only when the source is
+    first used (`prepare` or `mask_for`), so planning and --dry-run write nothing. Every candidate must lie inside
+    the folder its masks are read from, links followed, unless `allow_outside`.
+    """
 
     database: Path
-    root: Path
     candidates: list[MaskEntry]
     resample: bool
     size: Triple
@@ -91,20 +96,73 @@ class DatabaseMaskSource:
     num_samples: int
     augment: bool = True
     device: str = "cpu"
+    root: Path | None = None  # None until the archive is unpacked
+    archive: Path | None = None
+    cache_root: Path | None = None
+    allow_outside: bool = False
     kind: str = "database"
-    order: list[MaskEntry] = field(init=False)
+    order: list[MaskEntry] = field(init=False, default_factory=list)
+    _ready: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
+        """Check at plan time all that needs no unpacking: the paths as written, the archive's directory; a folder
+        is checked, and its resampled candidates tried, at once."""
+        from maisi_cli.engine.masks.archive import inspect_archive, is_unpacked
+
+        if self.root is None and self.archive is None:
+            raise ValueError("DatabaseMaskSource needs a root folder or an archive")
+        if not self.allow_outside:
+            for entry in self.candidates:
+                if climbs_out(entry.pseudo_label_filename):
+                    raise outside_error(self.database, entry.pseudo_label_filename,
+                                        str(self.root) if self.root is not None else "the unpacked mask archive")
+        if self.root is not None:
+            self.ready()
+        elif not is_unpacked(self.archive, self.cache_root):
+            inspect_archive(self.archive)
+
+    def ready(self) -> None:
+        """Unpack the archive (first use only), check that every candidate resolves inside the mask folder, keep
+        the candidates that survive resampling, and fix their order."""
+        from maisi_cli.engine.masks.archive import mask_root, unpack_archive
+
+        if self._ready:
+            return
+        if self.root is None:
+            unpacked = unpack_archive(self.archive, self.cache_root)
+            self.root = mask_root(unpacked, self.candidates[0].pseudo_label_filename)
+        if not self.allow_outside:
+            for entry in self.candidates:
+                if resolves_outside(self.root, entry.pseudo_label_filename):
+                    raise outside_error(self.database, entry.pseudo_label_filename, str(self.root))
+        if self.resample:
+            self.candidates = surviving_candidates(self.root, self.candidates, self.anatomy_ids, self.size,
+                                                   self.spacing, max(2 * self.num_samples, 5))
         self.order = shuffled(self.candidates, self.seed)
+        self._ready = True
 
     def describe(self) -> dict[str, Any]:
-        return {"type": self.kind, "database": str(self.database), "candidates": len(self.candidates),
-                "match": "closest (resampled)" if self.resample else "exact", "augment": self.augment}
+        described = {"type": self.kind, "database": str(self.database), "candidates": len(self.candidates),
+                     "match": "closest (resampled)" if self.resample else "exact", "augment": self.augment}
+        if self.archive is not None:
+            described["archive"] = str(self.archive)
+            described["unpacked"] = self.unpacked_text()
+        return described
+
+    def unpacked_text(self) -> str:
+        from maisi_cli.engine.masks.archive import is_unpacked, unpack_target
+
+        target = unpack_target(self.archive, self.cache_root)
+        if self._ready or is_unpacked(self.archive, self.cache_root):
+            return f"in {target}"
+        return f"not yet: would be unpacked into {target} on first use"
 
     def prepare(self, loaded: Any) -> None:
-        """Nothing to take from the loaded networks."""
+        """Nothing to take from the loaded networks; the masks are made ready now, before any sample."""
+        self.ready()
 
     def entry_for(self, index: int, attempt: int) -> tuple[int, MaskEntry]:
+        self.ready()
         position = (index + attempt * self.num_samples) % len(self.order)
         return position, self.order[position]
 
@@ -132,31 +190,38 @@ class DatabaseMaskSource:
         )
 
 
-def database_source(database: Path, root: Path, entries: Sequence[MaskEntry], anatomy_ids: Sequence[int],
+def surviving_candidates(root: Path, candidates: Sequence[MaskEntry], anatomy_ids: Sequence[int], size: Triple,
+                         spacing: FloatTriple, wanted: int) -> list[MaskEntry]:
+    """The first `wanted` candidates, closest first, that keep every requested label once resampled (reference
+    `find_closest_masks`)."""
+    survivors = []
+    for entry in candidates:
+        path = root / entry.pseudo_label_filename
+        if not path.is_file():
+            raise MaskDatabaseError(f"mask database: '{entry.pseudo_label_filename}' is listed but missing "
+                                    f"under {root}; unpack the mask archive again")
+        if not missing_anatomy(load_condition_mask(path, size, spacing).labels, anatomy_ids):
+            survivors.append(entry)
+        if len(survivors) >= wanted:
+            break
+    if not survivors:
+        raise MaskDatabaseError(f"mask database: every close candidate loses a requested label when resampled to "
+                                f"{format_triple(size)} at {format_triple(spacing)} mm; ask for a size nearer "
+                                "the database's or pass --mask FILE")
+    return survivors
+
+
+def database_source(database: Path, entries: Sequence[MaskEntry], anatomy_ids: Sequence[int],
                     regions: Sequence[int], size: Triple, spacing: FloatTriple, seed: int, num_samples: int,
-                    augment: bool, device: str) -> DatabaseMaskSource:
+                    augment: bool, device: str, *, root: Path | None = None, archive: Path | None = None,
+                    cache_root: Path | None = None, allow_outside: bool = False) -> DatabaseMaskSource:
     """Exact matches when there are enough; else the closest candidates that keep every requested label once
-    resampled, at most max(2·N, 5) of them (reference `find_closest_masks`)."""
+    resampled, at most max(2·N, 5) of them (tried when the masks are at hand: at once from a folder, on first use
+    from an archive). The masks are read from `root`, or from `archive` unpacked under `cache_root`."""
     candidates, resample = find_candidates(entries, anatomy_ids, regions, size, spacing, num_samples)
-    if resample:
-        wanted = max(2 * num_samples, 5)
-        survivors = []
-        for entry in candidates:
-            path = root / entry.pseudo_label_filename
-            if not path.is_file():
-                raise MaskDatabaseError(f"mask database: '{entry.pseudo_label_filename}' is listed but missing "
-                                        f"under {root}; unpack the mask archive again")
-            if not missing_anatomy(load_condition_mask(path, size, spacing).labels, anatomy_ids):
-                survivors.append(entry)
-            if len(survivors) >= wanted:
-                break
-        if not survivors:
-            raise MaskDatabaseError(f"mask database: every close candidate loses a requested label when resampled to "
-                                    f"{format_triple(size)} at {format_triple(spacing)} mm; ask for a size nearer "
-                                    "the database's or pass --mask FILE")
-        candidates = survivors
-    return DatabaseMaskSource(database, root, list(candidates), resample, size, spacing, tuple(anatomy_ids), seed,
-                              num_samples, augment, device)
+    return DatabaseMaskSource(database, list(candidates), resample, size, spacing, tuple(anatomy_ids), seed,
+                              num_samples, augment, device, root=root, archive=archive, cache_root=cache_root,
+                              allow_outside=allow_outside)
 
 
 @dataclass
