@@ -57,6 +57,8 @@ def qc(
         rows = [(r.organ, "-" if r.median is None else f"{r.median:.1f}", f"{r.low:.2f}", f"{r.high:.2f}",
                  r.voxels, r.verdict) for r in report.organs]
         title = f"quality check {'passed' if report.passed else 'FAILED'} (statistics: {report.statistics})"
+        if report.non_finite_voxels:
+            title += f": {report.non_finite_voxels} non-finite voxels (NaN or inf)"
         render.print_table(title, ("organ", "median HU", "low", "high", "voxels", "verdict"), rows)
     if not report.passed:
         raise QualityCheckFailed(f"IMAGE: '{image}' failed the quality check: {report.summary()}")

@@ -8,6 +8,9 @@ the means 0.406/0.456/0.485 subtracted (no std), spatial mean → features, FID 
 `FIDMetric` computes it, and the average of the planes.
 
 Differences, on purpose:
+- the covariance term tr(sqrt(S_a S_b)) comes from symmetric eigen-decompositions (`trace_sqrt_product`), not a
+  general `sqrtm` of the product, which is unstable when a plane has fewer slices than features and gave FIDs below
+  0; rounding noise is cut, so identical sets give 0, and `maisi fid` warns about such rank-deficient planes;
 - the extractor's weights come from `--extractor FILE`, else `$MAISI_HOME/fid/RadImageNet-ResNet50_notop.pth`, else
   the copy `maisi weights download radimagenet-resnet50` put in the Hugging Face cache (MONAI's mirror of the same
   file, `MONAI/checkpoints`, sha256-locked); `maisi fid` itself never downloads; the file loads with
@@ -31,7 +34,6 @@ import logging
 import os
 import socket
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -501,32 +503,62 @@ def volume_features(path: Path, extractor: Extractor, settings: FidSettings, cac
 
 
 # --- Fréchet distance -----------------------------------------------------------------------------------------------
-def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
-    """FID between two (n, d) feature sets in float64 (unbiased covariances, scipy sqrtm), as MONAI computes it."""
-    import scipy.linalg
+def _psd_eigenvalues(values: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric positive semi-definite matrix with rounding noise set to 0: those below the
+    decomposition's precision (largest × size × machine epsilon), negative ones included. Left in, the noise of a
+    singular covariance's zero eigenvalues adds up under the square root (about 1e-4 for 256 features)."""
+    tolerance = float(np.abs(values).max(initial=0.0)) * values.size * np.finfo(np.float64).eps
+    return np.where(values > tolerance, values, 0.0)
 
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(_psd_eigenvalues(values))) @ vectors.T
+
+
+def trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
+    """tr(sqrt(sigma_a @ sigma_b)) for covariances, as the sum of the square roots of the eigenvalues of the
+    symmetric root_a @ sigma_b @ root_a (root_a = sqrt(sigma_a)), which has the same eigenvalues as the product.
+    A general `sqrtm` of the non-symmetric product is unstable when the covariances are singular (fewer samples
+    than features) and made FIDs below 0; this form stays real and the distance non-negative."""
+    root_a = _psd_sqrt(sigma_a)
+    inner = root_a @ sigma_b @ root_a
+    values = np.linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sqrt(_psd_eigenvalues(values)).sum())
+
+
+def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
+    """FID between two (n, d) feature sets in float64 (unbiased covariances, as MONAI's FIDMetric), never below 0:
+    the covariance term comes from a symmetric eigen-decomposition (`trace_sqrt_product`); what rounding leaves
+    below 0 is 0."""
     a = np.asarray(features_a, dtype=np.float64)
     b = np.asarray(features_b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise FidError(f"features must be (n, d) with the same d; got {a.shape} and {b.shape}")
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise FidError("FID needs at least 2 feature vectors on each side")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise FidError("FID: the extractor gave non-finite features (NaN or inf); check the volumes for NaN or inf")
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     sigma_a = np.atleast_2d(np.cov(a, rowvar=False))
     sigma_b = np.atleast_2d(np.cov(b, rowvar=False))
-    with warnings.catch_warnings():  # a singular product (fewer slices than features) is expected and handled
-        warnings.simplefilter("ignore")
-        covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(sigma_a.shape[0]) * 1e-6
-            covmean = scipy.linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise FidError(f"FID: the covariance square root has an imaginary part of "
-                           f"{np.max(np.abs(covmean.imag)):.3g}; use more slices or volumes")
-        covmean = covmean.real
     diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * np.trace(covmean))
+    distance = diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2.0 * trace_sqrt_product(sigma_a, sigma_b)
+    return max(0.0, float(distance))
+
+
+def rank_deficiency_warning(report: "FidReport") -> str | None:
+    """One line when a plane has fewer slices than features on either side: its covariance is then singular
+    (rank < features) and the FID an unreliable estimate."""
+    short = [f"{plane.upper()} ({report.real_slices[plane]} real, {report.synth_slices[plane]} synthetic)"
+             for plane in report.planes
+             if min(report.real_slices[plane], report.synth_slices[plane]) < report.features]
+    if not short:
+        return None
+    return (f"FID: fewer slices than the {report.features} features in plane {', '.join(short)}; the covariances "
+            "are rank-deficient and the FID is unreliable: use more volumes, or keep more slices of each "
+            "(--center-slices-ratio)")
 
 
 # --- the whole computation ------------------------------------------------------------------------------------------
@@ -702,6 +734,12 @@ def _run_spawned(real: list[Path], synth: list[Path], extractor_name: str, extra
     return reports[0]
 
 
+def _warn_rank_deficiency(report: FidReport, on_warning: FidWarning | None) -> None:
+    message = rank_deficiency_warning(report)
+    if message is not None and on_warning is not None:
+        on_warning(message)
+
+
 def run_fid(real_source: Path, synth_source: Path, settings: FidSettings, extractor_path: Path | None = None,
             cache_dir: Path | None = None, device: str = "auto", progress: FidProgress | None = None,
             extractor_name: str = BUILTIN_EXTRACTOR, nproc: int = 1,
@@ -725,6 +763,7 @@ def run_fid(real_source: Path, synth_source: Path, settings: FidSettings, extrac
         path = extractor.path if extractor.name == BUILTIN_EXTRACTOR else extractor_path
         del extractor
         report = _run_spawned(real, synth, extractor_name, path, settings, cache_dir, device, nproc, progress)
+        _warn_rank_deficiency(report, on_warning)
         return report, True
     runtime = setup_runtime(device)
     try:
@@ -733,4 +772,6 @@ def run_fid(real_source: Path, synth_source: Path, settings: FidSettings, extrac
                              world_size=runtime.world_size, progress=progress if runtime.is_main else None)
     finally:
         teardown_runtime(runtime)
+    if runtime.is_main:
+        _warn_rank_deficiency(report, on_warning)
     return report, runtime.is_main

@@ -2,8 +2,10 @@
 
 For each organ of the statistics file, the median HU of the image voxels under the organ's labels (in the full,
 unfiltered label map) must lie within [low, high], where low = min(sigma_6_low, percentile_0_5) and
-high = max(sigma_6_high, percentile_99_5); bone's high is forced to 1000 HU. An organ absent from the mask (or all
-NaN under it) passes.
+high = max(sigma_6_high, percentile_99_5); bone's high is forced to 1000 HU. An organ absent from the mask passes.
+Medians are taken over finite voxels; an image with any non-finite voxel (NaN or ±inf) fails on its own reason
+(`NON_FINITE` in the failed list, with the count), and an organ whose voxels are all non-finite is "non-finite",
+not "absent": a broken image must not pass because nothing in it could be measured.
 
 The statistics file has the format of the packaged `image_median_statistics.json`: organ → {percentile_0_5,
 percentile_99_5, sigma_6_low, sigma_6_high, …}. An organ outside the built-in label sets (`ORGAN_LABELS`) may name its
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from maisi_cli.errors import MaskError, StatisticsError
 BONE_HIGH_HU = 1000.0
 REQUIRED_FIELDS = ("percentile_0_5", "percentile_99_5", "sigma_6_low", "sigma_6_high")
 PACKAGED = "packaged image_median_statistics.json"
+NON_FINITE = "non-finite"  # the entry of QCReport.failed for an image holding NaN or ±inf
 
 # Labels per organ, as the reference `LDMSampler.__init__::label_int_dict`, with one deliberate difference: the
 # reference lists lung as [28, 29, 30, 31, 31] — 31 twice and 32 (right lower lobe) missing, so a right lower lobe
@@ -82,7 +84,7 @@ class OrganResult:
     low: float
     high: float
     voxels: int
-    verdict: str  # "pass", "fail" or "absent"
+    verdict: str  # "pass", "fail", "absent", or "non-finite" (voxels under the organ, none of them finite)
 
     def describe(self) -> str:
         return f"{self.organ} median {self.median:.1f} HU outside [{self.low:.1f}, {self.high:.1f}]"
@@ -92,18 +94,23 @@ class OrganResult:
 class QCReport:
     organs: tuple[OrganResult, ...]
     statistics: str
+    non_finite_voxels: int = 0
+    image_voxels: int = 0
 
     @property
     def passed(self) -> bool:
-        return all(r.verdict != "fail" for r in self.organs)
+        return self.non_finite_voxels == 0 and all(r.verdict != "fail" for r in self.organs)
 
     @property
     def failed(self) -> list[str]:
-        return [r.organ for r in self.organs if r.verdict == "fail"]
+        return ([NON_FINITE] if self.non_finite_voxels else []) + [r.organ for r in self.organs if r.verdict == "fail"]
 
     def summary(self) -> str:
-        """One line: the failed organs with their medians and ranges, or 'passed'."""
+        """One line: the non-finite voxel count and the failed organs with their medians and ranges, or 'passed'."""
         failures = [r.describe() for r in self.organs if r.verdict == "fail"]
+        if self.non_finite_voxels:
+            failures.insert(0, f"{self.non_finite_voxels} of {self.image_voxels} voxels are non-finite (NaN or inf); "
+                               "a CT must hold finite HU values")
         return "; ".join(failures) if failures else "passed"
 
     def as_dict(self) -> dict[str, Any]:
@@ -111,6 +118,7 @@ class QCReport:
             "passed": self.passed,
             "failed": self.failed,
             "statistics": self.statistics,
+            "non_finite_voxels": self.non_finite_voxels,
             "organs": [
                 {"organ": r.organ, "median_hu": None if r.median is None else round(r.median, 3),
                  "low": round(r.low, 3), "high": round(r.high, 3), "voxels": r.voxels, "verdict": r.verdict}
@@ -202,29 +210,33 @@ def _organ_selector(labels: np.ndarray, organ_labels: tuple[int, ...]) -> np.nda
     return np.isin(labels, np.asarray(organ_labels))
 
 
+def _finite_median(values: np.ndarray) -> float | None:
+    """The median of the finite values, or None when there are none."""
+    finite = values[np.isfinite(values)] if values.dtype.kind in "fc" else values
+    return float(np.median(finite.astype(np.float64, copy=False))) if finite.size else None
+
+
+def _organ_result(image: np.ndarray, labels: np.ndarray, threshold: OrganThreshold) -> OrganResult:
+    values = image[_organ_selector(labels, threshold.labels)]
+    median = _finite_median(values)
+    if median is None:
+        verdict = "non-finite" if values.size else "absent"
+    elif median < threshold.low or median > threshold.high:
+        verdict = "fail"
+    else:
+        verdict = "pass"
+    return OrganResult(threshold.organ, threshold.labels, median, threshold.low, threshold.high, int(values.size),
+                       verdict)
+
+
 def check_quality(image: np.ndarray, mask: np.ndarray, statistics: QCStatistics,
                   image_field: str = "IMAGE", mask_field: str = "MASK") -> QCReport:
     """Organ HU medians of `image` (HU, after the body crop) under the full label map `mask`, against
-    `statistics`. Shapes must match."""
+    `statistics`; any non-finite voxel of `image` fails the check. Shapes must match."""
     if image.shape != mask.shape:
         raise MaskError(f"{mask_field}: shape {tuple(mask.shape)} differs from {image_field} shape "
                         f"{tuple(image.shape)}; give the label map the image was generated with")
     labels = label_ids(mask, mask_field)
-    results = []
-    for threshold in statistics.organs:
-        values = image[_organ_selector(labels, threshold.labels)]
-        median = None
-        if values.size:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slice
-                value = float(np.nanmedian(values.astype(np.float64, copy=False)))
-            median = value if math.isfinite(value) else None
-        if median is None:
-            verdict = "absent"
-        elif median < threshold.low or median > threshold.high:
-            verdict = "fail"
-        else:
-            verdict = "pass"
-        results.append(OrganResult(threshold.organ, threshold.labels, median, threshold.low, threshold.high,
-                                   int(values.size), verdict))
-    return QCReport(tuple(results), statistics.source)
+    non_finite = int(image.size - np.count_nonzero(np.isfinite(image))) if image.dtype.kind in "fc" else 0
+    results = tuple(_organ_result(image, labels, threshold) for threshold in statistics.organs)
+    return QCReport(results, statistics.source, non_finite_voxels=non_finite, image_voxels=int(image.size))

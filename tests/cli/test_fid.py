@@ -53,6 +53,30 @@ def test_table(fid_inputs):
         assert word in result.stdout
 
 
+def test_same_set_with_fewer_slices_than_features_is_zero_with_one_warning(fid_inputs):
+    """3 volumes of 16 slices a plane against 256 features: it gave a negative FID and said nothing."""
+    real, _, extractor = fid_inputs
+    result = runner.invoke(app, ["--json", *fid_args(real, real, extractor)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["features"] == 256 and document["real_slices"] == {"xy": 48, "yz": 48, "zx": 48}
+    assert all(abs(value) < 1e-6 for value in document["fid"].values()), document["fid"]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
+    assert warnings == ["Warning: FID: fewer slices than the 256 features in plane XY (48 real, 48 synthetic), "
+                        "YZ (48 real, 48 synthetic), ZX (48 real, 48 synthetic); the covariances are rank-deficient "
+                        "and the FID is unreliable: use more volumes, or keep more slices of each "
+                        "(--center-slices-ratio)"], result.stderr
+
+
+def test_other_sets_with_fewer_slices_than_features_are_not_negative(fid_inputs):
+    real, synth, extractor = fid_inputs
+    result = runner.invoke(app, ["--json", *fid_args(real, synth, extractor, "--planes", "xy")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["fid"]["xy"] > 0
+    assert result.stderr.count("Warning: FID: fewer slices than the 256 features in plane XY (48 real, "
+                               "32 synthetic)") == 1, result.stderr
+
+
 @pytest.mark.parametrize("case, expected", [
     ("empty", "holds no NIfTI"),
     ("not-nifti", "is not a folder, a datalist"),

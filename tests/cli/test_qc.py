@@ -97,6 +97,37 @@ def test_qc_failure_exits_3_with_one_line_and_the_table(tmp_path):
     assert document["passed"] is False and document["failed"] == ["liver"]
 
 
+def test_qc_of_an_all_nan_ct_exits_3_naming_the_non_finite_voxels(tmp_path):
+    """It used to print "passed": every organ under NaN read as "absent"."""
+    image_path, labels = ct_and_labels(tmp_path)
+    image = write_volume(tmp_path / "nan.nii.gz", np.full((16, 16, 16), np.nan, dtype=np.float32))
+    result = runner.invoke(app, ["qc", str(image), str(labels)])
+    assert result.exit_code == 3, result.stderr
+    assert "FAILED" in result.stdout and "4096 non-finite voxels" in result.stdout
+    lines = error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith(f"Error: IMAGE: '{image}' failed the quality check")
+    assert "4096 of 4096 voxels are non-finite (NaN or inf)" in lines[0]
+
+    as_json = runner.invoke(app, ["--json", "qc", str(image), str(labels)])
+    assert as_json.exit_code == 3
+    document = json.loads(as_json.stdout)
+    assert document["passed"] is False and document["failed"] == ["non-finite"]
+    assert document["non_finite_voxels"] == 4096
+    assert {o["organ"]: o["verdict"] for o in document["organs"]}["liver"] == "non-finite"
+
+
+def test_qc_of_a_ct_with_one_inf_voxel_exits_3(tmp_path):
+    image_path, labels = ct_and_labels(tmp_path)
+    data = np.asarray(nib.load(str(image_path)).dataobj).astype(np.float32)
+    data[3, 3, 3] = np.inf  # in the liver; its median of the finite voxels still passes
+    image = write_volume(tmp_path / "inf.nii.gz", data)
+    result = runner.invoke(app, ["--json", "qc", str(image), str(labels)])
+    assert result.exit_code == 3, result.stderr
+    document = json.loads(result.stdout)
+    assert document["failed"] == ["non-finite"] and document["non_finite_voxels"] == 1
+    assert "1 of 4096 voxels are non-finite" in result.stderr
+
+
 def test_qc_with_a_statistics_file(tmp_path):
     image, labels = ct_and_labels(tmp_path, liver_hu=400.0)
     wide = stats_file(tmp_path / "wide.json", -1001.0, 1001.0)
@@ -285,7 +316,8 @@ def test_strict_qc_writes_everything_then_exits_3(tiny_model, mask_file, tmp_pat
     assert "--strict-qc" in errors[0] and "0 (2 attempt(s)), 1 (2 attempt(s))" in errors[0]
 
     # A re-run finds the samples complete; their recorded failure still fails the strict check.
-    rerun = generate(tiny_model, mask_file, out, "-n", "2", "--stats", str(narrow), "--strict-qc")
+    rerun = generate(tiny_model, mask_file, out, "-n", "2", "--stats", str(narrow), "--max-attempts", "2",
+                     "--strict-qc")
     assert rerun.exit_code == 3
     rerun_report = json.loads(rerun.stdout)
     assert rerun_report["skipped"] == [0, 1] and rerun_report["qc_failed"] == [0, 1]
@@ -329,3 +361,24 @@ def test_dry_run_shows_the_quality_check(tiny_model, mask_file, tmp_path):
                                  "--strict-qc"])
     assert result.exit_code == 0, result.stderr
     assert "up to 5 attempt(s)" in result.stdout and "strict" in result.stdout
+
+
+def test_organ_lost_when_the_mask_is_resampled_is_warned_by_name(tiny_model, tmp_path):
+    """A 1 mm mask to a 2 mm grid: lone voxels at odd indices fall between the nearest-neighbour samples. The
+    organ's absence would otherwise read as "absent" in the quality check, with nothing said."""
+    from tests.helpers import phantom_labels
+
+    labels = phantom_labels((64, 64, 64))
+    labels[33, 33, 33] = 4  # pancreas
+    labels[41, 41, 41] = 22  # brain
+    mask = write_mask(tmp_path / "fine.nii.gz", (64, 64, 64), (1.0, 1.0, 1.0), labels=labels)
+    out = tmp_path / "out"
+    result = generate(tiny_model, mask, out, "--size", "32x32x32", "--spacing", "2", "--no-qc")
+    assert result.exit_code == 0, result.stderr  # a warning: the other labels still condition the CT
+    (line,) = [line for line in result.stderr.splitlines() if "vanish" in line]
+    assert "--mask: 'fine.nii.gz' is 64x64x64 at 1x1x1 mm" in line and "32x32x32 at 2x2x2 mm" in line
+    assert "label 4 pancreas (1 voxel), label 22 brain (1 voxel) vanish" in line
+    assert "give a mask at the target grid or a finer --spacing" in line
+    written = np.asarray(nib.load(out / "sample_0000_label.nii.gz").dataobj)
+    assert not np.isin(written, [4, 22]).any() and (written == 1).any()
+

@@ -57,6 +57,42 @@ def test_matches_monai_fid_metric(features):
     assert frechet_distance(b, a) == pytest.approx(expected, rel=1e-9)
 
 
+def small_side_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """FID for fewer samples than features, written independently of the engine: with centred, scaled data
+    X_a, X_b (sigma = X.T @ X), tr(sqrt(sigma_a @ sigma_b)) is the sum of the singular values of X_a @ X_b.T."""
+    xa = (a - a.mean(0)) / np.sqrt(len(a) - 1)
+    xb = (b - b.mean(0)) / np.sqrt(len(b) - 1)
+    cross = np.linalg.svd(xa @ xb.T, compute_uv=False).sum()
+    return float(np.sum((a.mean(0) - b.mean(0)) ** 2) + (xa**2).sum() + (xb**2).sum() - 2 * cross)
+
+
+def test_identical_sets_with_fewer_samples_than_features_give_zero():
+    """`maisi fid A A` with 20 slices of 256 features gave a negative FID (sqrtm of a singular product)."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(20, 256)) * rng.uniform(0.01, 3.0, size=256)
+    assert abs(frechet_distance(a, a)) < 1e-6
+    assert abs(frechet_distance(a.astype(np.float32), a.astype(np.float32))) < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fewer_samples_than_features_is_non_negative_and_exact(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(12, 64)) * rng.uniform(0.01, 3.0, size=64)
+    b = rng.normal(0.1, 1.0, size=(9, 64)) * rng.uniform(0.01, 3.0, size=64)
+    distance = frechet_distance(a, b)
+    assert distance >= 0
+    assert distance == pytest.approx(small_side_fid(a, b), rel=1e-9)
+    near = a + rng.normal(scale=1e-3, size=a.shape)  # nearly the same set: a small distance, still not below 0
+    assert 0 <= frechet_distance(a, near) == pytest.approx(small_side_fid(a, near), abs=1e-6)
+
+
+def test_non_finite_features_are_refused():
+    a = np.ones((4, 3))
+    a[1, 1] = np.nan
+    with pytest.raises(FidError, match="non-finite features"):
+        frechet_distance(a, np.ones((4, 3)))
+
+
 def test_too_few_features_refused():
     with pytest.raises(FidError, match="at least 2"):
         frechet_distance(np.zeros((1, 4)), np.zeros((3, 4)))

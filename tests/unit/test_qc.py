@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maisi_cli.engine.qc import ORGAN_LABELS, PACKAGED, check_quality, load_statistics, thresholds_from
+from maisi_cli.engine.qc import NON_FINITE, ORGAN_LABELS, PACKAGED, check_quality, load_statistics, thresholds_from
 from maisi_cli.errors import MaskError, StatisticsError
 
 # reference-inference.md §12.2, effective thresholds (HU), with the lung label set fixed (28–32).
@@ -64,7 +64,7 @@ def test_right_lower_lobe_alone_out_of_range_fails_lung():
     assert "lung median 40.0 HU outside [-1088.6, -367.0]" in report.summary()
 
 
-def test_medians_are_nanmedians_over_all_of_an_organs_labels():
+def test_medians_are_over_the_finite_voxels_of_all_an_organs_labels():
     image, mask = volume()
     mask[0, 0, :4] = 5   # right kidney
     mask[1, 0, :2] = 14  # left kidney
@@ -74,23 +74,58 @@ def test_medians_are_nanmedians_over_all_of_an_organs_labels():
     kidney = organ(report, "kidney")
     # values 10, 20, 30, 40, 1000 (NaN ignored): median 30; six voxels under the labels
     assert kidney.median == 30.0 and kidney.voxels == 6 and kidney.verdict == "pass"
+    assert report.failed == ["non-finite"]  # the NaN itself still fails the image
 
     mask[2, 0, :2] = 1
     image[2, 0, :2] = [100.0, 160.0]  # even count: the mean of the middle two
     assert organ(check_quality(image, mask, load_statistics()), "liver").median == 130.0
 
 
-def test_absent_and_all_nan_organs_pass():
+def test_absent_organs_pass():
     image, mask = volume(body_hu=5000.0)  # body alone at any HU is not checked
     mask[0, 0, 0] = 10  # gallbladder: in no organ set
-    mask[1, 1, 1] = 3
-    image[1, 1, 1] = np.nan  # the spleen is present but all NaN
     report = check_quality(image, mask, load_statistics())
-    assert report.passed and report.failed == []
+    assert report.passed and report.failed == [] and report.non_finite_voxels == 0
     assert {r.verdict for r in report.organs} == {"absent"}
-    spleen = organ(report, "spleen")
-    assert spleen.median is None and spleen.voxels == 1
     assert organ(report, "liver").voxels == 0
+
+
+def test_an_all_nan_image_fails_on_its_non_finite_voxels():
+    """Every organ unmeasurable used to read as "absent", so an all-NaN CT passed."""
+    image, mask = volume()
+    mask[:2] = 1
+    image[:] = np.nan
+    report = check_quality(image, mask, load_statistics())
+    assert not report.passed and report.failed == [NON_FINITE]
+    assert report.non_finite_voxels == 512 and report.image_voxels == 512
+    assert organ(report, "liver").verdict == "non-finite" and organ(report, "liver").median is None
+    assert organ(report, "spleen").verdict == "absent"
+    assert "512 of 512 voxels are non-finite (NaN or inf)" in report.summary()
+    document = report.as_dict()
+    assert document["passed"] is False and document["non_finite_voxels"] == 512
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_non_finite_voxel_fails_and_organs_use_their_finite_voxels(bad):
+    image, mask = volume()
+    mask[:2] = 1
+    image[:2] = 50.0
+    image[0, 0, 0] = bad  # inside the liver
+    report = check_quality(image, mask, load_statistics())
+    assert not report.passed and report.failed == [NON_FINITE] and report.non_finite_voxels == 1
+    liver = organ(report, "liver")
+    assert liver.verdict == "pass" and liver.median == 50.0 and liver.voxels == 128
+    assert report.summary().startswith("1 of 512 voxels are non-finite")
+
+
+def test_non_finite_voxels_and_a_failing_organ_are_both_reported():
+    image, mask = volume()
+    mask[:2] = 1
+    image[:2] = 500.0
+    image[7, 7, 7] = np.nan  # in the body, under no checked organ
+    report = check_quality(image, mask, load_statistics())
+    assert report.failed == [NON_FINITE, "liver"]
+    assert "1 of 512 voxels are non-finite" in report.summary() and "liver median 500.0 HU" in report.summary()
 
 
 def test_bounds_are_inclusive_and_outside_fails():
@@ -154,7 +189,7 @@ def test_report_as_dict():
     image[:2] = 500.0
     document = check_quality(image, mask, load_statistics()).as_dict()
     assert document["passed"] is False and document["failed"] == ["liver"]
-    assert document["statistics"] == PACKAGED
+    assert document["statistics"] == PACKAGED and document["non_finite_voxels"] == 0
     liver = document["organs"][0]
     assert liver == {"organ": "liver", "median_hu": 500.0, "low": -21.596, "high": 162.0, "voxels": 128,
                      "verdict": "fail"}

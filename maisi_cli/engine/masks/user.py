@@ -81,9 +81,42 @@ def load_condition_mask(path: Path, size: Triple, spacing: FloatTriple) -> Condi
     )
 
 
+def _label_counts(labels: np.ndarray) -> np.ndarray:
+    """Voxels per label id 0..255."""
+    return np.bincount(labels.ravel(), minlength=256)
+
+
+def _lost_labels(path: Path, fitted: np.ndarray) -> list[tuple[int, int]]:
+    """(label, voxels in the file) for each label of the file at `path` that `fitted` no longer holds. The file is
+    read again here because the condition mask keeps only the fitted labels."""
+    data, _ = read_nifti(path)
+    before, after = _label_counts(checked_labels(data, path)), _label_counts(fitted)
+    return [(label, int(before[label])) for label in np.flatnonzero((before > 0) & (after == 0)) if label != 0]
+
+
+def _label_name(label: int) -> str:
+    from maisi_cli.labels import label_dictionary
+
+    names = {ident: name for name, ident in label_dictionary().items()}
+    return f"label {label} {names[label]}" if label in names else f"label {label}"
+
+
 def resample_warning(mask: ConditionMask, path: Path, size: Triple, spacing: FloatTriple) -> str:
-    return (
+    """One warning line: the mask was resampled, and which labels of the file the resampled mask lost. A lost
+    label is a warning, not an error: the other labels still make a sensible condition, but the CT will not show
+    the lost organ, and the QC cannot check it."""
+    target = f"{format_triple(size)} at {format_triple(spacing)} mm"
+    message = (
         f"--mask: '{path.name}' is {format_triple(mask.original_shape)} at "
         f"{format_triple(tuple(round(s, 4) for s in mask.original_spacing))} mm; resampled (nearest) and padded/cropped "
-        f"to {format_triple(size)} at {format_triple(spacing)} mm"
+        f"to {target}"
     )
+    lost = _lost_labels(path, mask.labels)
+    if not lost:
+        return message
+    labels = ", ".join(f"{_label_name(label)} ({voxels} voxel{'' if voxels == 1 else 's'})"
+                       for label, voxels in lost)
+    one = len(lost) == 1
+    return (f"{message}, where {labels} {'vanishes' if one else 'vanish'}: the CT is generated without "
+            f"{'it' if one else 'them'}; give a mask at the target grid or a finer --spacing to keep "
+            f"{'it' if one else 'them'}")
