@@ -5,6 +5,7 @@ Kept light: nothing here imports torch or MONAI, so `maisi --help` and shell com
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -25,28 +26,190 @@ def default_wait_policy(argv: list[str]) -> str | None:
 if (_policy := default_wait_policy(sys.argv[1:])) is not None:
     os.environ.setdefault("OMP_WAIT_POLICY", _policy)
 
+import errno  # noqa: E402
 import traceback  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
 
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
+
+try:  # typer >= 0.20 carries its own copy of Click, whose exceptions its parser raises
+    from typer._click import exceptions as click_errors  # noqa: E402
+except ImportError:  # pragma: no cover - older typer: Click itself
+    from click import exceptions as click_errors  # type: ignore[no-redef]  # noqa: E402
 
 from maisi_cli import __version__  # noqa: E402
 from maisi_cli.cli import render  # noqa: E402
 from maisi_cli.errors import MaisiError  # noqa: E402
 
+# The root flags a user may also write after the command (`maisi generate … --quiet`): Click reads a group's options
+# only before its command, so they are moved there. None of them takes a value.
+ROOT_FLAGS = ("--json", "--quiet", "-q", "--debug")
+
+
+@dataclass
+class Request:
+    """The command line as Click will read it, and the two root flags that decide how a failure is shown."""
+
+    args: list[str] = field(default_factory=list)
+    json: bool = False
+    debug: bool = False
+    command: list[str] = field(default_factory=lambda: ["maisi"])  # the command it names, for a help hint
+
+
+def read_request(root: Any, args: list[str]) -> Request:
+    """Walk `args` as Click will: into each subcommand, an option that takes values keeps them (even `--out --json`),
+    a command's own option of a root flag's name stays its own, and nothing after `--` moves. A root flag met after
+    the command moves before it."""
+    moved: list[str] = []
+    kept: list[str] = []
+    request = Request()
+    command, ctx = root, root.context_class(root, **root.context_settings)
+    index = 0
+    while index < len(args):
+        word = args[index]
+        index += 1
+        if word == "--":
+            kept += args[index - 1:]
+            break
+        if not word.startswith("-") or word == "-":
+            kept.append(word)
+            sub = command.get_command(ctx, word) if hasattr(command, "get_command") else None
+            if sub is not None:
+                command, ctx = sub, sub.context_class(sub, parent=ctx, info_name=word)
+                request.command.append(word)
+            continue
+        option = option_named(command, ctx, word.split("=", 1)[0])
+        if option is None and command is not root and word in ROOT_FLAGS:
+            moved.append(word)
+            request.json |= word == "--json"
+            request.debug |= word == "--debug"
+            continue
+        kept.append(word)
+        if option is None:
+            continue
+        request.json |= word == "--json" and option.is_flag  # the root's, or a command's own (they merge)
+        request.debug |= word == "--debug" and command is root
+        taken = 0 if "=" in word or option.is_flag or option.count else max(option.nargs, 1)
+        kept += args[index:index + taken]
+        index += taken
+    request.args = moved + kept
+    return request
+
+
+def option_named(command: Any, ctx: Any, name: str) -> Any:
+    """The command's option spelt `name` (help included), or None."""
+    for param in command.get_params(ctx):
+        if getattr(param, "param_type_name", "") == "option" and name in (*param.opts, *param.secondary_opts):
+            return param
+    return None
+
+
+def parameter_name(param: Any) -> str:
+    """How the user wrote a parameter: an option's long name (`--num-samples`), an argument's METAVAR."""
+    if getattr(param, "param_type_name", "") == "option":
+        return max(param.opts, key=len)
+    return param.metavar or param.name.upper()
+
+
+def usage_line(failure: Any, request: Request) -> str:
+    """One line for a Click usage error that names the option at fault and the fix."""
+    command = failure.ctx.command_path if failure.ctx is not None else " ".join(request.command)
+    see = f"see `{command} --help`"
+    param = getattr(failure, "param", None)
+    if isinstance(failure, click_errors.MissingParameter) and param is not None:
+        name = parameter_name(param)
+        if param.param_type_name == "option":
+            return f"{name}: this option is required; add {name} VALUE ({see})"
+        return f"{name}: missing argument; {see}"
+    if isinstance(failure, click_errors.BadParameter) and param is not None:
+        return f"{parameter_name(param)}: {failure.message}"
+    if isinstance(failure, click_errors.NoSuchOption):
+        near = sorted(failure.possibilities or ())
+        fix = f"did you mean {' or '.join(near)}? ({see})" if near else see
+        return f"{failure.option_name}: no such option of `{command}`; {fix}"
+    return f"{failure.format_message()} ({see})"
+
+
+def describe_failure(failure: BaseException, request: Request) -> tuple[str, str, int]:
+    """(type, one-line message, exit code) of whatever ended a command."""
+    if isinstance(failure, MaisiError):
+        return type(failure).__name__, str(failure), failure.exit_code
+    if isinstance(failure, click_errors.NoArgsIsHelpError):  # a bare group under --json (else Click shows help)
+        return "UsageError", f"missing command; see `{failure.ctx.command_path} --help`", 2
+    if isinstance(failure, click_errors.UsageError):
+        return "UsageError", usage_line(failure, request), 2
+    if isinstance(failure, click_errors.ClickException):
+        return type(failure).__name__, failure.format_message(), failure.exit_code
+    if isinstance(failure, KeyboardInterrupt) or isinstance(failure.__cause__, KeyboardInterrupt):
+        return "Interrupted", "interrupted (Ctrl-C)", 130
+    if isinstance(failure, typer.Abort):
+        return "Aborted", "aborted", 1
+    return ("InternalError", f"unexpected {type(failure).__name__}: {failure}; this is a bug: rerun with --debug to "
+            "see the traceback, and please report it", 1)
+
+
+def passes_through(failure: BaseException, request: Request) -> bool:
+    """What Click itself must handle: an exit (help, --version, success), help for a bare group without --json,
+    a closed pipe."""
+    if isinstance(failure, (SystemExit, typer.Exit)):
+        return True
+    if isinstance(failure, click_errors.NoArgsIsHelpError):
+        return not request.json
+    return isinstance(failure, OSError) and failure.errno == errno.EPIPE
+
+
+def exit_status(failure: BaseException) -> int:
+    """The status a typer.Exit or SystemExit ends the process with (1 for a message); 0 for anything else."""
+    if isinstance(failure, typer.Exit):
+        return failure.exit_code
+    if isinstance(failure, SystemExit):
+        return failure.code if isinstance(failure.code, int) else int(failure.code is not None)
+    return 0
+
+
+def report(failure: BaseException, request: Request) -> NoReturn:
+    """One red line on stderr (a traceback first with --debug), the --json document, the exit code."""
+    kind, message, exit_code = describe_failure(failure, request)
+    message = " ".join(message.split("\n"))
+    if request.debug and not isinstance(failure, click_errors.UsageError):
+        traceback.print_exception(failure)
+    render.error(message)
+    render.json_failure(kind, message, exit_code)
+    raise typer.Exit(exit_code) from None
+
 
 class MaisiGroup(TyperGroup):
-    """Root group: every command's MaisiError ends here as one line on stderr and the error's exit code."""
+    """Root group: root flags are read after the command too, and every failure ends here as one line on stderr
+    (with --json also one document on stdout) and its exit code."""
+
+    request = Request()
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore
+        self.request = read_request(self, list(sys.argv[1:] if args is None else args))
+        run = render.json_run() if self.request.json else contextlib.nullcontext()
+        with run:
+            return super().main(self.request.args, prog_name, complete_var, standalone_mode, **extra)
+
+    def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[override]
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except BaseException as failure:
+            if passes_through(failure, self.request):
+                raise
+            report(failure, self.request)
 
     def invoke(self, ctx: typer.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
-        except MaisiError as failure:
-            output = ctx.obj if isinstance(ctx.obj, render.Output) else render.Output()
-            if output.debug:
-                traceback.print_exc()
-            render.error(str(failure))
-            raise typer.Exit(failure.exit_code) from None
+        except BaseException as failure:
+            code = exit_status(failure)
+            if code:  # a command that chose its exit code itself: the --json document still says it failed
+                render.json_failure("Exit", f"exit code {code}", code)
+            if passes_through(failure, self.request):
+                raise
+            report(failure, self.request)
 
 
 app = typer.Typer(
@@ -60,10 +223,14 @@ app = typer.Typer(
 )
 
 
-def _print_version(value: bool) -> None:
-    if value:
+def _print_version(ctx: typer.Context, value: bool) -> None:
+    if not value:
+        return
+    if isinstance(ctx.command, MaisiGroup) and ctx.command.request.json:
+        render.print_json({"version": __version__})
+    else:
         typer.echo(f"maisi {__version__}")
-        raise typer.Exit()
+    raise typer.Exit()
 
 
 @app.callback()

@@ -9,7 +9,7 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
@@ -50,9 +50,63 @@ def info(message: str, output: Output) -> None:
     console.print(escape(message), soft_wrap=True)
 
 
+@dataclass
+class _JsonRun:
+    """The document of a --json run in progress: held until the run ends, then printed once (see json_run)."""
+
+    stdout: Any  # the real stdout: while the command runs, sys.stdout is stderr, so nothing else lands there
+    documents: list = field(default_factory=list)
+    printed: bool = False
+
+
+_run: _JsonRun | None = None
+
+
+def write_json(document: Any, stream: Any = None) -> None:
+    stream = stream or sys.stdout
+    stream.write(json.dumps(document, indent=2, default=str) + "\n")
+    stream.flush()
+
+
 def print_json(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    """The command's one JSON document: printed now, or, in a --json run, held until the run ends."""
+    if _run is None:
+        write_json(document)
+    else:
+        _run.documents.append(document)
+
+
+def _with_status(documents: list, ok: bool, **extra: Any) -> dict:
+    """`{"ok": ..., <the command's fields>, "error": ...}`: "ok" first, so a reader sees the outcome at once."""
+    fields: dict = {}
+    for document in documents:  # one in practice; a second one's fields are kept rather than lost
+        fields.update(document if isinstance(document, dict) else {"result": document})
+    return {"ok": ok, **fields, **extra}
+
+
+@contextlib.contextmanager
+def json_run() -> Iterator[None]:
+    """A run under --json prints exactly one document: the command's, with "ok": true, when it succeeds; on a
+    failure (json_failure) "ok": false and the error, joined to the command's document when the failure came after
+    it (a sample that failed, --strict-qc, a weights mismatch), so stdout never holds two documents."""
+    global _run
+    outer, _run = _run, _JsonRun(stdout=sys.stdout)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # help, a table, a library's print: all on stderr
+            yield
+    finally:
+        run, _run = _run, outer
+        if run.documents and not run.printed:
+            write_json(_with_status(run.documents, ok=True), run.stdout)
+
+
+def json_failure(kind: str, message: str, exit_code: int) -> None:
+    """The --json run's one document for a failure; nothing outside a --json run (the error line says it all)."""
+    if _run is None or _run.printed:
+        return
+    _run.printed = True
+    write_json(_with_status(_run.documents, ok=False, error={"type": kind, "message": message,
+                                                             "exit_code": exit_code}), _run.stdout)
 
 
 def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -21,7 +21,7 @@ def test_index_writes_a_database_the_finder_reads(tmp_path):
     write_mask(folder / "two.nii", (48, 48, 32), (1.5, 1.5, 2.0))
     result = runner.invoke(app, ["--json", "data", "masks", "index", str(folder), "--out", str(tmp_path / "db.json")])
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout) == {"database": str(tmp_path / "db.json"), "entries": 2,
+    assert json.loads(result.stdout) == {"ok": True, "database": str(tmp_path / "db.json"), "entries": 2,
                                          "root": str(folder.resolve())}
     entries = read_database(tmp_path / "db.json")
     assert [e.pseudo_label_filename for e in entries] == ["labels/one.nii.gz", "labels/two.nii"]  # from db.json

@@ -349,7 +349,7 @@ def test_qc_option_errors(tiny_model, mask_file, tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({"liver": {"percentile_0_5": 0}}))
     result = generate(tiny_model, mask_file, out, "--stats", str(broken))
-    assert result.exit_code == 1 and result.stdout == ""
+    assert result.exit_code == 1 and json.loads(result.stdout)["error"]["type"] == "StatisticsError"  # --json
     assert len(error_lines(result)) == 1 and "'percentile_99_5'" in result.stderr
     assert not out.exists()
 
