@@ -5,12 +5,13 @@ No torch here: the CLI imports this module to answer `--help` quickly.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from maisi_cli.errors import UsageError
 
@@ -38,8 +39,24 @@ def parse_size(text: str, field: str = "--size") -> Triple:
     return (values[0], values[1], values[2])
 
 
+# Any spacing maisi accepts, whatever the model (10 µm micro-CT to 10 cm): finite and within this range, so that a
+# grid's extent and a mask's resampling stay countable. A model's own rules (ModelSpec.check_request) are tighter;
+# --allow-any-size lifts those, never this range.
+SPACING_RANGE_MM = (0.01, 100.0)
+
+
+def spacing_problem(values: tuple[float, ...]) -> str | None:
+    """Why `values` is not a usable spacing (None when it is): three finite numbers in SPACING_RANGE_MM."""
+    low, high = SPACING_RANGE_MM
+    if len(values) != 3:
+        return f"give three numbers in mm within [{low:g}, {high:g}], like 1.0x1.0x2.5"
+    if not all(math.isfinite(v) and low <= v <= high for v in values):
+        return f"write three finite numbers in mm within [{low:g}, {high:g}], like 1.0x1.0x2.5"
+    return None
+
+
 def parse_spacing(text: str, field: str = "--spacing") -> FloatTriple:
-    """`0.75x0.75x1.0` or `1.5` (isotropic) → millimetres per voxel."""
+    """`0.75x0.75x1.0` or `1.5` (isotropic) → millimetres per voxel, each within SPACING_RANGE_MM."""
     parts = [p for p in _SEPARATORS.split(text.strip().lower()) if p]
     try:
         values = [float(p) for p in parts]
@@ -47,8 +64,9 @@ def parse_spacing(text: str, field: str = "--spacing") -> FloatTriple:
         raise UsageError(f"{field}: '{text}' is not a spacing; write three numbers in mm like 1.0x1.0x2.5") from None
     if len(values) == 1:
         values = values * 3
-    if len(values) != 3 or any(not (v > 0) for v in values):
-        raise UsageError(f"{field}: '{text}' is not a spacing; write three positive numbers in mm like 1.0x1.0x2.5")
+    problem = spacing_problem(tuple(values))
+    if problem:
+        raise UsageError(f"{field}: '{text}' is not a spacing; {problem}")
     return (values[0], values[1], values[2])
 
 
@@ -126,6 +144,15 @@ class GenerateRequest(BaseModel):
     backend: Backend = "torch"  # `--backend`: PyTorch, onnxruntime or TensorRT (engine/backends.py)
     onnx_dir: Path | None = None  # `--onnx-dir`: a `maisi export onnx` folder (default: MAISI_HOME/onnx)
     guidance: float | None = Field(None, ge=1)  # `--guidance S`: classifier-free guidance (image-only models); 1 = off
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing_in_range(cls, spacing: FloatTriple | None) -> FloatTriple | None:
+        """The same bounds as `--spacing` for a request built in code (a UsageError is not wrapped by pydantic)."""
+        problem = None if spacing is None else spacing_problem(spacing)
+        if problem:
+            raise UsageError(f"--spacing: {format_triple(spacing)} is not a spacing; {problem}")
+        return spacing
 
 
 def maisi_home() -> Path:

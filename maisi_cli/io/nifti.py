@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -12,22 +13,75 @@ import numpy as np
 from maisi_cli.errors import MaskError
 
 
-def read_nifti(path: Path, field: str = "--mask", what: str = "label map") -> tuple[np.ndarray, np.ndarray]:
-    """(3-D array as stored, 4×4 affine). A missing, unreadable or non-3-D file is a MaskError naming `field`;
-    `what` names the kind of volume expected ("label map", "CT image")."""
+@dataclass(frozen=True)
+class NiftiHeader:
+    """What a NIfTI file's header says of its volume, read without loading the voxels."""
+
+    shape: tuple[int, int, int]
+    dtype: np.dtype  # of the array as read: float64 when the header scales the stored values (scl_slope/scl_inter)
+    affine: np.ndarray  # 4×4, finite, with a non-singular 3×3 part
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why a voxel-to-world affine cannot place voxels (None when it can): non-finite entries, a zero voxel
+    spacing (a zero column) or a singular 3×3 part (two axes along one direction)."""
+    if not np.all(np.isfinite(affine)):
+        return "non-finite entries"
+    columns = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if not np.all(columns > 0):
+        return f"voxel spacing {'x'.join(f'{c:g}' for c in columns)} mm"
+    # relative to the column lengths, so a fine but valid grid (0.01 mm) is not called singular
+    if abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(columns)):
+        return "a singular 3x3 part: two voxel axes point the same way"
+    return None
+
+
+def _open_nifti(path: Path, field: str, what: str) -> tuple[nib.Nifti1Image, NiftiHeader]:
+    """The lazily loaded image and its checked header: 3-D (or 4-D with one volume), a usable affine."""
     if not path.is_file():
         raise MaskError(f"{field}: '{path}' does not exist; give the path of a NIfTI {what} (.nii or .nii.gz)")
     try:
         image = nib.load(str(path))
-        data = np.asanyarray(image.dataobj)
+        shape = tuple(int(s) for s in image.shape)
+        affine = np.asarray(image.affine, dtype=np.float64)
+        stored = np.dtype(image.get_data_dtype())
+        scaled = (getattr(image.dataobj, "slope", 1.0), getattr(image.dataobj, "inter", 0.0)) != (1.0, 0.0)
     except Exception as error:  # nibabel raises many types for a corrupt or foreign file
-        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-        raise MaskError(f"{field}: '{path}' is not a readable NIfTI file ({reason})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise MaskError(f"{field}: '{path}' has shape {data.shape}; a 3-D {what} is needed")
-    return data, np.asarray(image.affine, dtype=np.float64)
+        raise MaskError(f"{field}: '{path}' is not a readable NIfTI file ({_reason(error)})") from None
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise MaskError(f"{field}: '{path}' has shape {shape}; a 3-D {what} is needed")
+    problem = affine_problem(affine)
+    if problem:
+        raise MaskError(f"{field}: '{path}' has a degenerate affine ({problem}); fix its header (sform/qform) so "
+                        "each voxel axis has a finite, non-zero spacing")
+    dtype = np.dtype(np.float64) if scaled else stored
+    return image, NiftiHeader(shape, dtype, affine)  # type: ignore[arg-type]
+
+
+def _reason(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+
+
+def read_nifti_header(path: Path, field: str = "--mask", what: str = "label map") -> NiftiHeader:
+    """The checked header alone (shape, dtype, affine): for sizing a volume before reading it."""
+    return _open_nifti(path, field, what)[1]
+
+
+def read_nifti(path: Path, field: str = "--mask", what: str = "label map") -> tuple[np.ndarray, np.ndarray]:
+    """(3-D array as stored, 4×4 affine). A missing, unreadable or non-3-D file, or one whose affine cannot place
+    its voxels, is a MaskError naming `field`; `what` names the kind of volume expected ("label map", "CT image")."""
+    image, header = _open_nifti(path, field, what)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # a truncated or corrupt data part
+        raise MaskError(f"{field}: '{path}' is not a readable NIfTI file ({_reason(error)})") from None
+    return data.reshape(header.shape), header.affine
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:

@@ -111,3 +111,130 @@ def test_parse_memory(text, expected):
 def test_parse_memory_rejects(text):
     with pytest.raises(UsageError, match="--memory"):
         parse_memory(text)
+
+
+# --- host memory -------------------------------------------------------------------------------------------------
+def _whole_plan(spec, size):
+    latent = spec.latent_shape(size)[1:]
+    return make_decode_plan(latent, latent, 0.4, 1)
+
+
+def test_host_estimate_counts_each_stage_from_the_voxel_counts(spec):
+    """On a GPU: the condition bit planes (138 B a voxel) are the host peak at 512³; the mask stage counts the file
+    as read, its resampling grid and the pad/crop; the write stage the int16/uint8 arrays and their NIfTI bytes."""
+    from maisi_cli.engine.memory import (BIT_PLANE_BYTES, HOST_RESERVE, PAD_CROP_BYTES, RESAMPLE_BYTES, MaskGrid,
+                                         estimate_host_memory)
+
+    size = (512, 512, 512)
+    voxels = 512**3
+    mask = MaskGrid(shape=(256, 256, 128), itemsize=2, floating=False, resampled=(300, 300, 200))
+    host = estimate_host_memory(spec, size, _whole_plan(spec, size), on_gpu=True, dtype_bytes=2, mask=mask)
+    assert host.peak_stage == "condition" and host.largest_term == "condition bit planes"
+    assert host.peak_bytes == voxels + BIT_PLANE_BYTES * voxels + HOST_RESERVE
+    masked = host.stages["mask"]
+    assert masked["mask as read"] == 256 * 256 * 128 * 2 and "mask label check" not in masked  # integers
+    assert masked["mask resampling"] == RESAMPLE_BYTES * 300 * 300 * 200
+    assert masked["mask pad/crop"] == PAD_CROP_BYTES * voxels
+    assert host.stages["write"]["output arrays"] == 3 * voxels  # int16 image + uint8 labels
+    assert host.as_dict()["peak_gib"] == round(host.peak_bytes / GIB, 3)
+
+
+def test_host_estimate_on_the_cpu_holds_the_networks_and_a_huge_mask_dominates(spec):
+    """On the CPU the networks' weights and activations are host memory (the GPU terms without the CUDA overhead);
+    a float mask far larger than the output makes the mask stage the peak."""
+    from maisi_cli.engine.memory import MaskGrid, estimate_host_memory
+
+    size = (256, 256, 256)
+    plan = _whole_plan(spec, size)
+    cpu = estimate_host_memory(spec, size, plan, on_gpu=False, dtype_bytes=4)
+    gpu = estimate_host_memory(spec, size, plan, on_gpu=True, dtype_bytes=4)
+    networks = estimate_peak_memory(spec, size, plan, dtype_bytes=4, overhead_gib=0)
+    assert cpu.stages["diffusion"]["activations"] == networks.diffusion_terms["activations"]
+    assert "framework overhead" not in cpu.stages["diffusion"] and cpu.peak_bytes > gpu.peak_bytes
+    huge = MaskGrid(shape=(2000, 2000, 2000), itemsize=4, floating=True, resampled=None)
+    masked = estimate_host_memory(spec, size, plan, on_gpu=True, mask=huge)
+    assert masked.peak_stage == "mask" and masked.stages["mask"]["mask label check"] == 6 * 2000**3
+
+
+@pytest.mark.parametrize("shape,spacing,affine_diagonal", [
+    ((10, 11, 12), (0.3, 0.3, 0.3), (1.0, 1.0, 1.0)),
+    ((33, 34, 35), (0.7, 0.7, 0.7), (2.0, 2.0, 2.0)),
+    ((65, 66, 67), (3.0, 3.0, 3.0), (0.8, 0.8, 0.8)),
+    ((20, 30, 40), (1.0, 2.0, 0.5), (-1.5, 1.0, 2.5)),  # a flipped axis
+])
+def test_resampled_grid_is_the_grid_monai_spacing_makes(shape, spacing, affine_diagonal):
+    import numpy as np
+
+    from maisi_cli.engine.masks.user import resampled_grid
+
+    affine = np.diag([*affine_diagonal, 1.0])
+    assert resampled_grid(shape, affine, spacing) == _monai_resampled_shape(shape, affine, spacing)
+
+
+def _monai_resampled_shape(shape, affine, spacing):
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    volume = MetaTensor(torch.zeros(1, *shape), affine=torch.from_numpy(affine))
+    return tuple(Spacing(pixdim=spacing, mode="nearest")(Orientation(axcodes="RAS", labels=None)(volume)).shape[1:])
+
+
+def test_resampled_grid_follows_a_permuted_affine():
+    """A voxel axis that points along another RAS axis is resampled with that axis's target spacing."""
+    import numpy as np
+
+    from maisi_cli.engine.masks.user import resampled_grid
+
+    affine = np.array([[0, 0, 2.0, 0], [1.0, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 0, 1]])  # i→A, j→S, k→R
+    assert resampled_grid((11, 21, 31), affine, (1.0, 2.0, 3.0)) == (61, 6, 21)  # 30·2/1, 10·1/2, 20·3/3, +1
+    assert _monai_resampled_shape((11, 21, 31), affine, (1.0, 2.0, 3.0)) == (61, 6, 21)
+
+
+def test_available_host_memory_reads_meminfo_and_caps_it_by_the_cgroup(tmp_path, monkeypatch):
+    from maisi_cli.engine import memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(memory, "CGROUP_MEMORY", ((str(cgroup), "memory.max", "memory.current", "inactive_file"),))
+    assert memory.available_host_memory() == 20000000 * 1024  # no cgroup files: no limit
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text(f"{GIB}\n")
+    assert memory.available_host_memory() == 20000000 * 1024  # "max": no limit
+    (cgroup / "memory.max").write_text(f"{8 * GIB}\n")
+    (cgroup / "memory.stat").write_text(f"anon 5\ninactive_file {GIB}\n")
+    assert memory.available_host_memory() == 8 * GIB  # 8 GiB limit − 1 GiB used + 1 GiB reclaimable cache
+
+
+def test_host_check_refuses_with_needed_available_and_fix(monkeypatch):
+    from maisi_cli.engine import memory
+
+    monkeypatch.setattr(memory, "available_host_memory", lambda: 2 * GIB)
+    memory.check_host_memory(GIB, "--size", "64x64x64 voxels", "ask for a smaller --size")  # fits: no error
+    with pytest.raises(UsageError, match=r"--size: 64x64x64 voxels needs about 3\.0 GiB of host memory but 2\.0 GiB "
+                                         r"is available; ask for a smaller --size \(or set MAISI_SKIP_MEMORY_CHECK"):
+        memory.check_host_memory(3 * GIB, "--size", "64x64x64 voxels", "ask for a smaller --size")
+    monkeypatch.setenv("MAISI_SKIP_MEMORY_CHECK", "1")
+    memory.check_host_memory(3 * GIB, "--size", "64x64x64 voxels", "ask for a smaller --size")
+
+
+def test_gpu_check_refuses_a_plan_over_the_device_memory(spec, monkeypatch):
+    """On a GPU (faked: mem_get_info's total), the GPU estimate at the run's precision is checked against the
+    device's memory, allowing the estimate's error (90 % of it must fit)."""
+    from maisi_cli.engine import memory
+
+    size = (512, 512, 512)
+    plan = _whole_plan(spec, size)  # the whole 512³ decode: far over any GPU
+    peak = memory.estimate_peak_memory(spec, size, plan, dtype_bytes=2).peak_bytes
+    monkeypatch.setattr(memory, "available_host_memory", lambda: 1024 * GIB)
+    monkeypatch.setattr(memory, "gpu_total_memory", lambda device: int(peak * 0.9) + 1)
+    memory.check_generation_memory(spec, size, plan, "cuda:0", "fp16", "80g")  # within the estimate's error
+    monkeypatch.setattr(memory, "gpu_total_memory", lambda device: 80 * GIB)
+    with pytest.raises(UsageError, match=r"--size: 512x512x512 needs about .* GiB of GPU memory \(decode, fp16, "
+                                         r"profile 80g's decode plan\) but cuda:0 has 80\.0 GiB"):
+        memory.check_generation_memory(spec, size, plan, "cuda:0", "fp16", "80g")
+    monkeypatch.setenv("MAISI_SKIP_MEMORY_CHECK", "1")
+    memory.check_generation_memory(spec, size, plan, "cuda:0", "fp16", "80g")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from maisi_cli.config import FloatTriple, Triple, format_triple
+from maisi_cli.config import SPACING_RANGE_MM, FloatTriple, Triple, format_triple, spacing_problem
+from maisi_cli.engine.memory import MaskGrid, check_host_memory, mask_stage_terms
 from maisi_cli.errors import MaskError
-from maisi_cli.io.nifti import read_nifti
+from maisi_cli.io.nifti import NiftiHeader, read_nifti, read_nifti_header
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,59 @@ def voxel_spacing(affine: np.ndarray) -> FloatTriple:
     return (float(spacing[0]), float(spacing[1]), float(spacing[2]))
 
 
+def resampled_grid(shape: Triple, affine: np.ndarray, spacing: FloatTriple) -> Triple:
+    """The grid MONAI `Spacing` makes of a volume reoriented to RAS (its `compute_shape_offset` for an axis-aligned
+    affine): on each RAS axis, the extent of the voxel axis along it (first to last voxel centre) over the target
+    spacing, plus one, rounded."""
+    source = voxel_spacing(affine)
+    grid = [0, 0, 0]
+    for axis, (count, step) in enumerate(zip(shape, source)):
+        ras = int(np.argmax(np.abs(affine[:3, axis])))  # the RAS axis this voxel axis becomes
+        grid[ras] = int(np.round((count - 1) * step / spacing[ras] + 1.0))
+    return (grid[0], grid[1], grid[2])
+
+
+def read_mask_grid(path: Path, spacing: FloatTriple, field: str = "--mask") -> tuple[MaskGrid, NiftiHeader]:
+    """The mask's header (its voxels are not read) and what fitting it to `spacing` will allocate. A degenerate
+    affine (read_nifti_header) or a voxel spacing outside SPACING_RANGE_MM is a MaskError naming `field`."""
+    header = read_nifti_header(path, field)
+    original = voxel_spacing(header.affine)
+    problem = spacing_problem(original)
+    if problem:
+        low, high = SPACING_RANGE_MM
+        raise MaskError(f"{field}: '{path}' has voxel spacing {'x'.join(f'{s:g}' for s in original)} mm in its "
+                        f"header, outside [{low:g}, {high:g}] mm; fix its header or resample the mask")
+    same_spacing = np.allclose(sorted_by_ras(original, header.affine), spacing, rtol=1e-3, atol=1e-4)
+    resampled = None if same_spacing else resampled_grid(header.shape, header.affine, spacing)
+    floating = bool(np.issubdtype(header.dtype, np.floating))
+    return MaskGrid(header.shape, header.dtype.itemsize, floating, resampled), header
+
+
+def sorted_by_ras(values: FloatTriple, affine: np.ndarray) -> FloatTriple:
+    """Per-voxel-axis values reordered to the RAS axes those voxel axes become (as `Orientation` does)."""
+    out = list(values)
+    for axis, value in enumerate(values):
+        out[int(np.argmax(np.abs(affine[:3, axis])))] = value
+    return (out[0], out[1], out[2])
+
+
+def check_mask_memory(path: Path, grid: MaskGrid, header: NiftiHeader, size: Triple, spacing: FloatTriple) -> None:
+    """Refuse, before its voxels are read, a mask whose reading and fitting cannot fit the host memory; the fix
+    follows the largest cost: the file itself, its resampling (the spacing) or the output grid (the size)."""
+    terms = mask_stage_terms(grid, size)
+    largest = max(terms, key=terms.__getitem__)
+    field, fix = {
+        "mask resampling": ("--spacing", "give a larger --spacing, or a mask nearer that spacing"),
+        "mask pad/crop": ("--size", "ask for a smaller --size"),
+    }.get(largest, ("--mask", "crop or downsample the mask first"))
+    subject = (f"reading '{path}' ({format_triple(grid.shape)}, {header.dtype}) and fitting it to "
+               f"{format_triple(size)} at {format_triple(spacing)} mm ({largest})")
+    check_host_memory(sum(terms.values()), field, subject, fix)
+
+
 def fit_to_grid(labels: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(labels, affine, resampled): RAS orientation, then nearest resampling and centre pad/crop when needed."""
+    """(labels, affine, resampled): RAS orientation, then nearest resampling and centre pad/crop when needed.
+    A resampling that cannot fit the host memory is refused before it starts (any mask source comes here)."""
     import torch
     from monai.data import MetaTensor
     from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
@@ -60,6 +112,13 @@ def fit_to_grid(labels: np.ndarray, affine: np.ndarray, size: Triple, spacing: F
     if same_spacing and same_size:
         return volume[0].numpy().astype(np.uint8), np.asarray(volume.affine, dtype=np.float64), False
     if not same_spacing:
+        shape: Triple = tuple(int(s) for s in volume.shape[1:])  # type: ignore[assignment]
+        grid = MaskGrid(shape, 1, False, resampled_grid(shape, np.asarray(volume.affine), spacing))
+        terms = {k: v for k, v in mask_stage_terms(grid, size).items() if k in ("mask resampling", "mask pad/crop")}
+        check_host_memory(sum(terms.values()), "--spacing",
+                          f"resampling the mask ({format_triple(shape)} at "
+                          f"{format_triple(tuple(round(s, 4) for s in current_spacing))} mm) to "
+                          f"{format_triple(spacing)} mm", "give a larger --spacing")
         volume = Spacing(pixdim=spacing, mode="nearest", dtype=np.float32)(volume)
     volume = ResizeWithPadOrCrop(spatial_size=size)(volume)
     array = np.rint(volume[0].numpy()).astype(np.uint8)
@@ -67,6 +126,10 @@ def fit_to_grid(labels: np.ndarray, affine: np.ndarray, size: Triple, spacing: F
 
 
 def load_condition_mask(path: Path, size: Triple, spacing: FloatTriple) -> ConditionMask:
+    """The mask at `path` fitted to the grid. Its header is read first: a degenerate affine, an absurd spacing
+    or a fit that cannot fit the host memory is refused before any voxel is read."""
+    grid, header = read_mask_grid(path, spacing)
+    check_mask_memory(path, grid, header, size, spacing)
     data, affine = read_nifti(path)
     labels = checked_labels(data, path)
     if not labels.any():
