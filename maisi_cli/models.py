@@ -7,11 +7,14 @@ group (never replacing a built-in name or alias); `--model PATH.json` loads one 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
 from maisi_cli.errors import UsageError, first_validation_problem
@@ -41,6 +44,147 @@ ALLOWED_TARGETS = frozenset({
     "monai.networks.schedulers.rectified_flow.RFlowScheduler",
     "monai.networks.schedulers.ddpm.DDPMScheduler",
 })
+
+
+# --- what each value of a network definition must be ---------------------------------------------------------------
+# A spec's network blocks become keyword arguments of MONAI classes; a wrong type there would only surface as a
+# traceback from deep inside MONAI, so every value is checked when the spec is read, and named in the error.
+@dataclass(frozen=True)
+class ValueKind:
+    words: str  # what the value must be, for the error message
+    accepts: Callable[[Any], bool]
+
+
+def _whole(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _list_of(test: Callable[[Any], bool], length: int | None = None) -> Callable[[Any], bool]:
+    return lambda v: (isinstance(v, (list, tuple)) and len(v) > 0 and (length is None or len(v) == length)
+                      and all(test(x) for x in v))
+
+
+COUNT = ValueKind("a whole number >= 1", _whole(1))
+WHOLE = ValueKind("a whole number >= 0", _whole(0))
+NUMBER = ValueKind("a finite number", _number)
+FLAG = ValueKind("true or false", lambda v: isinstance(v, bool))
+TEXT = ValueKind("a string", lambda v: isinstance(v, str))
+DIMS = ValueKind("2 or 3", lambda v: _whole(2)(v) and v <= 3)
+COUNT_OR_NULL = ValueKind("a whole number >= 1 or null", lambda v: v is None or _whole(1)(v))
+LEVEL_COUNTS = ValueKind("a list of whole numbers >= 1, one per level (e.g. [64, 128, 256])", _list_of(_whole(1)))
+LEVEL_FLAGS = ValueKind("a list of true/false, one per level", _list_of(FLAG.accepts))
+WHOLE_OR_LEVELS = ValueKind("a whole number >= 0, or a list of them with one per level",
+                            lambda v: _whole(0)(v) or _list_of(_whole(0))(v))
+LATENT_SHAPE = ValueKind("a list of four whole numbers >= 1 (channels, x, y, z)", _list_of(_whole(1), 4))
+
+# The parameters of the MONAI classes in ALLOWED_TARGETS (tests/unit/test_weight_loading.py holds this table to
+# their signatures), and the top-level constants that `@name` references point at.
+VALUE_KINDS: dict[str, ValueKind] = {
+    "_target_": TEXT, "spatial_dims": DIMS, "spatial_dim": DIMS,
+    **dict.fromkeys(("in_channels", "out_channels", "latent_channels", "norm_num_groups", "num_splits",
+                     "transformer_num_layers", "conditioning_embedding_in_channels", "num_train_timesteps",
+                     "base_img_size_numel"), COUNT),
+    **dict.fromkeys(("dim_split", "steps_offset"), WHOLE),
+    **dict.fromkeys(("num_class_embeds", "cross_attention_dim"), COUNT_OR_NULL),
+    **dict.fromkeys(("norm_eps", "dropout_cattn", "loc", "scale", "transform_scale", "clip_sample_min",
+                     "clip_sample_max", "beta_start", "beta_end"), NUMBER),
+    **dict.fromkeys(("with_encoder_nonlocal_attn", "with_decoder_nonlocal_attn", "include_fc", "use_combined_linear",
+                     "use_flash_attention", "use_checkpointing", "use_convtranspose", "norm_float16", "print_info",
+                     "save_mem", "resblock_updown", "with_conditioning", "upcast_attention",
+                     "include_top_region_index_input", "include_bottom_region_index_input", "include_spacing_input",
+                     "clip_sample", "use_discrete_timesteps", "use_timestep_transform"), FLAG),
+    **dict.fromkeys(("num_channels", "channels", "conditioning_embedding_num_channels"), LEVEL_COUNTS),
+    **dict.fromkeys(("num_res_blocks", "num_head_channels"), WHOLE_OR_LEVELS),
+    "attention_levels": LEVEL_FLAGS,
+    **dict.fromkeys(("schedule", "variance_type", "prediction_type", "sample_method"), TEXT),
+}
+CONSTANT_KINDS: dict[str, ValueKind] = {
+    "spatial_dims": DIMS, "image_channels": COUNT, "latent_channels": COUNT, "include_body_region": FLAG,
+    "mask_generation_latent_shape": LATENT_SHAPE, "mask_generation_scale_factor": NUMBER,
+}
+_UNET = ("spatial_dims", "in_channels", "out_channels", "num_res_blocks", "attention_levels", "norm_num_groups",
+         "norm_eps", "resblock_updown", "num_head_channels", "with_conditioning", "transformer_num_layers",
+         "cross_attention_dim", "num_class_embeds", "upcast_attention", "include_fc", "use_combined_linear",
+         "use_flash_attention")
+PARAMETERS: dict[str, frozenset[str]] = {
+    "AutoencoderKlMaisi": frozenset((
+        "spatial_dims", "in_channels", "out_channels", "num_res_blocks", "num_channels", "attention_levels",
+        "latent_channels", "norm_num_groups", "norm_eps", "with_encoder_nonlocal_attn", "with_decoder_nonlocal_attn",
+        "include_fc", "use_combined_linear", "use_flash_attention", "use_checkpointing", "use_convtranspose",
+        "num_splits", "dim_split", "norm_float16", "print_info", "save_mem")),
+    "DiffusionModelUNetMaisi": frozenset((*_UNET, "num_channels", "dropout_cattn", "include_top_region_index_input",
+                                          "include_bottom_region_index_input", "include_spacing_input")),
+    "ControlNetMaisi": frozenset((*set(_UNET) - {"out_channels"}, "num_channels", "conditioning_embedding_in_channels",
+                                  "conditioning_embedding_num_channels", "use_checkpointing")),
+    "DiffusionModelUNet": frozenset((*_UNET, "channels", "dropout_cattn")),
+    "RFlowScheduler": frozenset(("num_train_timesteps", "use_discrete_timesteps", "sample_method", "loc", "scale",
+                                 "use_timestep_transform", "transform_scale", "steps_offset", "base_img_size_numel",
+                                 "spatial_dim")),
+    # DDPMScheduler takes its beta range through **schedule_args
+    "DDPMScheduler": frozenset(("num_train_timesteps", "schedule", "variance_type", "clip_sample", "prediction_type",
+                                "clip_sample_min", "clip_sample_max", "beta_start", "beta_end")),
+}
+BLOCK_KEYS = (*(f"{c}_def" for c in COMPONENTS), "noise_scheduler", "mask_generation_noise_scheduler")
+
+
+def _spec_error(loc: tuple[str, ...], value: Any, message: str) -> ValidationError:
+    """A pydantic error at `network.<loc>` (raised inside the `network` validator, pydantic prefixes 'network')."""
+    error = PydanticCustomError("spec_value", message)
+    return ValidationError.from_exception_data("network", [{"type": error, "loc": loc, "input": value}])
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_network_values(network: dict[str, Any]) -> None:
+    """Raise (a pydantic ValidationError located at the key) on the first value of the wrong type or shape: a
+    top-level constant, a block that is not an object, a parameter the block's class does not take, a value (or
+    what its `@name` points at) of the wrong kind, per-level lists of another length than the levels."""
+    for key, kind in CONSTANT_KINDS.items():
+        if key in network and not kind.accepts(network[key]):
+            raise _spec_error((key,), network[key], f"{_shown(network[key])} is not {kind.words}")
+    for key in BLOCK_KEYS:
+        if key in network and not isinstance(network[key], dict):
+            raise _spec_error((key,), network[key], f"{_shown(network[key])} is not an object of keyword arguments")
+    for key, block in network.items():
+        if isinstance(block, dict) and isinstance(block.get("_target_"), str) and block["_target_"] in ALLOWED_TARGETS:
+            _check_block(network, key, block)
+
+
+def _check_block(network: dict[str, Any], key: str, block: dict[str, Any]) -> None:
+    class_name = block["_target_"].rsplit(".", 1)[1]
+    resolved = {}
+    for name, value in block.items():
+        if name != "_target_" and name not in PARAMETERS[class_name]:
+            raise _spec_error((key, name), value, f"'{name}' is not a parameter of MONAI's {class_name}")
+        shown = _shown(value)
+        if isinstance(value, str) and value.startswith("@"):
+            if value[1:] not in network:
+                raise _spec_error((key, name), value, f"{value} names no top-level value of the network block")
+            shown = f"{value} = {_shown(network[value[1:]])}"
+            value = network[value[1:]]
+        kind = VALUE_KINDS[name]
+        if not kind.accepts(value):
+            raise _spec_error((key, name), value, f"{shown} is not {kind.words}")
+        resolved[name] = value
+    levels = resolved.get("num_channels", resolved.get("channels"))
+    if levels is None:
+        return
+    for name in ("attention_levels", "num_res_blocks", "num_head_channels"):
+        value = resolved.get(name)
+        if isinstance(value, (list, tuple)) and len(value) != len(levels):
+            raise _spec_error((key, name), value, f"has {len(value)} entries for {len(levels)} levels; give one per "
+                                                  "level")
+    groups = resolved.get("norm_num_groups", 32)  # MONAI's default
+    if any(channels % groups for channels in levels):
+        raise _spec_error((key, "norm_num_groups"), groups, f"{groups} does not divide every level's channel count "
+                                                            f"{list(levels)}; MONAI's GroupNorm needs it to")
 
 
 class SizeRules(BaseModel):
@@ -142,6 +286,7 @@ class ModelSpec(BaseModel):
             if isinstance(block, dict) and "_target_" in block and block["_target_"] not in ALLOWED_TARGETS:
                 names = ", ".join(sorted(t.rsplit(".", 1)[1] for t in ALLOWED_TARGETS))
                 raise ValueError(f"'_target_' {block['_target_']!r} is not a MONAI MAISI class; use one of {names}")
+        check_network_values(network)
         required = ["autoencoder_def", "diffusion_unet_def", "noise_scheduler"]
         if "controlnet" in (info.data.get("weights") or {}):  # an image-only model needs no ControlNet block
             required.insert(2, "controlnet_def")

@@ -7,11 +7,16 @@ Layouts (reference-inference.md §3.2):
 Files are looked up under their repository names (e.g. `models/autoencoder_v1.pt`) in `--weights-dir` /
 `MAISI_WEIGHTS_DIR`, then in maisi's import store, then in the Hugging Face cache (engine/hub.py manages the last two
 and their sha256 lock). Every load is `torch.load(weights_only=True)`.
+
+What is loaded is what was checked: `load_verified` reads a file once, hashes exactly those bytes, holds them to the
+lock and hands the same bytes to torch.load, so the digest a sidecar records is the digest of the weights that ran
+(a file swapped between a hash and a second read, or a cache keyed by size and mtime, cannot say otherwise).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -47,6 +52,14 @@ class WeightFile:
     def verified_sha256(self, spec: ModelSpec) -> str:
         """sha256 of the file; a WeightsError when a locked file no longer matches its lock (see verified_sha256)."""
         return verified_sha256(self, spec)
+
+
+@dataclass(frozen=True)
+class VerifiedLoad:
+    """What `load_verified` put into a network: the sha256 of the bytes it loaded, and the layout's extras."""
+
+    sha256: str
+    extras: dict[str, Any]
 
 
 def weights_dir_from_env(weights_dir: Path | None) -> Path | None:
@@ -156,8 +169,9 @@ def remember_sha256(path: Path, digest: str) -> None:
 
 
 def sha256_of(path: Path, fresh: bool = False) -> str:
-    """sha256 of a file, remembered under MAISI_HOME by (path, size, mtime) so large checkpoints hash once.
-    `fresh=True` reads the file again whatever the cache says (`maisi weights verify`)."""
+    """sha256 of a file, remembered under MAISI_HOME by (path, size, mtime) so listing and fetching large checkpoints
+    hash them once. `fresh=True` reads the file again whatever the cache says (`maisi weights verify`). Nothing that
+    loads weights uses this cache: a file rewritten with its mtime put back would keep its old digest here."""
     key = _sha256_cache_key(path)
     if not fresh:
         cached = _read_sha256_cache().get(key)
@@ -177,13 +191,47 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verified_sha256(weight: WeightFile, spec: ModelSpec) -> str:
-    """sha256 of a weight file before it is loaded. A file in maisi's store or the Hugging Face cache whose
-    repository name has an entry in the sha256 lock must match it, else a WeightsError naming the file and the
-    command that re-fetches it. Other files (a `--weights-dir` folder, no lock entry) are hashed and used."""
-    digest = sha256_of(weight.path)
+READ_BLOCK = 16 << 20  # large enough that a call per block costs nothing, small enough to hash while cache-hot
+
+
+def read_hashed(path: Path) -> tuple[io.BytesIO, str]:
+    """The whole file in memory and the sha256 of exactly those bytes, from one read.
+
+    Each block is read straight into the BytesIO's own storage (allocated once at the file's size) and hashed there
+    while it is fresh in the CPU's cache, so torch.load later parses the very bytes that were hashed: no second read
+    of the file, and no copy of the whole before torch.load makes its tensors."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            buffer = io.BytesIO()
+            if size:  # one allocation of the final size: writing its last byte sizes the storage
+                buffer.seek(size - 1)
+                buffer.write(b"\0")
+            digest = hashlib.sha256()
+            with buffer.getbuffer() as storage:
+                filled = 0
+                while filled < size:
+                    got = handle.readinto(storage[filled:filled + READ_BLOCK])
+                    if not got:
+                        break
+                    digest.update(storage[filled:filled + got])
+                    filled += got
+            grew = handle.read(1)
+    except OSError as error:
+        raise WeightsError(f"weights: {path} cannot be read ({first_sentence(error)})") from None
+    if filled != size or grew:
+        raise WeightsError(f"weights: {path} changed size while it was read (is a copy still being written?); "
+                           "run again once it is complete")
+    buffer.seek(0)
+    return buffer, digest.hexdigest()
+
+
+def check_lock(weight: WeightFile, spec: ModelSpec, digest: str) -> None:
+    """A file in maisi's store or the Hugging Face cache whose repository name has an entry in the sha256 lock must
+    match it, else a WeightsError naming the file and the command that re-fetches it. Other files (a
+    `--weights-dir` folder, no lock entry) are used as they are."""
     if weight.source not in MANAGED_SOURCES or not spec.hf_repo:
-        return digest
+        return
     from maisi_cli.engine.hub import lock_path, read_lock
 
     entry = read_lock(spec.hf_repo, spec.hf_revision).get(weight.repo_name)
@@ -193,15 +241,33 @@ def verified_sha256(weight: WeightFile, spec: ModelSpec) -> str:
             f"{lock_path(spec.hf_repo, spec.hf_revision)} (changed or corrupt); re-fetch it with: "
             f"{fetch_command(spec, weight.component)} --force"
         )
+
+
+def verified_sha256(weight: WeightFile, spec: ModelSpec) -> str:
+    """sha256 of a weight file as it is now (read afresh, never from the digest cache), held to the lock as in
+    `check_lock`. A load does not call this: `load_verified` hashes the bytes it loads."""
+    try:
+        digest = hash_file(weight.path)
+    except OSError as error:
+        raise WeightsError(f"weights: {weight.path} cannot be read ({first_sentence(error)})") from None
+    check_lock(weight, spec, digest)
     return digest
 
 
-def read_checkpoint(path: Path) -> Any:
-    """torch.load with weights_only=True; anything else in the file is refused with a clear message."""
+def read_checkpoint(path: Path, data: io.BytesIO | None = None) -> Any:
+    """torch.load with weights_only=True of `data` (bytes read from `path`), else of the file read once now;
+    anything else in the file is refused with a clear message."""
     import torch
 
+    if data is None:
+        data, _ = read_hashed(path)
+    magic = data.read(4)
+    data.seek(0)
+    if magic != b"PK\x03\x04":  # the zip archive of torch.save (the legacy format was refused by mmap before, too)
+        raise WeightsError(f"weights: {path} is not a readable PyTorch checkpoint (not the zip archive torch.save "
+                           "writes); fetch it again")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(data, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise WeightsError(
             f"weights: {path} holds pickled Python objects, not only tensors; maisi loads checkpoints with "
@@ -251,11 +317,19 @@ def check_keys(network: Any, state_dict: dict[str, Any], component: str, path: P
     raise WeightsError(f"weights: {path} does not fit {spec.name} {component}: keys {'; '.join(parts)}")
 
 
-def load_into(network: Any, weight: WeightFile, spec: ModelSpec) -> dict[str, Any]:
-    """Load a checkpoint into `network` (strict). Returns the extras the released layout carries (scale_factor)."""
-    import torch
+def load_verified(network: Any, weight: WeightFile, spec: ModelSpec) -> VerifiedLoad:
+    """Load one checkpoint into `network` (strict) from a single read of its file: the bytes are hashed, held to
+    the sha256 lock (`check_lock`), and those same bytes are unpickled with torch.load(weights_only=True). Returns
+    their sha256 (what a sidecar records) and the extras of the released layout (scale_factor).
 
-    checkpoint = read_checkpoint(weight.path)
+    Memory: while it runs, the file's bytes and the tensors torch.load makes from them are both held (about twice
+    the file's size beside the network), and both are released when it returns. Callers load one file at a time so
+    the peak stays at the largest file's bytes plus its tensors rather than the sum over all files (torch.load's
+    mmap, which avoided the copy, reads the file a second time: what it maps need not be what was hashed)."""
+    data, digest = read_hashed(weight.path)
+    check_lock(weight, spec, digest)
+    checkpoint = read_checkpoint(weight.path, data)
+    del data  # the tensors are torch's own copies; the file's bytes are not needed past here
     state_dict = state_dict_of(checkpoint, weight.component, weight.path, spec)
     check_keys(network, state_dict, weight.component, weight.path, spec)
     network.load_state_dict(state_dict, strict=True)
@@ -263,8 +337,33 @@ def load_into(network: Any, weight: WeightFile, spec: ModelSpec) -> dict[str, An
     if weight.component in HAS_SCALE_FACTOR:
         if "scale_factor" not in checkpoint:
             raise WeightsError(f"weights: {weight.path} has no 'scale_factor' entry; {weight.component} needs one")
-        extras["scale_factor"] = torch.as_tensor(checkpoint["scale_factor"], dtype=torch.float32).reshape(())
-    return extras
+        extras["scale_factor"] = scale_factor_of(checkpoint["scale_factor"], weight)
+    return VerifiedLoad(digest, extras)
+
+
+def load_into(network: Any, weight: WeightFile, spec: ModelSpec) -> dict[str, Any]:
+    """Load a checkpoint into `network` (strict, as `load_verified`). Returns the extras the released layout
+    carries (scale_factor)."""
+    return load_verified(network, weight, spec).extras
+
+
+def scale_factor_of(value: Any, weight: WeightFile) -> Any:
+    """A checkpoint's `scale_factor` as a 0-dim float32 tensor: one finite number, else a WeightsError."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        is_number = value.numel() == 1 and value.dtype != torch.bool and not value.is_complex()
+    else:
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number:
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:40]
+        raise WeightsError(f"weights: {weight.path} has a 'scale_factor' of {shown}, not one number; "
+                           f"{weight.component} checkpoints carry the latent scale as a 0-dim tensor")
+    scale = torch.as_tensor(value, dtype=torch.float32).reshape(())
+    if not torch.isfinite(scale):
+        raise WeightsError(f"weights: {weight.path} has a 'scale_factor' of {scale.item()}, not a finite number; "
+                           f"{weight.component} checkpoints carry the latent scale as a 0-dim tensor")
+    return scale
 
 
 def weight_status(spec: ModelSpec, weights_dir: Path | None = None,
