@@ -33,6 +33,10 @@ class OutputError(MaisiError):
     """The output folder cannot be written."""
 
 
+class NoSpaceError(OutputError):
+    """The disk (or quota) filled up while writing an output."""
+
+
 class GenerationError(MaisiError):
     """The networks ran but produced something unusable."""
 

@@ -161,6 +161,12 @@ def memory_text(memory: dict) -> str:
     return text
 
 
+def host_memory_text(host: dict | None) -> str:
+    if not host:
+        return "not estimated"
+    return f"predicted peak {host['peak_gib']:.1f} GiB ({host['peak_stage']}), checked against the free memory"
+
+
 def show_plan(plan: dict, output: render.Output) -> None:
     if output.json:
         render.print_json({"dry_run": True, "plan": plan})
@@ -179,6 +185,7 @@ def show_plan(plan: dict, output: render.Output) -> None:
         ("steps", plan["steps"]),
         ("decode", decode_text),
         ("memory", memory_text(plan["memory"])),
+        ("host memory", host_memory_text(plan.get("host_memory"))),
         ("mask", ", ".join(f"{k}: {v}" for k, v in plan["mask"].items())),
         ("out", plan["out"]),
         ("samples", ", ".join(f"{s['index']}:{s['status']}" for s in plan["samples"]) or "none in this shard"),

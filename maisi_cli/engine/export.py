@@ -34,6 +34,7 @@ from typing import Any, Callable
 from maisi_cli import __version__
 from maisi_cli.errors import MaisiError, UsageError
 from maisi_cli.engine.weights import hash_file
+from maisi_cli.io.files import check_replaceable, writable_folder, write_atomic, write_error
 
 COMPONENTS = ("unet", "controlnet", "vae-decoder", "mask-unet", "mask-decoder")
 # The weight files each component's graphs are made from (the decoders bake in the diffusion UNet's scale factor).
@@ -455,7 +456,10 @@ def export_component(component: str, networks: dict[str, Any], scale_factor: Any
                 "file_sha256": hash_file(path), "bytes": _size_with_data(path),
             })
         for item in sorted(staging.iterdir()):
+            check_replaceable(folder / item.name)
             os.replace(item, folder / item.name)
+    except OSError as error:  # a full disk or a folder gone read-only while exporting: one line
+        raise write_error(error, folder) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"parts": parts, "latent_shape": list(latent_shape)}
@@ -485,9 +489,7 @@ def component_key(component: str, weights_sha256: dict[str, str], spec: Any, ops
 
 def write_manifest(folder: Path, document: dict[str, Any]) -> Path:
     path = folder / MANIFEST
-    temporary = folder / f".{MANIFEST}.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_atomic(path, (json.dumps(document, indent=2) + "\n").encode())
     return path
 
 
@@ -545,17 +547,17 @@ def load_sources(spec: Any, components: tuple[str, ...], weights_dir: Path | Non
     """(networks, scale factors, {weight component: {"file", "sha256"}}) of the weight files `components` need,
     hashed (against the lock) and loaded with torch.load(weights_only=True)."""
     from maisi_cli.engine.networks import build_network
-    from maisi_cli.engine.weights import load_into, locate_weight
+    from maisi_cli.engine.weights import load_verified, locate_weight
 
     names = list(dict.fromkeys(name for component in components for name in SOURCES[component]))
     networks, scales, weights = {}, {}, {}
     for name in names:
         weight = locate_weight(spec, name, weights_dir)
-        weights[name] = {"file": weight.repo_name, "sha256": weight.verified_sha256(spec)}
         network = build_network(spec, name, device, precision)
-        extras = load_into(network, weight, spec)
-        if "scale_factor" in extras:
-            scales[name] = extras["scale_factor"]
+        loaded = load_verified(network, weight, spec)  # the sha256 of the bytes loaded, not of an earlier read
+        weights[name] = {"file": weight.repo_name, "sha256": loaded.sha256}
+        if "scale_factor" in loaded.extras:
+            scales[name] = loaded.extras["scale_factor"]
         networks[name] = network.to(device)
     return networks, scales, weights
 
@@ -578,10 +580,7 @@ def export_onnx(spec: Any, components: tuple[str, ...], out: Path, weights_dir: 
     require_onnx("maisi export onnx")
     check_opset(opset)
     on_progress = on_progress or (lambda stage, done, total: None)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"--out: cannot create '{out}' ({error.strerror}); choose a folder you can write") from None
+    writable_folder(out, "--out")  # before the networks load: a read-only --out fails at once
     networks, scales, weights = load_sources(spec, components, weights_dir)
     previous = read_manifest(out)
     document = manifest_header(spec, opset)

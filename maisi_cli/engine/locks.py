@@ -10,8 +10,13 @@ No fcntl (Windows): no locking; every lock is granted.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
+
+from maisi_cli.errors import OutputError
+from maisi_cli.io.files import kind_of, write_error
 
 try:
     import fcntl
@@ -35,7 +40,7 @@ class SampleLock:
         if self._fd is not None:
             return True
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_lock_file(self.path)
             if fcntl is None:
                 self._fd = fd
                 return True
@@ -50,7 +55,7 @@ class SampleLock:
             # The holder before us may have removed the file between our open and our flock: then we hold a lock
             # on a file no one else can see. Keep it only when the path still names the file we locked.
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -67,7 +72,7 @@ class SampleLock:
         if self._fd is None:
             return
         try:
-            if remove:
+            if remove and self._names_held_file():
                 try:
                     self.path.unlink()
                 except FileNotFoundError:
@@ -76,11 +81,36 @@ class SampleLock:
             os.close(self._fd)  # closing the last descriptor releases the flock
             self._fd = None
 
+    def _names_held_file(self) -> bool:
+        """Whether the lock path still names the file this lock holds (not something put there since)."""
+        try:
+            return os.lstat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except (FileNotFoundError, TypeError):
+            return False
+
     def __enter__(self) -> "SampleLock":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def open_lock_file(path: Path) -> int:
+    """A descriptor of the lock file, created if absent. A link, a non-regular file or a file with other names (a
+    hard link: truncating it would clobber another file) at the lock path is refused in one line: the pid written
+    into a lock file must never land in a file someone else put there."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OutputError(f"{path} is a symbolic link; maisi never writes through links: remove it") from None
+        raise write_error(error, path) from None
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+        os.close(fd)
+        what = kind_of(status.st_mode) if not stat.S_ISREG(status.st_mode) else "a file with other names (hard link)"
+        raise OutputError(f"{path} is {what}, not a lock file maisi made; remove it")
+    return fd
 
 
 def sample_lock_path(sidecar: Path) -> Path:
@@ -89,7 +119,7 @@ def sample_lock_path(sidecar: Path) -> Path:
 
 
 def remove_stale_partials(paths: list[Path]) -> None:
-    """Temporary files (io/nifti.py write_atomic: `.NAME.PID.partial`) a killed writer of these files left.
+    """Temporary files (io/nifti.py write_atomic: `.NAME.PID.TOKEN.partial`) a killed writer of these files left.
     Call only while holding the sample's lock: no live writer of the sample exists then."""
     for path in paths:
         for partial in path.parent.glob(f".{path.name}.*.partial"):

@@ -20,12 +20,13 @@ import numpy as np
 from maisi_cli import __version__
 from maisi_cli.config import GenerateRequest, format_triple
 from maisi_cli.engine.masks.sources import FileMaskSource, NoMaskSource, SampleMask
-from maisi_cli.engine.masks.user import load_condition_mask, resample_warning
+from maisi_cli.engine.masks.user import check_mask_memory, load_condition_mask, read_mask_grid, resample_warning
+from maisi_cli.engine.memory import HostMemoryEstimate, check_generation_memory
 from maisi_cli.engine.qc import QCOptions, QCStatistics, check_quality, load_statistics
 from maisi_cli.engine.masks.database import region_indices
 from maisi_cli.engine.masks.regions import body_region_indices
 from maisi_cli.engine.weights import WeightFile, locate_weight
-from maisi_cli.errors import GenerationError, MaskError, OutputError, UsageError
+from maisi_cli.errors import GenerationError, MaskError, NoSpaceError, OutputError, UsageError
 from maisi_cli.labels import label_id
 from maisi_cli.models import MASK_COMPONENTS, ModelSpec, get_model
 from maisi_cli.profiles import DecodePlan, Profile, resolve_profile
@@ -79,6 +80,7 @@ class GenerationPlan:
     qc_statistics: QCStatistics | None = None  # None: the quality check is off
     guidance: float | None = None  # classifier-free guidance scale (image-only models); None: off
     qc_note: str | None = None  # why the quality check is off although it was asked for (an image-only model)
+    host_memory: HostMemoryEstimate | None = None  # predicted peak host memory (engine/memory.py)
 
     @property
     def pending(self) -> list[SampleTask]:
@@ -112,6 +114,7 @@ class GenerationPlan:
             "steps": self.steps,
             "decode": self.decode.model_dump(),
             "memory": self.memory_estimate(),
+            "host_memory": self.host_memory.as_dict() if self.host_memory is not None else None,
             "mask": self.mask_source.describe(),
             "image_only": self.model.image_only,
             "output_intensity": self.model.output_intensity,
@@ -249,13 +252,9 @@ def sample_tasks(request: GenerateRequest, image_only: bool = False) -> list[Sam
 
 
 def ensure_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".maisi-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise OutputError(f"--out: cannot write to '{out}' ({error.strerror}); choose a folder you can write") from None
+    from maisi_cli.io.files import writable_folder
+
+    writable_folder(out, "--out")
 
 
 # --- planning ----------------------------------------------------------------------------------------------------
@@ -298,6 +297,12 @@ def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> Ge
     decode = profile.decode_plan(latent_shape[1:], size, split_axis=split_axis, spec=model)
 
     weights = [locate_weight(model, component, request.weights_dir) for component in model.image_components]
+    mask_grid = None
+    if request.mask is not None and not request.anatomy_sizes:  # sized from its header, before it is read
+        mask_grid, header = read_mask_grid(request.mask, spacing)
+        check_mask_memory(request.mask, mask_grid, header, size, spacing)
+    host_memory = check_generation_memory(model, size, decode, device, precision, profile.name,
+                                          guided=guidance is not None, mask=mask_grid)
     qc_note = None
     if model.image_only:
         source: Any = NoMaskSource()
@@ -317,12 +322,30 @@ def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> Ge
         raise UsageError("--label-mode requested: name the anatomies to keep with --anatomy NAME")
     qc_statistics = load_statistics(qc_statistics_file(model, qc, request)) if qc.enabled else None  # fails now
 
-    return GenerationPlan(
+    plan = GenerationPlan(
         request=request, model=model, profile=profile, device=device, precision=precision, size=size,
         spacing=spacing, latent_shape=latent_shape, steps=steps, decode=decode, mask_source=source,
         anatomy_ids=anatomy_ids, samples=sample_tasks(request, model.image_only), weights=weights,
         warnings=warnings, qc=qc, qc_statistics=qc_statistics, guidance=guidance, qc_note=qc_note,
+        host_memory=host_memory,
     )
+    return checked_against_folder(plan)
+
+
+def checked_against_folder(plan: GenerationPlan) -> GenerationPlan:
+    """The plan, refused (exit 2) when --out holds a run with other settings; samples whose files do not match
+    their sidecars are made again, with a warning (engine/run_folder.py)."""
+    from maisi_cli.engine.run_folder import check_record, verified_samples
+
+    from maisi_cli.engine.locks import sample_lock_path
+    from maisi_cli.io.files import check_replaceable
+
+    check_record(plan)
+    plan.samples = verified_samples(plan, plan.warnings.append)
+    for task in plan.pending:  # a link or a folder where a file goes: refused now, not after the denoising
+        for path in (*task.paths, sample_lock_path(task.sidecar)):
+            check_replaceable(path)
+    return plan
 
 
 def refuse_mask_options(request: GenerateRequest, model: ModelSpec, qc: QCOptions) -> None:
@@ -395,30 +418,26 @@ def database_mask_source(request: GenerateRequest, model: ModelSpec, size: tuple
                          spacing: tuple[float, float, float], anatomy_ids: tuple[int, ...], regions: tuple[int, ...],
                          device: str) -> Any:
     """Candidates from `--mask-database FILE` (masks relative to its folder), else from the model's released
-    database and mask archive (unpacked once under MAISI_HOME), or, for a model whose spec names no archive (the
-    bundled demo), masks relative to its database file."""
+    database and mask archive (unpacked under MAISI_HOME when first used, never while planning), or, for a model
+    whose spec names no archive (the bundled demo), masks relative to its database file."""
     from maisi_cli.config import maisi_home
-    from maisi_cli.engine.masks.archive import mask_root, unpack_archive
     from maisi_cli.engine.masks.database import read_database
     from maisi_cli.engine.masks.sources import database_source
 
+    archive = None
     if request.mask_database is not None:
         database = request.mask_database.expanduser()
-        entries = read_database(database)
-        root = database.parent
     else:
         if "mask_database" not in model.datasets:
             raise UsageError(f"--mask: model {model.name} ships no candidate-mask database; pass --mask FILE or "
                              "--mask-database FILE")
         database = locate_weight(model, "mask_database", request.weights_dir).path
-        entries = read_database(database)
         if "mask_archive" in model.datasets:
             archive = locate_weight(model, "mask_archive", request.weights_dir).path
-            root = mask_root(unpack_archive(archive, maisi_home() / "masks"), entries[0].pseudo_label_filename)
-        else:
-            root = database.parent
-    return database_source(database, root, entries, anatomy_ids, regions, size, spacing, request.seed,
-                           request.num_samples, request.augment, device)
+    entries = read_database(database)
+    return database_source(database, entries, anatomy_ids, regions, size, spacing, request.seed, request.num_samples,
+                           request.augment, device, root=None if archive else database.parent, archive=archive,
+                           cache_root=maisi_home() / "masks", allow_outside=request.allow_outside_database)
 
 
 def generated_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
@@ -463,28 +482,26 @@ class LoadedModel:
 
 
 def load_networks(plan: GenerationPlan, on_progress: ProgressCallback) -> LoadedModel:
-    """Hash (against the lock) and load every weight file of the plan, then hand the mask source what it needs."""
+    """Load every weight file of the plan, one at a time, each from a single read whose bytes are hashed (against
+    the lock) and loaded, so the sidecar's sha256 is that of the weights that ran; then hand the mask source what
+    it needs."""
     import torch
 
+    from maisi_cli.engine.backends import apply_backend, network_device
     from maisi_cli.engine.decode import LatentDecoder
     from maisi_cli.engine.networks import build_network, build_scheduler
-    from maisi_cli.engine.weights import load_into
-
-    hashes = {}
-    for i, weight in enumerate(plan.weights):
-        hashes[weight.component] = {"file": weight.repo_name, "path": str(weight.path),
-                                    "sha256": weight.verified_sha256(plan.model)}
-        on_progress("hash weights", i + 1, len(plan.weights))
-    from maisi_cli.engine.backends import apply_backend, network_device
+    from maisi_cli.engine.weights import load_verified
 
     backend = plan.request.backend
     device = torch.device(network_device(backend, plan.device))
-    networks, scale_factors = {}, {}
+    hashes, networks, scale_factors = {}, {}, {}
     for i, weight in enumerate(plan.weights):
         network = build_network(plan.model, weight.component, device, plan.precision)
-        extras = load_into(network, weight, plan.model)
-        if "scale_factor" in extras:
-            scale_factors[weight.component] = extras["scale_factor"]
+        loaded_weights = load_verified(network, weight, plan.model)
+        hashes[weight.component] = {"file": weight.repo_name, "path": str(weight.path),
+                                    "sha256": loaded_weights.sha256}
+        if "scale_factor" in loaded_weights.extras:
+            scale_factors[weight.component] = loaded_weights.extras["scale_factor"]
         networks[weight.component] = network.to(device)
         on_progress("load networks", i + 1, len(plan.weights))
     decoder = LatentDecoder(networks["autoencoder"], scale_factors["diffusion_unet"]).to(device)
@@ -701,6 +718,8 @@ def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = 
     goes on with the next. The networks are loaded for the first sample this run makes."""
     from maisi_cli.engine.locks import SampleLock, remove_stale_partials, sample_lock_path
     from maisi_cli.engine.postprocess import ras_affine
+    from maisi_cli.engine.run_folder import record_weights, sample_problem, settings_sha256
+    from maisi_cli.io.files import removed_if_left_empty
     from maisi_cli.io.nifti import write_nifti
     from maisi_cli.io.provenance import write_json
 
@@ -711,53 +730,63 @@ def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = 
     results = [recorded_result(t) for t in plan.samples if t.complete]
     pending = plan.pending
     loaded: LoadedModel | None = None
-    if pending:
-        ensure_writable(plan.request.out)
-    for task in pending:
-        files = task.file_names
-        lock = SampleLock(sample_lock_path(task.sidecar))
-        if not lock.acquire():
-            on_warning(f"sample {task.index}: another job holds {lock.path.name} and is writing it; left to that job")
-            results.append(SampleResult(task.index, task.seed, "locked", files))
-            continue
-        try:
-            if not plan.request.overwrite and task.files_exist():
-                results.append(recorded_result(task))  # another job finished it after this run was planned
+    run_digest = settings_sha256(plan)
+    with removed_if_left_empty(plan.request.out):  # a run that fails before writing leaves no empty --out
+        if pending:
+            ensure_writable(plan.request.out)
+        for task in pending:
+            files = task.file_names
+            lock = SampleLock(sample_lock_path(task.sidecar))
+            if not lock.acquire():
+                on_warning(f"sample {task.index}: another job holds {lock.path.name} and is writing it; left to "
+                           "that job")
+                results.append(SampleResult(task.index, task.seed, "locked", files))
                 continue
-            remove_stale_partials(task.paths)  # left by a killed writer
-            if loaded is None:
-                load_start = time.perf_counter()
-                loaded = load_networks(plan, on_progress)
-                run_timings["load_s"] = time.perf_counter() - load_start
-            sample_start = time.perf_counter()
             try:
-                sample = generate_checked_sample(plan, loaded, task, on_progress, on_warning)
-            except (GenerationError, MaskError) as failure:
-                on_warning(f"sample {task.index}: {failure}; skipped (a re-run retries it)")
-                results.append(SampleResult(task.index, task.seed, "failed", files,
-                                            time.perf_counter() - sample_start, error=str(failure)))
-                continue
-            timings = sample.timings
-            write_start = time.perf_counter()
-            affine = sample.mask.mask.affine if sample.mask.mask is not None else ras_affine(plan.spacing)
-            write_nifti(task.image, sample.image, affine)
-            if task.label is not None and sample.labels is not None:
-                write_nifti(task.label, sample.labels, affine)
-            timings["write_s"] = time.perf_counter() - write_start
-            timings["total_s"] = time.perf_counter() - sample_start
-            # The sidecar goes last: its presence marks the sample complete for a re-run.
-            write_json(task.sidecar, sidecar_document(
-                plan, sample.task, loaded, timings, sample.mask.provenance, sample.qc,
-                sample_regions(plan, sample.mask) if plan.model.uses_body_region else None))
-        finally:
-            lock.release()  # after the sidecar: the lock file goes once the sample is complete
-        on_progress(f"sample {task.index:04d} write", 1, 1)
-        if on_written is not None:
-            on_written(task)
-        qc = {"passed": sample.qc["passed"], "failed": sample.qc["failed"]} if sample.qc else None
-        results.append(SampleResult(task.index, sample.task.seed, "written", files, timings["total_s"],
-                                    qc=qc, attempts=sample.attempts,
-                                    timings={k: round(v, 3) for k, v in timings.items()}))
+                if not plan.request.overwrite and task.files_exist() and sample_problem(task, run_digest) is None:
+                    results.append(recorded_result(task))  # another job finished it after this run was planned
+                    continue
+                remove_stale_partials(task.paths)  # left by a killed writer
+                if loaded is None:
+                    load_start = time.perf_counter()
+                    loaded = load_networks(plan, on_progress)
+                    run_timings["load_s"] = time.perf_counter() - load_start
+                    record_weights(plan, loaded.weight_hashes)  # refuses weights other than the folder's run's
+                sample_start = time.perf_counter()
+                try:
+                    sample = generate_checked_sample(plan, loaded, task, on_progress, on_warning)
+                except (GenerationError, MaskError) as failure:
+                    on_warning(f"sample {task.index}: {failure}; skipped (a re-run retries it)")
+                    results.append(SampleResult(task.index, task.seed, "failed", files,
+                                                time.perf_counter() - sample_start, error=str(failure)))
+                    continue
+                timings = sample.timings
+                write_start = time.perf_counter()
+                affine = sample.mask.mask.affine if sample.mask.mask is not None else ras_affine(plan.spacing)
+                try:
+                    files_sha256 = {"image": write_nifti(task.image, sample.image, affine)}
+                    if task.label is not None and sample.labels is not None:
+                        files_sha256["label"] = write_nifti(task.label, sample.labels, affine)
+                    timings["write_s"] = time.perf_counter() - write_start
+                    timings["total_s"] = time.perf_counter() - sample_start
+                    # The sidecar goes last: its presence marks the sample complete for a re-run.
+                    write_json(task.sidecar, {**sidecar_document(
+                        plan, sample.task, loaded, timings, sample.mask.provenance, sample.qc,
+                        sample_regions(plan, sample.mask) if plan.model.uses_body_region else None),
+                        "files_sha256": files_sha256, "run_settings_sha256": run_digest})
+                except NoSpaceError as failure:
+                    complete = sum(r.status in ("written", "skipped") for r in results)
+                    raise NoSpaceError(f"{failure}; {complete} sample(s) complete in {plan.request.out} — free space "
+                                       "and re-run the same command (it makes only the missing samples)") from None
+            finally:
+                lock.release()  # after the sidecar: the lock file goes once the sample is complete
+            on_progress(f"sample {task.index:04d} write", 1, 1)
+            if on_written is not None:
+                on_written(task)
+            qc = {"passed": sample.qc["passed"], "failed": sample.qc["failed"]} if sample.qc else None
+            results.append(SampleResult(task.index, sample.task.seed, "written", files, timings["total_s"],
+                                        qc=qc, attempts=sample.attempts,
+                                        timings={k: round(v, 3) for k, v in timings.items()}))
     results.sort(key=lambda r: r.index)
     seconds = time.perf_counter() - started
     run_timings["samples_s"] = sum(r.seconds for r in results if r.status in ("written", "failed"))

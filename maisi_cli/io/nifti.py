@@ -95,19 +95,14 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
 
 
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see a partial file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+def write_atomic(path: Path, payload: bytes) -> str:
+    """Write to a temporary name in the same folder, then rename (io/files.py): readers never see a partial file,
+    and nothing is written through a link. Returns the sha256 of the bytes written."""
+    from maisi_cli.io.files import write_atomic as write_safely
+
+    return write_safely(path, payload)
 
 
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    write_atomic(path, nifti_bytes(array, affine))
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
+    """Write a gzipped NIfTI atomically; returns the sha256 of the file's bytes (recorded in the sidecar)."""
+    return write_atomic(path, nifti_bytes(array, affine))

@@ -45,7 +45,7 @@ def test_generate_image_only_writes_image_and_sidecar(image_only_model, tmp_path
     assert report["written"] == [0] and report["qc_failed"] == []
     assert report["samples"][0]["files"] == ["sample_0000_image.nii.gz", "sample_0000.json"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "sample_0000.json", "sample_0000_image.nii.gz"]
+        "maisi-run.json", "sample_0000.json", "sample_0000_image.nii.gz"]  # the folder's run record, no label
 
     image = nib.load(out / "sample_0000_image.nii.gz")
     assert image.shape == (32, 32, 32) and image.get_data_dtype() == np.int16

@@ -30,10 +30,11 @@ import os, sys, time
 import maisi_cli.io.nifti as nifti
 _write = nifti.write_nifti
 def write_nifti(path, array, affine):
-    _write(path, array, affine)
+    digest = _write(path, array, affine)
     if path.name == os.environ["MAISI_TEST_STOP_AFTER"]:
         open(os.environ["MAISI_TEST_STOPPED"], "w").close()
         time.sleep(300)
+    return digest
 nifti.write_nifti = write_nifti
 from maisi_cli.cli.app import main
 sys.argv[0] = "maisi"

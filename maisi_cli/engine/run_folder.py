@@ -1,0 +1,232 @@
+"""A folder holds one run: the settings that change an output's bytes are recorded in `OUT/maisi-run.json`, and a
+sample counts as complete only when its files are the ones its sidecar describes.
+
+Without this, a re-run into a folder with other settings (another size, seed or step count) would skip the samples
+already there and report "complete" for files made another way; a truncated image beside its sidecar would count as
+complete too. Shards of one job write the same record, so they agree; a run that differs stops (exit 2) before
+anything is written, naming the first differing setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from maisi_cli.config import format_triple
+from maisi_cli.errors import OutputError, UsageError
+from maisi_cli.io.files import CREATE_NEW, sha256_of_file, write_atomic, write_error
+
+RECORD_NAME = "maisi-run.json"
+
+
+def canonical_sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def mask_identity(plan: Any) -> dict[str, Any]:
+    """Where the condition masks come from, by content where it is a file the user gave."""
+    request = plan.request
+    if plan.model.image_only:
+        return {"source": "none"}
+    if request.anatomy_sizes:
+        return {"source": "generated", "sizes": [list(pair) for pair in request.anatomy_sizes],
+                "mask_steps": request.mask_steps}
+    if request.mask is not None:
+        return {"source": "file", "sha256": sha256_of_file(Path(request.mask).expanduser())}
+    database = request.mask_database
+    return {"source": "database", "database": str(Path(database).expanduser().resolve()) if database else "model's",
+            "augment": request.augment, "body_regions": list(request.body_regions)}
+
+
+def run_settings(plan: Any) -> dict[str, Any]:
+    """The plan's settings that change the bytes of an output, keyed by the option that sets each (in the order a
+    difference is reported). The weights' sha256 is added once the files are read (`record_weights`)."""
+    request, model = plan.request, plan.model
+    qc = plan.qc_statistics
+    return {
+        "--model": model.name,
+        "model spec": canonical_sha256({"network": model.network, "weights": model.weights,
+                                        "output_intensity": model.output_intensity, "modality": model.modality}),
+        "--size": format_triple(tuple(plan.size)),
+        "--spacing": format_triple(tuple(float(s) for s in plan.spacing)),
+        "--seed": request.seed,
+        "--steps": plan.steps,
+        "mask source (--mask, --mask-database, --anatomy NAME:SIZE)": mask_identity(plan),
+        "--anatomy": list(request.anatomy),
+        "--label-mode": None if model.image_only else request.label_mode,
+        "--guidance": plan.guidance,
+        "--precision": plan.precision,
+        "--backend": request.backend,
+        "--device (kind)": plan.device.split(":")[0],
+        "decode plan (from --profile)": {"mode": plan.decode.mode, "roi": list(plan.decode.roi),
+                                         "overlap": plan.decode.overlap},
+        "quality check (--qc, --max-attempts, --stats)": (
+            {"max_attempts": plan.qc.max_attempts, "statistics": canonical_sha256(qc.as_dict())}
+            if qc is not None else None),
+    }
+
+
+def settings_sha256(plan: Any) -> str:
+    """One digest of `run_settings`: each sidecar carries it, so a sample of another run never counts complete."""
+    return canonical_sha256(run_settings(plan))
+
+
+def record_path(out: Path) -> Path:
+    return Path(out) / RECORD_NAME
+
+
+def read_record(out: Path) -> dict[str, Any] | None:
+    """The folder's record, or None when it has none. A record that is a link, not a file or not JSON is refused:
+    the folder's state cannot be known."""
+    path = record_path(out)
+    text = read_regular_text(path)
+    if text is None:
+        return None
+    try:
+        document = json.loads(text)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict) or not isinstance(document.get("settings"), dict):
+        raise OutputError(f"--out: {path} is not a maisi run record (unreadable); remove it, or choose another --out")
+    return document
+
+
+def read_regular_text(path: Path) -> str | None:
+    """A regular file's text, read without following a link; None when absent; OutputError for anything else."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError):  # no folder yet: no record (the write check speaks later)
+        return None
+    except OSError as error:
+        raise OutputError(f"--out: cannot read {path} ({error.strerror}); remove it, or choose another --out") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise OutputError(f"--out: {path} is not a regular file; remove it, or choose another --out")
+        return handle.read().decode("utf-8", errors="replace")
+
+
+def shown(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return "none" if value is None else str(value)
+
+
+def first_difference(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    for key, value in current.items():
+        if key in recorded and json.loads(json.dumps(recorded[key], default=str)) != json.loads(
+                json.dumps(value, default=str)):
+            return key, recorded[key], value
+    return None
+
+
+def different_run_error(out: Path, key: str, recorded: Any, current: Any) -> UsageError:
+    return UsageError(f"--out: {out} holds a run made with {key} {shown(recorded)}, and this run has {key} "
+                      f"{shown(current)}; choose another --out, or add --overwrite to replace that run's samples")
+
+
+def check_record(plan: Any) -> None:
+    """Refuse (exit 2) a run whose settings differ from those recorded in its folder, unless --overwrite."""
+    if plan.request.overwrite:
+        return
+    record = read_record(plan.request.out)
+    if record is None:
+        return
+    difference = first_difference(record["settings"], run_settings(plan))
+    if difference is not None:
+        raise different_run_error(plan.request.out, *difference)
+
+
+def record_weights(plan: Any, weight_hashes: dict[str, dict[str, str]]) -> None:
+    """Once the weights are read: refuse a run whose weights differ from the recorded ones (unless --overwrite),
+    then write the folder's record if it has none (or --overwrite replaces it). Shards of one job race to create it
+    with the same content: the first wins, the others compare."""
+    out = Path(plan.request.out)
+    settings = {**run_settings(plan),
+                "weights sha256": {component: entry["sha256"] for component, entry in sorted(weight_hashes.items())}}
+    record = None if plan.request.overwrite else read_record(out)
+    if record is not None:
+        difference = first_difference(record["settings"], settings)
+        if difference is not None:
+            raise different_run_error(out, *difference)
+        if record["settings"].keys() >= settings.keys():
+            return
+    document = {"about": "the settings of the run this folder holds (maisi generate); a re-run must match them",
+                "settings": settings}
+    payload = (json.dumps(document, indent=2, default=str) + "\n").encode()
+    if plan.request.overwrite or record is not None:
+        write_atomic(record_path(out), payload)
+        return
+    create_once(record_path(out), payload)
+    check_record_weights(out, settings)
+
+
+def create_once(path: Path, payload: bytes) -> None:
+    """Create `path` with `payload` unless it exists: written to a temporary file, then hard-linked into place, so a
+    reader never sees it half-written and two shards never both write it."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        descriptor = os.open(temporary, CREATE_NEW, 0o644)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another shard made it first: compared by the caller
+    except OSError as error:
+        raise write_error(error, path) from None
+    finally:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+
+
+def check_record_weights(out: Path, settings: dict[str, Any]) -> None:
+    record = read_record(out)
+    if record is not None:
+        difference = first_difference(record["settings"], settings)
+        if difference is not None:
+            raise different_run_error(out, *difference)
+
+
+def sample_problem(task: Any, digest: str) -> str | None:
+    """Why a sample whose files all exist is not complete for this run, or None when it is: its sidecar must be
+    readable, come from a run with these settings, and record the sha256 of the image and label as they are now."""
+    try:
+        text = read_regular_text(task.sidecar)
+        document = json.loads(text) if text is not None else None
+    except (OutputError, ValueError):
+        document = None
+    if not isinstance(document, dict):
+        return f"its sidecar {task.sidecar.name} is unreadable"
+    if document.get("run_settings_sha256") != digest:
+        return f"its sidecar {task.sidecar.name} was written by a run with other settings"
+    recorded = document.get("files_sha256")
+    if not isinstance(recorded, dict):
+        return f"its sidecar {task.sidecar.name} records no sha256 of its files"
+    for role, path in (("image", task.image), ("label", task.label)):
+        if path is not None and sha256_of_file(path) != recorded.get(role):
+            return f"{path.name} does not match the sha256 its sidecar records (changed or truncated)"
+    return None
+
+
+def verified_samples(plan: Any, on_warning: Callable[[str], None]) -> list[Any]:
+    """The plan's samples with `complete` true only for samples whose files match their sidecar; each sample that
+    looked complete but is not is named in a warning, and will be made again."""
+    digest = settings_sha256(plan)
+    tasks = []
+    for task in plan.samples:
+        if task.complete:
+            problem = sample_problem(task, digest)
+            if problem is not None:
+                on_warning(f"sample {task.index}: {problem}; it will be generated again")
+                task = replace(task, complete=False)
+        tasks.append(task)
+    return tasks
