@@ -58,7 +58,7 @@ def measure(step: str, n: int) -> tuple[int, int]:
         fit_to_grid(labels, np.eye(4), (2 * n,) * 3, (1.0, 1.0, 1.0))
         voxels = (2 * n) ** 3
     elif step == "bit_planes":
-        label_bit_planes(torch.from_numpy(labels.astype(np.int64))[None, None])
+        label_bit_planes(torch.from_numpy(labels)[None, None])  # as pipeline.condition_inputs: uint8 labels
         voxels = n**3
     elif step == "output":
         output_image(decoded, "hu", labels), output_labels(labels, "full")

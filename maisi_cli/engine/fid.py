@@ -214,8 +214,14 @@ def load_extractor(path: Path | None) -> Extractor:
     if not path.is_file():
         raise WeightsError(f"{field_name}: '{path}' does not exist; give the RadImageNet ResNet-50 state dict "
                            f"({EXTRACTOR_FILE}) or run `maisi weights download radimagenet-resnet50`")
+    from maisi_cli.engine.weights import read_hashed
+
+    data, digest = read_hashed(path)  # one read: the bytes hashed are the bytes loaded
+    if locked is not None and digest != locked:
+        raise WeightsError(f"{field_name}: '{path}' changed after its sha256 was checked against the lock; re-fetch "
+                           "it with: maisi weights download radimagenet-resnet50 --force")
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = torch.load(data, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt or unsafe file
         reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
         raise WeightsError(f"{field_name}: '{path}' is not a loadable state dict ({reason})") from None
@@ -242,7 +248,7 @@ def load_extractor(path: Path | None) -> Extractor:
         raise WeightsError(f"{field_name}: '{path}' does not fit a RadImageNet ResNet-50: shape of {_first(wrong)}")
     model.load_state_dict(state, strict=True)
     model.eval()
-    return Extractor(model=model, sha256=locked or hash_file(path), path=path)
+    return Extractor(model=model, sha256=digest, path=path)
 
 
 # --- extractor plugins ----------------------------------------------------------------------------------------------

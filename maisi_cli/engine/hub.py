@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from maisi_cli.config import maisi_home
-from maisi_cli.engine.weights import (fetch_command, first_sentence, hf_hub_cache, model_reference, remember_sha256,
-                                      sha256_of)
+from maisi_cli.engine.weights import (fetch_command, first_sentence, hash_file, hf_hub_cache, model_reference,
+                                      remember_sha256, sha256_of)
 from maisi_cli.errors import UsageError, WeightsError
 from maisi_cli.models import ModelSpec
 
@@ -646,7 +646,7 @@ def hub_file_mismatch_error(item: HubFile, results: list[CheckResult]) -> Weight
 def check_hub_file(item: HubFile, path: Path, revision: str | None = None) -> str:
     """sha256 of a copy in the Hugging Face cache, held to the lock (WeightsError naming the fix on a mismatch)."""
     revision = revision or item.revision
-    digest = sha256_of(path)
+    digest = hash_file(path)  # afresh: a digest cached by mtime could vouch for changed bytes
     entry = read_lock(item.hf_repo, revision).get(item.filename)
     if entry and entry.get("sha256") != digest:
         raise WeightsError(f"weights: {path} ({item.name}) no longer matches the sha256 locked in "

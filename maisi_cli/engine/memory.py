@@ -546,7 +546,7 @@ def parse_memory(text: str, field_name: str = "--memory") -> int:
 MASK_FIT_BYTES = 4  # fit_to_grid's int16 copy and its RAS reorientation, per voxel of the mask as read [3.0]
 RESAMPLE_BYTES = 32  # MONAI Spacing, per voxel of the resampled grid: its affine_grid sampling grid and output [28.8]
 PAD_CROP_BYTES = 8  # ResizeWithPadOrCrop's float32 output and its rounding, per voxel of the output grid [7.2]
-BIT_PLANE_BYTES = 138  # condition_inputs: int64 labels, the int64 (labels >> k) & 1 temporaries, 8 fp32 planes [136]
+BIT_PLANE_BYTES = 34  # label_bit_planes on the CPU: 8 fp32 planes and a plane's uint8 temporaries [30.1]
 OUTPUT_BYTES = 16  # output_image + output_labels: float32 HU temporaries, the int16 image, the uint8 labels [15.9]
 WRITE_BYTES = 6  # nifti_bytes of the int16 image: its NIfTI bytes, their copy out of BytesIO, the gzip output [5.3]
 HOST_RESERVE = 256 * 1024**2  # libraries first imported mid-run (MONAI transforms: ~100 MB) and allocator slack
@@ -618,7 +618,9 @@ def estimate_host_memory(spec: Any, size: Triple, plan: Any, on_gpu: bool, dtype
     if mask is not None:
         stages["mask"] = mask_stage_terms(mask, size)
     if not image_only:
-        stages["condition"] = {**held, "condition bit planes": BIT_PLANE_BYTES * image}
+        # on a GPU the 1-byte labels are sent as they are and the planes are made there (pipeline.condition_inputs)
+        stages["condition"] = {**held, "condition labels (uint8) for the GPU": image} if on_gpu else {
+            **held, "condition bit planes": BIT_PLANE_BYTES * image}
     if on_gpu:
         stages["load"] = {**held, "network weights": 4 * sum(weight_parameters(spec).values())}
         stages["decode"] = {**held, **decoded}

@@ -538,8 +538,9 @@ def condition_inputs(plan: GenerationPlan, sample_mask: SampleMask, device: Any)
 
     controlnet_cond = None  # an image-only model (no mask): the UNet runs alone
     if sample_mask.mask is not None:
-        labels = torch.from_numpy(sample_mask.mask.labels.astype(np.int64))[None, None]
-        controlnet_cond = label_bit_planes(labels).to(device)
+        # the 1-byte labels go to the device, which makes the 32-byte-a-voxel planes (sampling.label_bit_planes)
+        labels = torch.from_numpy(np.ascontiguousarray(sample_mask.mask.labels))[None, None]
+        controlnet_cond = label_bit_planes(labels.to(device))
     unet_inputs: dict[str, Any] = {"spacing_tensor": spacing_condition(plan.spacing).to(device)}
     controlnet_inputs: dict[str, Any] = {}
     if plan.model.uses_modality:

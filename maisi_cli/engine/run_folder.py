@@ -37,7 +37,9 @@ def mask_identity(plan: Any) -> dict[str, Any]:
         return {"source": "generated", "sizes": [list(pair) for pair in request.anatomy_sizes],
                 "mask_steps": request.mask_steps}
     if request.mask is not None:
-        return {"source": "file", "sha256": sha256_of_file(Path(request.mask).expanduser())}
+        from maisi_cli.engine.weights import hash_file
+
+        return {"source": "file", "sha256": hash_file(Path(request.mask).expanduser())}  # the user's input: links ok
     database = request.mask_database
     return {"source": "database", "database": str(Path(database).expanduser().resolve()) if database else "model's",
             "augment": request.augment, "body_regions": list(request.body_regions)}

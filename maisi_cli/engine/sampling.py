@@ -27,12 +27,22 @@ def initial_noise(latent_shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def label_bit_planes(label_map: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """(1, 1, X, Y, Z) integer labels → (1, bits, X, Y, Z) float planes; channel k holds bit k (LSB first)."""
-    labels = label_map.to(torch.int64)
-    if labels.min() < 0 or labels.max() >= 2**bits:
+    """(N, 1, X, Y, Z) integer labels → (N, bits, X, Y, Z) float32 planes on the labels' device; channel k holds
+    bit k (LSB first).
+
+    Built one plane at a time from 1-byte labels into the float32 output, so the planes (4·bits bytes a voxel) are
+    the only large allocation: broadcasting int64 shifts over the whole volume held 136 bytes a voxel, 17 GiB of
+    host memory at 512³. The pipeline therefore sends the 1-byte labels to the GPU and makes the planes there."""
+    if label_map.dtype.is_floating_point:
+        label_map = label_map.to(torch.int64)
+    if label_map.numel() and (int(label_map.min()) < 0 or int(label_map.max()) >= 2**bits):
         raise ValueError(f"label values must be in [0, {2**bits - 1}] for {bits} bit planes")
-    shifts = torch.arange(bits, device=labels.device).view(1, bits, 1, 1, 1)
-    return ((labels >> shifts) & 1).to(torch.float32)
+    labels = label_map[:, 0].to(torch.uint8 if bits <= 8 else torch.int64)
+    planes = torch.empty((label_map.shape[0], bits, *label_map.shape[2:]), dtype=torch.float32,
+                         device=label_map.device)
+    for bit in range(bits):
+        planes[:, bit] = (labels >> bit) & 1
+    return planes
 
 
 def spacing_condition(spacing: tuple[float, float, float]) -> torch.Tensor:

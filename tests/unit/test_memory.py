@@ -120,17 +120,20 @@ def _whole_plan(spec, size):
 
 
 def test_host_estimate_counts_each_stage_from_the_voxel_counts(spec):
-    """On a GPU: the condition bit planes (138 B a voxel) are the host peak at 512³; the mask stage counts the file
-    as read, its resampling grid and the pad/crop; the write stage the int16/uint8 arrays and their NIfTI bytes."""
-    from maisi_cli.engine.memory import (BIT_PLANE_BYTES, HOST_RESERVE, PAD_CROP_BYTES, RESAMPLE_BYTES, MaskGrid,
+    """On a GPU: the output stage (float32 decoded image and the output temporaries, 21 B a voxel) is the host peak
+    at 512³, and the condition stage holds only the 1-byte labels sent to the GPU (the planes are made there); the
+    mask stage counts the file as read, its resampling grid and the pad/crop; the write stage the int16/uint8 arrays
+    and their NIfTI bytes."""
+    from maisi_cli.engine.memory import (HOST_RESERVE, OUTPUT_BYTES, PAD_CROP_BYTES, RESAMPLE_BYTES, MaskGrid,
                                          estimate_host_memory)
 
     size = (512, 512, 512)
     voxels = 512**3
     mask = MaskGrid(shape=(256, 256, 128), itemsize=2, floating=False, resampled=(300, 300, 200))
     host = estimate_host_memory(spec, size, _whole_plan(spec, size), on_gpu=True, dtype_bytes=2, mask=mask)
-    assert host.peak_stage == "condition" and host.largest_term == "condition bit planes"
-    assert host.peak_bytes == voxels + BIT_PLANE_BYTES * voxels + HOST_RESERVE
+    assert host.peak_stage == "output" and host.largest_term == "output arrays and temporaries"
+    assert host.peak_bytes == voxels + 4 * voxels + OUTPUT_BYTES * voxels + HOST_RESERVE
+    assert host.stages["condition"]["condition labels (uint8) for the GPU"] == voxels
     masked = host.stages["mask"]
     assert masked["mask as read"] == 256 * 256 * 128 * 2 and "mask label check" not in masked  # integers
     assert masked["mask resampling"] == RESAMPLE_BYTES * 300 * 300 * 200

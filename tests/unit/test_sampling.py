@@ -267,6 +267,17 @@ def test_bit_planes_reconstruct_every_label():
     assert torch.equal((planes * weights).sum(dim=1, keepdim=True).to(torch.int64), labels)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int64])
+def test_bit_planes_equal_numpys_unpackbits_for_each_label_dtype(dtype):
+    """Planes of a random batch equal numpy's own bit unpacking (little-endian bit order), whatever integer type the
+    labels arrive in (the pipeline sends uint8, training int64)."""
+    labels = torch.randint(0, 256, (2, 1, 5, 6, 7), generator=torch.Generator().manual_seed(3)).to(dtype)
+    expected = np.unpackbits(labels.to(torch.uint8).numpy()[:, 0, ..., None], axis=-1, bitorder="little")
+    planes = label_bit_planes(labels)
+    assert planes.dtype == torch.float32 and planes.shape == (2, 8, 5, 6, 7)
+    assert np.array_equal(planes.numpy(), np.moveaxis(expected, -1, 1).astype(np.float32))
+
+
 @pytest.mark.parametrize("bad", [-1, 256, 1000])
 def test_bit_planes_reject_out_of_range(bad):
     """Labels outside 0..255 cannot be encoded in 8 planes: ValueError instead of a silent wrap."""

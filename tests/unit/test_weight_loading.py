@@ -183,3 +183,19 @@ def test_load_verified_keeps_the_existing_messages(spec, tmp_path, payload, word
     weight = WeightFile("diffusion_unet", "models/unet.pt", path, "weights-dir")
     with pytest.raises(WeightsError, match=words):
         load_verified(build_network(spec, "diffusion_unet"), weight, spec)
+
+
+def test_the_fid_extractor_is_held_to_its_lock_by_its_bytes_not_a_cached_digest(tmp_path):
+    """A locked RadImageNet copy rewritten with its size and mtime kept: the digest cache (keyed by path, size and
+    mtime) would still vouch for it; the check reads the bytes."""
+    item = hub.EXTRACTOR_FILES["radimagenet-resnet50"]
+    path = tmp_path / item.filename
+    path.write_bytes(b"A" * 4096)
+    hub.record_in_lock(item.hf_repo, item.revision, item.filename, hashlib.sha256(b"A" * 4096).hexdigest(), 4096,
+                       "test")
+    assert hub.check_hub_file(item, path) == sha256_of(path)  # primes the cache
+    stat = path.stat()
+    path.write_bytes(b"B" * 4096)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(WeightsError, match="no longer matches the sha256 locked"):
+        hub.check_hub_file(item, path)

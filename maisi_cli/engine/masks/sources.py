@@ -49,10 +49,10 @@ class FileMaskSource:
         """Nothing to take from the loaded networks."""
 
     def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback | None = None) -> SampleMask:
-        from maisi_cli.engine.weights import sha256_of
+        from maisi_cli.engine.weights import hash_file
 
-        if self._sha256 is None:
-            self._sha256 = sha256_of(self.path)
+        if self._sha256 is None:  # read afresh: a digest cached by mtime could name another version of the file
+            self._sha256 = hash_file(self.path)
         return SampleMask(self.mask, {
             "type": self.kind, "path": str(self.path), "sha256": self._sha256, "resampled": self.mask.resampled,
             "original_shape": list(self.mask.original_shape),
