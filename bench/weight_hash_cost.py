@@ -96,6 +96,32 @@ def new_path(network, weight, spec) -> dict[str, float]:
     return {"load_s": time.perf_counter() - start}
 
 
+def engine_load(spec, component: str, weight, hashed: bool) -> float:
+    """Seconds from nothing to a loaded network as engine/pipeline.load_networks does it: the file read (and, with
+    `hashed`, hashed: engine/weights.built_and_read) in a second thread while the network is built, then loaded from
+    those bytes. Without `hashed` the same steps skip the hash: the difference is what the hash still costs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from maisi_cli.engine.networks import build_network
+    from maisi_cli.engine.weights import STATE_DICT_KEYS, built_and_read, load_verified
+
+    started = time.perf_counter()
+    if hashed:
+        network, read = built_and_read(lambda: build_network(spec, component), weight)
+        load_verified(network, weight, spec, read)
+    else:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            reading = pool.submit(read_only, weight.path)
+            network = build_network(spec, component)
+            data = reading.result()
+        checkpoint = torch.load(data, map_location="cpu", weights_only=True)
+        key = STATE_DICT_KEYS.get(component)
+        network.load_state_dict(checkpoint[key] if key else checkpoint, strict=True)
+    return time.perf_counter() - started
+
+
 def measure_file(spec, component: str, path: Path, repeats: int) -> dict:
     from maisi_cli.engine.networks import build_network
     from maisi_cli.engine.weights import STATE_DICT_KEYS, WeightFile, read_hashed
@@ -103,7 +129,8 @@ def measure_file(spec, component: str, path: Path, repeats: int) -> dict:
     weight = WeightFile(component, spec.weights[component], path, "weights-dir")
     key = STATE_DICT_KEYS.get(component)
     path.read_bytes()  # warm the page cache
-    runs: dict[str, list] = {"old": [], "new": [], "read_only_s": [], "read_hashed_s": [], "build_s": []}
+    runs: dict[str, list] = {"old": [], "new": [], "read_only_s": [], "read_hashed_s": [], "build_s": [],
+                             "engine_s": [], "engine_no_hash_s": []}
     peaks: dict[str, list] = {"old": [], "new": []}
     for repeat in range(repeats):
         order = ("old", "new") if repeat % 2 == 0 else ("new", "old")
@@ -118,6 +145,9 @@ def measure_file(spec, component: str, path: Path, repeats: int) -> dict:
             if tracked:
                 peaks[which].append((rss_kib("VmHWM") - before) / 1024)
             del network
+        for hashed in ((True, False) if repeat % 2 == 0 else (False, True)):
+            gc.collect()
+            runs["engine_s" if hashed else "engine_no_hash_s"].append(engine_load(spec, component, weight, hashed))
         started = time.perf_counter()
         data = read_only(path)
         runs["read_only_s"].append(time.perf_counter() - started)
@@ -131,6 +161,7 @@ def measure_file(spec, component: str, path: Path, repeats: int) -> dict:
     old_load = median(r["load_s"] for r in runs["old"])
     hash_new = max(0.0, median(runs["read_hashed_s"]) - median(runs["read_only_s"]))
     build = median(runs["build_s"])
+    engine, engine_no_hash = median(runs["engine_s"]), median(runs["engine_no_hash_s"])
     size = path.stat().st_size
     return {
         "component": component, "file": spec.weights[component], "bytes": size,
@@ -142,6 +173,9 @@ def measure_file(spec, component: str, path: Path, repeats: int) -> dict:
         "hash_share_of_new_load": round(hash_new / new_load, 3),
         "hash_share_with_build": round(hash_new / (new_load + build), 3),
         "build_s": round(build, 3),
+        "engine_load_s": round(engine, 3), "engine_load_no_hash_s": round(engine_no_hash, 3),
+        "engine_hash_s": round(max(0.0, engine - engine_no_hash), 3),
+        "engine_hash_share": round(max(0.0, engine - engine_no_hash) / engine, 3),
         "sha256_gb_per_s": round(size / 1e9 / hash_new, 2) if hash_new else None,
         "peak_rss_rise_mb": {k: round(median(v), 0) for k, v in peaks.items() if v},
         "runs": {k: [round(x, 3) if isinstance(x, float) else {n: round(t, 3) for n, t in x.items()} for x in v]
@@ -170,12 +204,14 @@ def write_checkpoints(spec, components: list[str], work: Path) -> dict[str, Path
 
 def update_readme(result: dict) -> None:
     rows = ["| file | MB | old: hash + mmap load (s) | new: load_verified (s) | hash in new (s) | hash share of "
-            "load | with build | peak RSS rise old / new (MB) |", "|---|---|---|---|---|---|---|---|"]
+            "load | engine: build ∥ read+hash, load (s) | same, no hash (s) | hash share in the engine | "
+            "peak RSS rise old / new (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["files"]:
         peak = r["peak_rss_rise_mb"]
         rows.append(f"| `{r['file']}` | {r['bytes'] / 1e6:.0f} | {r['old_load_s']:.2f} (hash {r['old_hash_s']:.2f}) "
                     f"| {r['new_load_s']:.2f} | {r['new_hash_s']:.2f} | {100 * r['hash_share_of_new_load']:.0f} % | "
-                    f"{100 * r['hash_share_with_build']:.0f} % | {peak.get('old', '?'):.0f} / "
+                    f"{r['engine_load_s']:.2f} | {r['engine_load_no_hash_s']:.2f} | "
+                    f"{100 * r['engine_hash_share']:.0f} % | {peak.get('old', '?'):.0f} / "
                     f"{peak.get('new', '?'):.0f} |")
     total = result["total"]
     text = "\n".join([
@@ -185,13 +221,18 @@ def update_readme(result: dict) -> None:
         "layouts (`results/weight_hash_cost.json`). Old: sha256 of the file, then `torch.load(mmap=True)` of a "
         "second read. New (`engine/weights.load_verified`): one read, hashed as it arrives, the same bytes "
         "`torch.load`ed. Hash = read with hashing − the same read without. Load = file to loaded network; build "
-        "(MONAI's constructor, paid either way) is apart.", "",
+        "(MONAI's constructor, paid either way) is apart. Engine: what `load_networks` runs, from nothing to a "
+        "loaded network — the file read and hashed in a second thread (`built_and_read`; hashlib releases the GIL) "
+        "while MONAI builds the network, then loaded from those bytes — against the same steps without the hash.",
+        "",
         *rows, "",
-        "Other sessions ran tests on the same 2 cores meanwhile (load average 3–5), so single runs vary by up to "
-        "2× (`runs` in the JSON); the medians alternate both paths under the same load.", "",
-        f"All files: old {total['old_load_s']:.1f} s, new {total['new_load_s']:.1f} s; the hash "
-        f"{total['new_hash_s']:.1f} s = **{100 * total['hash_share_of_new_load']:.0f} % of load time** "
-        f"({100 * total['hash_share_with_build']:.0f} % counting the networks' construction). " + result["verdict"],
+        f"Load average {result['load_average']['before']:.1f} before and {result['load_average']['after']:.1f} "
+        "after the run; single runs vary (`runs` in the JSON: up to 1.5× for the engine rows), and the medians "
+        "alternate each pair of paths under the same load, so an engine difference of a few hundredths of a second "
+        "is within that noise.", "",
+        f"All files: old {total['old_load_s']:.1f} s, new {total['new_load_s']:.1f} s; the hash alone "
+        f"{total['new_hash_s']:.1f} s = {100 * total['hash_share_of_new_load']:.0f} % of a load from memory. "
+        + result["verdict"],
         "",
         "The new path also costs more than the old one in all: the old `torch.load(mmap=True)` mapped the file and "
         "`load_state_dict` copied from the page cache once, while the new one copies the file into memory, "
@@ -213,13 +254,40 @@ def update_readme(result: dict) -> None:
     readme.write_text(content)
 
 
+def engine_verdict(total: dict, speed: float) -> str:
+    """What the hash costs as the engine loads: the difference of the summed medians, and the sum of each file's
+    positive difference, an upper bound that counts a file's noise against the hash but never for it."""
+    difference = total["engine_load_s"] - total["engine_load_no_hash_s"]
+    share, bound = difference / total["engine_load_s"], total["engine_hash_share"]
+    if bound < 0.05:
+        goal = "The issue's goal (< 5 %) is met by both."
+    elif share < 0.05:
+        goal = ("The issue's goal (< 5 %) is met by the difference, not by that bound, on these 2 cores: sha256 runs "
+                f"at about {speed:.1f} GB/s and MONAI's construction keeps both cores busy, so the overlap is partial "
+                "(more cores should hide it behind the construction: not measured, no GPU machine was lent).")
+    else:
+        goal = f"The issue's goal (< 5 %) is not met on these 2 cores (sha256 at about {speed:.1f} GB/s)."
+    return (f"As the engine loads (the hash in a second thread while the network is built), all files take "
+            f"{total['engine_load_s']:.1f} s with the hash and {total['engine_load_no_hash_s']:.1f} s without: "
+            f"**{100 * share:+.1f} % of load time**; counting only each file's positive difference, at most "
+            f"{total['engine_hash_s']:.2f} s = **{100 * bound:.1f} %**. " + goal)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None, help="folder for the checkpoints (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--components", default="all")
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--readme-only", action="store_true", help="rewrite the README section from the JSON")
     args = parser.parse_args()
+    if args.readme_only:
+        result = json.loads((HERE / "results" / "weight_hash_cost.json").read_text())
+        speed = statistics.median(f["sha256_gb_per_s"] for f in result["files"] if f["sha256_gb_per_s"])
+        result["verdict"] = engine_verdict(result["total"], speed)
+        (HERE / "results" / "weight_hash_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+        update_readme(result)
+        return
 
     import torch
 
@@ -230,26 +298,26 @@ def main() -> None:
     if args.components != "all":
         components = args.components.split(",")
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="weight-hash-cost-") as temporary:
         work = args.work or Path(temporary)
         paths = write_checkpoints(spec, components, work)
         files = [measure_file(spec, c, paths[c], args.repeats) for c in components]
     total = {key: round(sum(f[key] for f in files), 3)
-             for key in ("old_load_s", "new_load_s", "new_hash_s", "build_s", "old_hash_s")}
+             for key in ("old_load_s", "new_load_s", "new_hash_s", "build_s", "old_hash_s", "engine_load_s",
+                         "engine_load_no_hash_s", "engine_hash_s")}
+    total["engine_hash_share"] = round(total["engine_hash_s"] / total["engine_load_s"], 3)
     total["hash_share_of_new_load"] = round(total["new_hash_s"] / total["new_load_s"], 3)
     total["hash_share_with_build"] = round(total["new_hash_s"] / (total["new_load_s"] + total["build_s"]), 3)
-    share = total["hash_share_of_new_load"]
-    verdict = ("The issue's goal (< 5 % of load time) is met." if share < 0.05 else
-               f"The issue's goal (< 5 % of load time) is not met here: sha256 runs at about "
-               f"{statistics.median(f['sha256_gb_per_s'] for f in files if f['sha256_gb_per_s']):.1f} GB/s on this "
-               "CPU, and the rest of a load from memory is a few copies at memory speed, so the hash is a large "
-               "part of it.")
+    speed = statistics.median(f["sha256_gb_per_s"] for f in files if f["sha256_gb_per_s"])
+    verdict = engine_verdict(total, speed)
     result = {
         "what": __doc__.split("\n\n")[1].replace("\n", " "),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads, hashlib {hashlib.sha256().name} (OpenSSL)",
         "repeats": args.repeats, "files": files, "total": total, "verdict": verdict,
+        "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "wall_s": round(time.perf_counter() - started, 1),
     }
     out = HERE / "results" / "weight_hash_cost.json"

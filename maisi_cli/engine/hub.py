@@ -401,13 +401,18 @@ def mismatch_error(spec: ModelSpec, results: list[CheckResult]) -> WeightsError 
     if not bad:
         return missing_error(spec, results)
     first = bad[0]
-    components = list(dict.fromkeys(r.component for r in bad))
-    fix = "maisi weights download " + model_reference(spec) + "".join(f" --component {c}" for c in components)
-    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    fix, more = fetch_fix(spec, bad)
     return WeightsError(
         f"weights: {first.path} ({spec.name} {first.component}) does not match the sha256 locked in "
         f"{lock_path(spec.hf_repo or '', spec.hf_revision)}{more}; re-fetch with: {fix} --force"
     )
+
+
+def fetch_fix(spec: ModelSpec, rows: list[CheckResult]) -> tuple[str, str]:
+    """(the command that fetches the files of `rows`, " (and N more)" when there are several) for an error line."""
+    components = list(dict.fromkeys(r.component for r in rows))
+    fix = "maisi weights download " + model_reference(spec) + "".join(f" --component {c}" for c in components)
+    return fix, f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
 
 
 def missing_error(spec: ModelSpec, results: list[CheckResult]) -> WeightsError | None:
@@ -415,9 +420,7 @@ def missing_error(spec: ModelSpec, results: list[CheckResult]) -> WeightsError |
     if not gone:
         return None
     first = gone[0]
-    components = list(dict.fromkeys(r.component for r in gone))
-    fix = "maisi weights download " + model_reference(spec) + "".join(f" --component {c}" for c in components)
-    more = f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+    fix, more = fetch_fix(spec, gone)
     return WeightsError(
         f"weights: {first.repo_name} ({spec.name} {first.component}) is locked in "
         f"{lock_path(spec.hf_repo or '', spec.hf_revision)} but missing from maisi's store and the Hugging Face "

@@ -490,14 +490,15 @@ def load_networks(plan: GenerationPlan, on_progress: ProgressCallback) -> Loaded
     from maisi_cli.engine.backends import apply_backend, network_device
     from maisi_cli.engine.decode import LatentDecoder
     from maisi_cli.engine.networks import build_network, build_scheduler
-    from maisi_cli.engine.weights import load_verified
+    from maisi_cli.engine.weights import built_and_read, load_verified
 
     backend = plan.request.backend
     device = torch.device(network_device(backend, plan.device))
     hashes, networks, scale_factors = {}, {}, {}
     for i, weight in enumerate(plan.weights):
-        network = build_network(plan.model, weight.component, device, plan.precision)
-        loaded_weights = load_verified(network, weight, plan.model)
+        network, read = built_and_read(
+            lambda: build_network(plan.model, weight.component, device, plan.precision), weight)
+        loaded_weights = load_verified(network, weight, plan.model, read)
         hashes[weight.component] = {"file": weight.repo_name, "path": str(weight.path),
                                     "sha256": loaded_weights.sha256}
         if "scale_factor" in loaded_weights.extras:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from maisi_cli.config import format_triple
 from maisi_cli.errors import OutputError, UsageError
-from maisi_cli.io.files import CREATE_NEW, sha256_of_file, write_atomic, write_error
+from maisi_cli.io.files import create_once, sha256_of_file, write_atomic
 
 RECORD_NAME = "maisi-run.json"
 
@@ -131,71 +131,37 @@ def different_run_error(out: Path, key: str, recorded: Any, current: Any) -> Usa
                       f"{shown(current)}; choose another --out, or add --overwrite to replace that run's samples")
 
 
-def check_record(plan: Any) -> None:
-    """Refuse (exit 2) a run whose settings differ from those recorded in its folder, unless --overwrite."""
-    if plan.request.overwrite:
-        return
-    record = read_record(plan.request.out)
-    if record is None:
-        return
-    difference = first_difference(record["settings"], run_settings(plan))
-    if difference is not None:
-        raise different_run_error(plan.request.out, *difference)
-
-
-def record_weights(plan: Any, weight_hashes: dict[str, dict[str, str]]) -> None:
-    """Once the weights are read: refuse a run whose weights differ from the recorded ones (unless --overwrite),
-    then write the folder's record if it has none (or --overwrite replaces it). Shards of one job race to create it
-    with the same content: the first wins, the others compare."""
-    out = Path(plan.request.out)
-    settings = {**run_settings(plan),
-                "weights sha256": {component: entry["sha256"] for component, entry in sorted(weight_hashes.items())}}
-    record = None if plan.request.overwrite else read_record(out)
-    if record is not None:
-        difference = first_difference(record["settings"], settings)
-        if difference is not None:
-            raise different_run_error(out, *difference)
-        if record["settings"].keys() >= settings.keys():
-            return
-    document = {"about": "the settings of the run this folder holds (maisi generate); a re-run must match them",
-                "settings": settings}
-    payload = (json.dumps(document, indent=2, default=str) + "\n").encode()
-    if plan.request.overwrite or record is not None:
-        write_atomic(record_path(out), payload)
-        return
-    create_once(record_path(out), payload)
-    check_record_weights(out, settings)
-
-
-def create_once(path: Path, payload: bytes) -> None:
-    """Create `path` with `payload` unless it exists: written to a temporary file, then hard-linked into place, so a
-    reader never sees it half-written and two shards never both write it."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        descriptor = os.open(temporary, CREATE_NEW, 0o644)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            pass  # another shard made it first: compared by the caller
-    except OSError as error:
-        raise write_error(error, path) from None
-    finally:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-
-
-def check_record_weights(out: Path, settings: dict[str, Any]) -> None:
+def refuse_if_different(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The folder's record (None when it has none), refused (exit 2) when a setting it holds differs."""
     record = read_record(out)
     if record is not None:
         difference = first_difference(record["settings"], settings)
         if difference is not None:
             raise different_run_error(out, *difference)
+    return record
+
+
+def check_record(plan: Any) -> None:
+    """Refuse (exit 2) a run whose settings differ from those recorded in its folder, unless --overwrite."""
+    if not plan.request.overwrite:
+        refuse_if_different(plan.request.out, run_settings(plan))
+
+
+def record_weights(plan: Any, weight_hashes: dict[str, dict[str, str]]) -> None:
+    """Once the weights are read: refuse a run whose weights differ from the recorded ones (unless --overwrite),
+    then write the folder's record if it has none (or --overwrite replaces it). Shards of one job race to create it
+    with the same content: one makes it, the others compare with it."""
+    out = Path(plan.request.out)
+    settings = {**run_settings(plan),
+                "weights sha256": {component: entry["sha256"] for component, entry in sorted(weight_hashes.items())}}
+    document = {"about": "the settings of the run this folder holds (maisi generate); a re-run must match them",
+                "settings": settings}
+    payload = (json.dumps(document, indent=2, default=str) + "\n").encode()
+    if plan.request.overwrite:
+        write_atomic(record_path(out), payload)
+        return
+    if refuse_if_different(out, settings) is None and not create_once(record_path(out), payload):
+        refuse_if_different(out, settings)  # another shard made it first
 
 
 def sample_problem(task: Any, digest: str) -> str | None:

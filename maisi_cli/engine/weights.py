@@ -23,7 +23,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from maisi_cli.config import maisi_home
 from maisi_cli.errors import WeightsError
@@ -317,7 +317,8 @@ def check_keys(network: Any, state_dict: dict[str, Any], component: str, path: P
     raise WeightsError(f"weights: {path} does not fit {spec.name} {component}: keys {'; '.join(parts)}")
 
 
-def load_verified(network: Any, weight: WeightFile, spec: ModelSpec) -> VerifiedLoad:
+def load_verified(network: Any, weight: WeightFile, spec: ModelSpec,
+                  read: tuple[io.BytesIO, str] | None = None) -> VerifiedLoad:
     """Load one checkpoint into `network` (strict) from a single read of its file: the bytes are hashed, held to
     the sha256 lock (`check_lock`), and those same bytes are unpickled with torch.load(weights_only=True). Returns
     their sha256 (what a sidecar records) and the extras of the released layout (scale_factor).
@@ -325,8 +326,9 @@ def load_verified(network: Any, weight: WeightFile, spec: ModelSpec) -> Verified
     Memory: while it runs, the file's bytes and the tensors torch.load makes from them are both held (about twice
     the file's size beside the network), and both are released when it returns. Callers load one file at a time so
     the peak stays at the largest file's bytes plus its tensors rather than the sum over all files (torch.load's
-    mmap, which avoided the copy, reads the file a second time: what it maps need not be what was hashed)."""
-    data, digest = read_hashed(weight.path)
+    mmap, which avoided the copy, reads the file a second time: what it maps need not be what was hashed).
+    `read`: the file's (bytes, sha256) from `read_hashed`, when the caller read it already (`built_and_read`)."""
+    data, digest = read if read is not None else read_hashed(weight.path)
     check_lock(weight, spec, digest)
     checkpoint = read_checkpoint(weight.path, data)
     del data  # the tensors are torch's own copies; the file's bytes are not needed past here
@@ -339,6 +341,18 @@ def load_verified(network: Any, weight: WeightFile, spec: ModelSpec) -> Verified
             raise WeightsError(f"weights: {weight.path} has no 'scale_factor' entry; {weight.component} needs one")
         extras["scale_factor"] = scale_factor_of(checkpoint["scale_factor"], weight)
     return VerifiedLoad(digest, extras)
+
+
+def built_and_read(build: Callable[[], Any], weight: WeightFile) -> tuple[Any, tuple[io.BytesIO, str]]:
+    """(`build()`, `read_hashed(weight.path)`), the file read and hashed in a second thread while the network is
+    built: hashlib releases the GIL, so the hash (about 1 s a GB on one core) hides behind the network's
+    construction instead of adding to the load (bench/weight_hash_cost.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="maisi-read") as pool:
+        reading = pool.submit(read_hashed, weight.path)
+        network = build()
+        return network, reading.result()
 
 
 def load_into(network: Any, weight: WeightFile, spec: ModelSpec) -> dict[str, Any]:

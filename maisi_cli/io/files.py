@@ -17,7 +17,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from maisi_cli.errors import NoSpaceError, OutputError
 
@@ -78,6 +78,35 @@ def write_atomic(path: Path, payload: bytes) -> str:
     never outlives a failure."""
     path = Path(path)
     check_replaceable(path)
+
+    def rename_over(temporary: Path) -> None:
+        check_replaceable(path)  # again: a folder or device put there meanwhile must not be replaced
+        os.replace(temporary, path)  # renames the entry: a link put at `path` meanwhile is replaced, not followed
+
+    placed_from_temporary(path, payload, rename_over)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def create_once(path: Path, payload: bytes) -> bool:
+    """Create `path` with `payload` unless something is there already (True when this call made it): the fsynced
+    temporary file is hard-linked into place, so a reader never sees it half-written and of two processes racing to
+    make it exactly one does."""
+    made = []
+
+    def link_into_place(temporary: Path) -> None:
+        try:
+            os.link(temporary, path)
+            made.append(True)
+        except FileExistsError:
+            pass
+
+    placed_from_temporary(Path(path), payload, link_into_place)
+    return bool(made)
+
+
+def placed_from_temporary(path: Path, payload: bytes, place: Callable[[Path], None]) -> None:
+    """Write `payload` to a new temporary file beside `path` (O_EXCL | O_NOFOLLOW), fsync it, `place(temporary)`,
+    and remove the temporary file whatever happens; every OSError is one OutputError line naming `path`."""
     temporary = temporary_name(path)
     try:
         descriptor = os.open(temporary, CREATE_NEW, 0o644)
@@ -88,8 +117,7 @@ def write_atomic(path: Path, payload: bytes) -> str:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        check_replaceable(path)  # again: a folder or device put there meanwhile must not be replaced
-        os.replace(temporary, path)  # renames the entry: a link put at `path` meanwhile is replaced, not followed
+        place(temporary)
     except OSError as error:
         raise write_error(error, path) from None
     finally:
@@ -97,7 +125,6 @@ def write_atomic(path: Path, payload: bytes) -> str:
             os.unlink(temporary)
         except FileNotFoundError:
             pass
-    return hashlib.sha256(payload).hexdigest()
 
 
 def sha256_of_file(path: Path) -> str | None:

@@ -199,3 +199,27 @@ def test_the_fid_extractor_is_held_to_its_lock_by_its_bytes_not_a_cached_digest(
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(WeightsError, match="no longer matches the sha256 locked"):
         hub.check_hub_file(item, path)
+
+
+def test_built_and_read_reads_and_hashes_in_another_thread_while_building(tmp_path, monkeypatch):
+    """The file's bytes and sha256 come from a second thread, so the hash overlaps the network's construction."""
+    import threading
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"checkpoint bytes")
+    threads = {}
+    real_read_hashed = weights.read_hashed
+
+    def read_hashed(where):
+        threads["read"] = threading.current_thread()
+        return real_read_hashed(where)
+
+    def build():
+        threads["build"] = threading.current_thread()
+        return "network"
+
+    monkeypatch.setattr(weights, "read_hashed", read_hashed)
+    network, (data, digest) = weights.built_and_read(build, WeightFile("autoencoder", "x.pt", path))
+    assert network == "network" and data.getvalue() == b"checkpoint bytes"
+    assert digest == hashlib.sha256(b"checkpoint bytes").hexdigest()
+    assert threads["build"] is threading.main_thread() and threads["read"] is not threading.main_thread()
