@@ -50,10 +50,10 @@ def phantoms_command(
         raise UsageError(f"--seed: {seed} is negative; give a whole number 0 or more")
     grid_size = parse_size(size)
     from maisi_cli.engine.phantoms import default_spacing, write_phantoms
-    from maisi_cli.engine.pipeline import ensure_writable
+    from maisi_cli.io.files import writable_folder
 
     grid_spacing = parse_spacing(spacing) if spacing is not None else default_spacing(grid_size)
-    ensure_writable(out)
+    writable_folder(out, "--out")
     with render.progress(output) as on_progress:
         run = write_phantoms(out, num, grid_size, grid_spacing, seed, tumours, on_progress)
     if output.json:
@@ -92,7 +92,7 @@ def index_command(
 def write_json_list(path: Path, entries: list[dict]) -> None:
     import json
 
-    from maisi_cli.io.nifti import write_atomic
+    from maisi_cli.io.files import write_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, (json.dumps(entries, indent=1) + "\n").encode())

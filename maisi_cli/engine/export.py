@@ -547,14 +547,14 @@ def load_sources(spec: Any, components: tuple[str, ...], weights_dir: Path | Non
     """(networks, scale factors, {weight component: {"file", "sha256"}}) of the weight files `components` need,
     hashed (against the lock) and loaded with torch.load(weights_only=True)."""
     from maisi_cli.engine.networks import build_network
-    from maisi_cli.engine.weights import load_verified, locate_weight
+    from maisi_cli.engine.weights import built_and_read, load_verified, locate_weight
 
     names = list(dict.fromkeys(name for component in components for name in SOURCES[component]))
     networks, scales, weights = {}, {}, {}
     for name in names:
         weight = locate_weight(spec, name, weights_dir)
-        network = build_network(spec, name, device, precision)
-        loaded = load_verified(network, weight, spec)  # the sha256 of the bytes loaded, not of an earlier read
+        network, read = built_and_read(lambda: build_network(spec, name, device, precision), weight)
+        loaded = load_verified(network, weight, spec, read)  # the sha256 of the bytes loaded, not of an earlier read
         weights[name] = {"file": weight.repo_name, "sha256": loaded.sha256}
         if "scale_factor" in loaded.extras:
             scales[name] = loaded.extras["scale_factor"]

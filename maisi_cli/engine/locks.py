@@ -119,7 +119,7 @@ def sample_lock_path(sidecar: Path) -> Path:
 
 
 def remove_stale_partials(paths: list[Path]) -> None:
-    """Temporary files (io/nifti.py write_atomic: `.NAME.PID.TOKEN.partial`) a killed writer of these files left.
+    """Temporary files (io/files.py write_atomic: `.NAME.PID.TOKEN.partial`) a killed writer of these files left.
     Call only while holding the sample's lock: no live writer of the sample exists then."""
     for path in paths:
         for partial in path.parent.glob(f".{path.name}.*.partial"):

@@ -606,8 +606,8 @@ def estimate_host_memory(spec: Any, size: Triple, plan: Any, on_gpu: bool, dtype
                          mask: MaskGrid | None = None, guided: bool = False) -> HostMemoryEstimate:
     """Peak host memory of a generation of `size` with the decode `plan`, stage by stage. On the CPU the networks
     run in host memory: their weights and activations are `estimate_peak_memory`'s terms at `dtype_bytes`, without
-    the CUDA framework overhead. On a GPU the host holds the weights while they load, the condition planes while
-    they are made, and the decoded image from the decode on."""
+    the CUDA framework overhead. On a GPU the host holds the weights while they load, the 1-byte condition labels
+    it sends (the planes are made on the GPU), and the decoded image from the decode on."""
     image = math.prod(size)
     image_only = bool(getattr(spec, "image_only", False))
     held = {} if image_only else {"condition mask": image}  # uint8, kept by the mask source all along

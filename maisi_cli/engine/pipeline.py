@@ -9,7 +9,6 @@ seed, up to `QCOptions.max_attempts`; the last attempt is kept either way.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from maisi_cli.engine.qc import QCOptions, QCStatistics, check_quality, load_sta
 from maisi_cli.engine.masks.database import region_indices
 from maisi_cli.engine.masks.regions import body_region_indices
 from maisi_cli.engine.weights import WeightFile, locate_weight
-from maisi_cli.errors import GenerationError, MaskError, NoSpaceError, OutputError, UsageError
+from maisi_cli.errors import GenerationError, MaskError, NoSpaceError, UsageError
 from maisi_cli.labels import label_id
 from maisi_cli.models import MASK_COMPONENTS, ModelSpec, get_model
 from maisi_cli.profiles import DecodePlan, Profile, resolve_profile
@@ -251,12 +250,6 @@ def sample_tasks(request: GenerateRequest, image_only: bool = False) -> list[Sam
     return tasks
 
 
-def ensure_writable(out: Path) -> None:
-    from maisi_cli.io.files import writable_folder
-
-    writable_folder(out, "--out")
-
-
 # --- planning ----------------------------------------------------------------------------------------------------
 def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> GenerationPlan:
     """The checked plan. `qc` defaults to the CLI's defaults (check on, 3 attempts, packaged statistics)."""
@@ -299,6 +292,8 @@ def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> Ge
     weights = [locate_weight(model, component, request.weights_dir) for component in model.image_components]
     mask_grid = None
     if request.mask is not None and not request.anatomy_sizes:  # sized from its header, before it is read
+        # before the mask sources (a database's resampled candidates are read while planning); load_condition_mask
+        # checks each mask file it reads again from its header, the user's included
         mask_grid, header = read_mask_grid(request.mask, spacing)
         check_mask_memory(request.mask, mask_grid, header, size, spacing)
     host_memory = check_generation_memory(model, size, decode, device, precision, profile.name,
@@ -335,9 +330,8 @@ def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> Ge
 def checked_against_folder(plan: GenerationPlan) -> GenerationPlan:
     """The plan, refused (exit 2) when --out holds a run with other settings; samples whose files do not match
     their sidecars are made again, with a warning (engine/run_folder.py)."""
-    from maisi_cli.engine.run_folder import check_record, verified_samples
-
     from maisi_cli.engine.locks import sample_lock_path
+    from maisi_cli.engine.run_folder import check_record, verified_samples
     from maisi_cli.io.files import check_replaceable
 
     check_record(plan)
@@ -721,7 +715,7 @@ def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = 
     from maisi_cli.engine.locks import SampleLock, remove_stale_partials, sample_lock_path
     from maisi_cli.engine.postprocess import ras_affine
     from maisi_cli.engine.run_folder import record_weights, sample_problem, settings_sha256
-    from maisi_cli.io.files import removed_if_left_empty
+    from maisi_cli.io.files import removed_if_left_empty, writable_folder
     from maisi_cli.io.nifti import write_nifti
     from maisi_cli.io.provenance import write_json
 
@@ -735,7 +729,7 @@ def run_generation(plan: GenerationPlan, on_progress: ProgressCallback | None = 
     run_digest = settings_sha256(plan)
     with removed_if_left_empty(plan.request.out):  # a run that fails before writing leaves no empty --out
         if pending:
-            ensure_writable(plan.request.out)
+            writable_folder(plan.request.out, "--out")
         for task in pending:
             files = task.file_names
             lock = SampleLock(sample_lock_path(task.sidecar))

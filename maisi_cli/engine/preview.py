@@ -363,7 +363,7 @@ def check_out(out: Path) -> None:
 
 def write_png(path: Path, image) -> None:
     """The PNG written atomically (a temporary name in the same folder, then renamed)."""
-    from maisi_cli.io.nifti import write_atomic
+    from maisi_cli.io.files import write_atomic
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)

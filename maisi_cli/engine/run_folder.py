@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from maisi_cli.config import format_triple
 from maisi_cli.errors import OutputError, UsageError
-from maisi_cli.io.files import create_once, sha256_of_file, write_atomic
+from maisi_cli.io.files import create_once, opened_regular, sha256_of_file, write_atomic
 
 RECORD_NAME = "maisi-run.json"
 
@@ -37,9 +35,7 @@ def mask_identity(plan: Any) -> dict[str, Any]:
         return {"source": "generated", "sizes": [list(pair) for pair in request.anatomy_sizes],
                 "mask_steps": request.mask_steps}
     if request.mask is not None:
-        from maisi_cli.engine.weights import hash_file
-
-        return {"source": "file", "sha256": hash_file(Path(request.mask).expanduser())}  # the user's input: links ok
+        return {"source": "file", "sha256": plan.mask_source.content_sha256()}
     database = request.mask_database
     return {"source": "database", "database": str(Path(database).expanduser().resolve()) if database else "model's",
             "augment": request.augment, "body_regions": list(request.body_regions)}
@@ -101,15 +97,12 @@ def read_record(out: Path) -> dict[str, Any] | None:
 def read_regular_text(path: Path) -> str | None:
     """A regular file's text, read without following a link; None when absent; OutputError for anything else."""
     try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        with opened_regular(path) as handle:
+            return handle.read().decode("utf-8", errors="replace")
     except (FileNotFoundError, NotADirectoryError):  # no folder yet: no record (the write check speaks later)
         return None
     except OSError as error:
         raise OutputError(f"--out: cannot read {path} ({error.strerror}); remove it, or choose another --out") from None
-    with os.fdopen(descriptor, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise OutputError(f"--out: {path} is not a regular file; remove it, or choose another --out")
-        return handle.read().decode("utf-8", errors="replace")
 
 
 def shown(value: Any) -> str:

@@ -49,10 +49,6 @@ class WeightFile:
     path: Path
     source: str = "path"  # weights-dir | bundled | store | hf-cache | path
 
-    def verified_sha256(self, spec: ModelSpec) -> str:
-        """sha256 of the file; a WeightsError when a locked file no longer matches its lock (see verified_sha256)."""
-        return verified_sha256(self, spec)
-
 
 @dataclass(frozen=True)
 class VerifiedLoad:
@@ -243,24 +239,11 @@ def check_lock(weight: WeightFile, spec: ModelSpec, digest: str) -> None:
         )
 
 
-def verified_sha256(weight: WeightFile, spec: ModelSpec) -> str:
-    """sha256 of a weight file as it is now (read afresh, never from the digest cache), held to the lock as in
-    `check_lock`. A load does not call this: `load_verified` hashes the bytes it loads."""
-    try:
-        digest = hash_file(weight.path)
-    except OSError as error:
-        raise WeightsError(f"weights: {weight.path} cannot be read ({first_sentence(error)})") from None
-    check_lock(weight, spec, digest)
-    return digest
-
-
-def read_checkpoint(path: Path, data: io.BytesIO | None = None) -> Any:
-    """torch.load with weights_only=True of `data` (bytes read from `path`), else of the file read once now;
-    anything else in the file is refused with a clear message."""
+def read_checkpoint(path: Path, data: io.BytesIO) -> Any:
+    """torch.load with weights_only=True of `data`, the bytes read from `path`; anything else in the file is
+    refused with a clear message."""
     import torch
 
-    if data is None:
-        data, _ = read_hashed(path)
     magic = data.read(4)
     data.seek(0)
     if magic != b"PK\x03\x04":  # the zip archive of torch.save (the legacy format was refused by mmap before, too)
@@ -411,7 +394,7 @@ def save_released_checkpoint(network: Any, component: str, path: Path, scale_fac
             payload["scale_factor"] = torch.tensor(float(scale_factor))
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    from maisi_cli.io.nifti import write_atomic
+    from maisi_cli.io.files import write_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, buffer.getvalue())

@@ -17,7 +17,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from maisi_cli.errors import NoSpaceError, OutputError
 
@@ -127,19 +127,28 @@ def placed_from_temporary(path: Path, payload: bytes, place: Callable[[Path], No
             pass
 
 
+@contextlib.contextmanager
+def opened_regular(path: Path) -> Iterator[BinaryIO]:
+    """`path` open for reading, without following a link: an OSError when it is missing, a link (ELOOP) or not a
+    regular file."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(descriptor, "rb") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"it is {kind_of(mode)}")
+        yield handle
+
+
 def sha256_of_file(path: Path) -> str | None:
     """sha256 of a regular file's bytes, read without following a link; None when it is missing, a link or not a
     regular file (what a sidecar's recorded digest is compared with)."""
     try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        with opened_regular(path) as handle:
+            digest = hashlib.sha256()
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     except OSError:
         return None
-    with os.fdopen(descriptor, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            return None
-        digest = hashlib.sha256()
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 

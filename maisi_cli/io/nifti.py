@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from maisi_cli.errors import MaskError
+from maisi_cli.io.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -93,14 +93,6 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
-
-
-def write_atomic(path: Path, payload: bytes) -> str:
-    """Write to a temporary name in the same folder, then rename (io/files.py): readers never see a partial file,
-    and nothing is written through a link. Returns the sha256 of the bytes written."""
-    from maisi_cli.io.files import write_atomic as write_safely
-
-    return write_safely(path, payload)
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> str:

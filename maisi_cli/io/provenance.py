@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from maisi_cli.io.nifti import write_atomic
+from maisi_cli.io.files import write_atomic
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from maisi_cli.engine import hub
-from maisi_cli.engine.weights import WeightFile, locate_weight, verified_sha256
+from maisi_cli.engine.weights import WeightFile, check_lock, hash_file, locate_weight
 from maisi_cli.errors import UsageError, WeightsError
 from maisi_cli.models import get_model
 
@@ -96,22 +96,25 @@ def test_locate_order_weights_dir_then_store_then_cache(spec, payloads, tmp_path
     assert locate_weight(spec, "controlnet", None).source == "hf-cache"
 
 
-def test_verified_sha256_holds_managed_files_to_the_lock(spec, payloads, tmp_path):
+def test_the_lock_holds_managed_files_only(spec, payloads, tmp_path):
+    """check_lock: a file from the Hugging Face cache with a lock entry must match it; a copy without an entry, or a
+    file of the user's own folder under the same name, is used as it is."""
     name = spec.weights["diffusion_unet"]
     cached = put_in_hf_cache(tmp_path, spec.hf_repo, name, payloads[name])
     weight = locate_weight(spec, "diffusion_unet", None)
     digest = hashlib.sha256(payloads[name]).hexdigest()
-    assert verified_sha256(weight, spec) == digest  # no lock entry: hashed and used
+    check_lock(weight, spec, hash_file(weight.path))  # no lock entry: hashed and used
     hub.record_in_lock(spec.hf_repo, spec.hf_revision, name, digest, len(payloads[name]), "download")
-    assert weight.verified_sha256(spec) == digest
+    check_lock(weight, spec, hash_file(weight.path))
     cached.resolve().write_bytes(b"changed")
     with pytest.raises(WeightsError, match=f"no longer matches the sha256 locked in .*re-fetch it with: maisi "
                                            f"weights download {spec.source} --component diffusion_unet --force$"):
-        verified_sha256(weight, spec)
+        check_lock(weight, spec, hash_file(weight.path))
     # the same repository name in a folder of the user's own is not held to the lock
     own = write_folder(tmp_path / "own", {name: b"trained here"})
     mine = locate_weight(spec, "diffusion_unet", own)
-    assert mine.source == "weights-dir" and verified_sha256(mine, spec) == hashlib.sha256(b"trained here").hexdigest()
+    assert mine.source == "weights-dir"
+    check_lock(mine, spec, hash_file(mine.path))
 
 
 def test_import_checks_every_file_before_placing_any(spec, payloads, tmp_path):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from maisi_cli.engine.masks import archive as archive_module
-from maisi_cli.engine.masks.archive import inspect_archive, unpack_archive, unsafe_member
-from maisi_cli.engine.masks.database import (MaskDatabaseError, MaskEntry, closeness, find_candidates,
+from maisi_cli.engine.masks.archive import inspect_archive, unpack_archive
+from maisi_cli.engine.masks.database import (MaskDatabaseError, MaskEntry, climbs_out, closeness, find_candidates,
                                              index_folder, read_database, region_indices, shuffled)
 from maisi_cli.errors import UsageError
 from tests.helpers import phantom_labels, write_mask
@@ -125,7 +125,7 @@ def make_zip(path: Path, members: dict[str, bytes]) -> Path:
 
 @pytest.mark.parametrize("bad", ["../escape.nii.gz", "masks/../../escape.nii.gz", "/etc/passwd", "C:/x.nii.gz"])
 def test_archive_with_an_escaping_path_is_refused_before_writing(tmp_path, bad):
-    assert unsafe_member(bad)
+    assert climbs_out(bad)
     archive = make_zip(tmp_path / "masks.zip", {"masks/good.nii.gz": b"1", bad: b"2"})
     with pytest.raises(MaskDatabaseError, match="outside its folder"):
         unpack_archive(archive, tmp_path / "cache")

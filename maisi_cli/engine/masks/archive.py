@@ -10,9 +10,9 @@ import os
 import shutil
 import zipfile
 import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from maisi_cli.engine.masks.database import MaskDatabaseError
+from maisi_cli.engine.masks.database import MaskDatabaseError, climbs_out
 
 COMPLETE_MARKER = ".maisi-complete"
 # Bounds on what an archive may unpack to, read from the zip's directory before anything is written and enforced
@@ -26,12 +26,6 @@ RATIO_FREE_BYTES = 64 * 2**20
 # Raises MAX_UNPACKED_BYTES (a number of GiB), for an archive larger than the released one.
 LIMIT_VARIABLE = "MAISI_MASK_ARCHIVE_MAX_GIB"
 CHUNK_BYTES = 2**20
-
-
-def unsafe_member(name: str) -> bool:
-    """A member that would land outside the target folder: absolute, drive-qualified, or climbing with '..'."""
-    path = PurePosixPath(name.replace("\\", "/"))
-    return path.is_absolute() or ".." in path.parts or (len(name) > 1 and name[1] == ":")
 
 
 def archive_key(archive: Path) -> str:
@@ -94,7 +88,7 @@ def check_members(archive: Path, members: list[zipfile.ZipInfo]) -> None:
     """Refuse the archive from its directory alone, before anything is written: a path outside its folder, a
     symbolic link, too many members, or more declared bytes than allowed."""
     for member in members:
-        if unsafe_member(member.filename):
+        if climbs_out(member.filename):
             raise MaskDatabaseError(
                 f"mask archive: '{archive}' holds '{member.filename}', a path outside its folder; refusing it"
             )
@@ -149,7 +143,7 @@ def unpack_archive(archive: Path, cache_root: Path) -> Path:
     wait for the first instead of unpacking twice.
     """
     target = unpack_target(archive, cache_root)
-    if (target / COMPLETE_MARKER).is_file():
+    if is_unpacked(archive, cache_root):
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
     with open(cache_root / f".{target.name}.lock", "w") as lock:

@@ -48,13 +48,19 @@ class FileMaskSource:
     def prepare(self, loaded: Any) -> None:
         """Nothing to take from the loaded networks."""
 
-    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback | None = None) -> SampleMask:
+    def content_sha256(self) -> str:
+        """sha256 of the mask file, read once (afresh: a digest cached by mtime could name another version of it);
+        the sidecars and the output folder's record (engine/run_folder.py) name the mask by it."""
         from maisi_cli.engine.weights import hash_file
 
-        if self._sha256 is None:  # read afresh: a digest cached by mtime could name another version of the file
+        if self._sha256 is None:
             self._sha256 = hash_file(self.path)
+        return self._sha256
+
+    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback | None = None) -> SampleMask:
         return SampleMask(self.mask, {
-            "type": self.kind, "path": str(self.path), "sha256": self._sha256, "resampled": self.mask.resampled,
+            "type": self.kind, "path": str(self.path), "sha256": self.content_sha256(),
+            "resampled": self.mask.resampled,
             "original_shape": list(self.mask.original_shape),
             "original_spacing": [round(s, 6) for s in self.mask.original_spacing],
         })

@@ -24,6 +24,7 @@ class ConditionMask:
     resampled: bool
     original_shape: Triple
     original_spacing: FloatTriple
+    lost_labels: tuple[tuple[int, int], ...] = ()  # (label, voxels in the file) of labels the resampling lost
 
 
 def checked_labels(data: np.ndarray, path: Path, field: str = "--mask") -> np.ndarray:
@@ -141,6 +142,7 @@ def load_condition_mask(path: Path, size: Triple, spacing: FloatTriple) -> Condi
         resampled=resampled,
         original_shape=tuple(int(s) for s in data.shape),  # type: ignore[arg-type]
         original_spacing=voxel_spacing(affine),
+        lost_labels=lost_labels(labels, fitted) if resampled else (),
     )
 
 
@@ -149,12 +151,11 @@ def _label_counts(labels: np.ndarray) -> np.ndarray:
     return np.bincount(labels.ravel(), minlength=256)
 
 
-def _lost_labels(path: Path, fitted: np.ndarray) -> list[tuple[int, int]]:
-    """(label, voxels in the file) for each label of the file at `path` that `fitted` no longer holds. The file is
-    read again here because the condition mask keeps only the fitted labels."""
-    data, _ = read_nifti(path)
-    before, after = _label_counts(checked_labels(data, path)), _label_counts(fitted)
-    return [(label, int(before[label])) for label in np.flatnonzero((before > 0) & (after == 0)) if label != 0]
+def lost_labels(before: np.ndarray, after: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """(label, voxels in `before`) for each label of `before` that `after` (its resampled copy) no longer holds."""
+    counts_before, counts_after = _label_counts(before), _label_counts(after)
+    return tuple((int(label), int(counts_before[label]))
+                 for label in np.flatnonzero((counts_before > 0) & (counts_after == 0)) if label != 0)
 
 
 def _label_name(label: int) -> str:
@@ -174,7 +175,7 @@ def resample_warning(mask: ConditionMask, path: Path, size: Triple, spacing: Flo
         f"{format_triple(tuple(round(s, 4) for s in mask.original_spacing))} mm; resampled (nearest) and padded/cropped "
         f"to {target}"
     )
-    lost = _lost_labels(path, mask.labels)
+    lost = mask.lost_labels
     if not lost:
         return message
     labels = ", ".join(f"{_label_name(label)} ({voxels} voxel{'' if voxels == 1 else 's'})"

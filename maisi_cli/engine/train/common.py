@@ -222,7 +222,7 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename."""
     import io
 
-    from maisi_cli.io.nifti import write_atomic
+    from maisi_cli.io.files import write_atomic
 
     buffer = io.BytesIO()
     torch.save(payload, buffer)

@@ -623,7 +623,7 @@ def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress 
             save_atomic(training_state(epoch + 1, optimizer_g, scaler_g, schedule_g, identity=identity, **extras),
                         state_path)
             if history:
-                from maisi_cli.io.nifti import write_atomic
+                from maisi_cli.io.files import write_atomic
 
                 write_atomic(validation_path, (json.dumps({"history": history, "best": best}, indent=2)
                                                + "\n").encode())
