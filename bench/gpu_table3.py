@@ -83,7 +83,7 @@ def table3_rows() -> list[dict[str, Any]]:
 
 def tensorrt_status() -> str | None:
     """None when a trt run can go ahead, else why not."""
-    from maisi_cli.config import GenerateRequest
+    from maisi_cli.request import GenerateRequest
 
     if "backend" not in GenerateRequest.model_fields:
         return "the engine has no backend choice yet (GenerateRequest has no `backend`; `maisi generate --backend`)"
@@ -152,7 +152,7 @@ def run_once(row: dict[str, Any], backend: str, options: argparse.Namespace, mod
     """One generation of the row; never raises (a failure is recorded with the stages measured so far)."""
     import torch
 
-    from maisi_cli.config import GenerateRequest
+    from maisi_cli.request import GenerateRequest
     from maisi_cli.engine.pipeline import plan_generation, run_generation
     from maisi_cli.engine.qc import QCOptions
     from tests.helpers import write_mask

@@ -1,6 +1,7 @@
-"""Request models shared by the CLI and the engine, and parsing of `512x512x512` / `1.0x1.0x1.0` strings.
+"""Parsing of `512x512x512` / `1.0x1.0x1.0` strings and the other small settings the CLI and the engine share.
 
-No torch here: the CLI imports this module to answer `--help` quickly.
+No torch and no pydantic here: the CLI imports this module to answer `--help` and shell completion quickly (the
+request model, which needs pydantic, is maisi_cli/request.py).
 """
 
 from __future__ import annotations
@@ -9,18 +10,12 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from maisi_cli.errors import UsageError
 
 Triple = tuple[int, int, int]
 FloatTriple = tuple[float, float, float]
 
-Precision = Literal["fp32", "fp16", "bf16"]
-LabelMode = Literal["full", "requested"]
-Backend = Literal["torch", "onnx", "trt"]
 
 _SEPARATORS = re.compile(r"\s*[x,×]\s*")
 
@@ -111,48 +106,6 @@ def parse_anatomy(values: list[str]) -> tuple[tuple[str, ...], tuple[tuple[str, 
 
 def format_triple(values: tuple) -> str:
     return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
-
-
-class GenerateRequest(BaseModel):
-    """Everything `maisi generate` was asked for, after parsing; model and profile are still names."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model: str = "rflow-ct"
-    profile: str = "auto"
-    size: Triple | None = None
-    spacing: FloatTriple | None = None
-    num_samples: int = Field(1, ge=1)
-    seed: int = Field(0, ge=0)
-    steps: int | None = Field(None, ge=1)
-    mask: Path | None = None
-    anatomy: tuple[str, ...] = ()
-    anatomy_sizes: tuple[tuple[str, float], ...] = ()  # `--anatomy NAME:SIZE`: generate the mask
-    body_regions: tuple[str, ...] = ()
-    mask_database: Path | None = None
-    allow_outside_database: bool = False  # `--allow-outside-database`: entries may lie outside the mask folder
-    mask_steps: int | None = Field(None, ge=1)
-    augment: bool = True
-    label_mode: LabelMode = "full"
-    out: Path = Path("maisi-out")
-    shard: tuple[int, int] = (0, 1)
-    overwrite: bool = False
-    device: str = "auto"
-    precision: Precision | None = None
-    allow_any_size: bool = False
-    weights_dir: Path | None = None
-    backend: Backend = "torch"  # `--backend`: PyTorch, onnxruntime or TensorRT (engine/backends.py)
-    onnx_dir: Path | None = None  # `--onnx-dir`: a `maisi export onnx` folder (default: MAISI_HOME/onnx)
-    guidance: float | None = Field(None, ge=1)  # `--guidance S`: classifier-free guidance (image-only models); 1 = off
-
-    @field_validator("spacing")
-    @classmethod
-    def _spacing_in_range(cls, spacing: FloatTriple | None) -> FloatTriple | None:
-        """The same bounds as `--spacing` for a request built in code (a UsageError is not wrapped by pydantic)."""
-        problem = None if spacing is None else spacing_problem(spacing)
-        if problem:
-            raise UsageError(f"--spacing: {format_triple(spacing)} is not a spacing; {problem}")
-        return spacing
 
 
 def maisi_home() -> Path:

@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 
 from maisi_cli.cli import render
-from maisi_cli.config import (GenerateRequest, format_triple, parse_anatomy, parse_shard, parse_size,
-                              parse_spacing)
+from maisi_cli.config import format_triple, parse_anatomy, parse_shard, parse_size, parse_spacing
 
 HELP = ("Generate CT image + label pairs (NIfTI), conditioned on a label map: your --mask, one from the candidate "
         "database, or one generated with --anatomy NAME:SIZE. An image-only model (no ControlNet, e.g. the "
@@ -72,6 +71,7 @@ def generate(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     from maisi_cli.errors import QualityCheckFailed, UsageError
+    from maisi_cli.request import GenerateRequest  # pydantic: not needed to build the command tree
 
     output = render.output_of(ctx.obj, json_flag)
     if label_mode not in ("full", "requested"):

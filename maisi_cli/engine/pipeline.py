@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from maisi_cli import __version__
-from maisi_cli.config import GenerateRequest, format_triple
+from maisi_cli.config import format_triple
 from maisi_cli.engine.masks.sources import FileMaskSource, NoMaskSource, SampleMask
 from maisi_cli.engine.masks.user import check_mask_memory, load_condition_mask, read_mask_grid, resample_warning
 from maisi_cli.engine.memory import HostMemoryEstimate, check_generation_memory
@@ -27,6 +27,7 @@ from maisi_cli.engine.masks.regions import body_region_indices
 from maisi_cli.engine.weights import WeightFile, locate_weight
 from maisi_cli.errors import GenerationError, MaskError, NoSpaceError, UsageError
 from maisi_cli.labels import label_id
+from maisi_cli.request import GenerateRequest
 from maisi_cli.models import MASK_COMPONENTS, ModelSpec, get_model
 from maisi_cli.profiles import DecodePlan, Profile, resolve_profile
 

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from maisi_cli.cli.app import app
-from maisi_cli.config import GenerateRequest
+from maisi_cli.request import GenerateRequest
 from maisi_cli.errors import UsageError
 from tests.cli.test_errors import assert_nothing_written, assert_one_line_error
 from tests.helpers import phantom_labels

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from maisi_cli.config import GenerateRequest
+from maisi_cli.request import GenerateRequest
 from maisi_cli.engine.pipeline import plan_generation, sample_tasks
 from maisi_cli.engine.postprocess import intensity_to_mr, output_image
 from maisi_cli.engine.sampling import (UNCONDITIONAL_CLASS, denoise, guided_inputs, guided_output,
