@@ -242,7 +242,7 @@ def embed_command(
     json_flag: bool = typer.Option(False, "--json", help="Print a summary as one JSON document."),
 ) -> None:
     """Encode CT images into VAE latents for `maisi train diffusion` (existing outputs are skipped)."""
-    from maisi_cli.engine.pipeline import resolve_device
+    from maisi_cli.engine.runtime import resolve_device
     from maisi_cli.engine.train.embed import embed_datalist
     from maisi_cli.models import get_model
 

@@ -663,7 +663,7 @@ def _free_port() -> int:
 def _spawned_rank(rank: int, job: dict[str, Any], results: Any) -> None:
     """One `--nproc` process: the torchrun environment for its rank, then the same work as under torchrun.
     Rank 0 puts ("report", FidReport); a rank that fails puts ("error", exit code, message) and exits non-zero."""
-    from maisi_cli.engine.train.common import setup_runtime, teardown_runtime
+    from maisi_cli.engine.runtime import setup_runtime, teardown_runtime
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(job["port"]), "WORLD_SIZE": str(job["nproc"]),
                        "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(job["nproc"])})
@@ -694,7 +694,7 @@ def _run_spawned(real: list[Path], synth: list[Path], extractor_name: str, extra
 
     import torch.multiprocessing as mp
 
-    from maisi_cli.engine.pipeline import resolve_device
+    from maisi_cli.engine.runtime import resolve_device
 
     device_name = resolve_device(device)
     if device_name.startswith("cuda") and nproc > torch.cuda.device_count():
@@ -752,7 +752,7 @@ def run_fid(real_source: Path, synth_source: Path, settings: FidSettings, extrac
             on_warning: FidWarning | None = None) -> tuple[FidReport, bool]:
     """(report, whether this process should print it). Under torchrun it joins the process group torchrun set up
     (NCCL on GPUs, gloo on the CPU); with nproc > 1 it starts the processes itself (`_run_spawned`)."""
-    from maisi_cli.engine.train.common import setup_runtime, teardown_runtime
+    from maisi_cli.engine.runtime import setup_runtime, teardown_runtime
 
     settings.validate()
     if nproc < 1:

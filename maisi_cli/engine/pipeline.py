@@ -21,6 +21,7 @@ from maisi_cli.config import format_triple
 from maisi_cli.engine.masks.sources import FileMaskSource, NoMaskSource, SampleMask
 from maisi_cli.engine.masks.user import check_mask_memory, load_condition_mask, read_mask_grid, resample_warning
 from maisi_cli.engine.memory import HostMemoryEstimate, check_generation_memory
+from maisi_cli.engine.runtime import resolve_device, resolve_precision
 from maisi_cli.engine.qc import QCOptions, QCStatistics, check_quality, load_statistics
 from maisi_cli.engine.masks.database import region_indices
 from maisi_cli.engine.masks.regions import body_region_indices
@@ -186,51 +187,6 @@ class GenerationReport:
 
 
 # --- small pieces ------------------------------------------------------------------------------------------------
-def resolve_device(text: str) -> str:
-    import torch
-
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return "cpu"
-    if text == "cuda" or text.startswith("cuda:"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(text.split(":", 1)[1]) if ":" in text and text.split(":", 1)[1].isdigit() else 0
-        if ":" in text and not text.split(":", 1)[1].isdigit():
-            raise UsageError(f"--device: '{text}' is not a device; use auto, cpu, cuda or cuda:N")
-        if index >= count:
-            raise UsageError(f"--device: '{text}' is not available (this machine has {count} GPU(s)); use --device cpu")
-        return text
-    raise UsageError(f"--device: '{text}' is not a device; use auto, cpu, cuda or cuda:N")
-
-
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX; oneDNN's own check). Without it bf16 is emulated
-    and slower than fp32, so a profile's bf16 falls back to fp32 there."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(requested: str | None, profile: Profile, device: str) -> str:
-    """--precision, else the profile's (bf16 on a CPU only where `cpu_computes_bf16`), else fp16 on a GPU and fp32
-    on a CPU. An explicit --precision bf16 is kept as asked."""
-    on_gpu = device.startswith("cuda")
-    if requested is None:
-        if profile.device == ("cuda" if on_gpu else "cpu"):
-            requested = profile.precision
-            if requested == "bf16" and not on_gpu and not cpu_computes_bf16():
-                requested = "fp32"
-        else:
-            requested = "fp16" if on_gpu else "fp32"
-    if requested == "fp16" and not on_gpu:
-        raise UsageError("--precision: fp16 needs a GPU; use fp32 or bf16 on the CPU")
-    return requested
-
-
 def sample_paths(out: Path, index: int, num_samples: int) -> tuple[Path, Path, Path]:
     stem = f"sample_{index:0{max(4, len(str(num_samples - 1)))}d}"
     return out / f"{stem}_image.nii.gz", out / f"{stem}_label.nii.gz", out / f"{stem}.json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from maisi_cli.engine import pipeline
+from maisi_cli.engine import runtime
 from maisi_cli.errors import UsageError
 from maisi_cli.profiles import resolve_profile
 
@@ -16,25 +16,25 @@ def cpu_profile():
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_cpu_profile_runs_bf16_only_on_a_cpu_that_computes_it(monkeypatch, cpu_profile, native, expected):
-    monkeypatch.setattr(pipeline, "cpu_computes_bf16", lambda: native)
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: native)
     assert cpu_profile.precision == "bf16"
-    assert pipeline.resolve_precision(None, cpu_profile, "cpu") == expected
+    assert runtime.resolve_precision(None, cpu_profile, "cpu") == expected
 
 
 def test_an_explicit_precision_is_kept_as_asked(monkeypatch, cpu_profile):
-    monkeypatch.setattr(pipeline, "cpu_computes_bf16", lambda: False)
-    assert pipeline.resolve_precision("bf16", cpu_profile, "cpu") == "bf16"
-    assert pipeline.resolve_precision("fp32", cpu_profile, "cpu") == "fp32"
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: False)
+    assert runtime.resolve_precision("bf16", cpu_profile, "cpu") == "bf16"
+    assert runtime.resolve_precision("fp32", cpu_profile, "cpu") == "fp32"
     with pytest.raises(UsageError, match="fp16 needs a GPU"):
-        pipeline.resolve_precision("fp16", cpu_profile, "cpu")
+        runtime.resolve_precision("fp16", cpu_profile, "cpu")
 
 
 def test_gpu_profiles_keep_their_precision_and_a_cpu_run_of_one_uses_fp32(cpu_profile):
     gpu = resolve_profile("24g", "cuda")
-    assert pipeline.resolve_precision(None, gpu, "cuda") == gpu.precision == "fp16"
-    assert pipeline.resolve_precision(None, gpu, "cpu") == "fp32"
-    assert pipeline.resolve_precision(None, cpu_profile, "cuda") == "fp16"
+    assert runtime.resolve_precision(None, gpu, "cuda") == gpu.precision == "fp16"
+    assert runtime.resolve_precision(None, gpu, "cpu") == "fp32"
+    assert runtime.resolve_precision(None, cpu_profile, "cuda") == "fp16"
 
 
 def test_the_bf16_check_answers_without_raising():
-    assert isinstance(pipeline.cpu_computes_bf16(), bool)
+    assert isinstance(runtime.cpu_computes_bf16(), bool)

@@ -16,16 +16,16 @@ import contextlib
 import difflib
 import json
 import math
-import os
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from maisi_cli.engine.runtime import Runtime, barrier, setup_runtime, teardown_runtime  # noqa: F401  (the trainers' runtime)
 from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
 from maisi_cli.io.documents import read_document
 
@@ -83,58 +83,6 @@ def build_config(cls: type[BaseModel], config_file: Path | None, flags: dict[str
 
 
 # --- devices, AMP, distributed ------------------------------------------------------------------------------------
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    distributed: bool = False  # a process group was initialised here
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime(device_text: str) -> Runtime:
-    """Device, and a process group when started by `torchrun` (WORLD_SIZE > 1): NCCL on GPUs, gloo on the CPU."""
-    from maisi_cli.engine.pipeline import resolve_device
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device_name = resolve_device(device_text)
-    if device_name.startswith("cuda") and world_size > 1:
-        device_name = f"cuda:{local_rank}"  # one GPU per process; the node's GPUs by LOCAL_RANK
-    device = torch.device(device_name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    runtime = Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                    rank=rank, world_size=world_size)
-            runtime.distributed = True
-    return runtime
-
-
-def teardown_runtime(runtime: Runtime) -> None:
-    if runtime.distributed:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def barrier(runtime: Runtime) -> None:
-    if runtime.world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def all_reduce(tensor: torch.Tensor, runtime: Runtime, average: bool = False) -> torch.Tensor:
     """Sum (or mean) over ranks, in place; a no-op in a single process. gloo has no AVG, so the mean is sum/world."""
     if runtime.world_size > 1:
