@@ -91,7 +91,7 @@ def main() -> None:
 
     import torch
 
-    from maisi_cli.engine.pipeline import cpu_computes_bf16
+    from maisi_cli.engine.runtime import cpu_computes_bf16
 
     from maisi_cli.models import get_model
     from tests.helpers import write_mask, write_released_weights

@@ -2,7 +2,7 @@
 
 For each Table 3 row (profile, output size; the decode ROI / overlap / TP splits come from the profile's table,
 as `maisi generate --profile P --size S` resolves them) and each backend, one generation runs through the engine
-(`engine.pipeline.plan_generation` + `run_generation`, the code path of `maisi generate`): rflow-ct, the row's
+(`Generator.plan_run` + `Generator.run`, the code path of `maisi generate`): rflow-ct, the row's
 spacing (reference config_infer_* files), a phantom condition mask (`--mask`), 1 sample, no quality check, fp16.
 
 Recorded per run:
@@ -133,11 +133,13 @@ class StageMeter:
     @contextlib.contextmanager
     def installed(self):
         """The engine's load_networks, denoise and decode_latents measured while inside."""
-        from maisi_cli.engine import decode, pipeline, sampling
+        from maisi_cli import api
+        from maisi_cli.engine import samples
 
-        originals = [(pipeline, "load_networks"), (sampling, "denoise"), (decode, "decode_latents")]
+        # the names as the engine calls them: the Generator's load, the sample's denoising loop and decode
+        originals = [(api, "load_networks"), (samples, "sample"), (samples, "decode_latents")]
         saved = [(module, attr, getattr(module, attr)) for module, attr in originals]
-        names = {"load_networks": "load", "denoise": "denoise", "decode_latents": "decode"}
+        names = {"load_networks": "load", "sample": "denoise", "decode_latents": "decode"}
         try:
             for module, attr, function in saved:
                 setattr(module, attr, self.wrap(names[attr], function))
@@ -153,7 +155,7 @@ def run_once(row: dict[str, Any], backend: str, options: argparse.Namespace, mod
     import torch
 
     from maisi_cli.request import GenerateRequest
-    from maisi_cli.engine.pipeline import plan_generation, run_generation
+    from maisi_cli.api import Generator
     from maisi_cli.engine.qc import QCOptions
     from tests.helpers import write_mask
 
@@ -174,12 +176,14 @@ def run_once(row: dict[str, Any], backend: str, options: argparse.Namespace, mod
     meter = StageMeter(cuda)
     started = time.perf_counter()
     try:
-        plan = plan_generation(GenerateRequest(**fields), QCOptions(enabled=False))
+        request = GenerateRequest(**fields)
+        generator = Generator.for_request(request)
+        plan = generator.plan_run(request, QCOptions(enabled=False))
         result["decode_plan"] = plan.decode.model_dump()
         result["predicted"] = {k: plan.memory_estimate()[k] for k in ("peak_gib", "peak_stage", "diffusion_gib",
                                                                        "decode_gib")}
         with meter.installed():
-            report = run_generation(plan)
+            report = generator.run(plan)
         sidecar = json.loads(plan.samples[0].sidecar.read_text())
         result["sidecar_timings_s"] = sidecar["timings"]
         result["warnings"] = list(report.plan.get("warnings", []))

@@ -32,8 +32,8 @@ class Enough(Exception):
 def step_seconds(run, steps: int) -> float:
     stamps: list[float] = []
 
-    def on_event(event: dict) -> None:
-        if event["event"] == "step":
+    def on_event(event) -> None:  # a ProgressEvent
+        if event.stage == "train":
             stamps.append(time.perf_counter())
             if len(stamps) > steps + 2:
                 raise Enough
@@ -83,7 +83,7 @@ def main() -> None:
 
     import torch
 
-    from maisi_cli.engine.pipeline import cpu_computes_bf16
+    from maisi_cli.engine.runtime import cpu_computes_bf16
 
     torch.set_num_threads(2)
     work, scratch = args.work, Path(tempfile.mkdtemp(prefix="maisi-amp-"))

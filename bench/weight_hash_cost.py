@@ -97,7 +97,7 @@ def new_path(network, weight, spec) -> dict[str, float]:
 
 
 def engine_load(spec, component: str, weight, hashed: bool) -> float:
-    """Seconds from nothing to a loaded network as engine/pipeline.load_networks does it: the file read (and, with
+    """Seconds from nothing to a loaded network as engine/loading.load_networks does it: the file read (and, with
     `hashed`, hashed: engine/weights.built_and_read) in a second thread while the network is built, then loaded from
     those bytes. Without `hashed` the same steps skip the hash: the difference is what the hash still costs."""
     from concurrent.futures import ThreadPoolExecutor

@@ -99,10 +99,12 @@ def generate(
         backend=backend, onnx_dir=onnx_dir,
     )
 
-    from maisi_cli.engine.pipeline import plan_generation, run_generation, summary_line
+    from maisi_cli.api import Generator
     from maisi_cli.engine.qc import QCOptions
 
-    plan = plan_generation(request, QCOptions(enabled=qc, strict=strict_qc, max_attempts=max_attempts, stats=stats))
+    generator = Generator.for_request(request)
+    plan = generator.plan_run(request, QCOptions(enabled=qc, strict=strict_qc, max_attempts=max_attempts,
+                                                 stats=stats))
     if preview and plan.model.image_only:
         raise UsageError(f"model {plan.model.name} generates images only (no ControlNet): drop --preview (it "
                          "draws label contours on a CT window)")
@@ -131,8 +133,8 @@ def generate(
             if task.complete and task.image.is_file() and task.label.is_file():
                 write_preview(task, missing_only=True)
     with render.progress(output, samples=len(plan.pending)) as on_progress:
-        report = run_generation(plan, on_progress, on_warning=lambda message: render.warning(message, output),
-                                on_written=write_preview if preview else None)
+        report = generator.run(plan, on_progress, on_warning=lambda message: render.warning(message, output),
+                               on_written=write_preview if preview else None)
     if output.json:
         render.print_json({**report.as_dict(), **({"previews": sorted(previews)} if preview else {})})
     else:
@@ -151,6 +153,22 @@ def generate(
         named = ", ".join(f"{i} ({attempts[i]} attempt(s))" if attempts[i] else str(i) for i in report.qc_failed)
         raise QualityCheckFailed(f"--strict-qc: sample(s) {named} failed the quality check; their files are "
                                  "written and their sidecars hold the QC report")
+
+
+def summary_line(report) -> str:
+    """The run's one result line for a person."""
+    written = sum(r.status == "written" for r in report.samples)
+    skipped = sum(r.status == "skipped" for r in report.samples)
+    plan = report.plan
+    checked = [r for r in report.samples if r.qc is not None]
+    quality = (f"; quality check: {len(checked) - len(report.qc_failed)} passed, {len(report.qc_failed)} failed"
+               if checked else "")
+    others = "".join(f", {len(report.indices(status))} {what}" for status, what in
+                     (("locked", "locked by another job"), ("failed", "failed"))
+                     if report.indices(status))
+    return (f"{written} sample(s) written, {skipped} already complete{others}, to {plan['out']} "
+            f"({plan['model']}, {format_triple(tuple(plan['size']))} at "
+            f"{format_triple(tuple(plan['spacing']))} mm, {report.seconds:.1f} s){quality}")
 
 
 def memory_text(memory: dict) -> str:

@@ -28,10 +28,10 @@ def preview(
     panel_size: int = typer.Option(256, "--panel-size", help="Pixels per panel side (64..2048)."),
     json_flag: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    from maisi_cli.engine.preview import make_preview
+    from maisi_cli import checks  # the API's qc and preview, without torch: the command starts quickly
 
     output = render.output_of(ctx.obj, json_flag)
-    result = make_preview(image, mask, out, window=window, slice_text=slice_text, panel_size=panel_size)
+    result = checks.preview(image, mask, out, window=window, slice_index=slice_text, panel_size=panel_size)
     if output.json:
         render.print_json(result.as_dict(out))
     else:

@@ -9,15 +9,6 @@ import typer
 
 from maisi_cli.cli import render
 
-def model_statistics_file(name: str) -> Path | None:
-    """The organ statistics a model ships (spec `datasets.qc_statistics`), or None for the packaged ones."""
-    from maisi_cli.engine.weights import locate_weight
-    from maisi_cli.models import get_model
-
-    spec = get_model(name)
-    return locate_weight(spec, "qc_statistics", None).path if "qc_statistics" in spec.datasets else None
-
-
 HELP = "Check a CT's organ HU medians against the statistics (exit 3 on failure)."
 
 
@@ -35,20 +26,14 @@ def qc(
 ) -> None:
     import numpy as np
 
-    from maisi_cli.engine.qc import check_quality, load_statistics
+    from maisi_cli import checks  # the API's qc and preview, without torch: the command starts quickly
     from maisi_cli.errors import QualityCheckFailed
-    from maisi_cli.io.nifti import read_nifti
+    from maisi_cli.io.nifti import read_nifti_header
 
     output = render.output_of(ctx.obj, json_flag)
-    if stats is not None and model is not None:
-        from maisi_cli.errors import UsageError
-
-        raise UsageError("--stats/--model: give one of them (--model uses the model's own statistics)")
-    statistics = load_statistics(stats if model is None else model_statistics_file(model))
-    image_data, image_affine = read_nifti(image, field="IMAGE", what="CT image")
-    mask_data, mask_affine = read_nifti(mask, field="MASK", what="label map")
-    report = check_quality(image_data, mask_data, statistics)
-    if not np.allclose(image_affine, mask_affine, atol=1e-4):
+    report = checks.qc(image, mask, stats=stats, model=model)
+    if not np.allclose(read_nifti_header(image, "IMAGE", "CT image").affine,
+                       read_nifti_header(mask, "MASK").affine, atol=1e-4):
         render.warning("IMAGE and MASK have different affines; the check compares them voxel by voxel", output)
 
     if output.json:

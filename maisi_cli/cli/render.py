@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from maisi_cli.engine.progress import ProgressEvent
+
 
 @dataclass
 class Output:
@@ -118,15 +120,25 @@ def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequen
     stdout_console().print(table)
 
 
-ProgressCallback = Callable[[str, int, int], None]
+def as_event(event: Any, done: int | None = None, total: int | None = None) -> ProgressEvent:
+    """An engine event; a `(stage text, done, total)` report of code not yet on events is carried as its subject."""
+    if isinstance(event, ProgressEvent):
+        return event
+    return ProgressEvent("", int(done or 0), int(total or 0), subject=str(event))  # type: ignore[arg-type]
+
+
+def event_label(event: ProgressEvent) -> str:
+    """What a bar or a log line is about: one line for all the networks a run loads, else the event's label."""
+    return "load networks" if event.stage == "load" else event.label
 
 
 @contextlib.contextmanager
-def progress(output: Output, samples: int | None = None) -> Iterator[ProgressCallback]:
-    """A progress callback for the engine: on a TTY one bar for the current stage (step i/N, ETA) and one for the
-    samples; off a TTY a log line per finished stage; nothing with --quiet."""
+def progress(output: Output, samples: int | None = None) -> Iterator[Callable[..., None]]:
+    """A progress callback for the engine's ProgressEvents: on a TTY one bar for the current stage (step i/N, ETA)
+    and one for the samples (a sample is done when its "write" event comes); off a TTY a log line per finished
+    stage; nothing with --quiet."""
     if output.quiet:
-        yield lambda stage, done, total: None
+        yield lambda event, done=None, total=None: None
         return
     console = stderr_console()
     if console.is_terminal:
@@ -137,14 +149,16 @@ def progress(output: Output, samples: int | None = None) -> Iterator[ProgressCal
                       TimeRemainingColumn(), console=console, transient=True) as bars:
             overall = bars.add_task("samples", total=samples) if samples else None
             current = bars.add_task("starting", total=1)
-            state = {"stage": None}
+            state = {"label": None}
 
-            def on_progress(stage: str, done: int, total: int) -> None:
-                if stage != state["stage"]:
-                    state["stage"] = stage
-                    bars.reset(current, total=total, description=stage)
-                bars.update(current, completed=done, total=total)
-                if overall is not None and stage.endswith(" write") and done >= total:
+            def on_progress(event: Any, done: int | None = None, total: int | None = None) -> None:
+                event = as_event(event, done, total)
+                label = event_label(event)
+                if label != state["label"]:
+                    state["label"] = label
+                    bars.reset(current, total=event.total, description=label)
+                bars.update(current, completed=event.done, total=event.total)
+                if overall is not None and event.stage == "write" and event.finished:
                     bars.advance(overall)
 
             yield on_progress
@@ -154,13 +168,15 @@ def progress(output: Output, samples: int | None = None) -> Iterator[ProgressCal
     last_event = [started]
     stage_started: dict[str, float] = {}
 
-    def log_stage(stage: str, done: int, total: int) -> None:
+    def log_stage(event: Any, done: int | None = None, total: int | None = None) -> None:
+        event = as_event(event, done, total)
+        label = event_label(event)
         now = time.perf_counter()
-        stage_started.setdefault(stage, last_event[0])  # a stage starts when the one before it reported
+        stage_started.setdefault(label, last_event[0])  # a stage starts when the one before it reported
         last_event[0] = now
-        if done >= total:
-            took = now - stage_started[stage]
-            console.print(f"[{now - started:7.1f}s] {stage} {done}/{total} ({took:.1f}s)", soft_wrap=True,
+        if event.finished:
+            took = now - stage_started[label]
+            console.print(f"[{now - started:7.1f}s] {label} {event.done}/{event.total} ({took:.1f}s)", soft_wrap=True,
                           markup=False)
 
     yield log_stage

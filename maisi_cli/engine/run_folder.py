@@ -13,11 +13,14 @@ import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from maisi_cli.config import format_triple
 from maisi_cli.errors import OutputError, UsageError
 from maisi_cli.io.files import create_once, opened_regular, sha256_of_file, write_atomic
+
+if TYPE_CHECKING:  # engine/plan.py checks its plans here: a runtime import would be a cycle
+    from maisi_cli.engine.plan import GenerationPlan, SampleTask
 
 RECORD_NAME = "maisi-run.json"
 
@@ -26,7 +29,7 @@ def canonical_sha256(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def mask_identity(plan: Any) -> dict[str, Any]:
+def mask_identity(plan: GenerationPlan) -> dict[str, Any]:
     """Where the condition masks come from, by content where it is a file the user gave."""
     request = plan.request
     if plan.model.image_only:
@@ -34,14 +37,14 @@ def mask_identity(plan: Any) -> dict[str, Any]:
     if request.anatomy_sizes:
         return {"source": "generated", "sizes": [list(pair) for pair in request.anatomy_sizes],
                 "mask_steps": request.mask_steps}
-    if request.mask is not None:
-        return {"source": "file", "sha256": plan.mask_source.content_sha256()}
+    if plan.mask_source.kind in ("file", "array"):  # a file, or a label map given to the Python API
+        return {"source": plan.mask_source.kind, "sha256": plan.mask_source.content_sha256()}
     database = request.mask_database
     return {"source": "database", "database": str(Path(database).expanduser().resolve()) if database else "model's",
             "augment": request.augment, "body_regions": list(request.body_regions)}
 
 
-def run_settings(plan: Any) -> dict[str, Any]:
+def run_settings(plan: GenerationPlan) -> dict[str, Any]:
     """The plan's settings that change the bytes of an output, keyed by the option that sets each (in the order a
     difference is reported). The weights' sha256 is added once the files are read (`record_weights`)."""
     request, model = plan.request, plan.model
@@ -69,7 +72,7 @@ def run_settings(plan: Any) -> dict[str, Any]:
     }
 
 
-def settings_sha256(plan: Any) -> str:
+def settings_sha256(plan: GenerationPlan) -> str:
     """One digest of `run_settings`: each sidecar carries it, so a sample of another run never counts complete."""
     return canonical_sha256(run_settings(plan))
 
@@ -134,13 +137,13 @@ def refuse_if_different(out: Path, settings: dict[str, Any]) -> dict[str, Any] |
     return record
 
 
-def check_record(plan: Any) -> None:
+def check_record(plan: GenerationPlan) -> None:
     """Refuse (exit 2) a run whose settings differ from those recorded in its folder, unless --overwrite."""
     if not plan.request.overwrite:
         refuse_if_different(plan.request.out, run_settings(plan))
 
 
-def record_weights(plan: Any, weight_hashes: dict[str, dict[str, str]]) -> None:
+def record_weights(plan: GenerationPlan, weight_hashes: dict[str, dict[str, str]]) -> None:
     """Once the weights are read: refuse a run whose weights differ from the recorded ones (unless --overwrite),
     then write the folder's record if it has none (or --overwrite replaces it). Shards of one job race to create it
     with the same content: one makes it, the others compare with it."""
@@ -157,7 +160,7 @@ def record_weights(plan: Any, weight_hashes: dict[str, dict[str, str]]) -> None:
         refuse_if_different(out, settings)  # another shard made it first
 
 
-def sample_problem(task: Any, digest: str) -> str | None:
+def sample_problem(task: SampleTask, digest: str) -> str | None:
     """Why a sample whose files all exist is not complete for this run, or None when it is: its sidecar must be
     readable, come from a run with these settings, and record the sha256 of the image and label as they are now."""
     try:
@@ -178,7 +181,7 @@ def sample_problem(task: Any, digest: str) -> str | None:
     return None
 
 
-def verified_samples(plan: Any, on_warning: Callable[[str], None]) -> list[Any]:
+def verified_samples(plan: GenerationPlan, on_warning: Callable[[str], None]) -> list[SampleTask]:
     """The plan's samples with `complete` true only for samples whose files match their sidecar; each sample that
     looked complete but is not is named in a warning, and will be made again."""
     digest = settings_sha256(plan)

@@ -9,15 +9,15 @@ the modality class label to both networks, the label map as 8 bit planes, least 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+from monai.networks.schedulers import RFlowScheduler
 
 from maisi_cli.engine.seeds import derive_attempt_seed, derive_sample_seed  # noqa: F401  (re-exported)
-
-ProgressCallback = Callable[[str, int, int], None]
-
 
 def initial_noise(latent_shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """(1, C, x, y, z) standard normal noise, drawn in fp32 on the CPU from the sample's own generator, so it is
@@ -78,8 +78,6 @@ def ddpm_timesteps(scheduler: Any, steps: int) -> list[tuple[Any, Any]]:
 
 
 def schedule(scheduler: Any, steps: int, latent_spatial: tuple[int, int, int]) -> list[tuple[Any, Any]]:
-    from monai.networks.schedulers import RFlowScheduler
-
     if isinstance(scheduler, RFlowScheduler):
         return rflow_timesteps(scheduler, steps, latent_spatial)
     return ddpm_timesteps(scheduler, steps)
@@ -143,6 +141,70 @@ def guided_output(output: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
+@dataclass
+class Denoiser:
+    """The model output for latents at a timestep: the ControlNet's residuals fed to the UNet, or, for an image-only
+    model (`controlnet=None`), the UNet alone, with classifier-free guidance on the modality class when
+    `guidance_scale` > 1 (batch 2: [conditional, unconditional], `guided_inputs`, `guided_output`).
+
+    `unet_inputs` carries spacing_tensor / class_labels / region tensors; `controlnet_inputs` class_labels."""
+
+    unet: torch.nn.Module
+    controlnet: torch.nn.Module | None = None
+    controlnet_cond: torch.Tensor | None = None
+    unet_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    controlnet_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    guidance_scale: float | None = None
+    embed_condition_once: bool = True
+
+    def __post_init__(self) -> None:
+        if self.guided and self.controlnet is not None:
+            raise ValueError("classifier-free guidance runs only without a ControlNet (image-only models)")
+        if self.guided:
+            self.unet_inputs = guided_inputs(self.unet_inputs)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale is not None and self.guidance_scale > 1
+
+    def ready(self) -> contextlib.AbstractContextManager:
+        """While sampling: the ControlNet's condition embedded once (`condition_embedded_once`)."""
+        if self.embed_condition_once and self.controlnet is not None:
+            return condition_embedded_once(self.controlnet, self.controlnet_cond)
+        return contextlib.nullcontext()
+
+    def __call__(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.controlnet is None:
+            if self.guided:
+                output = self.unet(x=torch.cat([latents, latents]), timesteps=t.repeat(2), **self.unet_inputs)
+                return guided_output(output, float(self.guidance_scale))
+            return self.unet(x=latents, timesteps=t, **self.unet_inputs)
+        down_residuals, mid_residual = self.controlnet(
+            x=latents, timesteps=t, controlnet_cond=self.controlnet_cond, **self.controlnet_inputs)
+        return self.unet(x=latents, timesteps=t, down_block_additional_residuals=down_residuals,
+                         mid_block_additional_residual=mid_residual, **self.unet_inputs)
+
+
+def sample(denoiser: Denoiser, scheduler: Any, latents: torch.Tensor, timesteps: list[tuple[Any, Any]],
+           precision: str = "fp32", on_step: Callable[[int, int], None] | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """From `latents` (noise) to clean latents along `timesteps` (from `schedule`): RFlow steps use next_t, DDPM
+    steps draw their noise from `generator`."""
+    is_rflow = isinstance(scheduler, RFlowScheduler)
+    device = latents.device
+    with autocast_for(device, precision), denoiser.ready():
+        for i, (t, next_t) in enumerate(timesteps):
+            # The reference passes the fp16-rounded t as an fp32 tensor.
+            model_output = denoiser(latents, torch.tensor([float(t)], dtype=torch.float32, device=device))
+            if is_rflow:
+                latents, _ = scheduler.step(model_output, t, latents, next_t)
+            else:
+                latents, _ = scheduler.step(model_output, t, latents, generator=generator)
+            if on_step is not None:
+                on_step(i + 1, len(timesteps))
+    return latents
+
+
 def denoise(
     unet: torch.nn.Module,
     controlnet: torch.nn.Module | None,
@@ -158,52 +220,7 @@ def denoise(
     embed_condition_once: bool = True,
     guidance_scale: float | None = None,
 ) -> torch.Tensor:
-    """Run the ControlNet + UNet loop from `latents` (noise) to clean latents.
-
-    `unet_inputs` carries spacing_tensor / class_labels / region tensors; `controlnet_inputs` class_labels.
-    `timesteps` comes from `schedule`: RFlow steps use next_t, DDPM steps draw their noise from `generator`.
-    With `controlnet=None` (an image-only model) the UNet runs alone, without residual inputs; then
-    `guidance_scale` > 1 turns on classifier-free guidance on the class label (`guided_inputs`, `guided_output`).
-    """
-    from monai.networks.schedulers import RFlowScheduler
-
-    guided = guidance_scale is not None and guidance_scale > 1
-    if guided and controlnet is not None:
-        raise ValueError("classifier-free guidance runs only without a ControlNet (image-only models)")
-    if guided:
-        unet_inputs = guided_inputs(unet_inputs)
-    is_rflow = isinstance(scheduler, RFlowScheduler)
-    device = latents.device
-    total = len(timesteps)
-    cached = (condition_embedded_once(controlnet, controlnet_cond)
-              if embed_condition_once and controlnet is not None else contextlib.nullcontext())
-    with autocast_for(device, precision), cached:
-        for i, (t, next_t) in enumerate(timesteps):
-            # The reference passes the fp16-rounded t as an fp32 tensor.
-            t_input = torch.tensor([float(t)], dtype=torch.float32, device=device)
-            if controlnet is None:
-                if guided:
-                    model_output = guided_output(
-                        unet(x=torch.cat([latents, latents]), timesteps=t_input.repeat(2), **unet_inputs),
-                        float(guidance_scale),
-                    )
-                else:
-                    model_output = unet(x=latents, timesteps=t_input, **unet_inputs)
-            else:
-                down_residuals, mid_residual = controlnet(
-                    x=latents, timesteps=t_input, controlnet_cond=controlnet_cond, **controlnet_inputs
-                )
-                model_output = unet(
-                    x=latents,
-                    timesteps=t_input,
-                    down_block_additional_residuals=down_residuals,
-                    mid_block_additional_residual=mid_residual,
-                    **unet_inputs,
-                )
-            if is_rflow:
-                latents, _ = scheduler.step(model_output, t, latents, next_t)
-            else:
-                latents, _ = scheduler.step(model_output, t, latents, generator=generator)
-            if on_step is not None:
-                on_step(i + 1, total)
-    return latents
+    """`sample` with a `Denoiser` made of these networks and inputs (the form the benchmarks call)."""
+    denoiser = Denoiser(unet, controlnet, controlnet_cond, unet_inputs, controlnet_inputs, guidance_scale,
+                        embed_condition_once)
+    return sample(denoiser, scheduler, latents, timesteps, precision, on_step, generator)

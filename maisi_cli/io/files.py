@@ -139,6 +139,15 @@ def opened_regular(path: Path) -> Iterator[BinaryIO]:
         yield handle
 
 
+def sha256_of_input(path: Path) -> str:
+    """sha256 of a file the user gave as input (a link to it is followed, as reading it does)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def sha256_of_file(path: Path) -> str | None:
     """sha256 of a regular file's bytes, read without following a link; None when it is missing, a link or not a
     regular file (what a sidecar's recorded digest is compared with)."""

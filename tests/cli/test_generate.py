@@ -63,7 +63,7 @@ def test_generate_writes_image_label_and_sidecar(tiny_model, mask_file, tmp_path
     assert sidecar["sample_seed"] == report["samples"][0]["seed"]
     assert sidecar["size"] == [32, 32, 32] and sidecar["spacing"] == [2.0, 2.0, 2.0]
     assert sidecar["mask_source"]["sha256"] == hashlib.sha256(mask_file.read_bytes()).hexdigest()
-    from maisi_cli.engine.pipeline import cpu_computes_bf16
+    from maisi_cli.engine.runtime import cpu_computes_bf16
 
     expected_precision = "bf16" if cpu_computes_bf16() else "fp32"  # the cpu profile's bf16 needs bf16 arithmetic
     assert sidecar["device"] == "cpu" and sidecar["precision"] == expected_precision

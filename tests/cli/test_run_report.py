@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from maisi_cli.engine import pipeline
+from maisi_cli.engine import samples
 from maisi_cli.engine.locks import SampleLock
 from maisi_cli.errors import GenerationError
 from tests.cli.test_generate import generate
@@ -13,14 +13,14 @@ from tests.cli.test_generate import generate
 def test_report_lists_written_skipped_locked_failed_and_timings(tiny_model, mask_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
-    real = pipeline.generate_sample
+    real = samples.generate_sample
 
     def flaky(plan, loaded, task, *args, **kwargs):
         if task.index == 2:
             raise GenerationError("sample 2: the decoder produced 7 non-finite voxels")
         return real(plan, loaded, task, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "generate_sample", flaky)
+    monkeypatch.setattr(samples, "generate_sample", flaky)
     held = SampleLock(out / ".sample_0001.lock")  # this process stands in for another live job on sample 1
     assert held.acquire()
     try:
@@ -38,7 +38,7 @@ def test_report_lists_written_skipped_locked_failed_and_timings(tiny_model, mask
     assert "non-finite" in by_index[2]["error"]
     assert not (out / "sample_0002.json").exists() and not (out / "sample_0001_image.nii.gz").exists()
 
-    monkeypatch.setattr(pipeline, "generate_sample", real)
+    monkeypatch.setattr(samples, "generate_sample", real)
     report = json.loads(generate(tiny_model, mask_file, out, "-n", "4", "--steps", "2").stdout)
     assert report["written"] == [1, 2] and report["skipped"] == [0, 3]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no lock left behind

@@ -6,6 +6,7 @@ process, on the CPU. These tests use the packaged files as they are — no weigh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -38,7 +39,8 @@ def test_demo_files_ship_in_the_package_within_25_mb_and_are_the_recipes_output(
     files = [p for p in folder.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 25 * 1024 * 1024
     recipe = json.loads((REPO / "bench" / "demo" / "results" / "recipe.json").read_text())
-    from maisi_cli.engine.weights import locate_weight, sha256_of
+    from maisi_cli.engine.store import sha256_of
+    from maisi_cli.engine.weights import locate_weight
 
     for component in (*spec.weights, *spec.datasets):
         weight = locate_weight(spec, component, None)
@@ -90,6 +92,12 @@ def test_quick_start_command_in_a_real_process(tmp_path: Path):
     # the CPU computes bf16) holds at most 26 distinct values between 0 and 200 HU (engine/decode.py).
     soft_tissue = hu[(hu >= 0) & (hu <= 200)]
     assert len(np.unique(soft_tissue)) > 100, (sidecar["precision"], np.unique(soft_tissue)[:10])
+    # Behaviour unchanged: the same bytes as recorded by bench/behaviour_sha256.py before the engine's redesign
+    # (issue 21). Recorded on the project's x86-64 CPU in fp32, where the demo runs the cpu profile without bf16.
+    recorded = json.loads((REPO / "bench" / "results" / "behaviour_sha256.json").read_text())["demo"]
+    if sidecar["precision"] == "fp32":
+        written = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in recorded}
+        assert written == recorded
 
 
 def test_demo_with_a_user_mask_and_anatomy_filter(tmp_path: Path):

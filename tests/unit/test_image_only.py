@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from maisi_cli.request import GenerateRequest
-from maisi_cli.engine.pipeline import plan_generation, sample_tasks
+from maisi_cli.engine.plan import plan_generation, sample_tasks, with_completion
 from maisi_cli.engine.postprocess import intensity_to_mr, output_image
 from maisi_cli.engine.sampling import (UNCONDITIONAL_CLASS, denoise, guided_inputs, guided_output,
                                        modality_condition, schedule, spacing_condition)
@@ -175,11 +175,11 @@ def test_image_only_sample_is_complete_with_image_and_sidecar(tmp_path):
     request = GenerateRequest(out=tmp_path, num_samples=2)
     for name in ("sample_0000_image.nii.gz", "sample_0000.json"):
         (tmp_path / name).write_bytes(b"")
-    image_only = sample_tasks(request, image_only=True)
+    image_only = with_completion(sample_tasks(request, image_only=True), overwrite=False)
     assert [t.complete for t in image_only] == [True, False]
     assert image_only[0].label is None and image_only[0].file_names == ["sample_0000_image.nii.gz",
                                                                        "sample_0000.json"]
-    assert [t.complete for t in sample_tasks(request)] == [False, False]  # a pair also needs its label
+    assert [t.complete for t in with_completion(sample_tasks(request), overwrite=False)] == [False, False]  # a pair also needs its label
 
 
 @pytest.mark.parametrize("changes, option", [

@@ -7,13 +7,16 @@ import io
 from rich.console import Console
 
 from maisi_cli.cli import render
+from maisi_cli.engine.progress import ProgressEvent
 
 
 def feed(callback) -> None:
-    for stage, total in (("load networks", 3), ("sample 0000 denoise", 30), ("sample 0000 decode", 1),
-                         ("sample 0000 write", 1)):
+    """The events of a one-sample run, as the engine sends them."""
+    for done, component in enumerate(("autoencoder", "diffusion_unet", "controlnet"), start=1):
+        callback(ProgressEvent("load", done, 3, subject=component))
+    for stage, total in (("denoise", 30), ("decode", 1), ("write", 1)):
         for done in range(1, total + 1):
-            callback(stage, done, total)
+            callback(ProgressEvent(stage, done, total, sample=0))
 
 
 def test_terminal_gets_bars(monkeypatch):

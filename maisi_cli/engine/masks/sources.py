@@ -6,19 +6,34 @@ Every answer depends on (run seed, sample index, attempt) alone, so any sharding
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
 from maisi_cli.engine.masks.database import (MaskDatabaseError, MaskEntry, climbs_out, find_candidates, outside_error,
                                              resolves_outside, shuffled)
-from maisi_cli.engine.masks.user import ConditionMask, load_condition_mask
+from maisi_cli.engine.masks.user import ConditionMask, condition_mask_from_array, load_condition_mask
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.errors import MaskError
+from maisi_cli.io.files import sha256_of_input
 
-ProgressCallback = Callable[[str, int, int], None]
+
+
+class MaskSource(Protocol):
+    """Where a run's condition masks come from. `prepare` is given the loaded networks (the mask generator takes
+    its own) before the first `mask_for`; each answer depends on (run seed, sample index, attempt) alone."""
+
+    kind: str
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def prepare(self, loaded: Any) -> None: ...
+
+    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask: ...
 
 
 @dataclass(frozen=True)
@@ -51,19 +66,49 @@ class FileMaskSource:
     def content_sha256(self) -> str:
         """sha256 of the mask file, read once (afresh: a digest cached by mtime could name another version of it);
         the sidecars and the output folder's record (engine/run_folder.py) name the mask by it."""
-        from maisi_cli.engine.weights import hash_file
-
         if self._sha256 is None:
-            self._sha256 = hash_file(self.path)
+            self._sha256 = sha256_of_input(self.path)
         return self._sha256
 
-    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback | None = None) -> SampleMask:
+    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask:
         return SampleMask(self.mask, {
             "type": self.kind, "path": str(self.path), "sha256": self.content_sha256(),
             "resampled": self.mask.resampled,
             "original_shape": list(self.mask.original_shape),
             "original_spacing": [round(s, 6) for s in self.mask.original_spacing],
         })
+
+
+@dataclass
+class ArrayMaskSource(FileMaskSource):
+    """A label map given in memory (the Python API's `mask=`), the same for every sample and attempt; named in the
+    sidecar and the run record by the sha256 of its labels, shape and affine as given."""
+
+    kind: str = "array"
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.kind, "resampled": self.mask.resampled}
+
+    def content_sha256(self) -> str:
+        assert self._sha256 is not None, "ArrayMaskSource is made by array_mask_source"
+        return self._sha256
+
+    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask:
+        return SampleMask(self.mask, {
+            "type": self.kind, "sha256": self.content_sha256(), "resampled": self.mask.resampled,
+            "original_shape": list(self.mask.original_shape),
+            "original_spacing": [round(s, 6) for s in self.mask.original_spacing],
+        })
+
+
+def array_mask_source(labels: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple) -> ArrayMaskSource:
+    """The in-memory label map fitted to the grid as a file would be (engine/masks/user.py), named by its content."""
+    mask = condition_mask_from_array(labels, affine, size, spacing, "mask")
+    digest = hashlib.sha256()
+    for part in (str(labels.dtype), str(labels.shape), np.ascontiguousarray(labels).tobytes(),
+                 np.asarray(affine, dtype=np.float64).tobytes()):
+        digest.update(part.encode() if isinstance(part, str) else part)
+    return ArrayMaskSource(Path("<array>"), mask, _sha256=digest.hexdigest())
 
 
 @dataclass
@@ -78,7 +123,7 @@ class NoMaskSource:
     def prepare(self, loaded: Any) -> None:
         """Nothing to take from the loaded networks."""
 
-    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback | None = None) -> SampleMask:
+    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask:
         return SampleMask(None, {"type": self.kind})
 
 
@@ -172,7 +217,7 @@ class DatabaseMaskSource:
         position = (index + attempt * self.num_samples) % len(self.order)
         return position, self.order[position]
 
-    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback | None = None) -> SampleMask:
+    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask:
         from maisi_cli.engine.sampling import derive_attempt_seed
 
         position, entry = self.entry_for(index, attempt)
@@ -274,7 +319,7 @@ class GeneratedMaskSource:
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(int(v) for v in self.spec.network["mask_generation_latent_shape"])
 
-    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback | None = None) -> SampleMask:
+    def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask:
         import torch
 
         from maisi_cli.engine.decode import decode_latents
@@ -283,7 +328,6 @@ class GeneratedMaskSource:
         from maisi_cli.engine.postprocess import ras_affine
         from maisi_cli.engine.sampling import derive_attempt_seed, derive_sample_seed, initial_noise
 
-        on_progress = on_progress or (lambda stage, done, total: None)
         if self._loaded is None:
             raise RuntimeError("GeneratedMaskSource.prepare() must run before mask_for()")
         loaded = self._loaded
@@ -293,10 +337,10 @@ class GeneratedMaskSource:
         noise = initial_noise(latent_shape, seed).to(device=device,
                                                     dtype=torch.float16 if self.precision == "fp16" else torch.float32)
         generator = torch.Generator(device=device).manual_seed(derive_sample_seed(seed, 1))
-        stage = f"sample {index:04d}" + (f" retry {attempt}" if attempt else "")
         latents = sample_mask_latents(loaded["unet"], loaded["scheduler"], self.condition, noise, self.steps,
                                       self.precision, generator,
-                                      lambda done, total: on_progress(f"{stage} mask", done, total))
+                                      lambda done, total: on_progress(ProgressEvent("mask", done, total, sample=index,
+                                                                                    attempt=attempt)))
         native = tuple(s * 4 for s in latent_shape[1:])
         plan = self.profile.decode_plan(latent_shape[1:], native, split_axis=int(
             self.spec.definition("mask_generation_autoencoder").get("dim_split", 1)))

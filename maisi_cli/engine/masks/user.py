@@ -132,9 +132,29 @@ def load_condition_mask(path: Path, size: Triple, spacing: FloatTriple) -> Condi
     grid, header = read_mask_grid(path, spacing)
     check_mask_memory(path, grid, header, size, spacing)
     data, affine = read_nifti(path)
-    labels = checked_labels(data, path)
+    return fitted_condition_mask(data, affine, size, spacing, path, "--mask")
+
+
+def condition_mask_from_array(data: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple,
+                              field: str = "mask") -> ConditionMask:
+    """A label map given in memory (the Python API), checked and fitted to the grid as a file would be."""
+    data = np.asarray(data)
+    affine = np.asarray(affine, dtype=np.float64)
+    if data.ndim != 3:
+        raise MaskError(f"{field}: a 3D label map is needed; this array has shape {data.shape}")
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise MaskError(f"{field}: the affine must be a finite, invertible 4×4 matrix (voxel to RAS mm)")
+    problem = spacing_problem(voxel_spacing(affine))
+    if problem:
+        raise MaskError(f"{field}: the affine's voxel spacing is not usable; {problem}")
+    return fitted_condition_mask(data, affine, size, spacing, Path("<array>"), field)
+
+
+def fitted_condition_mask(data: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple, path: Path,
+                          field: str) -> ConditionMask:
+    labels = checked_labels(data, path, field)
     if not labels.any():
-        raise MaskError(f"--mask: '{path}' is all background (0); it needs at least a body (200) or organ labels")
+        raise MaskError(f"{field}: '{path}' is all background (0); it needs at least a body (200) or organ labels")
     fitted, fitted_affine, resampled = fit_to_grid(labels, affine, size, spacing)
     return ConditionMask(
         labels=fitted,

@@ -1,0 +1,379 @@
+"""A `maisi generate` request resolved into a checked plan, before any network is built or any file is written.
+
+`plan_samples` checks everything about the request itself (model rules, device, precision, memory, the mask
+source); `plan_generation` adds the output folder: which samples are complete, and a refusal when the folder holds a
+run with other settings (engine/run_folder.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maisi_cli.config import maisi_home
+from maisi_cli.engine.backends import check_backend
+from maisi_cli.engine.locks import sample_lock_path
+from maisi_cli.engine.masks.database import read_database, region_indices
+from maisi_cli.engine.masks.generation import (check_size_requests, controlled_label_ids, read_size_table,
+                                               size_condition, target_tumour_label)
+from maisi_cli.engine.masks.regions import body_region_indices
+from maisi_cli.engine.masks.sources import (FileMaskSource, GeneratedMaskSource, MaskSource, NoMaskSource,
+                                            database_source)
+from maisi_cli.engine.masks.user import check_mask_memory, load_condition_mask, read_mask_grid, resample_warning
+from maisi_cli.engine.memory import HostMemoryEstimate, check_generation_memory, estimate_peak_memory
+from maisi_cli.engine.qc import QCOptions, QCStatistics, load_statistics
+from maisi_cli.engine.run_folder import check_record, verified_samples
+from maisi_cli.engine.runtime import resolve_device, resolve_precision
+from maisi_cli.engine.seeds import derive_sample_seed
+from maisi_cli.engine.weights import WeightFile, locate_weight
+from maisi_cli.errors import MaskError, UsageError
+from maisi_cli.io.files import check_replaceable
+from maisi_cli.labels import label_id
+from maisi_cli.models import MASK_COMPONENTS, ModelSpec, get_model
+from maisi_cli.profiles import DecodePlan, Profile, resolve_profile
+from maisi_cli.request import GenerateRequest
+
+
+@dataclass(frozen=True)
+class SampleTask:
+    index: int
+    seed: int
+    image: Path
+    label: Path | None  # None: an image-only model writes no label file
+    sidecar: Path
+    complete: bool
+
+    @property
+    def paths(self) -> list[Path]:
+        """The sample's files, the sidecar (written last) last."""
+        return [p for p in (self.image, self.label, self.sidecar) if p is not None]
+
+    @property
+    def file_names(self) -> list[str]:
+        return [p.name for p in self.paths]
+
+    def files_exist(self) -> bool:
+        """Every file of the sample is there: it is complete (the sidecar is written last)."""
+        return all(p.is_file() for p in self.paths)
+
+
+@dataclass
+class GenerationPlan:
+    request: GenerateRequest
+    model: ModelSpec
+    profile: Profile
+    device: str
+    precision: str
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    latent_shape: tuple[int, int, int, int]
+    steps: int
+    decode: DecodePlan
+    mask_source: MaskSource
+    anatomy_ids: tuple[int, ...]
+    samples: list[SampleTask]
+    weights: list[WeightFile]
+    warnings: list[str] = field(default_factory=list)
+    qc: QCOptions = field(default_factory=QCOptions)
+    qc_statistics: QCStatistics | None = None  # None: the quality check is off
+    guidance: float | None = None  # classifier-free guidance scale (image-only models); None: off
+    qc_note: str | None = None  # why the quality check is off although it was asked for (an image-only model)
+    host_memory: HostMemoryEstimate | None = None  # predicted peak host memory (engine/memory.py)
+
+    @property
+    def pending(self) -> list[SampleTask]:
+        return [s for s in self.samples if not s.complete]
+
+    def memory_estimate(self) -> dict[str, Any]:
+        """Predicted peak GPU memory (fp16) of the diffusion loop and of the decode (engine/memory.py), and
+        whether it fits the profile's budget."""
+        estimate = estimate_peak_memory(self.model, self.size, self.decode,
+                                        guided=self.guidance is not None).as_dict()
+        budget = self.profile.budget_bytes
+        estimate["budget_gib"] = round(budget / 2**30, 3) if budget else None
+        estimate["fits"] = (estimate["peak_gib"] * 2**30 <= budget) if budget else None
+        return estimate
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved plan as plain data (for --dry-run and the run report)."""
+        return {
+            "model": self.model.name,
+            "model_source": self.model.source,
+            "scheduler": self.model.scheduler_kind,
+            "profile": self.profile.name,
+            "device": self.device,
+            "precision": self.precision,
+            "backend": self.request.backend,
+            "size": list(self.size),
+            "spacing": list(self.spacing),
+            "latent_shape": list(self.latent_shape),
+            "steps": self.steps,
+            "decode": self.decode.model_dump(),
+            "memory": self.memory_estimate(),
+            "host_memory": self.host_memory.as_dict() if self.host_memory is not None else None,
+            "mask": self.mask_source.describe(),
+            "image_only": self.model.image_only,
+            "output_intensity": self.model.output_intensity,
+            "guidance": self.guidance,
+            "anatomy": list(self.request.anatomy),
+            "anatomy_sizes": dict(self.request.anatomy_sizes),
+            "body_regions": list(self.request.body_regions),
+            "label_mode": None if self.model.image_only else self.request.label_mode,
+            "out": str(self.request.out),
+            "seed": self.request.seed,
+            "num_samples": self.request.num_samples,
+            "shard": f"{self.request.shard[0]}/{self.request.shard[1]}",
+            "weights": {w.component: str(w.path) for w in self.weights},
+            "samples": [
+                {"index": s.index, "seed": s.seed, "status": "complete" if s.complete else "to write",
+                 "files": s.file_names}
+                for s in self.samples
+            ],
+            "warnings": list(self.warnings),
+            "qc": {"enabled": self.qc_statistics is not None, "strict": self.qc.strict,
+                   "max_attempts": self.qc.max_attempts if self.qc_statistics is not None else 1,
+                   "statistics": self.qc_statistics.source if self.qc_statistics is not None else None,
+                   **({"note": self.qc_note} if self.qc_note else {})},
+        }
+
+
+def sample_paths(out: Path, index: int, num_samples: int) -> tuple[Path, Path, Path]:
+    stem = f"sample_{index:0{max(4, len(str(num_samples - 1)))}d}"
+    return out / f"{stem}_image.nii.gz", out / f"{stem}_label.nii.gz", out / f"{stem}.json"
+
+
+def sample_tasks(request: GenerateRequest, image_only: bool = False) -> list[SampleTask]:
+    """This shard's samples (index k belongs to shard k mod N), at their paths under --out, none complete yet."""
+    shard_index, shard_count = request.shard
+    tasks = []
+    for index in range(shard_index, request.num_samples, shard_count):
+        image, label, sidecar = sample_paths(request.out, index, request.num_samples)
+        tasks.append(SampleTask(index, derive_sample_seed(request.seed, index), image,
+                                None if image_only else label, sidecar, False))
+    return tasks
+
+
+def with_completion(tasks: list[SampleTask], overwrite: bool) -> list[SampleTask]:
+    """A sample is complete when its sidecar (written last) and its images exist (the image alone for an image-only
+    model: it has no label file), unless --overwrite makes it again."""
+    return [replace(task, complete=not overwrite and task.files_exist()) for task in tasks]
+
+
+def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> GenerationPlan:
+    """The plan of a run into --out: `plan_samples`, with the samples already complete in the folder, refused when
+    the folder holds a run with other settings."""
+    plan = plan_samples(request, qc)
+    plan.samples = with_completion(plan.samples, request.overwrite)
+    return checked_against_folder(plan)
+
+
+def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
+                 mask: MaskSource | None = None) -> GenerationPlan:
+    """The checked plan of the request's samples, whatever the folder holds. `qc` defaults to the CLI's defaults
+    (check on, 3 attempts, packaged statistics); `mask` is a condition mask given in memory (the Python API), in
+    place of `request.mask`."""
+    qc = qc or QCOptions()
+    model = get_model(request.model)
+    warnings: list[str] = []
+    size = request.size or model.default_size
+    spacing = request.spacing or model.default_spacing(size)
+    lifted = model.check_request(size, spacing, request.allow_any_size)
+    warnings += [f"{p} (allowed by --allow-any-size)" for p in lifted]
+    steps = request.steps or model.default_steps
+    if model.scheduler_kind == "ddpm" and steps < model.default_steps:
+        warnings.append(f"--steps: {steps} DDPM steps is fewer than the {model.default_steps} it was trained for; "
+                        "quality is not guaranteed")
+    if model.image_only:
+        refuse_mask_options(request, model, qc)
+    guidance = resolve_guidance(request, model)
+    if request.body_regions and not model.uses_body_region:
+        raise UsageError(f"--body-region: model {model.name} takes no body-region input; drop it (the ddpm models "
+                         "use it)")
+    regions = region_indices(request.body_regions)
+    device = resolve_device(request.device)
+    profile = resolve_profile(request.profile, device)
+    if request.backend == "onnx" and request.precision is None:
+        precision = "fp32"  # the exported graphs are fp32
+    else:
+        precision = resolve_precision(request.precision, profile, device)
+    if request.backend != "torch":
+        check_backend(request.backend, device, request.precision, request.onnx_dir, model)
+        if guidance is not None and guidance > 1:
+            raise UsageError(f"--guidance: runs with --backend torch only (the {request.backend} graphs take one "
+                             "sample per call); drop --guidance or --backend")
+    anatomy_ids = tuple(label_id(name) for name in request.anatomy)
+    latent_shape = model.latent_shape(size)
+    split_axis = int(model.definition("autoencoder").get("dim_split", 1))
+    decode = profile.decode_plan(latent_shape[1:], size, split_axis=split_axis, spec=model)
+
+    weights = [locate_weight(model, component, request.weights_dir) for component in model.image_components]
+    mask_grid = None
+    if request.mask is not None and not request.anatomy_sizes:  # sized from its header, before it is read
+        # before the mask sources (a database's resampled candidates are read while planning); load_condition_mask
+        # checks each mask file it reads again from its header, the user's included
+        mask_grid, header = read_mask_grid(request.mask, spacing)
+        check_mask_memory(request.mask, mask_grid, header, size, spacing)
+    host_memory = check_generation_memory(model, size, decode, device, precision, profile.name,
+                                          guided=guidance is not None, mask=mask_grid)
+    qc_note = None
+    if model.image_only:
+        source: MaskSource = NoMaskSource()
+        if qc.enabled:
+            qc_note = (f"off: it checks organ HU of CT against a condition mask, and model {model.name} is "
+                       "image-only")
+            qc = qc.model_copy(update={"enabled": False})
+    elif request.anatomy_sizes:
+        source, anatomy_ids, mask_weights = generated_source(request, model, size, spacing, device, precision,
+                                                             profile)
+        weights += mask_weights
+    elif mask is not None:
+        source = checked_source(mask, request, model, anatomy_ids)
+    elif request.mask is not None:
+        source = file_source(request, model, size, spacing, anatomy_ids, warnings)
+    else:
+        source = database_mask_source(request, model, size, spacing, anatomy_ids, regions, device)
+    if request.label_mode == "requested" and not anatomy_ids:
+        raise UsageError("--label-mode requested: name the anatomies to keep with --anatomy NAME")
+    qc_statistics = load_statistics(qc_statistics_file(model, qc, request)) if qc.enabled else None  # fails now
+
+    plan = GenerationPlan(
+        request=request, model=model, profile=profile, device=device, precision=precision, size=size,
+        spacing=spacing, latent_shape=latent_shape, steps=steps, decode=decode, mask_source=source,
+        anatomy_ids=anatomy_ids, samples=sample_tasks(request, model.image_only), weights=weights,
+        warnings=warnings, qc=qc, qc_statistics=qc_statistics, guidance=guidance, qc_note=qc_note,
+        host_memory=host_memory,
+    )
+    return plan
+
+
+def checked_against_folder(plan: GenerationPlan) -> GenerationPlan:
+    """The plan, refused (exit 2) when --out holds a run with other settings; samples whose files do not match
+    their sidecars are made again, with a warning (engine/run_folder.py)."""
+    check_record(plan)
+    plan.samples = verified_samples(plan, plan.warnings.append)
+    for task in plan.pending:  # a link or a folder where a file goes: refused now, not after the denoising
+        for path in (*task.paths, sample_lock_path(task.sidecar)):
+            check_replaceable(path)
+    return plan
+
+
+def refuse_mask_options(request: GenerateRequest, model: ModelSpec, qc: QCOptions) -> None:
+    """An image-only model takes no condition mask and writes no label file: the options about them are usage
+    errors, named one at a time."""
+    given = (
+        ("--mask", request.mask is not None),
+        ("--anatomy", bool(request.anatomy or request.anatomy_sizes)),
+        ("--mask-database", request.mask_database is not None),
+        ("--mask-steps", request.mask_steps is not None),
+        ("--label-mode requested", request.label_mode == "requested"),
+        ("--body-region", bool(request.body_regions)),
+        ("--strict-qc", qc.strict),
+        ("--stats", qc.stats is not None),
+    )
+    for option, present in given:
+        if present:
+            raise UsageError(f"model {model.name} generates images only (no ControlNet): drop {option}")
+    if model.uses_body_region:
+        raise UsageError(f"model {model.name}: an image-only model with body-region inputs is not supported (its "
+                         "regions would come from a mask); set include_body_region false in its spec")
+
+
+def resolve_guidance(request: GenerateRequest, model: ModelSpec) -> float | None:
+    """The classifier-free guidance scale: `--guidance`, else the spec's `cfg_guidance_scale`; None when off (1)."""
+    if request.guidance is not None and not model.image_only:
+        raise UsageError(f"--guidance: model {model.name} is conditioned through its ControlNet; classifier-free "
+                         "guidance is for image-only models (e.g. rflow-mr); drop it")
+    if model.guidance_scale is not None and not model.image_only:
+        raise UsageError(f"model {model.name}: its spec sets cfg_guidance_scale, which needs an image-only model "
+                         "(no ControlNet)")
+    scale = request.guidance if request.guidance is not None else model.guidance_scale
+    if scale is None or scale <= 1:
+        return None
+    if not model.uses_modality:
+        raise UsageError(f"--guidance: model {model.name} has no modality class input (num_class_embeds) to guide "
+                         "on; drop it")
+    return float(scale)
+
+
+def qc_statistics_file(model: ModelSpec, qc: QCOptions, request: GenerateRequest) -> Path | None:
+    """`--stats FILE`, else the model's own organ statistics (the demo ships those of its phantoms), else None: the
+    packaged statistics of the released CT data."""
+    if qc.stats is not None:
+        return qc.stats
+    if "qc_statistics" in model.datasets:
+        return locate_weight(model, "qc_statistics", request.weights_dir).path
+    return None
+
+
+def file_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
+                spacing: tuple[float, float, float], anatomy_ids: tuple[int, ...], warnings: list[str]) -> FileMaskSource:
+    if request.mask_database is not None:
+        raise UsageError("--mask-database: drop it when --mask gives the condition mask")
+    assert request.mask is not None
+    mask = load_condition_mask(request.mask, size, spacing)
+    if mask.resampled:
+        warnings.append(resample_warning(mask, request.mask, size, spacing))
+    return checked_source(FileMaskSource(request.mask, mask), request, model, anatomy_ids)
+
+
+def checked_source(source: FileMaskSource, request: GenerateRequest, model: ModelSpec,
+                   anatomy_ids: tuple[int, ...]) -> FileMaskSource:
+    """A user's mask (a file, or an array given to the Python API) holds every --anatomy named, and body regions
+    can be read from it when the model needs them: checked now, not after loading the networks."""
+    present = set(np.unique(source.mask.labels).tolist())
+    for name, ident in zip(request.anatomy, anatomy_ids):
+        if ident not in present:
+            raise MaskError(f"--anatomy: '{name}' (label {ident}) is not in the mask '{source.path}'; "
+                            "drop it or use a mask that has it")
+    if model.uses_body_region and not request.body_regions:
+        body_region_indices(source.mask.labels)
+    return source
+
+
+def database_mask_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
+                         spacing: tuple[float, float, float], anatomy_ids: tuple[int, ...], regions: tuple[int, ...],
+                         device: str) -> Any:
+    """Candidates from `--mask-database FILE` (masks relative to its folder), else from the model's released
+    database and mask archive (unpacked under MAISI_HOME when first used, never while planning), or, for a model
+    whose spec names no archive (the bundled demo), masks relative to its database file."""
+    archive = None
+    if request.mask_database is not None:
+        database = request.mask_database.expanduser()
+    else:
+        if "mask_database" not in model.datasets:
+            raise UsageError(f"--mask: model {model.name} ships no candidate-mask database; pass --mask FILE or "
+                             "--mask-database FILE")
+        database = locate_weight(model, "mask_database", request.weights_dir).path
+        if "mask_archive" in model.datasets:
+            archive = locate_weight(model, "mask_archive", request.weights_dir).path
+    entries = read_database(database)
+    return database_source(database, entries, anatomy_ids, regions, size, spacing, request.seed, request.num_samples,
+                           request.augment, device, root=None if archive else database.parent, archive=archive,
+                           cache_root=maisi_home() / "masks", allow_outside=request.allow_outside_database)
+
+
+def generated_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
+                     spacing: tuple[float, float, float], device: str, precision: str,
+                     profile: Profile) -> tuple[Any, tuple[int, ...], list[WeightFile]]:
+    """(the mask generator for `--anatomy NAME:SIZE`, the controlled anatomies — they become the requested labels —,
+    the mask networks' weight files)."""
+    if request.mask is not None or request.mask_database is not None:
+        raise UsageError("--anatomy NAME:SIZE generates the mask; drop --mask / --mask-database")
+    if not all(component in model.weights for component in MASK_COMPONENTS):
+        raise UsageError(f"--anatomy NAME:SIZE: model {model.name} has no mask generator; name the anatomy without "
+                         "a size (masks from its database) or pass --mask FILE")
+    requests = check_size_requests(request.anatomy_sizes)
+    table = read_size_table(locate_weight(model, "anatomy_size_conditions", request.weights_dir).path)
+    condition = size_condition(requests, table)
+    mask_weights = [locate_weight(model, c, request.weights_dir) for c in MASK_COMPONENTS]
+    mask_steps = request.mask_steps or int(model.network["mask_generation_noise_scheduler"].get(
+        "num_train_timesteps", 1000))
+    source = GeneratedMaskSource(
+        spec=model, requests=requests, condition=condition, target_tumour=target_tumour_label(condition),
+        controlled_ids=tuple(controlled_label_ids(requests)), size=size, spacing=spacing, seed=request.seed,
+        steps=mask_steps, device=device, precision=precision, profile=profile,
+    )
+    return source, source.controlled_ids, mask_weights

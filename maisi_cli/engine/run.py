@@ -1,0 +1,173 @@
+"""A `maisi generate` run into its output folder: each pending sample made under its lock, written (image, label,
+then the sidecar that marks it complete), and reported; complete samples are skipped, a failed one is retried by the
+next run. The networks come from the caller (the Python API's `Generator`, which loads them once)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from maisi_cli.engine.loading import LoadedModel
+from maisi_cli.engine.locks import SampleLock, remove_stale_partials, sample_lock_path
+from maisi_cli.engine.plan import GenerationPlan, SampleTask
+from maisi_cli.engine.postprocess import ras_affine
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
+from maisi_cli.engine.run_folder import record_weights, sample_problem, settings_sha256
+from maisi_cli.engine.samples import (CheckedSample, WarningCallback, generate_checked_sample, sample_regions,
+                                      sidecar_document)
+from maisi_cli.errors import GenerationError, MaskError, NoSpaceError
+from maisi_cli.io.files import removed_if_left_empty, writable_folder
+from maisi_cli.io.nifti import write_nifti
+from maisi_cli.io.provenance import read_json, write_json
+
+
+@dataclass
+class SampleResult:
+    index: int
+    seed: int
+    # "written"; "skipped" (complete before, or finished by another job meanwhile); "locked" (another live job
+    # holds its lock: left to it); "failed" (its generation raised; nothing of it is kept, a re-run retries it)
+    status: str
+    files: list[str]
+    seconds: float = 0.0
+    qc: dict[str, Any] | None = None  # {"passed", "failed"} of the kept attempt; None when not checked
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # {"attempt", "seed", "passed", "failed"}
+    timings: dict[str, float] = field(default_factory=dict)  # the sidecar's timings of a sample written now
+    error: str | None = None  # why a "failed" sample failed
+
+
+@dataclass
+class GenerationReport:
+    plan: dict[str, Any]
+    samples: list[SampleResult]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # run-level: load_s, samples_s, total_s
+
+    def indices(self, status: str) -> list[int]:
+        return [s.index for s in self.samples if s.status == status]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan,
+            "written": self.indices("written"),
+            "skipped": self.indices("skipped"),
+            "locked": self.indices("locked"),
+            "failed": self.indices("failed"),
+            "qc_failed": self.qc_failed,
+            "samples": [s.__dict__ for s in self.samples],
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "seconds": round(self.seconds, 3),
+        }
+
+    @property
+    def qc_failed(self) -> list[int]:
+        """Indices whose kept attempt failed the quality check (written now, or recorded in a skipped sidecar)."""
+        return [s.index for s in self.samples if s.qc is not None and not s.qc["passed"]]
+
+
+def recorded_result(task: SampleTask) -> SampleResult:
+    """A complete sample skipped by this run, with the seed and QC outcome its sidecar recorded."""
+    document = read_json(task.sidecar) or {}
+    qc = document.get("qc") if isinstance(document.get("qc"), dict) else None
+    seed = document.get("sample_seed") if isinstance(document.get("sample_seed"), int) else task.seed
+    return SampleResult(task.index, seed, "skipped", task.file_names,
+                        qc={"passed": bool(qc.get("passed")), "failed": list(qc.get("failed") or [])} if qc else None,
+                        attempts=list(qc.get("attempts") or []) if qc else [])
+
+
+def sample_affine(plan: GenerationPlan, sample: CheckedSample) -> np.ndarray:
+    """The condition mask's grid, or, with no mask (an image-only model), a RAS grid at the plan's spacing."""
+    return sample.mask.mask.affine if sample.mask.mask is not None else ras_affine(plan.spacing)
+
+
+def write_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, sample: CheckedSample,
+                 run_digest: str, started: float) -> dict[str, float]:
+    """The sample's image and label, then its sidecar (its presence marks the sample complete for a re-run), each
+    written atomically at `task`'s paths; the sample's timings with the write's. `started`: when the sample began."""
+    timings = dict(sample.timings)
+    write_start = time.perf_counter()
+    affine = sample_affine(plan, sample)
+    files_sha256 = {"image": write_nifti(task.image, sample.image, affine)}
+    if task.label is not None and sample.labels is not None:
+        files_sha256["label"] = write_nifti(task.label, sample.labels, affine)
+    timings["write_s"] = time.perf_counter() - write_start
+    timings["total_s"] = time.perf_counter() - started
+    regions = sample_regions(plan, sample.mask) if plan.model.uses_body_region else None
+    write_json(task.sidecar, {**sidecar_document(plan, sample.task, loaded, timings, sample.mask.provenance, sample.qc,
+                                                 regions),
+                              "files_sha256": files_sha256, "run_settings_sha256": run_digest})
+    return timings
+
+
+NetworkLoader = Callable[[GenerationPlan, ProgressCallback], LoadedModel]
+
+
+def run_generation(plan: GenerationPlan, networks: NetworkLoader, on_progress: ProgressCallback = no_progress,
+                   on_warning: WarningCallback = lambda message: None,
+                   on_written: Callable[[SampleTask], None] | None = None) -> GenerationReport:
+    """Make the plan's pending samples. `networks(plan, on_progress)` gives the loaded networks; it is called for
+    the first sample this run makes. `on_written(task)` runs after each sample's files are all written (e.g. to
+    write its preview).
+
+    Each sample is made under its lock (engine/locks.py): a sample another live job is making is left to it
+    ("locked", with a warning); one that another job finished since the plan was made is "skipped". A sample whose
+    generation raises a GenerationError or MaskError is "failed" (a warning; nothing of it is kept) and the run
+    goes on with the next."""
+    started = time.perf_counter()
+    run_timings: dict[str, float] = {}
+    results = [recorded_result(t) for t in plan.samples if t.complete]
+    pending = plan.pending
+    loaded: LoadedModel | None = None
+    run_digest = settings_sha256(plan)
+    with removed_if_left_empty(plan.request.out):  # a run that fails before writing leaves no empty --out
+        if pending:
+            writable_folder(plan.request.out, "--out")
+        for task in pending:
+            files = task.file_names
+            lock = SampleLock(sample_lock_path(task.sidecar))
+            if not lock.acquire():
+                on_warning(f"sample {task.index}: another job holds {lock.path.name} and is writing it; left to "
+                           "that job")
+                results.append(SampleResult(task.index, task.seed, "locked", files))
+                continue
+            try:
+                if not plan.request.overwrite and task.files_exist() and sample_problem(task, run_digest) is None:
+                    results.append(recorded_result(task))  # another job finished it after this run was planned
+                    continue
+                remove_stale_partials(task.paths)  # left by a killed writer
+                if loaded is None:
+                    load_start = time.perf_counter()
+                    loaded = networks(plan, on_progress)
+                    run_timings["load_s"] = time.perf_counter() - load_start
+                    record_weights(plan, loaded.weight_hashes)  # refuses weights other than the folder's run's
+                sample_start = time.perf_counter()
+                try:
+                    sample = generate_checked_sample(plan, loaded, task, on_progress, on_warning)
+                except (GenerationError, MaskError) as failure:
+                    on_warning(f"sample {task.index}: {failure}; skipped (a re-run retries it)")
+                    results.append(SampleResult(task.index, task.seed, "failed", files,
+                                                time.perf_counter() - sample_start, error=str(failure)))
+                    continue
+                try:
+                    timings = write_sample(plan, loaded, task, sample, run_digest, sample_start)
+                except NoSpaceError as failure:
+                    complete = sum(r.status in ("written", "skipped") for r in results)
+                    raise NoSpaceError(f"{failure}; {complete} sample(s) complete in {plan.request.out} — free space "
+                                       "and re-run the same command (it makes only the missing samples)") from None
+            finally:
+                lock.release()  # after the sidecar: the lock file goes once the sample is complete
+            on_progress(ProgressEvent("write", 1, 1, sample=task.index))
+            if on_written is not None:
+                on_written(task)
+            qc = {"passed": sample.qc["passed"], "failed": sample.qc["failed"]} if sample.qc else None
+            results.append(SampleResult(task.index, sample.task.seed, "written", files, timings["total_s"],
+                                        qc=qc, attempts=sample.attempts,
+                                        timings={k: round(v, 3) for k, v in timings.items()}))
+    results.sort(key=lambda r: r.index)
+    seconds = time.perf_counter() - started
+    run_timings["samples_s"] = sum(r.seconds for r in results if r.status in ("written", "failed"))
+    run_timings["total_s"] = seconds
+    return GenerationReport(plan.describe(), results, seconds, run_timings)
