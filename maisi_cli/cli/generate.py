@@ -48,9 +48,9 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate samples that are already complete."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 (default: the profile's)."),
-    backend: str = typer.Option("torch", "--backend", help="torch; onnx: onnxruntime (extra maisi[onnx]; graphs "
+    backend: str = typer.Option("torch", "--backend", help="torch; onnx: onnxruntime (extra maisi\\[onnx]; graphs "
                                 "exported on first use into MAISI_HOME); trt: TensorRT engines per size (extra "
-                                "maisi[trt], a GPU)."),
+                                "maisi\\[trt], a GPU)."),
     onnx_dir: Optional[Path] = typer.Option(None, "--onnx-dir", help="With --backend onnx: the graphs of `maisi "
                                             "export onnx --out DIR` (checked against the weights' sha256)."),
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", envvar="MAISI_WEIGHTS_DIR",
