@@ -6,7 +6,7 @@
 
 Writes bench/results/memory_table3.json and appends (or replaces) the "Memory planner vs README Table 3" section of
 bench/README.md. The fit minimises the largest relative error (minimax): for each transient factor on a grid, the
-best overhead is found by ternary search. Paste the printed constants into maisi_cli/engine/memory.py.
+best overhead is found by ternary search. Paste the printed constants into maisi_cli/gpu_memory.py.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from maisi_cli.engine import memory
+from maisi_cli import gpu_memory
 from maisi_cli.models import get_model
-from maisi_cli.profiles import make_decode_plan
+from maisi_cli.decode_plan import make_decode_plan
 
 HERE = Path(__file__).parent
 SECTION = "## Memory planner vs README Table 3"
@@ -36,12 +36,12 @@ TABLE3 = [
 ]
 
 
-def predict(spec, row: dict, overhead: float | None = None, factor: float | None = None) -> memory.MemoryEstimate:
+def predict(spec, row: dict, overhead: float | None = None, factor: float | None = None) -> gpu_memory.MemoryEstimate:
     size = tuple(row["size"])
     latent = spec.latent_shape(size)[1:]
-    split_axis = int(memory.resolved_definition(spec, "autoencoder").get("dim_split", 1))
+    split_axis = int(gpu_memory.resolved_definition(spec, "autoencoder").get("dim_split", 1))
     plan = make_decode_plan(latent, tuple(row["roi"]), row["overlap"], row["tp_splits"], split_axis)
-    return memory.estimate_peak_memory(spec, size, plan, overhead_gib=overhead, transient_factor=factor)
+    return gpu_memory.estimate_peak_memory(spec, size, plan, overhead_gib=overhead, transient_factor=factor)
 
 
 def fit(spec, rows: list[dict]) -> tuple[float, float, float]:
@@ -49,7 +49,7 @@ def fit(spec, rows: list[dict]) -> tuple[float, float, float]:
     best = (0.0, 1.0, float("inf"))
     for step in range(50, 301):
         factor = step / 100
-        base = [predict(spec, r, 0.0, factor).peak_bytes / memory.GIB for r in rows]
+        base = [predict(spec, r, 0.0, factor).peak_bytes / gpu_memory.GIB for r in rows]
 
         def worst(overhead: float) -> float:
             return max(abs(b + overhead - r["peak_gib"]) / r["peak_gib"] for b, r in zip(base, rows))
@@ -77,7 +77,7 @@ def main() -> None:
     table = []
     for row in rows:
         estimate = predict(spec, row, overhead, factor)
-        predicted = estimate.peak_bytes / memory.GIB
+        predicted = estimate.peak_bytes / gpu_memory.GIB
         table.append({**row, "decode_mode": estimate.mode, "predicted_gib": round(predicted, 2),
                       "error_pct": round(100 * (predicted - row["peak_gib"]) / row["peak_gib"], 1),
                       "peak_stage": estimate.peak_stage, "estimate": estimate.as_dict()})
@@ -92,7 +92,7 @@ def main() -> None:
     fmt = lambda t: "×".join(map(str, t))  # noqa: E731
     lines = [SECTION, "",
              f"`python bench/memory_fit.py` ({spec.name} networks; published peak from {source}, read as GiB). The "
-             "model (`maisi_cli/engine/memory.py`) counts activations from the networks' layer shapes; two constants "
+             "model (`maisi_cli/gpu_memory.py`) counts activations from the networks' layer shapes; two constants "
              f"are fitted (minimax relative error): framework overhead **{overhead} GiB**, transient factor "
              f"**{factor}**. Largest error **{100 * worst:.1f} %** (goal ≤ 10 %). Results: "
              "`results/memory_table3.json`.", "",

@@ -2,12 +2,13 @@
 
 A profile is data: per-size decode settings copied from the reference `config_infer_*g_*.json` files, and a
 fallback rule for sizes missing from its table. On GPU profiles, sizes missing from the table are planned by the
-memory planner (`maisi_cli.engine.memory.plan_decode`) when the caller passes the model spec. No torch here, except `resolve_auto`, which asks the GPU.
+memory planner (`maisi_cli.decode_plan.plan_decode`) when the caller passes the model spec. No torch and no engine
+here (`maisi --help` and shell completion read the profiles): `auto`, which asks the GPU, is resolved by
+`maisi_cli.engine.memory.resolve_profile`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from functools import cache
 from pathlib import Path
@@ -16,12 +17,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from maisi_cli.config import Triple, format_triple
+from maisi_cli.decode_plan import (
+    DecodePlan,
+    fallback_roi,
+    make_decode_plan,
+    plan_decode,
+)
 from maisi_cli.errors import UsageError, first_validation_problem
 from maisi_cli.io.documents import read_document
 
 PROFILE_NAMES = ("16g", "24g", "32g", "80g", "cpu")
-# MONAI's MaisiConvolution pads each tensor-parallel chunk with a 3-voxel halo; a chunk must be at least that wide.
-TP_HALO = 3
 
 
 class DecodeEntry(BaseModel):
@@ -60,17 +65,15 @@ class Profile(BaseModel):
         return int(self.memory_gb * 1024**3) if self.device == "cuda" and self.memory_gb else None
 
     def decode_plan(self, latent_spatial: Triple, image_size: Triple, split_axis: int = 1,
-                    spec=None) -> "DecodePlan":
+                    spec=None) -> DecodePlan:
         """The table entry for this image size (the released settings, exact); else, on a GPU profile given the
-        model `spec`, the memory planner's fastest plan that fits `memory_gb` (`maisi_cli.engine.memory`); else
+        model `spec`, the memory planner's fastest plan that fits `memory_gb` (`maisi_cli.decode_plan`); else
         the fallback rule (the cpu profile, or a caller without a spec). `split_axis` is the VAE's `dim_split`."""
         for entry in self.decode:
             if entry.size == image_size:
                 return make_decode_plan(latent_spatial, entry.roi, entry.overlap, entry.tp_splits, split_axis,
                                         rule=f"{self.name} table ({entry.source or format_triple(entry.size)})")
         if spec is not None and self.budget_bytes and tuple(spec.latent_shape(image_size)[1:]) == tuple(latent_spatial):
-            from maisi_cli.engine.memory import plan_decode
-
             chosen = plan_decode(spec, image_size, self.budget_bytes, rois=[e.roi for e in self.decode],
                                  min_overlap=self.fallback.overlap,
                                  rule=f"{self.name} planner (fits {self.memory_gb:g} GiB)")
@@ -78,75 +81,6 @@ class Profile(BaseModel):
         roi = fallback_roi(latent_spatial, self.fallback.max_roi_latent_voxels)
         return make_decode_plan(latent_spatial, roi, self.fallback.overlap, self.fallback.tp_splits, split_axis,
                                 rule=f"{self.name} fallback (at most {self.fallback.max_roi_latent_voxels} latent voxels)")
-
-
-class DecodePlan(BaseModel):
-    """How the VAE decodes one latent: whole, or by sliding window over the latent grid."""
-
-    model_config = ConfigDict(frozen=True)
-
-    mode: Literal["whole", "sliding"]
-    roi: Triple  # latent voxels, already clipped to the latent
-    overlap: float
-    tp_splits: int  # after capping to what the latent allows
-    requested_tp_splits: int
-    windows: int
-    rule: str
-
-
-def fallback_roi(latent: Triple, budget: int) -> Triple:
-    """The largest ROI (multiples of 16, clipped to the latent) with at most `budget` voxels, grown evenly."""
-    if math.prod(latent) <= budget:
-        return latent
-    roi = [min(16, s) for s in latent]
-    grown = True
-    while grown:
-        grown = False
-        for axis in sorted(range(3), key=lambda a: roi[a]):  # grow the smallest axis first: near-cubic windows
-            if roi[axis] >= latent[axis]:
-                continue
-            trial = roi.copy()
-            trial[axis] = min(roi[axis] + 16, latent[axis])
-            if math.prod(trial) <= budget:
-                roi = trial
-                grown = True
-    return (roi[0], roi[1], roi[2])
-
-
-def window_count(latent: Triple, roi: Triple, overlap: float) -> int:
-    """Number of sliding windows MONAI places (its scan-interval rule, last start pulled back to fit)."""
-    count = 1
-    for size, r in zip(latent, roi):
-        interval = r if r == size else max(int(r * (1 - overlap)), 1)
-        count *= math.ceil((size - r) / interval) + 1 if size > r else 1
-    return count
-
-
-def cap_tp_splits(requested: int, axis_length: int) -> int:
-    """The most tensor-parallel splits ≤ requested that MONAI's MaisiConvolution handles exactly on this axis.
-
-    Measured: a split is exact only when it divides the axis (otherwise the last chunk is mis-trimmed) and each
-    chunk keeps at least the 3-voxel halo (otherwise conv3d fails on an empty chunk).
-    """
-    for splits in range(max(requested, 1), 1, -1):
-        if axis_length % splits == 0 and axis_length // splits >= TP_HALO:
-            return splits
-    return 1
-
-
-def make_decode_plan(latent: Triple, roi: Triple, overlap: float, tp_splits: int, split_axis: int = 1,
-                     rule: str = "") -> DecodePlan:
-    """The reference `dynamic_infer` rule: decode whole when the latent has no more voxels than the ROI, else slide
-    a window clipped to the latent. TP splits act on spatial axis `split_axis` of what the decoder sees."""
-    if math.prod(latent) <= math.prod(roi):
-        mode, clipped, windows = "whole", latent, 1
-    else:
-        clipped = (min(roi[0], latent[0]), min(roi[1], latent[1]), min(roi[2], latent[2]))
-        mode, windows = "sliding", window_count(latent, clipped, overlap)
-    return DecodePlan(
-        mode=mode, roi=clipped, overlap=overlap, tp_splits=cap_tp_splits(tp_splits, clipped[split_axis]),
-        requested_tp_splits=tp_splits, windows=windows, rule=rule,
-    )
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -240,7 +174,10 @@ def pick_gpu_profile(free_bytes: int) -> Profile:
 
 
 def resolve_profile(name_or_path: str, device: str) -> Profile:
-    """`auto` → `cpu` on a CPU device, else by the free memory of the chosen GPU."""
+    """`auto` → `cpu` on a CPU device, else by the free memory of the chosen GPU.
+
+    Moved to `maisi_cli.engine.memory.resolve_profile` (asking the GPU is the engine's work, and a registry must not
+    import torch); kept here only until engine/plan.py imports it from there (issue 21)."""
     if name_or_path != "auto":
         return get_profile(name_or_path)
     if not device.startswith("cuda"):

@@ -39,16 +39,17 @@ def onnx_command(
 ) -> None:
     """ONNX graphs (dynamo exporter, dynamic spatial axes) and a manifest: inputs, outputs, shapes, the source
     weights' sha256, the opset and the max |difference| against PyTorch measured at export."""
-    from maisi_cli.engine.export import require_onnx
+    from maisi_cli.engine.graph_parts import parse_components, require_onnx
     from maisi_cli.models import get_model
 
     output = render.output_of(ctx.obj, json_flag)
     require_onnx("maisi export onnx")
     spec = get_model(model)
-    from maisi_cli.engine.export import export_onnx, parse_components
-
     components = parse_components(component, spec)
     parsed_size = _size(size)
+    # torch: only once the options are known good
+    from maisi_cli.engine.export import export_onnx
+
     with render.progress(output) as on_progress:
         manifest = export_onnx(spec, components, out, weights_dir, parsed_size, opset, on_progress)
     if output.json:
@@ -84,15 +85,16 @@ def trt_command(
     output = render.output_of(ctx.obj, json_flag)
     if precision not in ("fp16", "bf16", "tf32", "fp32"):
         raise UsageError(f"--precision: '{precision}' is not a TensorRT precision; use fp16, bf16, tf32 or fp32")
-    from maisi_cli.engine.trt import require_tensorrt
+    from maisi_cli.engine.graph_parts import parse_components, require_tensorrt
 
     require_tensorrt("maisi export trt", device)
-    from maisi_cli.engine.export import parse_components
-    from maisi_cli.engine.trt import build_engines
     from maisi_cli.models import get_model
 
     spec = get_model(model)
     components = parse_components(component, spec)
+    # torch and MONAI: only once the options are known good
+    from maisi_cli.engine.trt import build_engines
+
     built = build_engines(spec, components, weights_dir, _size(size) or spec.default_size, precision, device)
     if output.json:
         render.print_json({"engines": built})

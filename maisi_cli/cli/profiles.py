@@ -68,7 +68,8 @@ def plan_command(
 ) -> None:
     """Predict peak GPU memory (diffusion loop and decode) and pick the fastest decode plan that fits."""
     from maisi_cli.config import parse_size
-    from maisi_cli.engine.memory import GIB, estimate_peak_memory, parse_memory, plan_decode
+    from maisi_cli.decode_plan import parse_memory, plan_decode
+    from maisi_cli.gpu_memory import GIB, estimate_peak_memory
     from maisi_cli.models import get_model
     from maisi_cli.profiles import get_profile
 

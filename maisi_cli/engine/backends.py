@@ -9,9 +9,36 @@ objects with the same call signatures as the PyTorch networks, so the loop is no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import torch
+
+from maisi_cli.config import maisi_home
+from maisi_cli.engine.decode import LatentDecoder
+from maisi_cli.engine.export import (
+    component_entry,
+    component_key,
+    export_component,
+    manifest_header,
+    run_session,
+    session_for,
+)
+from maisi_cli.engine.graph_parts import (
+    DEFAULT_OPSET,
+    NETWORK_OF,
+    PARTS,
+    SCALE_OF,
+    SOURCES,
+    export_latent_shape,
+    read_manifest,
+    require_onnx,
+    require_tensorrt,
+    write_manifest,
+)
+from maisi_cli.engine.store import model_reference
+from maisi_cli.engine.trt import compile_component
 from maisi_cli.errors import UsageError
 
 BACKENDS = ("torch", "onnx", "trt")
@@ -23,21 +50,14 @@ def check_backend(backend: str, device: str, precision: str | None, onnx_dir: Pa
     if backend not in BACKENDS:
         raise UsageError(f"--backend: '{backend}' is not a backend; use torch, onnx or trt")
     if backend == "onnx":
-        from maisi_cli.engine.export import require_onnx
-
         require_onnx("--backend onnx")
         if precision not in (None, "fp32"):
             raise UsageError(f"--backend onnx: the exported graphs are fp32; drop --precision {precision} or use "
                              "--precision fp32")
-        if onnx_dir is not None:
-            from maisi_cli.engine.export import read_manifest
-
-            if read_manifest(onnx_dir) is None:
-                raise UsageError(f"--onnx-dir: {onnx_dir} holds no readable manifest.json; export the graphs with: "
-                                 f"{export_command(spec, 'all', onnx_dir)}")
+        if onnx_dir is not None and read_manifest(onnx_dir) is None:
+            raise UsageError(f"--onnx-dir: {onnx_dir} holds no readable manifest.json; export the graphs with: "
+                             f"{export_command(spec, 'all', onnx_dir)}")
     if backend == "trt":
-        from maisi_cli.engine.trt import require_tensorrt
-
         require_tensorrt("--backend trt", device)
 
 
@@ -46,8 +66,6 @@ class OnnxGraph:
     """One onnxruntime session: torch tensors in (by input name), torch float tensors out on `device`."""
 
     def __init__(self, path: Path, device: str = "cpu"):
-        from maisi_cli.engine.export import session_for
-
         self.path = path
         self.session = session_for(path, device)
         self.input_names = [node.name for node in self.session.get_inputs()]
@@ -57,10 +75,6 @@ class OnnxGraph:
         return list(self.session.get_providers())
 
     def __call__(self, inputs: dict[str, Any], device: Any) -> list[Any]:
-        import torch
-
-        from maisi_cli.engine.export import run_session
-
         missing = [name for name in self.input_names if inputs.get(name) is None]
         if missing:
             raise ValueError(f"{self.path.name}: inputs {', '.join(missing)} are missing")
@@ -120,15 +134,11 @@ class OnnxDecoder:
 
 # --- locating or exporting the graphs ----------------------------------------------------------------------------
 def export_command(spec: Any, component: str, folder: Path) -> str:
-    from maisi_cli.engine.weights import model_reference
-
     return f"maisi export onnx --model {model_reference(spec)} --component {component} --out {folder}"
 
 
 def graphs_from_folder(folder: Path, component: str, weights: dict[str, dict[str, str]], spec: Any) -> dict[str, Path]:
     """{part: path} of `component` in a `maisi export onnx` folder, after checking its source weights' sha256."""
-    from maisi_cli.engine.export import PARTS, SOURCES, read_manifest
-
     manifest = read_manifest(folder)
     if manifest is None:
         raise UsageError(f"--onnx-dir: {folder} holds no readable manifest.json; export the graphs with: "
@@ -153,13 +163,14 @@ def graphs_from_folder(folder: Path, component: str, weights: dict[str, dict[str
     return paths
 
 
+def cache_root() -> Path:
+    return maisi_home() / "onnx"
+
+
 def cached_graphs(component: str, networks: dict[str, Any], scale_factors: dict[str, Any],
                   weights: dict[str, dict[str, str]], spec: Any,
                   on_export: Callable[[str, int, int], None] | None = None) -> dict[str, Path]:
     """{part: path} under MAISI_HOME/onnx/<component>-<key>, exported there first when missing."""
-    from maisi_cli.engine.export import (PARTS, SCALE_OF, cache_root, component_entry, component_key,
-                                         export_component, manifest_header, read_manifest, write_manifest)
-
     key = component_key(component, {name: w["sha256"] for name, w in weights.items()}, spec)
     folder = cache_root() / f"{component}-{key[:24]}"
     manifest = read_manifest(folder)
@@ -172,33 +183,17 @@ def cached_graphs(component: str, networks: dict[str, Any], scale_factors: dict[
     scale = scale_factors.get(SCALE_OF.get(component, ""))
     latent = export_latent_shape(spec, component)
     exported = export_component(component, networks, scale, latent, spec, folder)
-    document = manifest_header(spec, exported_opset())
+    document = manifest_header(spec, DEFAULT_OPSET)
     document["components"][component] = component_entry(component, weights, key, exported, scale)
     write_manifest(folder, document)
     on_export(f"export onnx {component}", 1, 1)
     return paths
 
 
-def exported_opset() -> int:
-    from maisi_cli.engine.export import DEFAULT_OPSET
-
-    return DEFAULT_OPSET
-
-
-def export_latent_shape(spec: Any, component: str, size: tuple[int, int, int] | None = None) -> tuple[int, ...]:
-    """The latent shape graphs are exported (and checked) at; their spatial axes are dynamic. The image networks:
-    the latent of `size` (default 64³); the mask networks: their fixed latent."""
-    if component.startswith("mask"):
-        return tuple(int(v) for v in spec.network["mask_generation_latent_shape"])
-    return tuple(spec.latent_shape(size or (64, 64, 64)))
-
-
 def onnx_networks(spec: Any, networks: dict[str, Any], scale_factors: dict[str, Any],
                   weights: dict[str, dict[str, str]], device: str, onnx_dir: Path | None = None,
                   on_export: Callable[[str, int, int], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """({component: onnxruntime stand-in}, backend record for the sidecar) for the loaded networks."""
-    from maisi_cli.engine.export import SOURCES
-
     components = [c for c in ("controlnet", "unet", "vae-decoder", "mask-unet", "mask-decoder")
                   if all(name in networks for name in SOURCES[c])]
     stand_ins: dict[str, Any] = {}
@@ -235,10 +230,6 @@ def apply_backend(backend: str, spec: Any, networks: dict[str, Any], scale_facto
     if backend == "onnx":
         return onnx_networks(spec, networks, scale_factors, weights, device, onnx_dir, on_export)
     if backend == "trt":
-        from maisi_cli.engine.decode import LatentDecoder
-        from maisi_cli.engine.export import NETWORK_OF, SCALE_OF
-        from maisi_cli.engine.trt import compile_component, require_tensorrt
-
         version = require_tensorrt("--backend trt", device)
         compiled: dict[str, Any] = {}
         for component in ("controlnet", "unet", "vae-decoder", "mask-unet", "mask-decoder"):

@@ -1,6 +1,7 @@
 """ONNX export of the MAISI networks: graph wrappers with plain tensor inputs, the export itself (torch's dynamo
 exporter, opset 18, dynamic spatial axes; the TorchScript exporter for the VAE decoders, see GraphSpec.exporter), a
-check against PyTorch, and the manifest that describes a folder of exported graphs.
+check against PyTorch, and the manifest entries of a folder of exported graphs (engine/graph_parts.py reads and
+writes the manifest; the names of components, parts and their weight files are there too).
 
 Components and their graphs ("parts"):
 - unet: (x, timesteps, [class_labels], [spacing_tensor], [top/bottom_region_index_tensor], mid, down_0..down_k) → out;
@@ -12,7 +13,8 @@ Components and their graphs ("parts"):
   with the diffusion model's scale factor baked in (so its checkpoint is a source of the graph too).
 - mask-unet: the mask DDPM UNet, (x, timesteps, context) → out.
 
-Nothing here imports onnx/onnxruntime at module level; the CLI and `maisi --help` stay free of them.
+onnx, onnxruntime and torch.export are imported where they are used: onnx and onnxruntime are an optional extra
+(maisi[onnx]), and torch.export is slow to import and needed only to export.
 """
 
 from __future__ import annotations
@@ -21,37 +23,42 @@ import contextlib
 import copy
 import datetime as dt
 import hashlib
+import inspect
 import io
 import json
+import logging
 import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from maisi_cli import __version__
+import numpy as np
+import torch
+
+from maisi_cli._version import __version__
+from maisi_cli.engine.decode import LatentDecoder
+from maisi_cli.engine.graph_parts import (
+    COMPONENTS,
+    DEFAULT_OPSET,
+    NETWORK_OF,
+    SCALE_OF,
+    SOURCES,
+    export_latent_shape,
+    read_manifest,
+    require_onnx,
+    tensorrt_version,
+    write_manifest,
+)
+from maisi_cli.engine.networks import build_network, resolve_definition, set_tp_splits
+from maisi_cli.engine.store import hash_file
+from maisi_cli.engine.weights import built_and_read, load_verified, locate_weight
 from maisi_cli.errors import MaisiError, UsageError
-from maisi_cli.engine.weights import hash_file
-from maisi_cli.io.files import check_replaceable, writable_folder, write_atomic, write_error
+from maisi_cli.io.files import check_replaceable, writable_folder, write_error
 
-COMPONENTS = ("unet", "controlnet", "vae-decoder", "mask-unet", "mask-decoder")
-# The weight files each component's graphs are made from (the decoders bake in the diffusion UNet's scale factor).
-SOURCES = {
-    "unet": ("diffusion_unet",),
-    "controlnet": ("controlnet",),
-    "vae-decoder": ("autoencoder", "diffusion_unet"),
-    "mask-unet": ("mask_generation_diffusion",),
-    "mask-decoder": ("mask_generation_autoencoder", "mask_generation_diffusion"),
-}
-NETWORK_OF = {"unet": "diffusion_unet", "controlnet": "controlnet", "vae-decoder": "autoencoder",
-              "mask-unet": "mask_generation_diffusion", "mask-decoder": "mask_generation_autoencoder"}
-SCALE_OF = {"vae-decoder": "diffusion_unet", "mask-decoder": "mask_generation_diffusion"}
-PARTS = {"unet": ("unet",), "controlnet": ("controlnet_embedding", "controlnet"), "vae-decoder": ("vae_decoder",),
-         "mask-unet": ("mask_unet",), "mask-decoder": ("mask_decoder",)}
-DEFAULT_OPSET = 18
-MANIFEST = "manifest.json"
 SPATIAL = (2, 3, 4)
 # onnxruntime CPU vs PyTorch fp32 on random inputs: measured ≤ 2e-5 on the tiny and full-size networks (max |diff|
 # of outputs of order 1); an export whose difference exceeds this is refused.
@@ -62,40 +69,9 @@ class ExportError(MaisiError):
     """A network could not be exported, or its graph does not match PyTorch."""
 
 
-def image_components(spec: Any) -> tuple[str, ...]:
-    """The components of `spec` that can be exported: the image networks, and the mask generator when it has one."""
-    names = ["unet", "controlnet", "vae-decoder"]
-    if "mask_generation_diffusion_def" in spec.network and "mask_generation_diffusion" in spec.weights:
-        names += ["mask-unet", "mask-decoder"]
-    return tuple(names)
-
-
-def parse_components(text: str, spec: Any) -> tuple[str, ...]:
-    available = image_components(spec)
-    if text == "all":
-        return available
-    chosen = []
-    for name in (p.strip() for p in text.split(",") if p.strip()):
-        if name not in COMPONENTS:
-            raise UsageError(f"--component: '{name}' is not a component; use {', '.join(COMPONENTS)} or all")
-        if name not in available:
-            raise UsageError(f"--component: model {spec.name} has no mask generator, so no '{name}'; "
-                             f"use {', '.join(available)} or all")
-        chosen.append(name)
-    if not chosen:
-        raise UsageError(f"--component: name one of {', '.join(COMPONENTS)} or all")
-    return tuple(dict.fromkeys(chosen))
-
-
 # --- graph wrappers ----------------------------------------------------------------------------------------------
-def _torch():
-    import torch
-
-    return torch
-
-
 def unet_condition_names(unet: Any) -> list[str]:
-    """The UNet's optional inputs, in graph order, as the loop passes them (pipeline.condition_inputs)."""
+    """The UNet's optional inputs, in graph order, as the loop passes them (samples.condition_inputs)."""
     names = []
     if getattr(unet, "num_class_embeds", None) is not None:
         names.append("class_labels")
@@ -108,7 +84,7 @@ def unet_condition_names(unet: Any) -> list[str]:
     return names
 
 
-class UNetGraph(_torch().nn.Module):
+class UNetGraph(torch.nn.Module):
     """(x, timesteps, *conditions, mid, *down) → noise/velocity prediction."""
 
     def __init__(self, unet: Any, condition_names: list[str], residuals: int):
@@ -130,7 +106,6 @@ class UNetGraph(_torch().nn.Module):
 def controlnet_step_module(controlnet: Any) -> Any:
     """A shallow copy of the ControlNet whose condition embedding is the identity: it takes the embedded condition,
     as the loop's ControlNet does once `condition_embedded_once` has cached it. The weights are shared."""
-    torch = _torch()
     step = copy.copy(controlnet)
     step._modules = dict(controlnet._modules)
     step._modules["controlnet_cond_embedding"] = torch.nn.Identity()
@@ -138,7 +113,7 @@ def controlnet_step_module(controlnet: Any) -> Any:
     return step
 
 
-class ControlNetGraph(_torch().nn.Module):
+class ControlNetGraph(torch.nn.Module):
     """(x, timesteps, embedded condition, [class_labels]) → (mid, *down)."""
 
     def __init__(self, controlnet: Any, class_labels: bool):
@@ -152,7 +127,7 @@ class ControlNetGraph(_torch().nn.Module):
         return (mid, *down)
 
 
-class ControlNetEmbeddingGraph(_torch().nn.Module):
+class ControlNetEmbeddingGraph(torch.nn.Module):
     def __init__(self, controlnet: Any):
         super().__init__()
         self.embedding = controlnet.controlnet_cond_embedding
@@ -161,7 +136,7 @@ class ControlNetEmbeddingGraph(_torch().nn.Module):
         return self.embedding(controlnet_cond)
 
 
-class MaskUNetGraph(_torch().nn.Module):
+class MaskUNetGraph(torch.nn.Module):
     def __init__(self, unet: Any):
         super().__init__()
         self.unet = unet
@@ -186,13 +161,12 @@ class GraphSpec:
 
 
 def _generator(seed: int):
-    return _torch().Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def unet_residual_shapes(unet: Any, inputs: dict[str, Any]) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
     """(mid shape, [down shapes]) of the ControlNet residuals the UNet takes at this input size: the shapes of its own
     down-block outputs and middle block, from one forward pass."""
-    torch = _torch()
     captured: dict[str, Any] = {}
     original = unet._apply_down_blocks
 
@@ -213,7 +187,6 @@ def unet_residual_shapes(unet: Any, inputs: dict[str, Any]) -> tuple[tuple[int, 
 
 
 def condition_examples(names: list[str], generator: Any) -> dict[str, Any]:
-    torch = _torch()
     values = {}
     for name in names:
         if name == "class_labels":
@@ -229,7 +202,6 @@ def condition_examples(names: list[str], generator: Any) -> dict[str, Any]:
 def graph_specs(component: str, networks: dict[str, Any], scale_factor: Any, latent_shape: tuple[int, ...],
                 spec: Any, seed: int = 0) -> list[GraphSpec]:
     """The graphs of one component with random example inputs at `latent_shape` (C, x, y, z)."""
-    torch = _torch()
     generator = _generator(seed)
     x = torch.randn((1, *latent_shape), generator=generator)
     t = torch.tensor([412.0])
@@ -268,9 +240,6 @@ def graph_specs(component: str, networks: dict[str, Any], scale_factor: Any, lat
             GraphSpec("controlnet", graph, inputs, names, spatial | {"condition": SPATIAL}),
         ]
     if component in ("vae-decoder", "mask-decoder"):
-        from maisi_cli.engine.decode import LatentDecoder
-        from maisi_cli.engine.networks import set_tp_splits
-
         autoencoder = networks[NETWORK_OF[component]]
         set_tp_splits(autoencoder, 1)  # tensor-parallel splitting only saves memory; the graph does it whole
         decoder = LatentDecoder(autoencoder, scale_factor).eval()
@@ -278,8 +247,6 @@ def graph_specs(component: str, networks: dict[str, Any], scale_factor: Any, lat
                                                                            else "logits"], {"z": SPATIAL},
                           exporter="legacy")]
     if component == "mask-unet":
-        from maisi_cli.engine.networks import resolve_definition
-
         _, kwargs = resolve_definition(spec.network, spec.definition("mask_generation_diffusion"))
         context = torch.rand((1, 1, int(kwargs.get("cross_attention_dim") or 10)), generator=generator)
         return [GraphSpec("mask_unet", MaskUNetGraph(networks["mask_generation_diffusion"]),
@@ -290,14 +257,12 @@ def graph_specs(component: str, networks: dict[str, Any], scale_factor: Any, lat
 # --- export and check --------------------------------------------------------------------------------------------
 def _dynamic_shapes(graph: GraphSpec) -> tuple:
     """dynamo's `dynamic_shapes` for a forward(x, timesteps, *rest): varargs grouped into one tuple."""
-    from torch.export import Dim
+    from torch.export import Dim  # slow to import, and needed only to export
 
     def axes(name: str):
         return {axis: Dim.AUTO for axis in graph.dynamic[name]} if name in graph.dynamic else None
 
     names = list(graph.inputs)
-    import inspect
-
     parameters = [p for p in inspect.signature(graph.module.forward).parameters.values()]
     fixed = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     shapes = [axes(name) for name in names[:len(fixed)]]
@@ -309,8 +274,6 @@ def _dynamic_shapes(graph: GraphSpec) -> tuple:
 @contextlib.contextmanager
 def quiet_export():
     """The dynamo exporter prints progress lines on stdout and warns; a CLI's stdout must stay clean."""
-    import logging
-
     sink = io.StringIO()
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in loggers]
@@ -328,7 +291,6 @@ def quiet_export():
 def export_graph(graph: GraphSpec, path: Path, opset: int = DEFAULT_OPSET) -> None:
     """Write `graph` as ONNX at `path` (weights inside the file when they fit 2 GB, else beside it as
     `<name>.data`)."""
-    torch = _torch()
     parameter_bytes = sum(p.numel() * p.element_size() for p in graph.module.parameters())
     if graph.exporter == "legacy":
         try:
@@ -362,25 +324,16 @@ def onnx_providers(device: str = "cpu") -> list[str]:
     available = ort.get_available_providers()
     chosen = []
     if device.startswith("cuda"):
-        if "TensorrtExecutionProvider" in available and _tensorrt_importable():
+        if "TensorrtExecutionProvider" in available and tensorrt_version() is not None:
             chosen.append("TensorrtExecutionProvider")
         if "CUDAExecutionProvider" in available:
             chosen.append("CUDAExecutionProvider")
     return chosen + ["CPUExecutionProvider"]
 
 
-def _tensorrt_importable() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def session_for(path: Path, device: str = "cpu") -> Any:
     import onnxruntime as ort
 
-    torch = _torch()
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, torch.get_num_threads())
     options.inter_op_num_threads = 1
@@ -392,8 +345,6 @@ def session_for(path: Path, device: str = "cpu") -> Any:
 
 def run_session(session: Any, inputs: dict[str, Any]) -> list[Any]:
     """Run with torch tensors in, numpy arrays out (inputs cast to the graph's own dtypes)."""
-    import numpy as np
-
     dtypes = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16,
               "tensor(int32)": np.int32}
     feeds = {}
@@ -406,9 +357,6 @@ def run_session(session: Any, inputs: dict[str, Any]) -> list[Any]:
 
 def max_abs_difference(graph: GraphSpec, path: Path) -> float:
     """max |onnxruntime CPU − PyTorch| over every output, on the graph's example inputs."""
-    import numpy as np
-
-    torch = _torch()
     with torch.no_grad():
         expected = graph.module(*graph.inputs.values())
     expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
@@ -474,7 +422,6 @@ def _size_with_data(path: Path) -> int:
 def component_key(component: str, weights_sha256: dict[str, str], spec: Any, opset: int = DEFAULT_OPSET) -> str:
     """What an exported graph depends on: the source weights' sha256, the component, the network definition, the
     opset, maisi's and torch's versions and the dynamic axes. The ONNX cache is keyed by its sha256."""
-    torch = _torch()
     document = {
         "component": component,
         "weights": {name: weights_sha256[name] for name in SOURCES[component]},
@@ -487,27 +434,12 @@ def component_key(component: str, weights_sha256: dict[str, str], spec: Any, ops
     return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_manifest(folder: Path, document: dict[str, Any]) -> Path:
-    path = folder / MANIFEST
-    write_atomic(path, (json.dumps(document, indent=2) + "\n").encode())
-    return path
-
-
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    try:
-        document = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return document if isinstance(document, dict) and isinstance(document.get("components"), dict) else None
-
-
 def manifest_header(spec: Any, opset: int) -> dict[str, Any]:
     import onnx
     import onnxruntime
 
-    torch = _torch()
     return {"format": "maisi-onnx/1", "maisi_version": __version__, "model": spec.name,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "opset": opset,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "opset": opset,
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
             "tolerance": EXPORT_TOLERANCE, "components": {}}
 
@@ -522,38 +454,16 @@ def component_entry(component: str, weights: dict[str, Any], key: str, exported:
     return entry
 
 
-def cache_root() -> Path:
-    from maisi_cli.config import maisi_home
-
-    return maisi_home() / "onnx"
-
-
-def require_onnx(option: str) -> None:
-    """A one-line error naming the extra when onnx / onnxruntime / onnxscript are missing."""
-    missing = []
-    for name in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise UsageError(f"{option}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
-                         "install the extra: pip install 'maisi[onnx]'")
-
-
 # --- `maisi export onnx` -----------------------------------------------------------------------------------------
 def load_sources(spec: Any, components: tuple[str, ...], weights_dir: Path | None, device: str = "cpu",
                  precision: str = "fp32") -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, str]]]:
     """(networks, scale factors, {weight component: {"file", "sha256"}}) of the weight files `components` need,
     hashed (against the lock) and loaded with torch.load(weights_only=True)."""
-    from maisi_cli.engine.networks import build_network
-    from maisi_cli.engine.weights import built_and_read, load_verified, locate_weight
-
     names = list(dict.fromkeys(name for component in components for name in SOURCES[component]))
     networks, scales, weights = {}, {}, {}
     for name in names:
         weight = locate_weight(spec, name, weights_dir)
-        network, read = built_and_read(lambda: build_network(spec, name, device, precision), weight)
+        network, read = built_and_read(lambda name=name: build_network(spec, name, device, precision), weight)
         loaded = load_verified(network, weight, spec, read)  # the sha256 of the bytes loaded, not of an earlier read
         weights[name] = {"file": weight.repo_name, "sha256": loaded.sha256}
         if "scale_factor" in loaded.extras:
@@ -575,8 +485,6 @@ def export_onnx(spec: Any, components: tuple[str, ...], out: Path, weights_dir: 
                 size: tuple[int, int, int] | None = None, opset: int = DEFAULT_OPSET,
                 on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Export `components` of `spec` into `out` and write (or update) its manifest.json; returns the manifest."""
-    from maisi_cli.engine.backends import export_latent_shape
-
     require_onnx("maisi export onnx")
     check_opset(opset)
     on_progress = on_progress or (lambda stage, done, total: None)

@@ -14,13 +14,30 @@ precision fp16, builder_optimization_level 5, precision_constraints obey (trt_co
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
-from maisi_cli.errors import UsageError
+import torch
 
-INSTALL_HINT = "install maisi[trt] on a machine with an NVIDIA GPU"
+from maisi_cli.config import maisi_home
+from maisi_cli.engine.decode import LatentDecoder
+from maisi_cli.engine.export import (
+    condition_examples,
+    load_sources,
+    unet_condition_names,
+    unet_residual_shapes,
+)
+from maisi_cli.engine.graph_parts import (
+    NETWORK_OF,
+    SCALE_OF,
+    export_latent_shape,
+    require_tensorrt,
+    tensorrt_version,
+)
+from maisi_cli.engine.sampling import autocast_for
+
 # trt_compile arguments per component, as the reference's configs/config_trt.json.
 REFERENCE_ARGS: dict[str, dict[str, Any]] = {
     "controlnet": {"export_args": {"dynamo": False, "report": True}, "output_lists": [[-1], []]},
@@ -31,33 +48,6 @@ REFERENCE_ARGS: dict[str, dict[str, Any]] = {
 }
 # Which module of the loaded network is compiled (None: the whole network).
 SUBMODULE = {"controlnet": None, "unet": None, "vae-decoder": "decoder", "mask-unet": None, "mask-decoder": "decoder"}
-
-
-def tensorrt_version() -> str | None:
-    try:
-        import tensorrt
-    except Exception:
-        return None
-    return str(getattr(tensorrt, "__version__", "unknown"))
-
-
-def require_tensorrt(option: str, device: str = "cuda") -> str:
-    """TensorRT's version, or a one-line UsageError naming the extra (and the GPU it needs)."""
-    version = tensorrt_version()
-    if version is None:
-        raise UsageError(f"{option}: TensorRT is not installed; {INSTALL_HINT}")
-    try:
-        import polygraphy  # noqa: F401
-    except Exception:
-        raise UsageError(f"{option}: polygraphy is not installed (trt_compile needs it); {INSTALL_HINT}") from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UsageError(f"{option}: TensorRT needs an NVIDIA GPU and this machine has none; use --backend torch "
-                         "or --backend onnx")
-    if not str(device).startswith("cuda"):
-        raise UsageError(f"{option}: TensorRT runs on the GPU; use --device cuda (or auto)")
-    return version
 
 
 def shapes_of(value: Any) -> Any:
@@ -84,27 +74,17 @@ def engine_key(weights_sha256: str, component: str, input_shapes: dict[str, Any]
 
 
 def engine_root() -> Path:
-    from maisi_cli.config import maisi_home
-
     return maisi_home() / "trt"
 
 
 def call_shapes(module: Any, argv: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    import inspect
-
     names = [p for p in inspect.signature(module.forward).parameters]
     shapes = {names[i] if i < len(names) else f"arg{i}": shapes_of(v) for i, v in enumerate(argv)}
     shapes |= {name: shapes_of(v) for name, v in kwargs.items()}
     return shapes
 
 
-def _module_base():
-    import torch
-
-    return torch.nn.Module
-
-
-class ShapeCachedTrt(_module_base()):
+class ShapeCachedTrt(torch.nn.Module):
     """Runs `inner` through one MONAI TrtCompiler per input-shape key (built on first use, then loaded from
     MAISI_HOME/trt). A module, so it can replace a submodule (the autoencoder's decoder) in place."""
 
@@ -121,6 +101,7 @@ class ShapeCachedTrt(_module_base()):
         self.engines: dict[str, str] = {}  # key → plan path, for the run's record
 
     def compiler_for(self, key: str, shapes: dict[str, Any]) -> Any:
+        # MONAI's TensorRT compiler works only with the maisi[trt] extra (tensorrt, polygraphy): imported on first use
         from monai.networks.trt_compiler import TrtCompiler
 
         if key not in self._compilers:
@@ -159,13 +140,6 @@ def build_engines(spec: Any, components: tuple[str, ...], weights_dir: Path | No
                   precision: str = "fp16", device: str = "cuda") -> dict[str, list[str]]:
     """`maisi export trt`: compile `components` and call each once at `size`'s shapes, so their engines are built
     (or found) under MAISI_HOME/trt. Returns {component: [plan paths]}."""
-    import torch
-
-    from maisi_cli.engine.backends import export_latent_shape
-    from maisi_cli.engine.decode import LatentDecoder
-    from maisi_cli.engine.export import NETWORK_OF, SCALE_OF, condition_examples, load_sources, unet_residual_shapes
-    from maisi_cli.engine.sampling import autocast_for
-
     require_tensorrt("maisi export trt", device)
     networks, scales, weights = load_sources(spec, components, weights_dir, device, precision)
     target = torch.device(device)
@@ -206,6 +180,4 @@ def build_engines(spec: Any, components: tuple[str, ...], weights_dir: Path | No
 
 
 def _unet_takes(unet: Any, name: str) -> bool:
-    from maisi_cli.engine.export import unet_condition_names
-
     return name in unet_condition_names(unet)

@@ -7,16 +7,15 @@ import math
 import pytest
 import torch
 
-from maisi_cli.engine.decode import LatentDecoder, decode_latents
-from maisi_cli.engine.networks import build_network, set_tp_splits
-from maisi_cli.profiles import (
-    PROFILE_NAMES,
+from maisi_cli.decode_plan import (
     cap_tp_splits,
     fallback_roi,
-    get_profile,
     make_decode_plan,
     window_count,
 )
+from maisi_cli.engine.decode import LatentDecoder, decode_latents
+from maisi_cli.engine.networks import build_network, set_tp_splits
+from maisi_cli.profiles import PROFILE_NAMES, get_profile
 from tests.helpers import fill_random
 
 # Reference config_infer_*.json decode settings and the patch counts of reference-inference.md §14.1.

@@ -24,7 +24,8 @@ TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory):
     """Every component of the tiny model exported once: (spec, manifest, folder, networks, scale factors)."""
-    from maisi_cli.engine.export import export_onnx, image_components, load_sources
+    from maisi_cli.engine.export import export_onnx, load_sources
+    from maisi_cli.engine.graph_parts import image_components
     from maisi_cli.models import get_model
 
     spec_path, weights = tiny_model
@@ -65,7 +66,8 @@ def test_every_component_exports_and_matches_pytorch(exported, tiny_model):
 @pytest.mark.parametrize("component", ["unet", "controlnet", "vae-decoder", "mask-unet", "mask-decoder"])
 def test_a_second_size_runs_on_the_same_graph(exported, component):
     """Exported at 32³ (latent 8³; mask latent 8³), run at latent 12x8x16 (mask 12³): same files, same tolerance."""
-    from maisi_cli.engine.export import PARTS, SCALE_OF, graph_specs, run_session, session_for
+    from maisi_cli.engine.export import graph_specs, run_session, session_for
+    from maisi_cli.engine.graph_parts import PARTS, SCALE_OF
 
     spec, _, out, networks, scales = exported
     latent = (4, 12, 12, 12) if component.startswith("mask") else (4, 12, 8, 16)
@@ -159,7 +161,7 @@ def test_trt_call_shapes_name_positional_and_keyword_inputs():
 
 
 def test_trt_without_tensorrt_is_one_clear_error(monkeypatch):
-    from maisi_cli.engine.trt import require_tensorrt
+    from maisi_cli.engine.graph_parts import require_tensorrt
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt → ImportError
     with pytest.raises(UsageError) as failure:
@@ -169,7 +171,7 @@ def test_trt_without_tensorrt_is_one_clear_error(monkeypatch):
 
 
 def test_missing_onnx_extra_names_it(monkeypatch):
-    from maisi_cli.engine.export import require_onnx
+    from maisi_cli.engine.graph_parts import require_onnx
 
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(UsageError, match=r"onnxscript is not installed; install the extra: pip install 'maisi\[onnx\]'"):
@@ -177,7 +179,7 @@ def test_missing_onnx_extra_names_it(monkeypatch):
 
 
 def test_component_names_are_checked(exported):
-    from maisi_cli.engine.export import parse_components
+    from maisi_cli.engine.graph_parts import parse_components
 
     spec = exported[0]
     assert parse_components("all", spec) == ("unet", "controlnet", "vae-decoder", "mask-unet", "mask-decoder")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from maisi_cli.engine.memory import (GIB, estimate_peak_memory, parse_memory, plan_decode, unet_parameters,
-                                     resolved_definition)
+from maisi_cli.decode_plan import make_decode_plan, parse_memory, plan_decode
 from maisi_cli.errors import MaisiError, UsageError
+from maisi_cli.gpu_memory import GIB, estimate_peak_memory, resolved_definition, unet_parameters
 from maisi_cli.models import get_model
-from maisi_cli.profiles import get_profile, make_decode_plan
+from maisi_cli.profiles import get_profile
 
 # README Table 3 (A100 80G): profile, size, config ROI / overlap / TP splits, published peak ("G", read as GiB).
 TABLE3 = [

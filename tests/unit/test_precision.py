@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from maisi_cli.engine import runtime
+from maisi_cli.engine.memory import resolve_profile
 from maisi_cli.errors import UsageError
-from maisi_cli.profiles import resolve_profile
 
 
 @pytest.fixture

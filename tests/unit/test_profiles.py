@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from maisi_cli.engine import memory
+from maisi_cli.engine.memory import resolve_profile
 from maisi_cli.errors import UsageError
-from maisi_cli.profiles import get_profile, pick_gpu_profile, read_profile, resolve_profile
+from maisi_cli.profiles import get_profile, pick_gpu_profile, read_profile
 
 
 @pytest.mark.parametrize(
@@ -27,6 +29,15 @@ def test_auto_picks_the_largest_profile_that_fits(free_bytes, expected):
 def test_auto_without_gpu_is_cpu():
     assert resolve_profile("auto", "cpu").name == "cpu"
     assert resolve_profile("24g", "cpu").name == "24g"
+
+
+def test_auto_on_a_gpu_plans_for_its_free_memory(monkeypatch):
+    """The free memory is asked of the chosen device (faked here); the profile keeps its table, with that budget."""
+    asked = []
+    monkeypatch.setattr(memory, "gpu_free_memory", lambda device: asked.append(device) or 25_757_220_864)
+    profile = resolve_profile("auto", "cuda:1")
+    assert asked == ["cuda:1"] and profile.name == "24g" and profile.memory_gb == 23.99
+    assert profile.decode == get_profile("24g").decode and "(auto: 24.0 GiB free)" in profile.description
 
 
 def test_profile_file_errors_name_the_field(tmp_path):
