@@ -166,7 +166,7 @@ def main() -> None:
         raise SystemExit(2)
 
     from maisi_cli.models import get_model
-    from maisi_cli.profiles import resolve_profile
+    from maisi_cli.engine.memory import resolve_profile
 
     os.environ.setdefault("MAISI_HOME", tempfile.mkdtemp(prefix="maisi-trt-bench-"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

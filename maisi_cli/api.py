@@ -22,17 +22,18 @@ from typing import Any
 
 import numpy as np
 
+from maisi_cli.checks import model_statistics_file, preview, qc
 from maisi_cli.config import parse_anatomy, parse_size, parse_spacing
 from maisi_cli.engine.fid import FidReport, FidSettings, run_fid
-from maisi_cli.engine.loading import LoadedModel, load_networks
+from maisi_cli.engine.loading import load_networks
 from maisi_cli.engine.locks import SampleLock, sample_lock_path
 from maisi_cli.engine.masks.sources import MaskSource, array_mask_source
-from maisi_cli.engine.plan import GenerationPlan, plan_generation, plan_samples, sample_paths
+from maisi_cli.engine.networks import LoadedModel
+from maisi_cli.engine.plan import GenerationPlan, plan_samples, sample_paths
 from maisi_cli.engine.progress import ProgressCallback, no_progress
-from maisi_cli.checks import model_statistics_file, preview, qc
 from maisi_cli.engine.qc import QCOptions
 from maisi_cli.engine.run import GenerationReport, run_generation, write_sample
-from maisi_cli.engine.run_folder import check_record, record_weights, settings_sha256
+from maisi_cli.engine.run_folder import check_record, plan_generation, record_weights, settings_sha256
 from maisi_cli.engine.samples import CheckedSample, generate_checked_sample, sample_regions, sidecar_document
 from maisi_cli.errors import MaisiError, OutputError, UsageError
 from maisi_cli.io.files import writable_folder
@@ -246,7 +247,9 @@ class Generator:
 
 
 def _ras_affine(plan: GenerationPlan) -> np.ndarray:
-    from maisi_cli.engine.postprocess import ras_affine  # numpy only; kept beside its one use
+    from maisi_cli.engine.postprocess import (
+        ras_affine,  # numpy only; kept beside its one use
+    )
 
     return ras_affine(plan.spacing)
 

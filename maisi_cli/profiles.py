@@ -173,21 +173,6 @@ def pick_gpu_profile(free_bytes: int) -> Profile:
     return fitting[-1] if fitting else gpu[0]
 
 
-def resolve_profile(name_or_path: str, device: str) -> Profile:
-    """`auto` → `cpu` on a CPU device, else by the free memory of the chosen GPU.
-
-    Moved to `maisi_cli.engine.memory.resolve_profile` (asking the GPU is the engine's work, and a registry must not
-    import torch); kept here only until engine/plan.py imports it from there (issue 21)."""
-    if name_or_path != "auto":
-        return get_profile(name_or_path)
-    if not device.startswith("cuda"):
-        return get_profile("cpu")
-    import torch
-
-    free, _total = torch.cuda.mem_get_info(torch.device(device))
-    return auto_gpu_profile(free)
-
-
 def auto_gpu_profile(free_bytes: int) -> Profile:
     """`auto` on a GPU: the profile `pick_gpu_profile` chooses (its table rows stay exact), with the planner's
     budget set to the memory actually free, so sizes missing from its table are planned for this card."""

@@ -17,26 +17,10 @@ import torch
 
 from maisi_cli.config import maisi_home
 from maisi_cli.engine.decode import LatentDecoder
-from maisi_cli.engine.export import (
-    component_entry,
-    component_key,
-    export_component,
-    manifest_header,
-    run_session,
-    session_for,
-)
-from maisi_cli.engine.graph_parts import (
-    DEFAULT_OPSET,
-    NETWORK_OF,
-    PARTS,
-    SCALE_OF,
-    SOURCES,
-    export_latent_shape,
-    read_manifest,
-    require_onnx,
-    require_tensorrt,
-    write_manifest,
-)
+from maisi_cli.engine.export import (component_entry, component_key, export_component, manifest_header, run_session,
+                                     session_for)
+from maisi_cli.engine.graph_parts import (DEFAULT_OPSET, NETWORK_OF, PARTS, SCALE_OF, SOURCES, export_latent_shape,
+                                          read_manifest, require_onnx, require_tensorrt, write_manifest)
 from maisi_cli.engine.store import model_reference
 from maisi_cli.engine.trt import compile_component
 from maisi_cli.errors import UsageError

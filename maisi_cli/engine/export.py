@@ -41,18 +41,8 @@ import torch
 
 from maisi_cli._version import __version__
 from maisi_cli.engine.decode import LatentDecoder
-from maisi_cli.engine.graph_parts import (
-    COMPONENTS,
-    DEFAULT_OPSET,
-    NETWORK_OF,
-    SCALE_OF,
-    SOURCES,
-    export_latent_shape,
-    read_manifest,
-    require_onnx,
-    tensorrt_version,
-    write_manifest,
-)
+from maisi_cli.engine.graph_parts import (COMPONENTS, DEFAULT_OPSET, NETWORK_OF, SCALE_OF, SOURCES, export_latent_shape,
+                                          read_manifest, require_onnx, tensorrt_version, write_manifest)
 from maisi_cli.engine.networks import build_network, resolve_definition, set_tp_splits
 from maisi_cli.engine.store import hash_file
 from maisi_cli.engine.weights import built_and_read, load_verified, locate_weight

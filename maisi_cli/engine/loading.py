@@ -3,29 +3,16 @@ bytes, then swapped for the exported graphs of `--backend onnx|trt` where asked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
 from maisi_cli.engine.backends import apply_backend, network_device
 from maisi_cli.engine.decode import LatentDecoder
-from maisi_cli.engine.networks import build_network, build_scheduler
+from maisi_cli.engine.networks import LoadedModel, build_network, build_scheduler
 from maisi_cli.engine.plan import GenerationPlan
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.engine.weights import WeightFile, built_and_read, load_verified
-
-
-@dataclass
-class LoadedModel:
-    unet: torch.nn.Module  # or a backend's stand-in with the same call
-    controlnet: torch.nn.Module | None  # None: an image-only model
-    decoder: torch.nn.Module
-    scheduler: Any  # a MONAI RFlowScheduler or DDPMScheduler
-    weight_hashes: dict[str, dict[str, str]]
-    networks: dict[str, torch.nn.Module]  # every loaded network by component, the mask generator's included
-    scale_factors: dict[str, torch.Tensor]  # component → scale factor, for the diffusion UNets
-    backend: dict[str, Any] = field(default_factory=lambda: {"name": "torch"})  # engine/backends.py's record
 
 
 def load_networks(plan: GenerationPlan, on_progress: ProgressCallback = no_progress) -> LoadedModel:
@@ -58,6 +45,7 @@ def load_networks(plan: GenerationPlan, on_progress: ProgressCallback = no_progr
     return loaded
 
 
-def network_builder(plan: GenerationPlan, weight: WeightFile, device: torch.device) -> Any:
+def network_builder(plan: GenerationPlan, weight: WeightFile,
+                    device: torch.device) -> Callable[[], torch.nn.Module]:
     """A builder of the weight's network, run beside the file's read (weights.built_and_read)."""
     return lambda: build_network(plan.model, weight.component, device, plan.precision)

@@ -19,12 +19,7 @@ from typing import Any
 from maisi_cli.config import Triple, format_triple
 from maisi_cli.decode_plan import DecodePlan
 from maisi_cli.errors import UsageError
-from maisi_cli.gpu_memory import (
-    GIB,
-    MemoryEstimate,
-    estimate_peak_memory,
-    weight_parameters,
-)
+from maisi_cli.gpu_memory import GIB, MemoryEstimate, estimate_peak_memory, weight_parameters
 from maisi_cli.profiles import Profile, auto_gpu_profile, get_profile
 
 # --- host memory ---------------------------------------------------------------------------------------------------

@@ -7,13 +7,13 @@ values are looked up among the spec's top-level constants, as MONAI's ConfigPars
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from maisi_cli.errors import UsageError
 from maisi_cli.models import ALLOWED_TARGETS, ModelSpec
-
 
 
 def resolve_definition(constants: dict[str, Any], definition: dict[str, Any]) -> tuple[type, dict[str, Any]]:
@@ -67,7 +67,9 @@ def build_scheduler(spec: ModelSpec, key: str = "noise_scheduler") -> Any:
 
 def set_tp_splits(autoencoder: torch.nn.Module, splits: int) -> None:
     """Tensor-parallel splits of every MaisiConvolution (MONAI reads `num_splits` at each forward)."""
-    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiConvolution
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
+        MaisiConvolution,
+    )
 
     for module in autoencoder.modules():
         if isinstance(module, MaisiConvolution):
@@ -93,7 +95,9 @@ def fuse_group_norms(autoencoder: torch.nn.Module) -> int:
     (bench/README.md). Same function and the same state-dict keys; results agree to float rounding
     (tests/unit/test_networks.py).
     """
-    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
+        MaisiGroupNorm3D,
+    )
 
     changed = 0
     for module in autoencoder.modules():
@@ -101,3 +105,15 @@ def fuse_group_norms(autoencoder: torch.nn.Module) -> int:
             module.forward = _fused_group_norm_forward.__get__(module)
             changed += 1
     return changed
+
+
+@dataclass
+class LoadedModel:
+    unet: torch.nn.Module  # or a backend's stand-in with the same call
+    controlnet: torch.nn.Module | None  # None: an image-only model
+    decoder: torch.nn.Module
+    scheduler: Any  # a MONAI RFlowScheduler or DDPMScheduler
+    weight_hashes: dict[str, dict[str, str]]
+    networks: dict[str, torch.nn.Module]  # every loaded network by component, the mask generator's included
+    scale_factors: dict[str, torch.Tensor]  # component → scale factor, for the diffusion UNets
+    backend: dict[str, Any] = field(default_factory=lambda: {"name": "torch"})  # engine/backends.py's record

@@ -1,39 +1,38 @@
 """A `maisi generate` request resolved into a checked plan, before any network is built or any file is written.
 
 `plan_samples` checks everything about the request itself (model rules, device, precision, memory, the mask
-source); `plan_generation` adds the output folder: which samples are complete, and a refusal when the folder holds a
-run with other settings (engine/run_folder.py).
+source); engine/run_folder.py's `plan_generation` adds the output folder: which samples are complete, and a refusal
+when the folder holds a run with other settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from maisi_cli.config import maisi_home
+from maisi_cli.decode_plan import DecodePlan
 from maisi_cli.engine.backends import check_backend
-from maisi_cli.engine.locks import sample_lock_path
 from maisi_cli.engine.masks.database import read_database, region_indices
 from maisi_cli.engine.masks.generation import (check_size_requests, controlled_label_ids, read_size_table,
                                                size_condition, target_tumour_label)
 from maisi_cli.engine.masks.regions import body_region_indices
-from maisi_cli.engine.masks.sources import (FileMaskSource, GeneratedMaskSource, MaskSource, NoMaskSource,
-                                            database_source)
+from maisi_cli.engine.masks.sources import (DatabaseMaskSource, FileMaskSource, GeneratedMaskSource, MaskSource,
+                                            NoMaskSource, database_source)
 from maisi_cli.engine.masks.user import check_mask_memory, load_condition_mask, read_mask_grid, resample_warning
-from maisi_cli.engine.memory import HostMemoryEstimate, check_generation_memory, estimate_peak_memory
+from maisi_cli.engine.memory import HostMemoryEstimate, check_generation_memory, resolve_profile
 from maisi_cli.engine.qc import QCOptions, QCStatistics, load_statistics
-from maisi_cli.engine.run_folder import check_record, verified_samples
 from maisi_cli.engine.runtime import resolve_device, resolve_precision
 from maisi_cli.engine.seeds import derive_sample_seed
 from maisi_cli.engine.weights import WeightFile, locate_weight
 from maisi_cli.errors import MaskError, UsageError
-from maisi_cli.io.files import check_replaceable
+from maisi_cli.gpu_memory import estimate_peak_memory
 from maisi_cli.labels import label_id
 from maisi_cli.models import MASK_COMPONENTS, ModelSpec, get_model
-from maisi_cli.profiles import DecodePlan, Profile, resolve_profile
+from maisi_cli.profiles import Profile
 from maisi_cli.request import GenerateRequest
 
 
@@ -156,20 +155,6 @@ def sample_tasks(request: GenerateRequest, image_only: bool = False) -> list[Sam
     return tasks
 
 
-def with_completion(tasks: list[SampleTask], overwrite: bool) -> list[SampleTask]:
-    """A sample is complete when its sidecar (written last) and its images exist (the image alone for an image-only
-    model: it has no label file), unless --overwrite makes it again."""
-    return [replace(task, complete=not overwrite and task.files_exist()) for task in tasks]
-
-
-def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> GenerationPlan:
-    """The plan of a run into --out: `plan_samples`, with the samples already complete in the folder, refused when
-    the folder holds a run with other settings."""
-    plan = plan_samples(request, qc)
-    plan.samples = with_completion(plan.samples, request.overwrite)
-    return checked_against_folder(plan)
-
-
 def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
                  mask: MaskSource | None = None) -> GenerationPlan:
     """The checked plan of the request's samples, whatever the folder holds. `qc` defaults to the CLI's defaults
@@ -249,17 +234,6 @@ def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
     return plan
 
 
-def checked_against_folder(plan: GenerationPlan) -> GenerationPlan:
-    """The plan, refused (exit 2) when --out holds a run with other settings; samples whose files do not match
-    their sidecars are made again, with a warning (engine/run_folder.py)."""
-    check_record(plan)
-    plan.samples = verified_samples(plan, plan.warnings.append)
-    for task in plan.pending:  # a link or a folder where a file goes: refused now, not after the denoising
-        for path in (*task.paths, sample_lock_path(task.sidecar)):
-            check_replaceable(path)
-    return plan
-
-
 def refuse_mask_options(request: GenerateRequest, model: ModelSpec, qc: QCOptions) -> None:
     """An image-only model takes no condition mask and writes no label file: the options about them are usage
     errors, named one at a time."""
@@ -335,7 +309,7 @@ def checked_source(source: FileMaskSource, request: GenerateRequest, model: Mode
 
 def database_mask_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
                          spacing: tuple[float, float, float], anatomy_ids: tuple[int, ...], regions: tuple[int, ...],
-                         device: str) -> Any:
+                         device: str) -> DatabaseMaskSource:
     """Candidates from `--mask-database FILE` (masks relative to its folder), else from the model's released
     database and mask archive (unpacked under MAISI_HOME when first used, never while planning), or, for a model
     whose spec names no archive (the bundled demo), masks relative to its database file."""
@@ -357,7 +331,7 @@ def database_mask_source(request: GenerateRequest, model: ModelSpec, size: tuple
 
 def generated_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
                      spacing: tuple[float, float, float], device: str, precision: str,
-                     profile: Profile) -> tuple[Any, tuple[int, ...], list[WeightFile]]:
+                     profile: Profile) -> tuple[GeneratedMaskSource, tuple[int, ...], list[WeightFile]]:
     """(the mask generator for `--anatomy NAME:SIZE`, the controlled anatomies — they become the requested labels —,
     the mask networks' weight files)."""
     if request.mask is not None or request.mask_database is not None:

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from maisi_cli.engine.loading import LoadedModel
 from maisi_cli.engine.locks import SampleLock, remove_stale_partials, sample_lock_path
+from maisi_cli.engine.networks import LoadedModel
 from maisi_cli.engine.plan import GenerationPlan, SampleTask
 from maisi_cli.engine.postprocess import ras_affine
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress

@@ -13,14 +13,15 @@ import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from maisi_cli.config import format_triple
+from maisi_cli.engine.locks import sample_lock_path
+from maisi_cli.engine.plan import GenerationPlan, SampleTask, plan_samples
+from maisi_cli.engine.qc import QCOptions
 from maisi_cli.errors import OutputError, UsageError
-from maisi_cli.io.files import create_once, opened_regular, sha256_of_file, write_atomic
-
-if TYPE_CHECKING:  # engine/plan.py checks its plans here: a runtime import would be a cycle
-    from maisi_cli.engine.plan import GenerationPlan, SampleTask
+from maisi_cli.io.files import check_replaceable, create_once, opened_regular, sha256_of_file, write_atomic
+from maisi_cli.request import GenerateRequest
 
 RECORD_NAME = "maisi-run.json"
 
@@ -194,3 +195,29 @@ def verified_samples(plan: GenerationPlan, on_warning: Callable[[str], None]) ->
                 task = replace(task, complete=False)
         tasks.append(task)
     return tasks
+
+
+# --- the plan of a run into a folder -------------------------------------------------------------------------------
+def with_completion(tasks: list[SampleTask], overwrite: bool) -> list[SampleTask]:
+    """A sample is complete when its sidecar (written last) and its images exist (the image alone for an image-only
+    model: it has no label file), unless --overwrite makes it again."""
+    return [replace(task, complete=not overwrite and task.files_exist()) for task in tasks]
+
+
+def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> GenerationPlan:
+    """The plan of a run into --out: `plan_samples`, with the samples already complete in the folder, refused when
+    the folder holds a run with other settings."""
+    plan = plan_samples(request, qc)
+    plan.samples = with_completion(plan.samples, request.overwrite)
+    return checked_against_folder(plan)
+
+
+def checked_against_folder(plan: GenerationPlan) -> GenerationPlan:
+    """The plan, refused (exit 2) when --out holds a run with other settings; samples whose files do not match
+    their sidecars are made again, with a warning (engine/run_folder.py)."""
+    check_record(plan)
+    plan.samples = verified_samples(plan, plan.warnings.append)
+    for task in plan.pending:  # a link or a folder where a file goes: refused now, not after the denoising
+        for path in (*task.paths, sample_lock_path(task.sidecar)):
+            check_replaceable(path)
+    return plan

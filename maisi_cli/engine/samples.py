@@ -14,10 +14,10 @@ import torch
 
 from maisi_cli._version import __version__
 from maisi_cli.engine.decode import decode_latents
-from maisi_cli.engine.loading import LoadedModel
 from maisi_cli.engine.masks.database import region_indices
 from maisi_cli.engine.masks.regions import body_region_indices
 from maisi_cli.engine.masks.sources import SampleMask
+from maisi_cli.engine.networks import LoadedModel
 from maisi_cli.engine.plan import GenerationPlan, SampleTask
 from maisi_cli.engine.postprocess import output_image, output_labels
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress

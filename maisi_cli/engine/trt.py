@@ -23,19 +23,8 @@ import torch
 
 from maisi_cli.config import maisi_home
 from maisi_cli.engine.decode import LatentDecoder
-from maisi_cli.engine.export import (
-    condition_examples,
-    load_sources,
-    unet_condition_names,
-    unet_residual_shapes,
-)
-from maisi_cli.engine.graph_parts import (
-    NETWORK_OF,
-    SCALE_OF,
-    export_latent_shape,
-    require_tensorrt,
-    tensorrt_version,
-)
+from maisi_cli.engine.export import condition_examples, load_sources, unet_condition_names, unet_residual_shapes
+from maisi_cli.engine.graph_parts import NETWORK_OF, SCALE_OF, export_latent_shape, require_tensorrt, tensorrt_version
 from maisi_cli.engine.sampling import autocast_for
 
 # trt_compile arguments per component, as the reference's configs/config_trt.json.

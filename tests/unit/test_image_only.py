@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from maisi_cli.request import GenerateRequest
-from maisi_cli.engine.plan import plan_generation, sample_tasks, with_completion
+from maisi_cli.engine.plan import sample_tasks
 from maisi_cli.engine.postprocess import intensity_to_mr, output_image
-from maisi_cli.engine.sampling import (UNCONDITIONAL_CLASS, denoise, guided_inputs, guided_output,
-                                       modality_condition, schedule, spacing_condition)
+from maisi_cli.engine.run_folder import plan_generation, with_completion
+from maisi_cli.engine.sampling import (UNCONDITIONAL_CLASS, denoise, guided_inputs, guided_output, modality_condition,
+                                       schedule, spacing_condition)
 from maisi_cli.errors import UsageError
 from maisi_cli.models import ModelSpec
+from maisi_cli.request import GenerateRequest
 from tests.helpers import tiny_spec_document
 
 

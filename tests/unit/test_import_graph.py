@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 from collections import deque
-from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -26,21 +25,6 @@ REGISTRIES = ("maisi_cli.profiles", "maisi_cli.models", "maisi_cli.labels", "mai
               "maisi_cli.decode_plan", "maisi_cli.gpu_memory")
 HEAVY = ("torch", "monai")
 CLI_ONLY = ("typer", "rich", "click")  # terminal libraries: the engine and the registries are used without a CLI
-
-# Cycles other engineers are removing right now (issue 21); the lead deletes this allowance when they are done.
-# Each entry is the set of modules of one cycle; an entry that is no longer a cycle fails the test (stale).
-KNOWN_CYCLES_BEING_FIXED: set[frozenset[str]] = {
-    # the lead, splitting engine/pipeline.py (a TYPE_CHECKING import counts)
-    frozenset({"maisi_cli.engine.plan", "maisi_cli.engine.run_folder"}),
-    frozenset({"maisi_cli.engine.loading", "maisi_cli.engine.plan", "maisi_cli.engine.masks.sources"}),
-}
-# Forbidden imports waiting on another engineer, as (importer, imported); an entry no longer imported fails (stale).
-KNOWN_FORBIDDEN_BEING_FIXED: set[tuple[str, str]] = {
-    # profiles.resolve_profile asks torch for the GPU's free memory: it moved to engine/memory.resolve_profile, and
-    # the old one goes once engine/plan.py (the lead's) imports the new one
-    ("maisi_cli.profiles", "torch"),
-}
-
 
 @dataclass(frozen=True)
 class Edge:
@@ -178,39 +162,25 @@ def describe_cycle(cycle: list[str], edges: list[Edge]) -> str:
     return "; ".join(steps)
 
 
-def unexplained_cycles(edges: list[Edge], allowed: set[frozenset[str]]) -> list[str]:
-    """A line per cycle that the allowance does not cover: a component must be the union of the allowed cycles
-    inside it."""
+def import_cycles(edges: list[Edge]) -> list[str]:
+    """A line per import cycle (a strongly connected group of modules), with the imports of its shortest cycle."""
     graph = internal_graph(edges)
     problems = []
     for members in strongly_connected(graph):
-        covered = set().union(*(cycle for cycle in allowed if cycle <= members))
-        if covered != members:
+        if len(members) > 1:
             problems.append(f"import cycle among {', '.join(sorted(members))}: "
                             f"{describe_cycle(shortest_cycle(graph, members), edges)}")
     return problems
-
-
-def stale_allowances(edges: list[Edge], allowed: set[frozenset[str]]) -> list[frozenset[str]]:
-    """Allowed cycles whose modules no longer import each other in a cycle."""
-    graph = internal_graph(edges)
-    stale = []
-    for cycle in allowed:
-        induced = {m: graph.get(m, set()) & cycle for m in cycle}
-        if [frozenset(c) for c in strongly_connected(induced)] != [cycle]:
-            stale.append(cycle)
-    return stale
 
 
 def _inside(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def forbidden_edges(edges: list[Edge], allowed: Collection[tuple[str, str]] = ()) -> list[str]:
-    """A line per import in a forbidden direction, but for the `allowed` (importer, imported) pairs. Registries are
-    checked through every maisi module they import, since importing them loads those too."""
+def forbidden_edges(edges: list[Edge]) -> list[str]:
+    """A line per import in a forbidden direction. Registries are checked through every maisi module they import,
+    since importing them loads those too."""
     graph = internal_graph(edges)
-    edges = [edge for edge in edges if (edge.source, edge.target) not in allowed]
     problems = []
     for edge in edges:
         if _inside(edge.source, ("maisi_cli.engine",)) and _inside(edge.target, ("maisi_cli.cli",)):
@@ -226,10 +196,6 @@ def forbidden_edges(edges: list[Edge], allowed: Collection[tuple[str, str]] = ()
                 via = "" if edge.source == registry else f" through {edge.source}"
                 problems.append(f"registry → {edge.target}: {registry} reaches it{via} ({edge.where})")
     return problems
-
-
-def stale_forbidden_allowances(edges: list[Edge], allowed: set[tuple[str, str]]) -> set[tuple[str, str]]:
-    return allowed - {(edge.source, edge.target) for edge in edges}
 
 
 def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -250,17 +216,11 @@ def edges() -> list[Edge]:
 
 
 def test_no_import_cycle(edges):
-    assert unexplained_cycles(edges, KNOWN_CYCLES_BEING_FIXED) == []
-
-
-def test_the_allowances_are_still_needed(edges):
-    """An allowance for a cycle or an import that is gone must go too, so it cannot hide a new one."""
-    assert stale_allowances(edges, KNOWN_CYCLES_BEING_FIXED) == []
-    assert stale_forbidden_allowances(edges, KNOWN_FORBIDDEN_BEING_FIXED) == set()
+    assert import_cycles(edges) == []
 
 
 def test_no_forbidden_import_direction(edges):
-    assert forbidden_edges(edges, KNOWN_FORBIDDEN_BEING_FIXED) == []
+    assert forbidden_edges(edges) == []
 
 
 def test_every_module_is_read():
@@ -288,22 +248,11 @@ def test_a_cycle_hidden_in_a_function_is_reported_with_its_lines(tmp_path):
         "engine/d.py": "from .a import f\n",  # imports into the cycle, not part of it
     })
     edges = import_edges(package)
-    problems = unexplained_cycles(edges, set())
+    problems = import_cycles(edges)
     assert problems == [("import cycle among maisi_cli.engine.a, maisi_cli.engine.b, maisi_cli.engine.c: "
                          "maisi_cli.engine.a → maisi_cli.engine.b (maisi_cli/engine/a.py:2); "
                          "maisi_cli.engine.b → maisi_cli.engine.c (maisi_cli/engine/b.py:1); "
                          "maisi_cli.engine.c → maisi_cli.engine.a (maisi_cli/engine/c.py:1)")]
-    allowed = {frozenset({"maisi_cli.engine.a", "maisi_cli.engine.b", "maisi_cli.engine.c"})}
-    assert unexplained_cycles(edges, allowed) == [] and stale_allowances(edges, allowed) == []
-    # an allowance that names a cycle that is not there is stale
-    extra = allowed | {frozenset({"maisi_cli.engine.a", "maisi_cli.engine.d"})}
-    assert stale_allowances(edges, extra) == [frozenset({"maisi_cli.engine.a", "maisi_cli.engine.d"})]
-    # a module joining an allowed cycle is not covered by it
-    joined = _package(tmp_path / "joined", {"engine/b.py": "from . import c, d\n", "engine/d.py": "from . import a\n"})
-    for name in ("__init__.py", "engine/__init__.py", "engine/a.py", "engine/c.py"):
-        (joined / name).write_text((package / name).read_text())
-    assert unexplained_cycles(import_edges(joined), allowed)[0].startswith(
-        "import cycle among maisi_cli.engine.a, maisi_cli.engine.b, maisi_cli.engine.c, maisi_cli.engine.d")
 
 
 def test_forbidden_directions_are_reported(tmp_path):
@@ -327,11 +276,3 @@ def test_forbidden_directions_are_reported(tmp_path):
         "registry → torch: maisi_cli.profiles reaches it through maisi_cli.helpers (maisi_cli/helpers.py:2)",
         "registry → maisi_cli.engine.memory: maisi_cli.models reaches it (maisi_cli/models.py:2)",
     ]
-    allowed = {("maisi_cli.helpers", "torch"), ("maisi_cli.io.files", "maisi_cli.engine.memory")}
-    assert forbidden_edges(import_edges(package), allowed) == [
-        "engine → cli: maisi_cli.engine.memory imports maisi_cli.cli.render (maisi_cli/engine/memory.py:1)",
-        "rich outside maisi_cli.cli: maisi_cli.engine.memory imports it (maisi_cli/engine/memory.py:2)",
-        "registry → maisi_cli.engine.memory: maisi_cli.models reaches it (maisi_cli/models.py:2)",
-    ]
-    gone = ("maisi_cli.profiles", "torch")
-    assert stale_forbidden_allowances(import_edges(package), allowed | {gone}) == {gone}

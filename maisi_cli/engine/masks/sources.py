@@ -17,10 +17,12 @@ from maisi_cli.config import FloatTriple, Triple, format_triple
 from maisi_cli.engine.masks.database import (MaskDatabaseError, MaskEntry, climbs_out, find_candidates, outside_error,
                                              resolves_outside, shuffled)
 from maisi_cli.engine.masks.user import ConditionMask, condition_mask_from_array, load_condition_mask
+from maisi_cli.engine.networks import LoadedModel
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.errors import MaskError
 from maisi_cli.io.files import sha256_of_input
-
+from maisi_cli.models import ModelSpec
+from maisi_cli.profiles import Profile
 
 
 class MaskSource(Protocol):
@@ -31,7 +33,7 @@ class MaskSource(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
-    def prepare(self, loaded: Any) -> None: ...
+    def prepare(self, loaded: LoadedModel) -> None: ...
 
     def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask: ...
 
@@ -60,7 +62,7 @@ class FileMaskSource:
     def describe(self) -> dict[str, Any]:
         return {"type": self.kind, "path": str(self.path), "resampled": self.mask.resampled}
 
-    def prepare(self, loaded: Any) -> None:
+    def prepare(self, loaded: LoadedModel) -> None:
         """Nothing to take from the loaded networks."""
 
     def content_sha256(self) -> str:
@@ -120,7 +122,7 @@ class NoMaskSource:
     def describe(self) -> dict[str, Any]:
         return {"type": self.kind, "reason": "image-only model (no ControlNet)"}
 
-    def prepare(self, loaded: Any) -> None:
+    def prepare(self, loaded: LoadedModel) -> None:
         """Nothing to take from the loaded networks."""
 
     def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask:
@@ -208,7 +210,7 @@ class DatabaseMaskSource:
             return f"in {target}"
         return f"not yet: would be unpacked into {target} on first use"
 
-    def prepare(self, loaded: Any) -> None:
+    def prepare(self, loaded: LoadedModel) -> None:
         """Nothing to take from the loaded networks; the masks are made ready now, before any sample."""
         self.ready()
 
@@ -280,7 +282,7 @@ class GeneratedMaskSource:
     """A new label map per sample and attempt from the mask DDPM, conditioned on the organ/tumour size vector,
     then post-processed and resampled from its native 1.5 mm grid to the requested one (reference §10)."""
 
-    spec: Any  # ModelSpec
+    spec: ModelSpec
     requests: list[tuple[str, float]]
     condition: np.ndarray
     target_tumour: int | None
@@ -291,7 +293,7 @@ class GeneratedMaskSource:
     steps: int
     device: str
     precision: str
-    profile: Any  # Profile, for the mask decode plan
+    profile: Profile  # for the mask decode plan
     kind: str = "generated"
     _loaded: dict[str, Any] | None = None
 
@@ -299,7 +301,7 @@ class GeneratedMaskSource:
         return {"type": self.kind, "sizes": dict(self.requests), "condition": [round(float(v), 6) for v in self.condition],
                 "target_tumour": self.target_tumour, "mask_steps": self.steps}
 
-    def prepare(self, loaded: Any) -> None:
+    def prepare(self, loaded: LoadedModel) -> None:
         """Take the mask VAE and mask DDPM UNet the pipeline loaded (with the image networks, so their files are
         hashed and locked the same way)."""
         from maisi_cli.engine.decode import LatentDecoder
@@ -323,10 +325,19 @@ class GeneratedMaskSource:
         import torch
 
         from maisi_cli.engine.decode import decode_latents
-        from maisi_cli.engine.masks.generation import GENERATED_SPACING, channels_to_labels, post_process, sample_mask_latents
+        from maisi_cli.engine.masks.generation import (
+            GENERATED_SPACING,
+            channels_to_labels,
+            post_process,
+            sample_mask_latents,
+        )
         from maisi_cli.engine.masks.user import fit_to_grid
         from maisi_cli.engine.postprocess import ras_affine
-        from maisi_cli.engine.sampling import derive_attempt_seed, derive_sample_seed, initial_noise
+        from maisi_cli.engine.sampling import (
+            derive_attempt_seed,
+            derive_sample_seed,
+            initial_noise,
+        )
 
         if self._loaded is None:
             raise RuntimeError("GeneratedMaskSource.prepare() must run before mask_for()")
