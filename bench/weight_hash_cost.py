@@ -77,7 +77,7 @@ def read_only(path: Path) -> io.BytesIO:
 def old_path(network, path: Path, key: str | None) -> dict[str, float]:
     import torch
 
-    from maisi_cli.engine.weights import hash_file
+    from maisi_cli.engine.store import hash_file
 
     start = time.perf_counter()
     hash_file(path)

@@ -7,25 +7,31 @@ Groups (each entry point's object):
 - `maisi.labels`: a dict anatomy name → label id, 1..255 (or a callable returning one).
 - `maisi.profiles`: a list of profile .toml paths or dicts (or a callable returning one).
 - `maisi.commands`: a `typer.Typer`, mounted under the entry point's name with `add_typer`.
+- `maisi.extractors`: a FID feature-extractor factory (engine/fid.py `ExtractorFactory`), under the name
+  `maisi fid --extractor-name` takes; imported only when that name is asked for (`entry_points_named`).
 
 A group is read only when something needs it (models when a model is listed or a name is not built in, profiles
-when profiles are, commands when the app is assembled), once per process. `MAISI_LOAD_PLUGINS` names the plugins to
+when profiles are, commands when the app is assembled, extractors when `maisi fid` looks a name up), once per
+process. `MAISI_LOAD_PLUGINS` names the plugins to
 load (distribution or entry-point names, comma-separated); an empty value loads none; unset loads all.
 
 A plugin never replaces anything built in: a name that is taken is refused. A plugin that fails to load is recorded.
 Either gives one warning per plugin and process (`warnings_to` hands them to the CLI, which prints them), and the
-rest keeps working. `plugin_status()` is what `maisi plugins` shows. No torch, rich or typer here.
+rest keeps working. `plugin_status()` is what `maisi plugins` shows. No torch, rich or typer here, and no registry
+(labels, models, profiles import this module; the CLI hands `plugin_status` what builds them).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Iterable
+from typing import Any
 
-GROUPS = ("models", "modalities", "labels", "profiles", "commands")
+GROUPS = ("models", "modalities", "labels", "profiles", "commands", "extractors")
+IMPORTED_WHEN_USED = ("extractors",)  # listed without importing them; one is imported when its name is used
 ENVIRONMENT = "MAISI_LOAD_PLUGINS"
 
 
@@ -53,6 +59,7 @@ class PluginRecord:
 
 @dataclass
 class _State:
+    listed: dict[str, list[tuple[PluginRecord, metadata.EntryPoint]]] = field(default_factory=dict)  # let in
     discovered: dict[str, list[tuple[PluginRecord, Any]]] = field(default_factory=dict)  # group → loaded objects
     records: dict[str, list[PluginRecord]] = field(default_factory=dict)
     built: dict[str, Any] = field(default_factory=dict)  # group → the registry built from its plugins
@@ -96,13 +103,14 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:200] if text else type(error).__name__
 
 
-def loaded(group: str) -> list[tuple[PluginRecord, Any]]:
-    """The group's entry points that MAISI_LOAD_PLUGINS lets in and that loaded, with their objects (once)."""
-    if group in _state.discovered:
-        return _state.discovered[group]
+def listed(group: str) -> list[tuple[PluginRecord, metadata.EntryPoint]]:
+    """The group's entry points that MAISI_LOAD_PLUGINS lets in, none imported; every one is recorded (those left out
+    as skipped), once per process."""
+    if group in _state.listed:
+        return _state.listed[group]
     wanted = selected_names()
     records: list[PluginRecord] = []
-    objects: list[tuple[PluginRecord, Any]] = []
+    let_in: list[tuple[PluginRecord, metadata.EntryPoint]] = []
     for ep in _entry_points(group):
         dist = ep.dist
         record = PluginRecord(plugin=dist.name if dist is not None else ep.value.split(":")[0],
@@ -112,6 +120,19 @@ def loaded(group: str) -> list[tuple[PluginRecord, Any]]:
         if wanted is not None and _normal(record.plugin) not in wanted and _normal(ep.name) not in wanted:
             record.skipped = True
             continue
+        let_in.append((record, ep))
+    _state.records[group] = records
+    _state.listed[group] = let_in
+    return let_in
+
+
+def loaded(group: str) -> list[tuple[PluginRecord, Any]]:
+    """The group's entry points that MAISI_LOAD_PLUGINS lets in and that loaded, with their objects (once). Not for
+    the groups imported when used (`entry_points_named`)."""
+    if group in _state.discovered:
+        return _state.discovered[group]
+    objects: list[tuple[PluginRecord, Any]] = []
+    for record, ep in listed(group):
         try:
             obj = ep.load()
             if group != "commands" and callable(obj):
@@ -120,9 +141,34 @@ def loaded(group: str) -> list[tuple[PluginRecord, Any]]:
             fail(record, f"cannot load {ep.value}: {_describe(error)}")
             continue
         objects.append((record, obj))
-    _state.records[group] = records
     _state.discovered[group] = objects
     return objects
+
+
+def entry_points_named(group: str, builtin: Iterable[str] = (),
+                       on_builtin: Callable[[metadata.EntryPoint], None] | None = None) -> dict[str, Any]:
+    """Name (lower case) → entry point, not imported, for a group whose plugins are imported one at a time when their
+    name is used (maisi.extractors). A built-in name is refused (recorded; `on_builtin` words the warning); of two
+    entry points with one name, the first is kept. Raises what importlib.metadata raises on broken metadata."""
+    builtin = set(builtin)
+    named: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for record, point in listed(group):
+        name = point.name.strip().lower()
+        if name in builtin or name in named:
+            why = "maisi" if name in builtin else owner[name]
+            _note(record.refused, f"{name} (the name is taken by {why})")
+            if name in builtin and on_builtin is not None:
+                on_builtin(point)
+            continue
+        named[name], owner[name] = point, f"plugin {record.plugin}"
+        _note(record.registered, name)
+    return named
+
+
+def _note(entries: list[str], entry: str) -> None:
+    if entry not in entries:  # the table is made again on each look-up
+        entries.append(entry)
 
 
 def registry(group: str, build: Callable[[list[tuple[PluginRecord, Any]]], Any]) -> Any:
@@ -178,18 +224,16 @@ def pending_warnings() -> list[str]:
     return list(_state.pending)
 
 
-def plugin_status(groups: Iterable[str] = GROUPS) -> list[PluginRecord]:
-    """Every entry point of every group, loaded now if no command needed it yet, with its outcome."""
-    from maisi_cli.labels import label_dictionary, modality_mapping
-    from maisi_cli.models import list_models
-    from maisi_cli.profiles import list_profiles
-
-    builders = {"models": list_models, "modalities": modality_mapping, "labels": label_dictionary,
-                "profiles": list_profiles}
+def plugin_status(builders: Mapping[str, Callable[[], object]], groups: Iterable[str] = GROUPS) -> list[PluginRecord]:
+    """Every entry point of every group with its outcome. A group is read now if no command needed it yet: through
+    `builders[group]`, which builds its registry (what each plugin registered or had refused is recorded while it
+    is built), else loaded (commands) or listed (the groups imported when used)."""
     out: list[PluginRecord] = []
     for group in groups:
         if group in builders:
             builders[group]()
+        elif group in IMPORTED_WHEN_USED:
+            listed(group)
         else:
             loaded(group)
         out += _state.records.get(group, [])

@@ -1,6 +1,6 @@
 """`maisi weights download|list|verify|import|path`: a model's repository files, their sha256 lock, offline import.
-Also the single hub files outside a model spec (engine/hub.py `HubFile`: radimagenet-resnet50, the `maisi fid`
-feature extractor), but for import.
+Also the single files of no model (engine/hub.py `EXTRACTOR_FILES`: radimagenet-resnet50, the `maisi fid` feature
+extractor), but for import.
 
 Thin: parse, call engine/hub.py, render. huggingface_hub is imported only inside the commands.
 """
@@ -24,7 +24,8 @@ WEIGHTS_DIR_OPTION = typer.Option(None, "--weights-dir", envvar="MAISI_WEIGHTS_D
 
 
 def _model(name: str, revision: Optional[str], hub_files: bool = False):
-    """The model spec; `hub_files`: the command also takes a HubFile's name, so an unknown name lists those too."""
+    """The model spec; `hub_files`: the command also takes an extractor file's name, so an unknown name lists those
+    too."""
     from maisi_cli.engine.hub import EXTRACTOR_FILES, with_revision
     from maisi_cli.errors import UsageError
     from maisi_cli.models import get_model
@@ -48,15 +49,18 @@ def _models(name: Optional[str], revision: Optional[str], with_repository: bool 
     return [with_revision(s, revision) for s in list_models() if s.hf_repo or not with_repository]
 
 
-def _targets(name: Optional[str], revision: Optional[str], with_repository: bool = False) -> tuple[list, list]:
-    """(model specs, HubFiles) that `list`, `path` and `verify` show: every model then every HubFile (no name),
-    or the one named."""
-    from maisi_cli.engine.hub import hub_files
+def _targets(name: Optional[str], revision: Optional[str], with_repository: bool = False) -> list[tuple]:
+    """(name, hf_repo, revision, [RepoFile]) of what `list`, `path` and `verify` show: every model then every
+    extractor file (no name), or the one named. `with_repository`: a model named must have one."""
+    from maisi_cli.engine.hub import extractor_files, repo_files, require_repository
 
-    items = hub_files(name, revision)
-    if name is not None and items:
-        return [], items
-    return _models(name, revision, with_repository), items
+    items = extractor_files(name, revision)
+    specs = [] if name is not None and items else _models(name, revision, with_repository)
+    if with_repository:
+        for spec in specs:
+            require_repository(spec)
+    return ([(s.name, s.hf_repo, s.hf_revision, repo_files(s)) for s in specs]
+            + [(i.component, i.repo, i.revision, [i]) for i in items])
 
 
 def _size(size: Optional[int]) -> str:
@@ -93,24 +97,24 @@ def _table(title: Optional[str], columns: tuple[str, ...], rows: list) -> None:
     render.stdout_console().print(table)
 
 
-def _licence_line(spec, output: render.Output) -> None:
-    licence = spec.licence or f"see the Hugging Face repository {spec.hf_repo}"
-    _notice(f"Licence of the {spec.name} files: {licence}", output)
+def _licence_line(name: str, repo: str, licence: Optional[str], output: render.Output) -> None:
+    licence = licence or f"see the Hugging Face repository {repo}"
+    _notice(f"Licence of the {name} files: {licence}", output)
 
 
-def _show_results(spec, repo: str, results: list, output: render.Output, **extra) -> None:
+def _show_results(name: str, repo: str, revision: str, results: list, output: render.Output, **extra) -> None:
     """The files a download or an import handled: one JSON document, or a table and the lock's path."""
-    from maisi_cli.engine.hub import lock_path
+    from maisi_cli.engine.store import lock_path
 
-    lock = lock_path(repo, spec.hf_revision)
+    lock = lock_path(repo, revision)
     if output.json:
-        render.print_json({"model": spec.name, "repo": repo, "revision": spec.hf_revision, **extra, "lock": str(lock),
+        render.print_json({"model": name, "repo": repo, "revision": revision, **extra, "lock": str(lock),
                            "files": [r.document() for r in results]})
         return
     if output.quiet:
         return
     rows = [(r.component, r.repo_name, r.status, _size(r.size), _short(r.sha256), r.lock or "-") for r in results]
-    _table(f"{spec.name}: {repo}@{spec.hf_revision}", ("component", "file", "status", "size", "sha256", "lock"), rows)
+    _table(f"{name}: {repo}@{revision}", ("component", "file", "status", "size", "sha256", "lock"), rows)
     render.info(f"lock: {lock}", output)
 
 
@@ -128,49 +132,37 @@ def download_command(
 ) -> None:
     """Download a model's files into the Hugging Face cache and lock their sha256. Also takes
     `radimagenet-resnet50`: the feature extractor of `maisi fid`."""
-    from maisi_cli.engine.hub import download, extractor_file, repo_files, require_repository
-
-    output = render.output_of(ctx.obj, json_flag)
-    item = extractor_file(model)
-    if item is not None:
-        _download_extractor(item, component, models_only, revision, force, output)
-        return
-    spec = _model(model, revision, hub_files=True)
-    repo = require_repository(spec)
-    files = repo_files(spec, component, models_only)
-    _licence_line(spec, output)
-    with render.progress(output) as on_progress:
-        results = download(spec, files, force=force, on_progress=on_progress)
-    _show_results(spec, repo, results, output, licence=spec.licence)
-
-
-def _download_extractor(item, component: list[str], models_only: bool, revision: Optional[str], force: bool,
-                        output: render.Output) -> None:
-    """`maisi weights download radimagenet-resnet50`: one file, same cache, lock and output as a model's files."""
-    from types import SimpleNamespace
-
-    from maisi_cli.engine.hub import download_hub_file, hand_placed_path
+    from maisi_cli.engine.hub import (
+        download,
+        extractor_file,
+        repo_files,
+        require_repository,
+    )
     from maisi_cli.errors import UsageError
 
-    if component or models_only:
-        flag = "--component" if component else "--models-only"
-        raise UsageError(f"{flag}: {item.name} is a single file; drop {flag}")
-    hint = f"copy {item.filename} to '{hand_placed_path(item)}'"
-    spec = SimpleNamespace(name=item.name, hf_revision=revision or item.revision, licence=item.licence,
-                           hf_repo=item.hf_repo)
-    _licence_line(spec, output)
+    output = render.output_of(ctx.obj, json_flag)
+    item = extractor_file(model, revision)
+    if item is not None:  # one file, same cache, lock and output as a model's files
+        if component or models_only:
+            flag = "--component" if component else "--models-only"
+            raise UsageError(f"{flag}: {item.component} is a single file; drop {flag}")
+        name, repo, at, licence, files = item.component, item.repo, item.revision, item.licence, [item]
+    else:
+        spec = _model(model, revision, hub_files=True)
+        repo = require_repository(spec)
+        files = repo_files(spec, component, models_only)
+        name, at, licence = spec.name, spec.hf_revision, spec.licence
+    _licence_line(name, repo, licence, output)
     with render.progress(output) as on_progress:
-        result = download_hub_file(item, revision, force=force, on_progress=on_progress, offline_hint=hint)
-    _show_results(spec, item.hf_repo, [result], output, licence=item.licence)
+        results = download(files, force=force, on_progress=on_progress)
+    _show_results(name, repo, at, results, output, licence=licence)
 
 
 def _located(name: Optional[str], weights_dir: Optional[Path], revision: Optional[str]) -> list:
-    """(name, hf_repo, revision, [Location]) of each model, then each HubFile (see `_targets`)."""
-    from maisi_cli.engine.hub import hub_file_locations, locations
+    """(name, hf_repo, revision, [Location]) of each model, then each extractor file (see `_targets`)."""
+    from maisi_cli.engine.hub import locations
 
-    specs, items = _targets(name, revision)
-    return ([(s.name, s.hf_repo, s.hf_revision, locations(s, weights_dir)) for s in specs]
-            + [(i.name, i.hf_repo, i.revision, hub_file_locations(i)) for i in items])
+    return [(shown, repo, at, locations(files, weights_dir)) for shown, repo, at, files in _targets(name, revision)]
 
 
 @app.command("list")
@@ -206,19 +198,16 @@ def verify_command(
 ) -> None:
     """Re-hash every file maisi manages (radimagenet-resnet50 included) and compare it with the lock; exit 1 on a
     mismatch or on a locked file that is missing."""
-    from maisi_cli.engine.hub import hub_file_mismatch_error, mismatch_error, repo_files, verify, verify_hub_file
+    from maisi_cli.engine.hub import mismatch_error, verify
 
     output = render.output_of(ctx.obj, json_flag)
-    specs, items = _targets(model, revision, with_repository=True)
+    targets = _targets(model, revision, with_repository=True)
     hashed: dict = {}
     checked = []  # (name, hf_repo, revision, results, error)
     with render.progress(output) as on_progress:
-        for spec in specs:
-            results = verify(spec, repo_files(spec), on_progress, hashed)
-            checked.append((spec.name, spec.hf_repo, spec.hf_revision, results, mismatch_error(spec, results)))
-        for item in items:
-            results = verify_hub_file(item, on_progress, hashed)
-            checked.append((item.name, item.hf_repo, item.revision, results, hub_file_mismatch_error(item, results)))
+        for name, repo, at, files in targets:
+            results = verify(files, on_progress, hashed)
+            checked.append((name, repo, at, results, mismatch_error(results)))
     if output.json:
         render.print_json({"models": [
             {"name": name, "hf_repo": repo, "revision": at, "ok": error is None,
@@ -249,10 +238,10 @@ def import_command(
     output = render.output_of(ctx.obj, json_flag)
     spec = _model(model, revision)
     repo = require_repository(spec)
-    _licence_line(spec, output)
+    _licence_line(spec.name, repo, spec.licence, output)
     with render.progress(output) as on_progress:
         results = import_folder(folder, spec, on_progress)
-    _show_results(spec, repo, results, output)
+    _show_results(spec.name, repo, spec.hf_revision, results, output)
 
 
 @app.command("path")

@@ -42,16 +42,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from maisi_cli.config import maisi_home
+from maisi_cli import plugins
+from maisi_cli.engine.hub import EXTRACTOR_FILES, offline
+from maisi_cli.engine.store import hash_file, held_to_lock
+from maisi_cli.engine.weights import locate_file, read_hashed
 from maisi_cli.errors import MaisiError, UsageError, WeightsError
-from maisi_cli.engine.weights import hash_file
 
 PLANES = ("xy", "yz", "zx")
 # The axis of a (H, W, D) volume that each plane's slices run along (reference §7.4).
 PLANE_AXIS = {"xy": 2, "yz": 0, "zx": 1}
 RADIMAGENET_MEANS = (0.406, 0.456, 0.485)  # per channel after the RGB→BGR reorder; no std division
-EXTRACTOR_FILE = "RadImageNet-ResNet50_notop.pth"
-BUILTIN_EXTRACTOR = "radimagenet-resnet50"
+BUILTIN_EXTRACTOR = "radimagenet-resnet50"  # its weights: engine/hub.py EXTRACTOR_FILES
+EXTRACTOR_FILE = EXTRACTOR_FILES[BUILTIN_EXTRACTOR].repo_name  # RadImageNet-ResNet50_notop.pth
 EXTRACTOR_GROUP = "maisi.extractors"
 CACHE_VERSION = 2
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -168,7 +170,9 @@ ExtractorFactory = Callable[[Optional[Path]], Extractor]
 
 def default_extractor_path() -> Path:
     """Where a RadImageNet ResNet-50 state dict brought by hand goes (looked at before the Hugging Face cache)."""
-    return maisi_home() / "fid" / EXTRACTOR_FILE
+    hand_placed = EXTRACTOR_FILES[BUILTIN_EXTRACTOR].hand_placed
+    assert hand_placed is not None  # a single file: it has a place for a copy brought by hand
+    return hand_placed
 
 
 def _first(keys: Sequence[str], count: int = 3) -> str:
@@ -180,20 +184,16 @@ def locate_radimagenet() -> tuple[Path, str | None] | None:
     """(path, locked sha256 or None) of the RadImageNet weights when no `--extractor` is given:
     `$MAISI_HOME/fid/RadImageNet-ResNet50_notop.pth`, else the `maisi weights download radimagenet-resnet50` copy in
     the Hugging Face cache (held to the sha256 lock). None when neither is there. The lookup is
-    engine/hub.py `locate_hub_file`, which `maisi weights list|path` show."""
-    from maisi_cli.engine.hub import EXTRACTOR_FILES, check_hub_file, locate_hub_file
-
+    engine/weights.py `locate_file`, which `maisi weights list|path` show."""
     item = EXTRACTOR_FILES[BUILTIN_EXTRACTOR]
-    found = locate_hub_file(item)
+    found = locate_file(item)
     if found is None:
         return None
     path, where = found
-    return path, (check_hub_file(item, path) if where == "hf-cache" else None)
+    return path, (held_to_lock(item, path) if where == "hf-cache" else None)
 
 
 def missing_extractor_message() -> str:
-    from maisi_cli.engine.hub import offline
-
     path = default_extractor_path()
     where = ("HF_HUB_OFFLINE is set, so on a machine with network run `maisi weights download radimagenet-resnet50` "
              "and copy the file") if offline() else "run `maisi weights download radimagenet-resnet50`, or copy it"
@@ -214,8 +214,6 @@ def load_extractor(path: Path | None) -> Extractor:
     if not path.is_file():
         raise WeightsError(f"{field_name}: '{path}' does not exist; give the RadImageNet ResNet-50 state dict "
                            f"({EXTRACTOR_FILE}) or run `maisi weights download radimagenet-resnet50`")
-    from maisi_cli.engine.weights import read_hashed
-
     data, digest = read_hashed(path)  # one read: the bytes hashed are the bytes loaded
     if locked is not None and digest != locked:
         raise WeightsError(f"{field_name}: '{path}' changed after its sha256 was checked against the lock; re-fetch "
@@ -256,28 +254,24 @@ def load_extractor(path: Path | None) -> Extractor:
 #     [project.entry-points."maisi.extractors"]
 #     my-net = "my_package.fid:make_extractor"
 # where `make_extractor(weights: Path | None) -> maisi_cli.engine.fid.Extractor` (see Extractor for the contract).
-# `maisi fid --extractor-name my-net [--extractor FILE]` then uses it. Entry points are listed with
-# importlib.metadata, and only the one asked for is imported; the built-in name cannot be taken over.
+# `maisi fid --extractor-name my-net [--extractor FILE]` then uses it. maisi_cli/plugins.py lists the entry points
+# (`maisi plugins` shows them, MAISI_LOAD_PLUGINS picks them) and only the one asked for is imported; the built-in
+# name cannot be taken over.
 def _extractor_entry_points(on_warning: FidWarning | None = None) -> dict[str, Any]:
     """name → entry point of the installed plugins. Problems (unreadable metadata, a plugin claiming the built-in
     name) are one warning each and otherwise ignored: they never stop the built-in extractor."""
-    import importlib.metadata
-
     warn = on_warning or (lambda message: None)
+
+    def builtin_claimed(point: Any) -> None:
+        warn(f"--extractor-name: the plugin '{point.value}' registers the built-in name "
+             f"'{point.name.strip().lower()}'; ignored")
+
     try:
-        found = list(importlib.metadata.entry_points(group=EXTRACTOR_GROUP))
+        return plugins.entry_points_named("extractors", EXTRACTOR_FILES, builtin_claimed)
     except Exception as error:  # broken metadata of some installed distribution
         warn(f"--extractor-name: could not list the '{EXTRACTOR_GROUP}' plugins ({type(error).__name__}: "
              f"{str(error)[:80]}); only the built-in extractor is available")
         return {}
-    plugins: dict[str, Any] = {}
-    for point in found:
-        name = point.name.strip().lower()
-        if name == BUILTIN_EXTRACTOR:
-            warn(f"--extractor-name: the plugin '{point.value}' registers the built-in name '{name}'; ignored")
-        elif name not in plugins:
-            plugins[name] = point
-    return plugins
 
 
 def extractor_names(on_warning: FidWarning | None = None) -> list[str]:
@@ -291,11 +285,11 @@ def resolve_extractor(name: str = BUILTIN_EXTRACTOR, path: Path | None = None,
     name = (name or BUILTIN_EXTRACTOR).strip().lower()
     if name == BUILTIN_EXTRACTOR:
         return load_extractor(path)
-    plugins = _extractor_entry_points(on_warning)
-    if name not in plugins:
+    installed = _extractor_entry_points(on_warning)
+    if name not in installed:
         raise UsageError(f"--extractor-name: no extractor '{name}'; installed: {', '.join(extractor_names())} "
                          f"(plugins register under the entry-point group '{EXTRACTOR_GROUP}')")
-    point = plugins[name]
+    point = installed[name]
     try:
         factory = point.load()
         extractor = factory(path)

@@ -1,13 +1,14 @@
-"""A model's repository files on the Hugging Face hub: download, sha256 lock, verify, offline import.
+"""Repository files on the Hugging Face hub (engine/store.py `RepoFile`: a model's files, or a single file such as
+the `maisi fid` feature extractor): download, verify against the sha256 lock, offline import, where each is read.
 
 - Download: `huggingface_hub.hf_hub_download` into the Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`),
   read in place from there (no second copy). huggingface_hub writes each file under a temporary name and renames it
   when complete; a dropped connection is resumed with a Range request within the run; a failed run leaves nothing
   under the final name.
-- Lock: `MAISI_HOME/locks/<owner>--<name>@<revision>.json` maps each repository file name to the sha256 and size it
-  had when maisi first downloaded or imported it. Every later download, import, `verify` and `generate` is held to it.
-- Import: files brought from another machine (a folder with the repository layout, e.g. `DIR/models/x.pt`) are
-  copied into `MAISI_HOME/weights/<owner>--<name>/<revision>/` (atomically), checked against the lock.
+- Lock: the first download or import of a file records its sha256 and size (engine/store.py); every later download,
+  import, `verify` and `generate` is held to it.
+- Import: a model's files brought from another machine (a folder with the repository layout, e.g. `DIR/models/x.pt`)
+  are copied into maisi's store (atomically), checked against the lock.
 
 Environment read at call time: `HF_HUB_OFFLINE`, `HF_ENDPOINT`, `HF_TOKEN` (by huggingface_hub), `HF_HUB_CACHE`,
 `HF_HOME`, `MAISI_HOME`. No Typer or rich here; progress goes through `on_progress(stage, done, total)`.
@@ -16,19 +17,23 @@ Environment read at call time: `HF_HUB_OFFLINE`, `HF_ENDPOINT`, `HF_TOKEN` (by h
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import logging
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Self
 
-from maisi_cli.config import maisi_home
-from maisi_cli.engine.weights import (fetch_command, first_sentence, hash_file, hf_hub_cache, model_reference,
-                                      remember_sha256, sha256_of)
+import huggingface_hub
+from huggingface_hub import constants as hub_constants
+
+from maisi_cli.engine.store import (RepoFile, download_command, hf_hub_cache, lock_path, locked_sha256, managed_copies,
+                                    model_files, model_reference, read_lock, record_in_lock, remember_sha256, sha256_of,
+                                    store_dir)
+from maisi_cli.engine.weights import first_sentence, locate_file
 from maisi_cli.errors import UsageError, WeightsError
 from maisi_cli.models import ModelSpec
 
@@ -41,17 +46,9 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 
 
 # --- which files -------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RepoFile:
-    component: str  # a key of the spec's `weights` or `datasets`
-    repo_name: str  # the file's path inside the repository, e.g. models/autoencoder_v1.pt
-    kind: str  # "weights" or "datasets"
-
-
 def repo_files(spec: ModelSpec, components: Iterable[str] = (), models_only: bool = False) -> list[RepoFile]:
     """The spec's weight files, then its data files; `components` picks a subset (UsageError on an unknown one)."""
-    everything = [RepoFile(c, n, "weights") for c, n in spec.weights.items()]
-    everything += [RepoFile(c, n, "datasets") for c, n in spec.datasets.items()]
+    everything = model_files(spec)
     wanted = list(dict.fromkeys(components))
     by_component = {f.component: f for f in everything}
     unknown = [c for c in wanted if c not in by_component]
@@ -82,75 +79,63 @@ def require_repository(spec: ModelSpec) -> str:
     return spec.hf_repo
 
 
-# --- where files live ----------------------------------------------------------------------------------------------
-def _slug(text: str) -> str:
-    return text.replace("/", "--")
+def _require_repositories(files: Iterable[RepoFile]) -> None:
+    """A file without a repository belongs to a model whose files ship with it: nothing to fetch or verify."""
+    for item in files:
+        if not item.repo and item.spec is not None:
+            require_repository(item.spec)
 
 
-def lock_path(repo: str, revision: str) -> Path:
-    return maisi_home() / "locks" / f"{_slug(repo)}@{_slug(revision)}.json"
+# The published RadImageNet ResNet-50 (no top) in the state-dict layout of `Warvito/radimagenet-models`, the network
+# the reference FID script loads through torch.hub (which fetches it from Google Drive with gdown). MONAI hosts the
+# same layout on the Hugging Face hub for its perceptual loss (`Project-MONAI/perceptual-models`, which downloads
+# `MONAI/checkpoints/RadImageNet-ResNet50_notop.pth` with hf_hub_download); maisi fetches it from there. Its name is
+# the built-in extractor's (engine/fid.py), which no `maisi.extractors` plugin may take.
+EXTRACTOR_FILES = {
+    "radimagenet-resnet50": RepoFile(
+        component="radimagenet-resnet50", repo_name="RadImageNet-ResNet50_notop.pth", repo="MONAI/checkpoints",
+        hand_placed_in="fid",
+        licence="see the Hugging Face repository MONAI/checkpoints and the RadImageNet terms (radimagenet.com)"),
+}
 
 
-def store_dir(repo: str, revision: str) -> Path:
-    """maisi's import store for one repository revision; files keep their repository names below it."""
-    return maisi_home() / "weights" / _slug(repo) / _slug(revision)
+def extractor_file(name: str, revision: str | None = None) -> RepoFile | None:
+    """The feature extractor's file called `name` (any case), at `revision` when one is given (`--revision`)."""
+    item = EXTRACTOR_FILES.get(name.strip().lower())
+    if item is None or not revision or revision == item.revision:
+        return item
+    return replace(item, revision=revision, pinned=True)
 
 
-def cached_file(spec: ModelSpec, repo_name: str) -> Path | None:
-    """The file in the Hugging Face cache for the spec's repository and revision, or None (no network)."""
-    if not spec.hf_repo:
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(spec.hf_repo, repo_name, revision=spec.hf_revision, cache_dir=hf_hub_cache())
-    return Path(cached) if isinstance(cached, str) else None
-
-
-def managed_copies(spec: ModelSpec, repo_name: str) -> list[tuple[str, Path]]:
-    """(where, path) of each copy maisi manages: the import store first (it wins), then the Hugging Face cache."""
-    copies = []
-    stored = store_dir(require_repository(spec), spec.hf_revision) / repo_name
-    if stored.is_file():
-        copies.append(("store", stored))
-    cached = cached_file(spec, repo_name)
-    if cached is not None:
-        copies.append(("hf-cache", cached))
-    return copies
-
-
-# --- the lock ------------------------------------------------------------------------------------------------------
-def read_lock(repo: str, revision: str) -> dict[str, dict[str, Any]]:
-    """Repository file name → {"sha256", "size", …}; empty when nothing is locked yet."""
-    from maisi_cli.io.provenance import read_json
-
-    document = read_json(lock_path(repo, revision)) or {}
-    files = document.get("files")
-    return files if isinstance(files, dict) else {}
-
-
-def record_in_lock(repo: str, revision: str, repo_name: str, sha256: str, size: int, source: str,
-                   commit: str | None = None) -> None:
-    """Add one file to the lock (written atomically). An existing entry is never replaced here."""
-    from maisi_cli.io.provenance import write_json
-
-    path = lock_path(repo, revision)
-    files = read_lock(repo, revision)
-    if repo_name in files:
-        return
-    files[repo_name] = {
-        "sha256": sha256, "size": size, "source": source, "commit": commit,
-        "locked": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"repo": repo, "revision": revision, "files": dict(sorted(files.items()))})
+def extractor_files(name: str | None = None, revision: str | None = None) -> list[RepoFile]:
+    """The extractor files `maisi weights list|path|verify` show: every one (no name), the one named, or none (a
+    model's name)."""
+    names = list(EXTRACTOR_FILES) if name is None else [name]
+    return [item for item in (extractor_file(n, revision) for n in names) if item is not None]
 
 
 # --- download ------------------------------------------------------------------------------------------------------
+class _OfFile:
+    """What a result says of its file (the fields of a row and of its JSON document)."""
+
+    file: RepoFile
+
+    @property
+    def component(self) -> str:
+        return self.file.component
+
+    @property
+    def repo_name(self) -> str:
+        return self.file.repo_name
+
+    @property
+    def kind(self) -> str:
+        return self.file.kind
+
+
 @dataclass
-class FileResult:
-    component: str
-    repo_name: str
-    kind: str
+class FileResult(_OfFile):
+    file: RepoFile
     path: Path | None
     status: str  # downloaded | cached | stored | imported | not in folder
     sha256: str | None = None
@@ -169,9 +154,7 @@ def _true(value: str | None) -> bool:
 
 def offline() -> bool:
     """HF_HUB_OFFLINE as it is now (huggingface_hub reads it once, at import)."""
-    from huggingface_hub import constants
-
-    return _true(os.environ.get("HF_HUB_OFFLINE")) or bool(constants.HF_HUB_OFFLINE)
+    return _true(os.environ.get("HF_HUB_OFFLINE")) or bool(hub_constants.HF_HUB_OFFLINE)
 
 
 def _endpoint() -> str | None:
@@ -179,8 +162,12 @@ def _endpoint() -> str | None:
     return value or None
 
 
-def _import_hint(spec: ModelSpec) -> str:
-    return f"maisi weights import DIR {model_reference(spec)}"
+def _without_hub(item: RepoFile, how: str) -> str:
+    """How to bring the file without the hub: `how` and the import command for a model's files, the copy brought by
+    hand for a single file."""
+    if item.spec is None:
+        return f"copy {item.repo_name} to '{item.hand_placed}'"
+    return f"{how}: maisi weights import DIR {model_reference(item.spec)}"
 
 
 def _progress_bar(stage: str, on_progress: ProgressCallback, used: list[bool]) -> type:
@@ -192,10 +179,10 @@ def _progress_bar(stage: str, on_progress: ProgressCallback, used: list[bool]) -
             used[0] = True
             self.total, self.n = total or 0, initial or 0
 
-        def __enter__(self) -> "Bar":
+        def __enter__(self) -> Self:
             return self
 
-        def __exit__(self, *exc: Any) -> bool:
+        def __exit__(self, *exc: object) -> bool:
             return False
 
         def update(self, n: int = 1) -> None:
@@ -224,7 +211,9 @@ def _quiet_hub_logger() -> Iterator[None]:
 def _http_errors() -> type[BaseException] | tuple[type[BaseException], ...]:
     """The HTTP client's own errors (a dropped connection after huggingface_hub's retries)."""
     try:
-        from httpx2 import HTTPError
+        from httpx2 import (
+            HTTPError,  # what this huggingface_hub release speaks; 150 ms, so only when downloading
+        )
     except ImportError:  # another huggingface_hub release, another client
         return ()
     return HTTPError
@@ -235,120 +224,118 @@ def _commit_of(path: Path) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
-def _download_error(error: BaseException, spec: ModelSpec, item: RepoFile, revision: str) -> Exception:
-    """huggingface_hub's exceptions as one actionable line."""
-    from huggingface_hub import errors
+def _download_error(error: BaseException, item: RepoFile) -> Exception:
+    """huggingface_hub's exceptions as one actionable line (a model's files name their model and its spec)."""
+    from huggingface_hub import (
+        errors,  # loads the HTTP client (150 ms): only once a download has failed
+    )
 
-    repo, name, what = spec.hf_repo, item.repo_name, f"{item.repo_name} ({spec.name} {item.component})"
+    repo, revision, name, in_model = item.repo, item.revision, item.repo_name, item.spec is not None
     if isinstance(error, errors.RevisionNotFoundError):
         return UsageError(f"--revision: {repo} has no revision '{revision}'; use a branch, tag or commit it has")
     if isinstance(error, errors.GatedRepoError):
-        return WeightsError(f"weights: {repo} is gated: accept its licence on the hub, then set HF_TOKEN (or run "
-                            f"`hf auth login`) and run the command again")
+        login = " (or run `hf auth login`)" if in_model else ""
+        return WeightsError(f"weights: {repo} is gated: accept its licence on the hub, then set HF_TOKEN{login} and "
+                            "run the command again")
     if isinstance(error, errors.RepositoryNotFoundError) or (
             isinstance(error, errors.HfHubHTTPError) and getattr(error.response, "status_code", None) == 401):
-        return WeightsError(f"weights: {repo} was not found or needs a token: check the model's hf_repo, set "
-                            f"HF_TOKEN for a private repository, or check HF_ENDPOINT")
+        check = ("check the model's hf_repo, set HF_TOKEN for a private repository, or check HF_ENDPOINT" if in_model
+                 else "set HF_TOKEN or check HF_ENDPOINT")
+        return WeightsError(f"weights: {repo} was not found or needs a token: {check}")
     if isinstance(error, errors.RemoteEntryNotFoundError):
-        return WeightsError(f"weights: {repo}@{revision} has no file {name} ({spec.name} {item.component}); "
-                            f"check the model spec or --revision")
+        check = f" ({item.label}); check the model spec or --revision" if in_model else "; check --revision"
+        return WeightsError(f"weights: {repo}@{revision} has no file {name}{check}")
+    what = f"{name} ({item.label})"
     if isinstance(error, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)) and offline():
         return WeightsError(f"weights: {what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set (offline); "
-                            f"unset it to download, or bring the files from another machine and run: "
-                            f"{_import_hint(spec)}")
+                            f"unset it to download, or "
+                            f"{_without_hub(item, 'bring the files from another machine and run')}")
     cause = error
     while isinstance(cause, (ValueError, errors.LocalEntryNotFoundError)) and cause.__cause__ is not None:
         cause = cause.__cause__  # "Force download failed due to the above error." and friends wrap the real one
     return WeightsError(f"weights: downloading {what} from {_endpoint() or 'the Hugging Face hub'} failed "
                         f"({first_sentence(cause)}); nothing was kept under its name: check the network (or "
-                        f"HF_ENDPOINT) and run the command again, or import the files: {_import_hint(spec)}")
+                        f"HF_ENDPOINT) and run the command again, or {_without_hub(item, 'import the files')}")
 
 
-def _fetch_locked(repo: str, repo_name: str, revision: str, locked: dict[str, Any] | None, *, force: bool,
-                  is_offline: bool, stage: str, on_progress: ProgressCallback, label: str, fix: str,
-                  on_error: Callable[[BaseException], Exception]) -> tuple[Path, str, int, bool]:
+def _fetch_locked(item: RepoFile, locked: dict[str, Any] | None, *, force: bool, is_offline: bool, stage: str,
+                  on_progress: ProgressCallback) -> tuple[Path, str, int, bool]:
     """One file through `hf_hub_download` (into the Hugging Face cache, or found there), hashed and held to the
-    lock — recorded when it has no entry yet: (path, sha256, size, downloaded now). `label` names the file in
-    messages, `fix` is the command that re-fetches it, `on_error` turns a hub failure into the error to raise."""
-    # Imported before the logger is quieted: huggingface_hub configures its logger when the module first loads.
-    from huggingface_hub import hf_hub_download
-
+    lock — recorded when it has no entry yet: (path, sha256, size, downloaded now)."""
+    # Looked up before the logger is quieted: huggingface_hub configures its logger when the module first loads.
+    hf_hub_download = huggingface_hub.hf_hub_download
+    repo, revision = item.repo or "", item.revision
     used = [False]
     try:
         with _quiet_hub_logger():
-            pointer = hf_hub_download(repo, repo_name, revision=revision, cache_dir=hf_hub_cache(),
+            pointer = hf_hub_download(repo, item.repo_name, revision=revision, cache_dir=hf_hub_cache(),
                                       force_download=force, local_files_only=is_offline, endpoint=_endpoint(),
                                       tqdm_class=_progress_bar(stage, on_progress, used))
     except (OSError, ValueError, ConnectionError, _http_errors()) as error:
-        raise on_error(error) from error
+        raise _download_error(error, item) from error
     path = Path(pointer)
     digest = sha256_of(path)
     size = path.stat().st_size
     blob = path.resolve().name
+    fix = f"{download_command([item])} --force"
     if _SHA256.fullmatch(blob) and blob != digest:  # LFS blobs are named by their sha256
-        raise WeightsError(f"weights: {path} ({label}) does not match the sha256 the hub gives for it (corrupt); "
+        raise WeightsError(f"weights: {path} ({item.label}) does not match the sha256 the hub gives for it (corrupt); "
                            f"re-fetch it with: {fix}")
     if locked and locked.get("sha256") != digest:
         if used[0]:
             raise WeightsError(
-                f"weights: {repo}@{revision} now serves a different {repo_name} than the one locked in "
+                f"weights: {repo}@{revision} now serves a different {item.repo_name} than the one locked in "
                 f"{lock_path(repo, revision)}; if the repository changed on purpose, delete that lock file and "
                 f"download again, or pin --revision to the commit you locked")
-        raise WeightsError(f"weights: {path} ({label}) no longer matches the sha256 locked in "
+        raise WeightsError(f"weights: {path} ({item.label}) no longer matches the sha256 locked in "
                            f"{lock_path(repo, revision)} (changed or corrupt); re-fetch it with: {fix}")
     if not locked:
-        record_in_lock(repo, revision, repo_name, digest, size, "download", _commit_of(path))
+        record_in_lock(repo, revision, item.repo_name, digest, size, "download", _commit_of(path))
     return path, digest, size, used[0]
 
 
-def download(spec: ModelSpec, files: list[RepoFile], force: bool = False,
+def _download_one(item: RepoFile, force: bool, is_offline: bool, on_progress: ProgressCallback) -> FileResult:
+    """One file: the copy in maisi's store when it matches the lock (a model's file), else `_fetch_locked`."""
+    repo, revision = item.repo or "", item.revision
+    stage = f"fetch {item.repo_name}"
+    locked = read_lock(repo, revision).get(item.repo_name)
+    stored = item.stored
+    if stored is not None and stored.is_file():
+        stored_sha = sha256_of(stored)
+        if locked and locked.get("sha256") != stored_sha:
+            if not force:
+                raise WeightsError(
+                    f"weights: {stored} ({item.label}) no longer matches the sha256 locked in "
+                    f"{lock_path(repo, revision)}; re-fetch it with: {download_command([item])} --force")
+            stored.unlink()  # a corrupt copy in maisi's own store: drop it, the download below replaces it
+        elif not force:
+            size = stored.stat().st_size
+            on_progress(stage, size, size)
+            return FileResult(item, stored, "stored", stored_sha, size, "matches" if locked else None)
+    path, digest, size, downloaded = _fetch_locked(item, locked, force=force, is_offline=is_offline, stage=stage,
+                                                   on_progress=on_progress)
+    on_progress(stage, size, size)
+    return FileResult(item, path, "downloaded" if downloaded else "cached", digest, size,
+                      "matches" if locked else "recorded")
+
+
+def download(files: list[RepoFile], force: bool = False,
              on_progress: ProgressCallback | None = None) -> list[FileResult]:
     """Fetch files into the Hugging Face cache (or find them there, or in the import store), hash them, and hold
     them to the lock: the first download records a file; a later one must match it."""
-    repo = require_repository(spec)
-    revision = spec.hf_revision
+    _require_repositories(files)
     on_progress = on_progress or _no_progress
     is_offline = offline()
-    if force and is_offline:
-        raise WeightsError("--force: HF_HUB_OFFLINE is set, so nothing can be re-fetched; unset it, or bring intact "
-                           f"files from another machine and run: {_import_hint(spec)}")
-    results = []
-    for item in files:
-        stage = f"fetch {item.repo_name}"
-        locked = read_lock(repo, revision).get(item.repo_name)
-        stored = store_dir(repo, revision) / item.repo_name
-        if stored.is_file():
-            stored_sha = sha256_of(stored)
-            if locked and locked.get("sha256") != stored_sha:
-                if not force:
-                    raise WeightsError(
-                        f"weights: {stored} ({spec.name} {item.component}) no longer matches the sha256 locked in "
-                        f"{lock_path(repo, revision)}; re-fetch it with: {fetch_command(spec, item.component)} --force")
-                stored.unlink()  # a corrupt copy in maisi's own store: drop it, the download below replaces it
-            elif not force:
-                size = stored.stat().st_size
-                on_progress(stage, size, size)
-                results.append(FileResult(item.component, item.repo_name, item.kind, stored, "stored", stored_sha,
-                                          size, "matches" if locked else None))
-                continue
-        path, digest, size, downloaded = _fetch_locked(
-            repo, item.repo_name, revision, locked, force=force, is_offline=is_offline, stage=stage,
-            on_progress=on_progress, label=f"{spec.name} {item.component}",
-            fix=f"{fetch_command(spec, item.component)} --force",
-            on_error=lambda error: _download_error(error, spec, item, revision))
-        on_progress(stage, size, size)
-        results.append(FileResult(item.component, item.repo_name, item.kind, path,
-                                  "downloaded" if downloaded else "cached", digest, size,
-                                  "matches" if locked else "recorded"))
-    return results
+    if force and is_offline and files:
+        raise WeightsError("--force: HF_HUB_OFFLINE is set, so nothing can be re-fetched; unset it, or "
+                           f"{_without_hub(files[0], 'bring intact files from another machine and run')}")
+    return [_download_one(item, force, is_offline, on_progress) for item in files]
 
 
 # --- verify --------------------------------------------------------------------------------------------------------
 @dataclass
-class CheckResult:
-    component: str
-    repo_name: str
-    kind: str
+class CheckResult(_OfFile):
+    file: RepoFile
     where: str | None  # store | hf-cache | None (missing)
     path: Path | None
     status: str  # ok | mismatch | unlocked | missing
@@ -361,30 +348,28 @@ class CheckResult:
                 "locked_sha256": self.expected}
 
 
-def verify(spec: ModelSpec, files: list[RepoFile], on_progress: ProgressCallback | None = None,
+def verify(files: list[RepoFile], on_progress: ProgressCallback | None = None,
            hashed: dict[Path, str] | None = None) -> list[CheckResult]:
-    """Re-hash every copy maisi manages (import store, Hugging Face cache) and compare it with the lock.
-    Nothing raises for a mismatch: see `mismatch_error`. `hashed` shares digests between calls (same run)."""
-    repo = require_repository(spec)
+    """Re-hash every copy maisi manages (import store, Hugging Face cache; not a single file's copy brought by hand,
+    which is the user's own as a --weights-dir file) and compare it with the lock. Nothing raises for a mismatch:
+    see `mismatch_error`. `hashed` shares digests between calls (same run)."""
+    _require_repositories(files)
     on_progress = on_progress or _no_progress
     hashed = {} if hashed is None else hashed
-    lock = read_lock(repo, spec.hf_revision)
     results = []
     for item in files:
-        copies = managed_copies(spec, item.repo_name)
-        expected = (lock.get(item.repo_name) or {}).get("sha256")
+        copies = list(managed_copies(item))
+        expected = locked_sha256(item)
         if not copies:  # with `expected`: locked, so it was fetched once, and is gone
-            results.append(CheckResult(item.component, item.repo_name, item.kind, None, None, "missing", None,
-                                       expected))
+            results.append(CheckResult(item, None, None, "missing", None, expected))
             continue
-        for where, path in copies:
+        for path, where in copies:
             key = path.resolve()
             if key not in hashed:
                 hashed[key] = sha256_of(path, fresh=True)
             digest = hashed[key]
             status = "unlocked" if expected is None else ("ok" if digest == expected else "mismatch")
-            results.append(CheckResult(item.component, item.repo_name, item.kind, where, path, status, digest,
-                                       expected))
+            results.append(CheckResult(item, where, path, status, digest, expected))
         on_progress(f"hash {item.repo_name}", 1, 1)
     return results
 
@@ -394,37 +379,35 @@ def locked_but_missing(results: list[CheckResult]) -> list[CheckResult]:
     return [r for r in results if r.status == "missing" and r.expected is not None]
 
 
-def mismatch_error(spec: ModelSpec, results: list[CheckResult]) -> WeightsError | None:
-    """One line naming the first file that does not match the lock and the command that re-fetches it, else the
-    first locked file that is missing and the command that fetches it."""
+def mismatch_error(results: list[CheckResult]) -> WeightsError | None:
+    """One line naming the first file (of one model, or one single file) that does not match the lock and the
+    command that re-fetches it, else the first locked file that is missing and the command that fetches it."""
     bad = [r for r in results if r.status == "mismatch"]
     if not bad:
-        return missing_error(spec, results)
+        return missing_error(results)
     first = bad[0]
-    fix, more = fetch_fix(spec, bad)
+    fix, more = fetch_fix(bad)
     return WeightsError(
-        f"weights: {first.path} ({spec.name} {first.component}) does not match the sha256 locked in "
-        f"{lock_path(spec.hf_repo or '', spec.hf_revision)}{more}; re-fetch with: {fix} --force"
+        f"weights: {first.path} ({first.file.label}) does not match the sha256 locked in "
+        f"{lock_path(first.file.repo or '', first.file.revision)}{more}; re-fetch with: {fix} --force"
     )
 
 
-def fetch_fix(spec: ModelSpec, rows: list[CheckResult]) -> tuple[str, str]:
+def fetch_fix(rows: list[CheckResult]) -> tuple[str, str]:
     """(the command that fetches the files of `rows`, " (and N more)" when there are several) for an error line."""
-    components = list(dict.fromkeys(r.component for r in rows))
-    fix = "maisi weights download " + model_reference(spec) + "".join(f" --component {c}" for c in components)
-    return fix, f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
+    return download_command([r.file for r in rows]), f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
 
 
-def missing_error(spec: ModelSpec, results: list[CheckResult]) -> WeightsError | None:
+def missing_error(results: list[CheckResult]) -> WeightsError | None:
     gone = locked_but_missing(results)
     if not gone:
         return None
     first = gone[0]
-    fix, more = fetch_fix(spec, gone)
+    fix, more = fetch_fix(gone)
+    places = "the Hugging Face cache" if first.file.stored is None else "maisi's store and the Hugging Face cache"
     return WeightsError(
-        f"weights: {first.repo_name} ({spec.name} {first.component}) is locked in "
-        f"{lock_path(spec.hf_repo or '', spec.hf_revision)} but missing from maisi's store and the Hugging Face "
-        f"cache{more}; fetch it with: {fix}"
+        f"weights: {first.repo_name} ({first.file.label}) is locked in "
+        f"{lock_path(first.file.repo or '', first.file.revision)} but missing from {places}{more}; fetch it with: {fix}"
     )
 
 
@@ -492,23 +475,21 @@ def import_folder(folder: Path, spec: ModelSpec, on_progress: ProgressCallback |
             had_entry = item.repo_name in lock
             if not had_entry:
                 record_in_lock(repo, revision, item.repo_name, digest, size, f"import from {folder}")
-            results.append(FileResult(item.component, item.repo_name, item.kind, destination, "imported", digest,
-                                      size, "matches" if had_entry else "recorded"))
+            results.append(FileResult(item, destination, "imported", digest, size,
+                                      "matches" if had_entry else "recorded"))
     finally:
         for temporary in temporaries:
             temporary.unlink(missing_ok=True)
     missing = [f for f in files if f not in present]
-    return results + [FileResult(f.component, f.repo_name, f.kind, None, "not in folder") for f in missing]
+    return results + [FileResult(f, None, "not in folder") for f in missing]
 
 
 # --- where each file is --------------------------------------------------------------------------------------------
 @dataclass
-class Location:
-    component: str
-    repo_name: str
-    kind: str
+class Location(_OfFile):
+    file: RepoFile
     path: Path | None
-    source: str | None  # weights-dir | bundled | store | hf-cache | path | hand-placed (a HubFile under MAISI_HOME)
+    source: str | None  # weights-dir | bundled | store | hf-cache | path | hand-placed (a single file's own copy)
     size: int | None
     locked: bool
 
@@ -518,190 +499,12 @@ class Location:
                 "present": self.path is not None, "size": self.size, "locked": self.locked}
 
 
-def locations(spec: ModelSpec, weights_dir: Path | None = None) -> list[Location]:
-    """Where each repository file of a model would be read from (the order `generate` uses), or None."""
-    from maisi_cli.engine.weights import locate_file
-
-    lock = read_lock(spec.hf_repo, spec.hf_revision) if spec.hf_repo else {}
+def locations(files: list[RepoFile], weights_dir: Path | None = None) -> list[Location]:
+    """Where each file would be read from (the order `generate` and `maisi fid` use), or None."""
     found = []
-    for item in repo_files(spec):
-        hit = locate_file(spec, item.repo_name, weights_dir)
+    for item in files:
+        hit = locate_file(item, weights_dir)
         path, source = hit if hit else (None, None)
-        found.append(Location(item.component, item.repo_name, item.kind, path, source,
-                              path.stat().st_size if path else None, item.repo_name in lock))
+        locked = bool(item.repo) and item.repo_name in read_lock(item.repo or "", item.revision)
+        found.append(Location(item, path, source, path.stat().st_size if path else None, locked))
     return found
-
-
-# --- single files outside a model spec (feature extractors for `maisi fid`) ---------------------------------------
-@dataclass(frozen=True)
-class HubFile:
-    """One file of a Hugging Face repository that belongs to no model spec, fetched by
-    `maisi weights download NAME` and locked like a model's files."""
-
-    name: str  # what `maisi weights download` takes
-    hf_repo: str
-    filename: str
-    revision: str = "main"
-    licence: str | None = None
-    what: str = ""
-
-
-# The published RadImageNet ResNet-50 (no top) in the state-dict layout of `Warvito/radimagenet-models`, the network
-# the reference FID script loads through torch.hub (which fetches it from Google Drive with gdown). MONAI hosts the
-# same layout on the Hugging Face hub for its perceptual loss (`Project-MONAI/perceptual-models`, which downloads
-# `MONAI/checkpoints/RadImageNet-ResNet50_notop.pth` with hf_hub_download); maisi fetches it from there.
-EXTRACTOR_FILES = {
-    "radimagenet-resnet50": HubFile(
-        name="radimagenet-resnet50", hf_repo="MONAI/checkpoints", filename="RadImageNet-ResNet50_notop.pth",
-        licence="see the Hugging Face repository MONAI/checkpoints and the RadImageNet terms (radimagenet.com)",
-        what="RadImageNet ResNet-50 feature extractor for `maisi fid`"),
-}
-
-
-def extractor_file(name: str) -> HubFile | None:
-    return EXTRACTOR_FILES.get(name.strip().lower())
-
-
-def hub_files(name: str | None = None, revision: str | None = None) -> list[HubFile]:
-    """The HubFiles `maisi weights list|path|verify` show: every one (no name), the one named, or none (a model's
-    name); at `revision` when one is given (`--revision`)."""
-    if name is None:
-        chosen = list(EXTRACTOR_FILES.values())
-    else:
-        item = extractor_file(name)
-        chosen = [item] if item is not None else []
-    return [replace(item, revision=revision) if revision else item for item in chosen]
-
-
-def hand_placed_path(item: HubFile) -> Path:
-    """Where a copy brought by hand goes (`maisi fid` looks there before the Hugging Face cache)."""
-    return maisi_home() / "fid" / item.filename
-
-
-def hub_file_in_cache(item: HubFile, revision: str | None = None) -> Path | None:
-    """The file in the Hugging Face cache, or None (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(item.hf_repo, item.filename, revision=revision or item.revision,
-                                    cache_dir=hf_hub_cache())
-    return Path(cached) if isinstance(cached, str) else None
-
-
-def locate_hub_file(item: HubFile) -> tuple[Path, str] | None:
-    """(path, where) of the copy a HubFile is read from, or None: the copy brought by hand (`hand_placed_path`,
-    not held to the lock) first, then the Hugging Face cache at the item's revision (held to the lock). The order
-    `maisi fid` loads the extractor in (engine/fid.py `locate_radimagenet`)."""
-    manual = hand_placed_path(item)
-    if manual.is_file():
-        return manual, "hand-placed"
-    cached = hub_file_in_cache(item)
-    return (cached, "hf-cache") if cached is not None else None
-
-
-def hub_file_locations(item: HubFile) -> list[Location]:
-    """`locations` for a HubFile: one entry, in the fields of a model's files (component = the HubFile's name)."""
-    found = locate_hub_file(item)
-    path, source = found if found else (None, None)
-    locked = item.filename in read_lock(item.hf_repo, item.revision)
-    return [Location(item.name, item.filename, "weights", path, source, path.stat().st_size if path else None,
-                     locked)]
-
-
-def verify_hub_file(item: HubFile, on_progress: ProgressCallback | None = None,
-                    hashed: dict[Path, str] | None = None) -> list[CheckResult]:
-    """`verify` for a HubFile: re-hash the Hugging Face cache copy (the one maisi manages; a copy brought by hand is
-    the user's own, as a --weights-dir file) and compare it with the lock. See `hub_file_mismatch_error`."""
-    on_progress = on_progress or _no_progress
-    hashed = {} if hashed is None else hashed
-    cached = hub_file_in_cache(item)
-    expected = (read_lock(item.hf_repo, item.revision).get(item.filename) or {}).get("sha256")
-    if cached is None:  # with `expected`: locked, so it was fetched once, and is gone
-        return [CheckResult(item.name, item.filename, "weights", None, None, "missing", None, expected)]
-    key = cached.resolve()
-    if key not in hashed:
-        hashed[key] = sha256_of(cached, fresh=True)
-    digest = hashed[key]
-    status = "unlocked" if expected is None else ("ok" if digest == expected else "mismatch")
-    on_progress(f"hash {item.filename}", 1, 1)
-    return [CheckResult(item.name, item.filename, "weights", "hf-cache", cached, status, digest, expected)]
-
-
-def hub_file_fix(item: HubFile) -> str:
-    """The command that re-fetches a HubFile."""
-    pinned = f" --revision {item.revision}" if item.revision != EXTRACTOR_FILES.get(item.name, item).revision else ""
-    return f"maisi weights download {item.name}{pinned} --force"
-
-
-def hub_file_mismatch_error(item: HubFile, results: list[CheckResult]) -> WeightsError | None:
-    """`mismatch_error` for a HubFile: one line naming the file and the command that re-fetches it (or fetches it,
-    when it is locked but missing)."""
-    bad = [r for r in results if r.status == "mismatch"]
-    if not bad:
-        if not locked_but_missing(results):
-            return None
-        return WeightsError(f"weights: {item.filename} ({item.name}) is locked in "
-                            f"{lock_path(item.hf_repo, item.revision)} but missing from the Hugging Face cache; "
-                            f"fetch it with: {hub_file_fix(item).removesuffix(' --force')}")
-    return WeightsError(f"weights: {bad[0].path} ({item.name}) does not match the sha256 locked in "
-                        f"{lock_path(item.hf_repo, item.revision)}; re-fetch with: {hub_file_fix(item)}")
-
-
-def check_hub_file(item: HubFile, path: Path, revision: str | None = None) -> str:
-    """sha256 of a copy in the Hugging Face cache, held to the lock (WeightsError naming the fix on a mismatch)."""
-    revision = revision or item.revision
-    digest = hash_file(path)  # afresh: a digest cached by mtime could vouch for changed bytes
-    entry = read_lock(item.hf_repo, revision).get(item.filename)
-    if entry and entry.get("sha256") != digest:
-        raise WeightsError(f"weights: {path} ({item.name}) no longer matches the sha256 locked in "
-                           f"{lock_path(item.hf_repo, revision)} (changed or corrupt); re-fetch it with: "
-                           f"maisi weights download {item.name} --force")
-    return digest
-
-
-def _hub_file_error(error: BaseException, item: HubFile, revision: str, offline_hint: str) -> Exception:
-    """huggingface_hub's exceptions, for a HubFile, as one actionable line."""
-    from huggingface_hub import errors
-
-    repo = item.hf_repo
-    if isinstance(error, errors.RevisionNotFoundError):
-        return UsageError(f"--revision: {repo} has no revision '{revision}'; use a branch, tag or commit it has")
-    if isinstance(error, errors.GatedRepoError):
-        return WeightsError(f"weights: {repo} is gated: accept its licence on the hub, then set HF_TOKEN and run "
-                            "the command again")
-    if isinstance(error, errors.RepositoryNotFoundError) or (
-            isinstance(error, errors.HfHubHTTPError) and getattr(error.response, "status_code", None) == 401):
-        return WeightsError(f"weights: {repo} was not found or needs a token: set HF_TOKEN or check HF_ENDPOINT")
-    if isinstance(error, errors.RemoteEntryNotFoundError):
-        return WeightsError(f"weights: {repo}@{revision} has no file {item.filename}; check --revision")
-    if isinstance(error, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)) and offline():
-        return WeightsError(f"weights: {item.filename} ({item.name}) is not in the Hugging Face cache and "
-                            f"HF_HUB_OFFLINE is set (offline); unset it to download, or {offline_hint}")
-    cause = error
-    while isinstance(cause, (ValueError, errors.LocalEntryNotFoundError)) and cause.__cause__ is not None:
-        cause = cause.__cause__
-    source = _endpoint() or "the Hugging Face hub"
-    return WeightsError(f"weights: downloading {item.filename} ({item.name}) from {source} "
-                        f"failed ({first_sentence(cause)}); nothing was kept under its name: check the network (or "
-                        f"HF_ENDPOINT) and run the command again, or {offline_hint}")
-
-
-def download_hub_file(item: HubFile, revision: str | None = None, force: bool = False,
-                      on_progress: ProgressCallback | None = None, offline_hint: str = "") -> FileResult:
-    """Fetch one HubFile into the Hugging Face cache (or find it there), hash it and hold it to the lock, as
-    `download` does for a model's files. `offline_hint` says how to bring the file without the hub."""
-    revision = revision or item.revision
-    on_progress = on_progress or _no_progress
-    offline_hint = offline_hint or f"download {item.filename} on another machine"
-    is_offline = offline()
-    if force and is_offline:
-        raise WeightsError(f"--force: HF_HUB_OFFLINE is set, so nothing can be re-fetched; unset it, or "
-                           f"{offline_hint}")
-    stage = f"fetch {item.filename}"
-    locked = read_lock(item.hf_repo, revision).get(item.filename)
-    path, digest, size, downloaded = _fetch_locked(
-        item.hf_repo, item.filename, revision, locked, force=force, is_offline=is_offline, stage=stage,
-        on_progress=on_progress, label=item.name, fix=f"maisi weights download {item.name} --force",
-        on_error=lambda error: _hub_file_error(error, item, revision, offline_hint))
-    on_progress(stage, size, size)
-    return FileResult(item.name, item.filename, "weights", path, "downloaded" if downloaded else "cached", digest, size,
-                      "matches" if locked else "recorded")

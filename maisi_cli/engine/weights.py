@@ -5,8 +5,8 @@ Layouts (reference-inference.md §3.2):
 - diffusion UNets: {"unet_state_dict": …, "scale_factor": 0-dim tensor, …};
 - ControlNet: {"controlnet_state_dict": …, …}.
 Files are looked up under their repository names (e.g. `models/autoencoder_v1.pt`) in `--weights-dir` /
-`MAISI_WEIGHTS_DIR`, then in maisi's import store, then in the Hugging Face cache (engine/hub.py manages the last two
-and their sha256 lock). Every load is `torch.load(weights_only=True)`.
+`MAISI_WEIGHTS_DIR`, then in maisi's import store, then in the Hugging Face cache (engine/store.py: where those two
+are and their sha256 lock; engine/hub.py fetches into them). Every load is `torch.load(weights_only=True)`.
 
 What is loaded is what was checked: `load_verified` reads a file once, hashes exactly those bytes, holds them to the
 lock and hands the same bytes to torch.load, so the digest a sidecar records is the digest of the weights that ran
@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import pickle
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from maisi_cli.config import maisi_home
+from maisi_cli.engine.store import RepoFile, check_locked, fetch_command, managed_copies, model_files
 from maisi_cli.errors import WeightsError
+from maisi_cli.io.files import write_atomic
 from maisi_cli.models import ModelSpec
 
 STATE_DICT_KEYS = {
@@ -65,66 +67,44 @@ def weights_dir_from_env(weights_dir: Path | None) -> Path | None:
     return Path(env).expanduser() if env else None
 
 
-def model_reference(spec: ModelSpec) -> str:
-    """How to name the model on the command line: its name, or the spec file it was read from."""
-    return spec.source if spec.source.endswith(".json") else spec.name
-
-
-def fetch_command(spec: ModelSpec, component: str) -> str:
-    """The command that downloads one file of a model."""
-    return f"maisi weights download {model_reference(spec)} --component {component}"
-
-
-def hf_hub_cache() -> Path:
-    """The Hugging Face hub cache, read from the environment at call time (HF_HUB_CACHE, else HF_HOME/hub)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    return Path(home).expanduser() / "hub"
-
-
 def first_sentence(error: BaseException, limit: int = 120) -> str:
     text = " ".join(str(error).split())
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)
     return (text.split(". ")[0] or type(error).__name__)[:limit]
 
 
-def locate_file(spec: ModelSpec, repo_name: str, weights_dir: Path | None) -> tuple[Path, str] | None:
-    """(path, source) of one repository file of a model, or None. Order: `--weights-dir` / `MAISI_WEIGHTS_DIR`
-    (or an absolute name in the spec), the package itself (a bundled model), maisi's import store, the Hugging Face
-    cache."""
+def locate_file(item: RepoFile, weights_dir: Path | None = None) -> tuple[Path, str] | None:
+    """(path, where) of the copy a repository file is read from, or None. A model's file: `--weights-dir` /
+    `MAISI_WEIGHTS_DIR` (or an absolute name in the spec), the package itself (a bundled model), maisi's import
+    store, the Hugging Face cache. A single file (the FID extractor): the copy brought by hand, then the cache."""
+    if item.spec is None:
+        hand_placed = item.hand_placed
+        if hand_placed is not None and hand_placed.is_file():
+            return hand_placed, "hand-placed"
+        return next(managed_copies(item), None)
     weights_dir = weights_dir_from_env(weights_dir)
-    if weights_dir is not None and (weights_dir / repo_name).is_file():
-        return weights_dir / repo_name, "weights-dir"
-    if Path(repo_name).is_absolute():
-        return (Path(repo_name), "path") if Path(repo_name).is_file() else None
-    bundled = spec.bundled_file(repo_name)
+    if weights_dir is not None and (weights_dir / item.repo_name).is_file():
+        return weights_dir / item.repo_name, "weights-dir"
+    if Path(item.repo_name).is_absolute():
+        return (Path(item.repo_name), "path") if Path(item.repo_name).is_file() else None
+    bundled = item.spec.bundled_file(item.repo_name)
     if bundled is not None:
         return bundled, "bundled"
-    if spec.hf_repo:
-        from maisi_cli.engine.hub import cached_file, store_dir
-
-        stored = store_dir(spec.hf_repo, spec.hf_revision) / repo_name
-        if stored.is_file():
-            return stored, "store"
-        cached = cached_file(spec, repo_name)
-        if cached is not None:
-            return cached, "hf-cache"
-    return None
+    return next(managed_copies(item), None)
 
 
 def locate_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> WeightFile:
     """The file for one component (a `weights` key, or a `datasets` key such as mask_database), or a WeightsError
     naming it and the command that fetches it."""
-    files = {**spec.weights, **spec.datasets}
+    files = {item.component: item for item in model_files(spec)}
     if component not in files:
         if component == "controlnet":  # the MR models of MAISI v2 (plugin maisi-mr): no ControlNet is released
             raise WeightsError(f"model {spec.name} is image-only: its spec names no ControlNet weights (it "
                                "generates images without a condition mask); use a model with a ControlNet "
                                "(`maisi models`) for anything that needs one")
         raise WeightsError(f"model {spec.name}: its spec names no file for '{component}'")
-    repo_name = files[component]
-    found = locate_file(spec, repo_name, weights_dir)
+    repo_name = files[component].repo_name
+    found = locate_file(files[component], weights_dir)
     if found is not None:
         return WeightFile(component, repo_name, found[0], found[1])
     weights_dir = weights_dir_from_env(weights_dir)
@@ -136,55 +116,6 @@ def locate_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> 
         f"weights: {repo_name} ({spec.name} {component}) is missing {where}in maisi's store and in the Hugging Face "
         f"cache for {spec.hf_repo}; fetch it with: {fetch_command(spec, component)}"
     )
-
-
-def _sha256_cache_key(path: Path) -> str:
-    stat = path.stat()
-    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-
-
-def _read_sha256_cache() -> dict[str, str]:
-    try:
-        return json.loads((maisi_home() / "sha256-cache.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def remember_sha256(path: Path, digest: str) -> None:
-    """Record a digest computed elsewhere (e.g. while copying) so `sha256_of` need not re-read the file."""
-    cache_file = maisi_home() / "sha256-cache.json"
-    cache = _read_sha256_cache()
-    cache[_sha256_cache_key(path)] = digest
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(cache))
-        os.replace(temporary, cache_file)
-    except OSError:
-        pass  # a read-only home only costs re-hashing
-
-
-def sha256_of(path: Path, fresh: bool = False) -> str:
-    """sha256 of a file, remembered under MAISI_HOME by (path, size, mtime) so listing and fetching large checkpoints
-    hash them once. `fresh=True` reads the file again whatever the cache says (`maisi weights verify`). Nothing that
-    loads weights uses this cache: a file rewritten with its mtime put back would keep its old digest here."""
-    key = _sha256_cache_key(path)
-    if not fresh:
-        cached = _read_sha256_cache().get(key)
-        if cached:
-            return cached
-    digest = hash_file(path)
-    remember_sha256(path, digest)
-    return digest
-
-
-def hash_file(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks (no cache: `sha256_of` remembers large checkpoints)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 READ_BLOCK = 16 << 20  # large enough that a call per block costs nothing, small enough to hash while cache-hot
@@ -228,15 +159,8 @@ def check_lock(weight: WeightFile, spec: ModelSpec, digest: str) -> None:
     `--weights-dir` folder, no lock entry) are used as they are."""
     if weight.source not in MANAGED_SOURCES or not spec.hf_repo:
         return
-    from maisi_cli.engine.hub import lock_path, read_lock
-
-    entry = read_lock(spec.hf_repo, spec.hf_revision).get(weight.repo_name)
-    if entry and entry.get("sha256") != digest:
-        raise WeightsError(
-            f"weights: {weight.path} ({spec.name} {weight.component}) no longer matches the sha256 locked in "
-            f"{lock_path(spec.hf_repo, spec.hf_revision)} (changed or corrupt); re-fetch it with: "
-            f"{fetch_command(spec, weight.component)} --force"
-        )
+    check_locked(RepoFile(weight.component, weight.repo_name, repo=spec.hf_repo, revision=spec.hf_revision, spec=spec),
+                 weight.path, digest)
 
 
 def read_checkpoint(path: Path, data: io.BytesIO) -> Any:
@@ -330,8 +254,6 @@ def built_and_read(build: Callable[[], Any], weight: WeightFile) -> tuple[Any, t
     """(`build()`, `read_hashed(weight.path)`), the file read and hashed in a second thread while the network is
     built: hashlib releases the GIL, so the hash (about 1 s a GB on one core) hides behind the network's
     construction instead of adding to the load (bench/weight_hash_cost.py)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="maisi-read") as pool:
         reading = pool.submit(read_hashed, weight.path)
         network = build()
@@ -367,19 +289,17 @@ def weight_status(spec: ModelSpec, weights_dir: Path | None = None,
                   datasets: bool = False) -> list[tuple[str, str, Path | None]]:
     """(component, repository name, local path or None) for every weight file of a model (and, with
     `datasets=True`, every data file of its repository after them)."""
-    files = {**spec.weights, **(spec.datasets if datasets else {})}
     status = []
-    for component, repo_name in files.items():
-        found = locate_file(spec, repo_name, weights_dir)
-        status.append((component, repo_name, found[0] if found else None))
+    for item in model_files(spec):
+        if item.kind == "weights" or datasets:
+            found = locate_file(item, weights_dir)
+            status.append((item.component, item.repo_name, found[0] if found else None))
     return status
 
 
 def save_released_checkpoint(network: Any, component: str, path: Path, scale_factor: float | None = None,
                              **extras: Any) -> None:
     """Save `network` in the released layout of `component` (atomically): what `load_into` reads back."""
-    import io
-
     import torch
 
     state_dict = {k: v.detach().cpu() for k, v in network.state_dict().items()}
@@ -394,7 +314,5 @@ def save_released_checkpoint(network: Any, component: str, path: Path, scale_fac
             payload["scale_factor"] = torch.tensor(float(scale_factor))
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    from maisi_cli.io.files import write_atomic
-
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, buffer.getvalue())

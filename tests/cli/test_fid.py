@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from maisi_cli.cli.app import app
 from maisi_cli.engine.fid import RadImageNetResNet50
-from tests.unit.test_fid import write_volumes
+from tests.unit.test_fid import fresh_plugins, write_volumes  # noqa: F401 (fresh_plugins: a fixture)
 
 runner = CliRunner()
 
@@ -147,6 +147,7 @@ def test_relative_file_list_and_bad_datalist(fid_inputs, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.usefixtures("fresh_plugins")
 def test_plugin_extractor_by_name(fid_inputs, monkeypatch):
     from tests.unit.test_fid import install_plugins
 

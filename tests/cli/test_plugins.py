@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from maisi_cli import plugins
+from maisi_cli.cli.plugins import plugin_records
 
 REPO = Path(__file__).resolve().parents[2]
 MR_PLUGIN = REPO / "plugins" / "maisi-mr"
@@ -201,7 +202,7 @@ def test_load_plugins_filter(site, monkeypatch, value, loaded):
     from maisi_cli.models import list_models
 
     assert ("rflow-mr" in {m.name for m in list_models()}) is loaded
-    status = {r.group: r for r in plugins.plugin_status() if r.plugin == "maisi-mr-test"}
+    status = {r.group: r for r in plugin_records() if r.plugin == "maisi-mr-test"}
     assert all(r.skipped is not loaded for r in status.values())
 
 
@@ -286,7 +287,7 @@ def test_spec_outside_the_target_allow_list_is_refused(site, monkeypatch, tiny_m
 
     with pytest.raises(UsageError, match="unknown model 'evil'"):
         get_model("evil")
-    (record,) = [r for r in plugins.plugin_status(["models"]) if r.plugin == "maisi-evil"]
+    (record,) = [r for r in plugin_records(["models"]) if r.plugin == "maisi-evil"]
     assert "_target_" in record.error and "os.system" in record.error
     assert plugins.pending_warnings() and "maisi-evil" in plugins.pending_warnings()[0]
 
@@ -302,6 +303,44 @@ def test_broken_plugin_in_a_real_process(site, tmp_path):
     assert json.loads(done.stdout)["labels"][0]["name"] == "liver"
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Warning: plugin maisi-broken"), done.stderr
+
+
+# --- FID feature extractors (maisi.extractors) -----------------------------------------------------------------------
+def test_extractor_plugins_are_listed_and_follow_load_plugins(site, fresh_app, monkeypatch, tmp_path):
+    """`maisi plugins` lists a maisi.extractors entry point without importing it (a claim on the built-in name is a
+    conflict), `maisi fid --extractor-name` uses it, and MAISI_LOAD_PLUGINS leaves it out of both."""
+    from tests.unit.test_fid import write_volumes
+
+    site("maisi-fidnet", {"extractors": {"toy": "maisi_fidnet:make", "radimagenet-resnet50": "maisi_fidnet:make"}},
+         modules={"maisi_fidnet": "from tests.unit.test_fid import toy_factory as make\n"})
+    monkeypatch.delenv("MAISI_LOAD_PLUGINS")  # unset: every plugin loads
+    app = fresh_app()
+    listed = invoke(app, "plugins", "--json")
+    assert listed.exit_code == 0, listed.stderr
+    mine = {e["entry_point"]: e for e in json.loads(listed.stdout)["plugins"] if e["plugin"] == "maisi-fidnet"}
+    assert (mine["toy"]["group"], mine["toy"]["status"], mine["toy"]["registered"]) == ("maisi.extractors", "ok",
+                                                                                        ["toy"])
+    assert mine["radimagenet-resnet50"]["status"] == "conflict" and mine["radimagenet-resnet50"]["refused"] == [
+        "radimagenet-resnet50 (the name is taken by maisi)"]
+    assert "maisi_fidnet" not in sys.modules  # listed, not imported
+    table = invoke(app, "plugins")
+    assert table.exit_code == 0 and "maisi-fidnet" in table.stdout and "conflict" in table.stdout, table.stdout
+
+    real, synth = write_volumes(tmp_path / "real", 2, 1), write_volumes(tmp_path / "synth", 2, 2)
+    args = ["fid", str(real), str(synth), "--target-shape", "16x16x16", "--device", "cpu", "--planes", "xy",
+            "--extractor-name", "toy"]
+    used = invoke(app, "--json", *args)
+    assert used.exit_code == 0, used.stderr
+    assert json.loads(used.stdout)["extractor"] == "toy"
+
+    monkeypatch.setenv("MAISI_LOAD_PLUGINS", "someone-else")
+    plugins.reset()
+    skipped = {e["entry_point"]: e for e in json.loads(invoke(app, "plugins", "--json").stdout)["plugins"]
+               if e["plugin"] == "maisi-fidnet"}
+    assert {e["status"] for e in skipped.values()} == {"skipped"} and skipped["toy"]["registered"] == []
+    left_out = invoke(app, *args)
+    assert left_out.exit_code == 2, left_out.stderr
+    assert "no extractor 'toy'; installed: radimagenet-resnet50 " in left_out.stderr, left_out.stderr
 
 
 # --- the example plugin as installed (.ci/run installs plugins/maisi-mr) ----------------------------------------------

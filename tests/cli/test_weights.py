@@ -461,7 +461,7 @@ def test_list_path_verify_show_the_fid_extractor(extractor_hub, tmp_path):
     assert runner.invoke(app, ["weights", "verify"]).exit_code == 0
 
     # a copy brought by hand wins, for `maisi fid` and for `path`
-    own = hub_engine.hand_placed_path(hub_engine.extractor_file(EXTRACTOR))
+    own = hub_engine.extractor_file(EXTRACTOR).hand_placed
     own.parent.mkdir(parents=True)
     own.write_bytes(b"my own copy")
     where = json_of("weights", "path", EXTRACTOR)["models"][0]["files"][0]
@@ -503,8 +503,9 @@ def test_verify_fails_on_a_locked_file_that_is_missing(extractor_hub):
     """A file fetched once (in the lock) whose copy is gone: verify exits 1 with one line naming the file and the
     fetch command, and its JSON says which file is missing; files never fetched stay a plain "missing"."""
     from maisi_cli.engine import hub as hub_engine
+    from maisi_cli.engine import store
 
-    hub_engine.record_in_lock("nvidia/NV-Generate-CT", "main", "models/diff_unet_3d_rflow-ct.pt", "1" * 64, 10, "download")
+    store.record_in_lock("nvidia/NV-Generate-CT", "main", "models/diff_unet_3d_rflow-ct.pt", "1" * 64, 10, "download")
     for args in (["rflow-ct"], []):
         result = runner.invoke(app, ["--quiet", "weights", "verify", *args])
         assert result.exit_code == 1, (result.stdout, result.stderr)
@@ -523,7 +524,7 @@ def test_verify_fails_on_a_locked_file_that_is_missing(extractor_hub):
 
     # the extractor: downloaded (locked), then its cached copy removed
     assert runner.invoke(app, ["--quiet", "weights", "download", EXTRACTOR]).exit_code == 0
-    cached = hub_engine.hub_file_in_cache(hub_engine.extractor_file(EXTRACTOR))
+    cached = store.cached_file(hub_engine.extractor_file(EXTRACTOR))
     cached.unlink()
     result = runner.invoke(app, ["--quiet", "weights", "verify", EXTRACTOR])
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr

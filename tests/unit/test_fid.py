@@ -279,6 +279,17 @@ def not_an_extractor(weights):
     return torch.nn.Linear(2, 2)
 
 
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    """Entry points read anew in the test (none cached by another) and all let in (MAISI_LOAD_PLUGINS unset)."""
+    from maisi_cli import plugins
+
+    monkeypatch.delenv("MAISI_LOAD_PLUGINS", raising=False)
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
 def install_plugins(monkeypatch, **plugins: str) -> list:
     """Fake installed plugins: importlib.metadata.entry_points answers these for the group (and records calls)."""
     import importlib.metadata
@@ -295,7 +306,7 @@ def install_plugins(monkeypatch, **plugins: str) -> list:
     return calls
 
 
-def test_plugin_extractor_is_found_loaded_lazily_and_used(tmp_path, monkeypatch, tiny_extractor_file):
+def test_plugin_extractor_is_found_loaded_lazily_and_used(tmp_path, monkeypatch, tiny_extractor_file, fresh_plugins):
     import sys
 
     calls = install_plugins(monkeypatch, toy="tests.unit.test_fid:toy_factory",
@@ -316,7 +327,7 @@ def test_plugin_extractor_is_found_loaded_lazily_and_used(tmp_path, monkeypatch,
     assert compute_fid(real, synth, builtin, settings, cache_dir=tmp_path / "cache").cached == 0
 
 
-def test_broken_plugins_fail_alone(tmp_path, monkeypatch, tiny_extractor_file):
+def test_broken_plugins_fail_alone(tmp_path, monkeypatch, tiny_extractor_file, fresh_plugins):
     install_plugins(monkeypatch, broken="maisi_no_such_plugin_module:make",
                     failing="tests.unit.test_fid:broken_factory", wrong="tests.unit.test_fid:not_an_extractor",
                     **{"radimagenet-resnet50": "tests.unit.test_fid:toy_factory"})
@@ -341,7 +352,7 @@ def test_broken_plugins_fail_alone(tmp_path, monkeypatch, tiny_extractor_file):
                       RadImageNetResNet50)
 
 
-def test_unreadable_plugin_metadata_is_one_warning(monkeypatch):
+def test_unreadable_plugin_metadata_is_one_warning(monkeypatch, fresh_plugins):
     import importlib.metadata
 
     def entry_points(**params):
@@ -359,11 +370,11 @@ def test_downloaded_extractor_is_locked_and_used_without_extractor(tmp_path, mon
 
     import huggingface_hub
 
-    from maisi_cli.engine import hub
+    from maisi_cli.engine import hub, store
     from tests.unit.test_hub import put_in_hf_cache
 
     item = hub.extractor_file("radimagenet-resnet50")
-    assert (item.hf_repo, item.filename) == ("MONAI/checkpoints", "RadImageNet-ResNet50_notop.pth")
+    assert (item.repo, item.repo_name) == ("MONAI/checkpoints", "RadImageNet-ResNet50_notop.pth")
     payload = tiny_extractor_file.read_bytes()
     calls = []
 
@@ -379,15 +390,15 @@ def test_downloaded_extractor_is_locked_and_used_without_extractor(tmp_path, mon
     assert "run `maisi weights download radimagenet-resnet50`" in str(missing.value)
     assert str(fid_engine.default_extractor_path()) in str(missing.value)
 
-    result = hub.download_hub_file(item)
+    (result,) = hub.download([item])
     digest = hashlib.sha256(payload).hexdigest()
     assert calls[-1][:2] == ("MONAI/checkpoints", "RadImageNet-ResNet50_notop.pth")
     assert calls[-1][2]["local_files_only"] is False and result.lock == "recorded" and result.sha256 == digest
-    assert hub.read_lock("MONAI/checkpoints", "main")["RadImageNet-ResNet50_notop.pth"]["sha256"] == digest
-    assert hub.download_hub_file(item).lock == "matches"
+    assert store.read_lock("MONAI/checkpoints", "main")["RadImageNet-ResNet50_notop.pth"]["sha256"] == digest
+    assert hub.download([item])[0].lock == "matches"
 
     extractor = load_extractor(None)  # found in the Hugging Face cache, held to the lock
-    assert extractor.path == hub.hub_file_in_cache(item) and extractor.sha256 == digest
+    assert extractor.path == store.cached_file(item) and extractor.sha256 == digest
     assert extractor.model.width == 8
     # a copy put by hand under MAISI_HOME wins
     own = fid_engine.default_extractor_path()

@@ -1,16 +1,18 @@
-"""engine/hub.py and the lock-related parts of engine/weights.py, in process and without a network: which files,
-where they are found, the sha256 lock, import, verify, and how hub failures read."""
+"""engine/hub.py, engine/store.py and the lock-related parts of engine/weights.py, in process and without a network:
+which files, where they are found, the sha256 lock, import, verify, and how hub failures read."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from maisi_cli.engine import hub
-from maisi_cli.engine.weights import WeightFile, check_lock, hash_file, locate_weight
+from maisi_cli.engine import hub, store
+from maisi_cli.engine.store import hash_file
+from maisi_cli.engine.weights import WeightFile, check_lock, locate_file, locate_weight
 from maisi_cli.errors import UsageError, WeightsError
 from maisi_cli.models import get_model
 
@@ -65,14 +67,14 @@ def test_repo_files_picks_components_and_refuses_unknown_ones(spec):
 
 
 def test_lock_and_store_paths_live_under_maisi_home(tmp_path):
-    assert hub.lock_path("nvidia/NV-Generate-CT", "main") == (
+    assert store.lock_path("nvidia/NV-Generate-CT", "main") == (
         tmp_path / "maisi-home" / "locks" / "nvidia--NV-Generate-CT@main.json")
-    assert hub.store_dir("nvidia/NV-Generate-CT", "refs/pr/1") == (
+    assert store.store_dir("nvidia/NV-Generate-CT", "refs/pr/1") == (
         tmp_path / "maisi-home" / "weights" / "nvidia--NV-Generate-CT" / "refs--pr--1")
-    hub.record_in_lock("o/r", "main", "models/a.pt", "1" * 64, 3, "download", COMMIT)
-    hub.record_in_lock("o/r", "main", "models/a.pt", "2" * 64, 3, "download")  # first record wins
-    assert hub.read_lock("o/r", "main")["models/a.pt"]["sha256"] == "1" * 64
-    assert hub.read_lock("o/r", "other") == {}
+    store.record_in_lock("o/r", "main", "models/a.pt", "1" * 64, 3, "download", COMMIT)
+    store.record_in_lock("o/r", "main", "models/a.pt", "2" * 64, 3, "download")  # first record wins
+    assert store.read_lock("o/r", "main")["models/a.pt"]["sha256"] == "1" * 64
+    assert store.read_lock("o/r", "other") == {}
 
 
 def test_locate_order_weights_dir_then_store_then_cache(spec, payloads, tmp_path, monkeypatch):
@@ -82,8 +84,8 @@ def test_locate_order_weights_dir_then_store_then_cache(spec, payloads, tmp_path
         locate_weight(spec, "autoencoder", None)
     cached = put_in_hf_cache(tmp_path, spec.hf_repo, name, payloads[name])
     assert locate_weight(spec, "autoencoder", None) == WeightFile("autoencoder", name, cached, "hf-cache")
-    stored = hub.store_dir(spec.hf_repo, spec.hf_revision) / name
-    write_folder(hub.store_dir(spec.hf_repo, spec.hf_revision), {name: payloads[name]})
+    stored = store.store_dir(spec.hf_repo, spec.hf_revision) / name
+    write_folder(store.store_dir(spec.hf_repo, spec.hf_revision), {name: payloads[name]})
     assert locate_weight(spec, "autoencoder", None) == WeightFile("autoencoder", name, stored, "store")
     folder = write_folder(tmp_path / "mine", {name: b"my own"})
     monkeypatch.setenv("MAISI_WEIGHTS_DIR", str(folder))
@@ -104,7 +106,7 @@ def test_the_lock_holds_managed_files_only(spec, payloads, tmp_path):
     weight = locate_weight(spec, "diffusion_unet", None)
     digest = hashlib.sha256(payloads[name]).hexdigest()
     check_lock(weight, spec, hash_file(weight.path))  # no lock entry: hashed and used
-    hub.record_in_lock(spec.hf_repo, spec.hf_revision, name, digest, len(payloads[name]), "download")
+    store.record_in_lock(spec.hf_repo, spec.hf_revision, name, digest, len(payloads[name]), "download")
     check_lock(weight, spec, hash_file(weight.path))
     cached.resolve().write_bytes(b"changed")
     with pytest.raises(WeightsError, match=f"no longer matches the sha256 locked in .*re-fetch it with: maisi "
@@ -120,18 +122,18 @@ def test_the_lock_holds_managed_files_only(spec, payloads, tmp_path):
 def test_import_checks_every_file_before_placing_any(spec, payloads, tmp_path):
     folder = write_folder(tmp_path / "brought", payloads)
     name = spec.weights["controlnet"]
-    hub.record_in_lock(spec.hf_repo, spec.hf_revision, name, "0" * 64, 1, "download")
+    store.record_in_lock(spec.hf_repo, spec.hf_revision, name, "0" * 64, 1, "download")
     with pytest.raises(WeightsError, match=f"{folder / name} does not match the sha256 locked"):
         hub.import_folder(folder, spec)
-    store = hub.store_dir(spec.hf_repo, spec.hf_revision)
-    assert not store.exists() or not [p for p in store.rglob("*") if p.is_file()]
+    imported = store.store_dir(spec.hf_repo, spec.hf_revision)
+    assert not imported.exists() or not [p for p in imported.rglob("*") if p.is_file()]
 
-    hub.lock_path(spec.hf_repo, spec.hf_revision).unlink()
+    store.lock_path(spec.hf_repo, spec.hf_revision).unlink()
     stages = []
     results = hub.import_folder(folder, spec, lambda stage, done, total: stages.append((stage, done, total)))
     assert {r.status for r in results} == {"imported"} and {r.lock for r in results} == {"recorded"}
-    assert sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file()) == sorted(payloads)
-    lock = hub.read_lock(spec.hf_repo, spec.hf_revision)
+    assert sorted(p.relative_to(imported).as_posix() for p in imported.rglob("*") if p.is_file()) == sorted(payloads)
+    lock = store.read_lock(spec.hf_repo, spec.hf_revision)
     assert {n: e["sha256"] for n, e in lock.items()} == {n: hashlib.sha256(p).hexdigest() for n, p in payloads.items()}
     assert [s for s in stages if s[1] == s[2]] == [(f"import {n}", len(p), len(p)) for n, p in payloads.items()]
     again = hub.import_folder(folder, spec)
@@ -147,16 +149,16 @@ def test_verify_reports_each_managed_copy(spec, payloads, tmp_path):
     name = spec.weights["autoencoder"]
     digest = hashlib.sha256(payloads[name]).hexdigest()
     put_in_hf_cache(tmp_path, spec.hf_repo, name, payloads[name])
-    hub.record_in_lock(spec.hf_repo, spec.hf_revision, name, digest, len(payloads[name]), "download")
-    write_folder(hub.store_dir(spec.hf_repo, spec.hf_revision), {name: b"not the same"})
-    results = hub.verify(spec, hub.repo_files(spec))
+    store.record_in_lock(spec.hf_repo, spec.hf_revision, name, digest, len(payloads[name]), "download")
+    write_folder(store.store_dir(spec.hf_repo, spec.hf_revision), {name: b"not the same"})
+    results = hub.verify(hub.repo_files(spec))
     by_where = {(r.repo_name, r.where): r.status for r in results}
     assert by_where[(name, "store")] == "mismatch" and by_where[(name, "hf-cache")] == "ok"
     assert by_where[(spec.weights["controlnet"], None)] == "missing"
-    error = hub.mismatch_error(spec, results)
+    error = hub.mismatch_error(results)
     assert error is not None and str(error).endswith(
         f"re-fetch with: maisi weights download {spec.source} --component autoencoder --force")
-    assert hub.mismatch_error(spec, [r for r in results if r.status != "mismatch"]) is None
+    assert hub.mismatch_error([r for r in results if r.status != "mismatch"]) is None
 
 
 def test_download_reads_offline_at_call_time_and_repairs_a_corrupt_store_copy(spec, payloads, tmp_path,
@@ -174,20 +176,20 @@ def test_download_reads_offline_at_call_time_and_repairs_a_corrupt_store_copy(sp
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     files = hub.repo_files(spec, ["autoencoder"])
-    first = hub.download(spec, files)
+    first = hub.download(files)
     assert first[0].lock == "recorded" and calls[-1]["local_files_only"] is False
     assert calls[-1]["cache_dir"] == tmp_path / "hf-home" / "hub"
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert hub.download(spec, files)[0].lock == "matches" and calls[-1]["local_files_only"] is True
+    assert hub.download(files)[0].lock == "matches" and calls[-1]["local_files_only"] is True
     with pytest.raises(WeightsError, match="--force: HF_HUB_OFFLINE is set"):
-        hub.download(spec, files, force=True)
+        hub.download(files, force=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
 
-    stored = write_folder(hub.store_dir(spec.hf_repo, spec.hf_revision), {name: b"corrupt"}) / name
+    stored = write_folder(store.store_dir(spec.hf_repo, spec.hf_revision), {name: b"corrupt"}) / name
     with pytest.raises(WeightsError, match="--component autoencoder --force$"):
-        hub.download(spec, files)
-    repaired = hub.download(spec, files, force=True)
+        hub.download(files)
+    repaired = hub.download(files, force=True)
     assert not stored.exists() and repaired[0].path.read_bytes() == payloads[name]
     assert calls[-1]["force_download"] is True
 
@@ -198,40 +200,41 @@ def test_hub_failures_read_as_one_actionable_line(spec, monkeypatch):
 
     item = hub.repo_files(spec, ["autoencoder"])[0]
     response = httpx2.Response(404, request=httpx2.Request("HEAD", "http://hub/x"))
-    revision = hub._download_error(errors.RevisionNotFoundError("no", response=response), spec, item, "v9")
+    revision = hub._download_error(errors.RevisionNotFoundError("no", response=response), replace(item, revision="v9"))
     assert isinstance(revision, UsageError) and "--revision" in str(revision)
-    entry = hub._download_error(errors.RemoteEntryNotFoundError("no", response=response), spec, item, "main")
+    entry = hub._download_error(errors.RemoteEntryNotFoundError("no", response=response), item)
     assert "has no file models/autoencoder_v1.pt" in str(entry)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    offline = hub._download_error(errors.LocalEntryNotFoundError("x"), spec, item, "main")
+    offline = hub._download_error(errors.LocalEntryNotFoundError("x"), item)
     assert "offline" in str(offline) and f"maisi weights import DIR {spec.source}" in str(offline)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     wrapped = ValueError("Force download failed due to the above error.")
     wrapped.__cause__ = httpx2.ConnectError("All connection attempts failed")
-    network = hub._download_error(wrapped, spec, item, "main")
+    network = hub._download_error(wrapped, item)
     assert isinstance(network, WeightsError) and "(All connection attempts failed)" in str(network)
     assert "\n" not in str(network)
 
 
 def test_hub_files_are_picked_by_name_and_revision(tmp_path):
     item = hub.extractor_file("radimagenet-resnet50")
-    assert hub.hub_files() == list(hub.EXTRACTOR_FILES.values()) and hub.hub_files("RadImageNet-ResNet50") == [item]
-    assert hub.hub_files("rflow-ct") == [] and hub.hub_files("nope") == []
-    pinned = hub.hub_files("radimagenet-resnet50", "v2")[0]
-    assert pinned.revision == "v2" and pinned.filename == item.filename
-    assert hub.hub_file_fix(item) == "maisi weights download radimagenet-resnet50 --force"
-    assert hub.hub_file_fix(pinned) == "maisi weights download radimagenet-resnet50 --revision v2 --force"
+    assert hub.extractor_files() == list(hub.EXTRACTOR_FILES.values())
+    assert hub.extractor_files("RadImageNet-ResNet50") == [item]
+    assert hub.extractor_files("rflow-ct") == [] and hub.extractor_files("nope") == []
+    pinned = hub.extractor_files("radimagenet-resnet50", "v2")[0]
+    assert pinned.revision == "v2" and pinned.repo_name == item.repo_name
+    assert store.download_command([item]) == "maisi weights download radimagenet-resnet50"
+    assert store.download_command([pinned]) == "maisi weights download radimagenet-resnet50 --revision v2"
     # nothing there: missing, unlocked, and verify says so without raising
-    assert [(loc.path, loc.source, loc.locked) for loc in hub.hub_file_locations(item)] == [(None, None, False)]
-    results = hub.verify_hub_file(item)
-    assert [r.status for r in results] == ["missing"] and hub.hub_file_mismatch_error(item, results) is None
+    assert [(loc.path, loc.source, loc.locked) for loc in hub.locations([item])] == [(None, None, False)]
+    results = hub.verify([item])
+    assert [r.status for r in results] == ["missing"] and hub.mismatch_error(results) is None
     # an unlocked cache copy is hashed and reported, not refused
     payload = b"weights"
-    path = put_in_hf_cache(tmp_path, item.hf_repo, item.filename, payload)
-    assert hub.locate_hub_file(item) == (path, "hf-cache")
-    assert [(r.status, r.sha256) for r in hub.verify_hub_file(item)] == [
+    path = put_in_hf_cache(tmp_path, item.repo, item.repo_name, payload)
+    assert locate_file(item) == (path, "hf-cache")
+    assert [(r.status, r.sha256) for r in hub.verify([item])] == [
         ("unlocked", hashlib.sha256(payload).hexdigest())]
-    assert hub.locate_hub_file(pinned) is None  # another revision: not in the cache
+    assert locate_file(pinned) is None  # another revision: not in the cache
 
 
 def test_verify_refuses_a_locked_file_that_is_missing(spec, payloads, tmp_path):
@@ -239,21 +242,21 @@ def test_verify_refuses_a_locked_file_that_is_missing(spec, payloads, tmp_path):
     while a file never fetched (not locked) stays a plain "missing"."""
     name = spec.weights["autoencoder"]
     digest = hashlib.sha256(payloads[name]).hexdigest()
-    hub.record_in_lock(spec.hf_repo, spec.hf_revision, name, digest, len(payloads[name]), "download")
-    results = hub.verify(spec, hub.repo_files(spec))
+    store.record_in_lock(spec.hf_repo, spec.hf_revision, name, digest, len(payloads[name]), "download")
+    results = hub.verify(hub.repo_files(spec))
     by_name = {r.repo_name: r for r in results}
     assert (by_name[name].status, by_name[name].expected) == ("missing", digest)
     assert by_name[spec.weights["controlnet"]].expected is None
-    error = hub.mismatch_error(spec, results)
+    error = hub.mismatch_error(results)
     assert error is not None and "\n" not in str(error)
     assert str(error).startswith(f"weights: {name} ({spec.name} autoencoder) is locked in ")
     assert str(error).endswith(f"fetch it with: maisi weights download {spec.source} --component autoencoder")
-    assert hub.mismatch_error(spec, [by_name[spec.weights["controlnet"]]]) is None
+    assert hub.mismatch_error([by_name[spec.weights["controlnet"]]]) is None
 
     item = hub.extractor_file("radimagenet-resnet50")
-    hub.record_in_lock(item.hf_repo, item.revision, item.filename, "3" * 64, 7, "download")
-    checked = hub.verify_hub_file(item)
+    store.record_in_lock(item.repo, item.revision, item.repo_name, "3" * 64, 7, "download")
+    checked = hub.verify([item])
     assert [(r.status, r.expected) for r in checked] == [("missing", "3" * 64)]
-    gone = hub.hub_file_mismatch_error(item, checked)
-    assert gone is not None and item.filename in str(gone)
+    gone = hub.mismatch_error(checked)
+    assert gone is not None and item.repo_name in str(gone)
     assert str(gone).endswith("fetch it with: maisi weights download radimagenet-resnet50")

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from maisi_cli.engine import hub, weights
+from maisi_cli.engine import hub, store, weights
 from maisi_cli.engine.networks import build_network
-from maisi_cli.engine.weights import WeightFile, load_verified, read_hashed, save_released_checkpoint, sha256_of
+from maisi_cli.engine.store import sha256_of
+from maisi_cli.engine.weights import WeightFile, load_verified, read_hashed, save_released_checkpoint
 from maisi_cli.errors import UsageError, WeightsError
 from maisi_cli.models import ALLOWED_TARGETS, PARAMETERS, ModelSpec, get_model
 from tests.helpers import fill_random, tiny_spec_document
@@ -102,9 +103,9 @@ def test_the_digest_cache_cannot_vouch_for_a_load(spec, tmp_path):
 
 def test_a_locked_store_file_is_refused_before_torch_load_sees_it(spec, tmp_path, monkeypatch):
     repo_name = spec.weights["diffusion_unet"]
-    stored = saved_unet(spec, hub.store_dir(spec.hf_repo, spec.hf_revision) / repo_name)
+    stored = saved_unet(spec, store.store_dir(spec.hf_repo, spec.hf_revision) / repo_name)
     original = stored.read_bytes()
-    hub.record_in_lock(spec.hf_repo, spec.hf_revision, repo_name, hashlib.sha256(original).hexdigest(),
+    store.record_in_lock(spec.hf_repo, spec.hf_revision, repo_name, hashlib.sha256(original).hexdigest(),
                        len(original), "import")
     sha256_of(stored)
     rewrite_keeping_size_and_mtime(stored, saved_unet(spec, tmp_path / "other.pt", seed=1).read_bytes())
@@ -187,16 +188,16 @@ def test_the_fid_extractor_is_held_to_its_lock_by_its_bytes_not_a_cached_digest(
     """A locked RadImageNet copy rewritten with its size and mtime kept: the digest cache (keyed by path, size and
     mtime) would still vouch for it; the check reads the bytes."""
     item = hub.EXTRACTOR_FILES["radimagenet-resnet50"]
-    path = tmp_path / item.filename
+    path = tmp_path / item.repo_name
     path.write_bytes(b"A" * 4096)
-    hub.record_in_lock(item.hf_repo, item.revision, item.filename, hashlib.sha256(b"A" * 4096).hexdigest(), 4096,
+    store.record_in_lock(item.repo, item.revision, item.repo_name, hashlib.sha256(b"A" * 4096).hexdigest(), 4096,
                        "test")
-    assert hub.check_hub_file(item, path) == sha256_of(path)  # primes the cache
+    assert store.held_to_lock(item, path) == sha256_of(path)  # primes the cache
     stat = path.stat()
     path.write_bytes(b"B" * 4096)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(WeightsError, match="no longer matches the sha256 locked"):
-        hub.check_hub_file(item, path)
+        store.held_to_lock(item, path)
 
 
 def test_built_and_read_reads_and_hashes_in_another_thread_while_building(tmp_path, monkeypatch):
