@@ -12,13 +12,21 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
+import torch
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
+from maisi_cli.engine.decode import LatentDecoder, decode_latents
+from maisi_cli.engine.masks.augment import augment_mask
+from maisi_cli.engine.masks.archive import inspect_archive, is_unpacked, mask_root, unpack_archive, unpack_target
 from maisi_cli.engine.masks.database import (MaskDatabaseError, MaskEntry, climbs_out, find_candidates, outside_error,
                                              resolves_outside, shuffled)
-from maisi_cli.engine.masks.user import ConditionMask, condition_mask_from_array, load_condition_mask
-from maisi_cli.engine.networks import LoadedModel
+from maisi_cli.engine.masks.generation import GENERATED_SPACING, channels_to_labels, post_process, sample_mask_latents
+from maisi_cli.engine.masks.user import ConditionMask, condition_mask_from_array, fit_to_grid, load_condition_mask
+from maisi_cli.engine.networks import LoadedModel, build_scheduler
+from maisi_cli.engine.postprocess import ras_affine
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
+from maisi_cli.engine.sampling import initial_noise
+from maisi_cli.engine.seeds import derive_attempt_seed, derive_sample_seed
 from maisi_cli.errors import MaskError
 from maisi_cli.io.files import sha256_of_input
 from maisi_cli.models import ModelSpec
@@ -53,7 +61,6 @@ def missing_anatomy(labels: np.ndarray, anatomy_ids: Sequence[int]) -> list[int]
 @dataclass
 class FileMaskSource:
     """The same user label map for every sample and attempt."""
-
     path: Path
     mask: ConditionMask
     kind: str = "file"
@@ -64,7 +71,6 @@ class FileMaskSource:
 
     def prepare(self, loaded: LoadedModel) -> None:
         """Nothing to take from the loaded networks."""
-
     def content_sha256(self) -> str:
         """sha256 of the mask file, read once (afresh: a digest cached by mtime could name another version of it);
         the sidecars and the output folder's record (engine/run_folder.py) name the mask by it."""
@@ -85,7 +91,6 @@ class FileMaskSource:
 class ArrayMaskSource(FileMaskSource):
     """A label map given in memory (the Python API's `mask=`), the same for every sample and attempt; named in the
     sidecar and the run record by the sha256 of its labels, shape and affine as given."""
-
     kind: str = "array"
 
     def describe(self) -> dict[str, Any]:
@@ -116,7 +121,6 @@ def array_mask_source(labels: np.ndarray, affine: np.ndarray, size: Triple, spac
 @dataclass
 class NoMaskSource:
     """An image-only model (no ControlNet): no condition mask, no label file."""
-
     kind: str = "none"
 
     def describe(self) -> dict[str, Any]:
@@ -124,7 +128,6 @@ class NoMaskSource:
 
     def prepare(self, loaded: LoadedModel) -> None:
         """Nothing to take from the loaded networks."""
-
     def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask:
         return SampleMask(None, {"type": self.kind})
 
@@ -138,7 +141,6 @@ class DatabaseMaskSource:
     first used (`prepare` or `mask_for`), so planning and --dry-run write nothing. Every candidate must lie inside
     the folder its masks are read from, links followed, unless `allow_outside`.
     """
-
     database: Path
     candidates: list[MaskEntry]
     resample: bool
@@ -160,8 +162,6 @@ class DatabaseMaskSource:
     def __post_init__(self) -> None:
         """Check at plan time all that needs no unpacking: the paths as written, the archive's directory; a folder
         is checked, and its resampled candidates tried, at once."""
-        from maisi_cli.engine.masks.archive import inspect_archive, is_unpacked
-
         if self.root is None and self.archive is None:
             raise ValueError("DatabaseMaskSource needs a root folder or an archive")
         if not self.allow_outside:
@@ -177,8 +177,6 @@ class DatabaseMaskSource:
     def ready(self) -> None:
         """Unpack the archive (first use only), check that every candidate resolves inside the mask folder, keep
         the candidates that survive resampling, and fix their order."""
-        from maisi_cli.engine.masks.archive import mask_root, unpack_archive
-
         if self._ready:
             return
         if self.root is None:
@@ -203,8 +201,6 @@ class DatabaseMaskSource:
         return described
 
     def unpacked_text(self) -> str:
-        from maisi_cli.engine.masks.archive import is_unpacked, unpack_target
-
         target = unpack_target(self.archive, self.cache_root)
         if self._ready or is_unpacked(self.archive, self.cache_root):
             return f"in {target}"
@@ -220,8 +216,6 @@ class DatabaseMaskSource:
         return position, self.order[position]
 
     def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask:
-        from maisi_cli.engine.sampling import derive_attempt_seed
-
         position, entry = self.entry_for(index, attempt)
         path = self.root / entry.pseudo_label_filename
         mask = load_condition_mask(path, self.size, self.spacing)
@@ -231,8 +225,6 @@ class DatabaseMaskSource:
                             f"resampled to {format_triple(self.size)}; ask for a size nearer the database's")
         labels = mask.labels
         if self.augment:
-            from maisi_cli.engine.masks.augment import augment_mask
-
             labels = augment_mask(labels, derive_attempt_seed(self.seed, index, attempt) % 2**32, self.device)
         regions = entry.region_span() if not mask.resampled else None
         return SampleMask(
@@ -281,7 +273,6 @@ def database_source(database: Path, entries: Sequence[MaskEntry], anatomy_ids: S
 class GeneratedMaskSource:
     """A new label map per sample and attempt from the mask DDPM, conditioned on the organ/tumour size vector,
     then post-processed and resampled from its native 1.5 mm grid to the requested one (reference §10)."""
-
     spec: ModelSpec
     requests: list[tuple[str, float]]
     condition: np.ndarray
@@ -304,9 +295,6 @@ class GeneratedMaskSource:
     def prepare(self, loaded: LoadedModel) -> None:
         """Take the mask VAE and mask DDPM UNet the pipeline loaded (with the image networks, so their files are
         hashed and locked the same way)."""
-        from maisi_cli.engine.decode import LatentDecoder
-        from maisi_cli.engine.networks import build_scheduler
-
         vae = loaded.networks["mask_generation_autoencoder"]
         decoder = loaded.networks.get("mask_generation_decoder")  # --backend onnx: the exported decoder
         if decoder is None:
@@ -322,23 +310,6 @@ class GeneratedMaskSource:
         return tuple(int(v) for v in self.spec.network["mask_generation_latent_shape"])
 
     def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask:
-        import torch
-
-        from maisi_cli.engine.decode import decode_latents
-        from maisi_cli.engine.masks.generation import (
-            GENERATED_SPACING,
-            channels_to_labels,
-            post_process,
-            sample_mask_latents,
-        )
-        from maisi_cli.engine.masks.user import fit_to_grid
-        from maisi_cli.engine.postprocess import ras_affine
-        from maisi_cli.engine.sampling import (
-            derive_attempt_seed,
-            derive_sample_seed,
-            initial_noise,
-        )
-
         if self._loaded is None:
             raise RuntimeError("GeneratedMaskSource.prepare() must run before mask_for()")
         loaded = self._loaded
