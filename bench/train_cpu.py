@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def step_times(run) -> list[float]:
     stamps: list[float] = []
 
-    def on_event(event: dict) -> None:
-        if event["event"] == "step":
+    def on_event(event) -> None:  # a ProgressEvent
+        if event.stage == "train":
             stamps.append(time.perf_counter())
 
     run(on_event)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maisi_cli.engine.progress import ProgressEvent
 from maisi_cli.models import IMAGE_COMPONENTS, ModelSpec, get_model
 
 # MONAI's MAISI classes at a small size (reference-shaped definitions, 4x VAE, 2-level UNet with attention).
@@ -181,7 +182,7 @@ class Killed(Exception):
     """Raised by `kill_after_first_epoch`: a training run stopped as if its process died after epoch 1."""
 
 
-def kill_after_first_epoch(event: dict) -> None:
+def kill_after_first_epoch(event: ProgressEvent) -> None:
     """A trainer's progress callback that stops the run at its first epoch event (resume tests)."""
-    if event["event"] == "epoch":
+    if event.stage == "epoch":
         raise Killed

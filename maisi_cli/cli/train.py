@@ -3,30 +3,41 @@ latents.
 
 Runs in one process, or under `torchrun --nproc_per_node N -m maisi_cli train …` (NCCL on GPUs, gloo on the CPU).
 No torch at import time: the engine is imported inside the command.
+
+The options every trainer has are defined once (`trainer_options`); a command adds its own and the help texts that
+differ, and `train_command` builds its Typer signature from that list.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import json
+import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Optional
 
 import typer
 
 from maisi_cli.cli import render
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent
+from maisi_cli.errors import UsageError
 
 app = typer.Typer(help="Train MAISI networks: the VAE, the diffusion UNet, the ControlNet (released checkpoint "
                        "layouts).",
                   no_args_is_help=True)
 
 
+# --- progress -------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def train_progress(output: render.Output) -> Iterator:
-    """Engine events → on a TTY one bar per epoch with the loss and the rate; off a TTY one JSON line per epoch on
-    stderr; nothing with --quiet."""
+def train_progress(output: render.Output) -> Iterator[ProgressCallback]:
+    """Engine events → on a TTY one bar per epoch with the loss and the rate (and the validation loss when it
+    validated); off a TTY one JSON line per epoch on stderr; nothing with --quiet."""
     if output.quiet:
         yield lambda event: None
         return
@@ -35,45 +46,57 @@ def train_progress(output: render.Output) -> Iterator:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} it/s"), TimeElapsedColumn(),
-                      console=console) as bars:
-            tasks: dict[int, int] = {}
-            started: dict[int, float] = {}
-
-            def on_event(event: dict) -> None:
-                epoch = event["epoch"]
-                if epoch not in tasks:
-                    tasks[epoch] = bars.add_task(f"epoch {epoch}/{event['epochs']}", total=event.get("steps"),
-                                                 loss=float("nan"), rate=0.0)
-                    started[epoch] = time.perf_counter()
-                if event["event"] == "step":
-                    rate = event["step"] / max(time.perf_counter() - started[epoch], 1e-9)
-                    bars.update(tasks[epoch], completed=event["step"], total=event["steps"], loss=event["loss"],
-                                rate=rate)
-                else:
-                    bars.update(tasks[epoch], loss=event["loss"])
-
-            yield on_event
+                      TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} it/s{task.fields[val]}"),
+                      TimeElapsedColumn(), console=console) as bars:
+            yield EpochBars(bars).on_event
         return
-
-    def log_event(event: dict) -> None:
-        if event["event"] == "epoch":
-            line = {k: event[k] for k in ("event", "epoch", "epochs", "loss")}
-            line["seconds"] = round(event["seconds"], 3)
-            line["samples_per_s"] = round(event["samples"] / max(event["seconds"], 1e-9), 3)
-            sys.stderr.write(json.dumps(line) + "\n")
-            sys.stderr.flush()
-
-    yield log_event
+    yield log_epoch
 
 
-def run_trainer(output: render.Output, config_class, config_file: Optional[Path], flags: dict, train,
-                describe) -> None:
+class EpochBars:
+    """One rich bar per epoch (keyed by the event's subject, "epoch e/E"): steps done, loss, steps per second."""
+
+    def __init__(self, bars: Any):
+        self.bars = bars
+        self.tasks: dict[str, Any] = {}
+        self.started: dict[str, float] = {}
+
+    def on_event(self, event: ProgressEvent) -> None:
+        if event.stage not in ("train", "validate", "epoch"):
+            return
+        if event.subject not in self.tasks:
+            total = event.total if event.stage == "train" else None
+            self.tasks[event.subject] = self.bars.add_task(event.subject, total=total, loss=float("nan"), rate=0.0,
+                                                           val="")
+            self.started[event.subject] = time.perf_counter()
+        task = self.tasks[event.subject]
+        if event.stage == "train":
+            rate = event.done / max(time.perf_counter() - self.started[event.subject], 1e-9)
+            self.bars.update(task, completed=event.done, total=event.total, loss=event.metrics["loss"], rate=rate)
+        elif event.stage == "validate":
+            self.bars.update(task, val=f"  val loss {event.metrics['val_loss']:.4f}")
+        else:
+            self.bars.update(task, loss=event.metrics["loss"])
+
+
+def log_epoch(event: ProgressEvent) -> None:
+    """Off a TTY: one JSON line per finished epoch (its loss, time, samples per second, validation loss)."""
+    if event.stage != "epoch":
+        return
+    seconds = event.metrics["seconds"]
+    line = {"event": "epoch", "epoch": event.done, "epochs": event.total, "loss": event.metrics["loss"],
+            "seconds": round(seconds, 3), "samples_per_s": round(event.metrics["samples"] / max(seconds, 1e-9), 3)}
+    if "val_loss" in event.metrics:
+        line["val_loss"] = event.metrics["val_loss"]
+    sys.stderr.write(json.dumps(line) + "\n")
+    sys.stderr.flush()
+
+
+def run_trainer(output: render.Output, config_class: type, config_file: Path | None, flags: dict,
+                train: Callable, describe: Callable[[dict], str]) -> None:
     """Build the trainer's config (file + flags), train with progress, and print one summary from rank 0 only:
     `describe(summary)` for people, the summary itself with --json."""
-    import os
-
-    from maisi_cli.engine.train.common import build_config
+    from maisi_cli.engine.train.common import build_config  # pydantic + torch: only when a command runs
 
     settings = build_config(config_class, config_file, flags)
     with train_progress(output) as on_event:
@@ -86,143 +109,161 @@ def run_trainer(output: render.Output, config_class, config_file: Optional[Path]
         render.info(describe(summary), output)
 
 
-@app.command("diffusion")
-def diffusion_command(
-    ctx: typer.Context,
-    data: Optional[Path] = typer.Option(None, "--data", help="Embeddings datalist (embeddings.json from "
-                                        "`maisi data embed`)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for diff_unet.pt and train_state.pt."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model name or spec .json (default: rflow-ct)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="rflow or ddpm (default: the model's)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs in all (a resumed run counts the done ones)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-4), decayed to 0."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Latents per step per process (default 1)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of these options; flags "
-                                          "override it."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Fine-tune from this diffusion UNet checkpoint "
-                                        "(its scale factor is kept)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision: fp16 on CUDA (default on "
-                                       "there), bf16 on the CPU (default off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run (default 0)."),
-    json_flag: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
-) -> None:
-    """Train the diffusion UNet of a model on pre-computed latents."""
-    from maisi_cli.engine.train.diffusion import DiffusionTrainConfig, train_diffusion
-    from maisi_cli.errors import UsageError
+# --- options --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainOption:
+    """One option of a `maisi train` command: its parameter name (the config key), type and Typer option."""
 
-    output = render.output_of(ctx.obj, json_flag)
-    if scheduler is not None and scheduler not in ("rflow", "ddpm"):
-        raise UsageError(f"--scheduler: '{scheduler}' is not a scheduler; use rflow or ddpm")
-    flags = {"data": data, "out": out, "model": model, "scheduler": scheduler, "epochs": epochs, "lr": lr,
-             "batch_size": batch_size, "resume": resume, "init": init, "device": device, "amp": amp, "seed": seed}
-    run_trainer(output, DiffusionTrainConfig, config, flags, train_diffusion, lambda summary: (
+    name: str
+    kind: Any
+    option: Any  # typer.models.OptionInfo
+
+
+def option(name: str, kind: Any, *declarations: str, help: str) -> TrainOption:
+    """An option that is None unless given (so a --config file's value stands)."""
+    return TrainOption(name, kind, typer.Option(None, *declarations, help=help))
+
+
+CONFIG_HELP = "JSON or TOML file of these options; flags override it."
+
+
+def trainer_options(*, data: str, out: str, lr: str, batch_size: str, init: str, config: str = CONFIG_HELP,
+                    after_model: tuple[TrainOption, ...] = (),
+                    after_batch_size: tuple[TrainOption, ...] = ()) -> list[TrainOption]:
+    """Every trainer's options in help order, with the help texts that differ between trainers and the trainer's
+    own options (after --model, after --batch-size)."""
+    return [
+        option("data", Path | None, "--data", help=data),
+        option("out", Path | None, "--out", "-o", help=out),
+        option("model", str | None, "--model", help="Model name or spec .json (default: rflow-ct)."),
+        *after_model,
+        option("epochs", int | None, "--epochs", help="Epochs in all (a resumed run counts the done ones)."),
+        option("lr", float | None, "--lr", help=lr),
+        option("batch_size", int | None, "--batch-size", help=batch_size),
+        *after_batch_size,
+        option("config", Path | None, "--config", help=config),
+        option("resume", bool | None, "--resume/--no-resume", help="Continue the run in --out."),
+        option("init", Path | None, "--init", help=init),
+        option("device", str | None, "--device", help="auto, cpu, cuda or cuda:N."),
+        option("amp", bool | None, "--amp/--no-amp", help="Mixed precision: fp16 on CUDA (default on there), bf16 "
+               "on the CPU (default off)."),
+        option("seed", int | None, "--seed", help="Seed of the run (default 0)."),
+        TrainOption("json_flag", bool, typer.Option(False, "--json", help="Print the summary as one JSON document.")),
+    ]
+
+
+def train_command(name: str, help: str, options: list[TrainOption], engine: tuple[str, str, str],
+                  describe: Callable[[dict], str], flags_of: Callable[[dict], dict] = lambda flags: flags) -> None:
+    """Register `maisi train NAME` with `options`. `engine` names the trainer's module, config class and train
+    function; `flags_of` checks or adjusts the given flags before the config is built."""
+
+    def command(ctx: typer.Context, **values: Any) -> None:
+        output = render.output_of(ctx.obj, values.pop("json_flag"))
+        config_file = values.pop("config")
+        flags = flags_of(values)
+        # The trainer imports torch and MONAI: only when its command runs, never for --help or shell completion.
+        module = importlib.import_module(engine[0])
+        run_trainer(output, getattr(module, engine[1]), config_file, flags, getattr(module, engine[2]), describe)
+
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    command.__signature__ = inspect.Signature([context, *(  # type: ignore[attr-defined]
+        inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.option, annotation=o.kind)
+        for o in options)])
+    app.command(name, help=help)(command)
+
+
+# --- the commands ---------------------------------------------------------------------------------------------------
+def checked_scheduler(flags: dict) -> dict:
+    if flags["scheduler"] is not None and flags["scheduler"] not in ("rflow", "ddpm"):
+        raise UsageError(f"--scheduler: '{flags['scheduler']}' is not a scheduler; use rflow or ddpm")
+    return flags
+
+
+train_command(
+    "diffusion", "Train the diffusion UNet of a model on pre-computed latents.",
+    trainer_options(
+        data="Embeddings datalist (embeddings.json from `maisi data embed`).",
+        out="Folder for diff_unet.pt and train_state.pt.",
+        lr="Adam learning rate (default 1e-4), decayed to 0.",
+        batch_size="Latents per step per process (default 1).",
+        init="Fine-tune from this diffusion UNet checkpoint (its scale factor is kept).",
+        after_model=(option("scheduler", str | None, "--scheduler", help="rflow or ddpm (default: the model's)."),),
+    ),
+    ("maisi_cli.engine.train.diffusion", "DiffusionTrainConfig", "train_diffusion"),
+    lambda summary: (
         f"trained {summary['model']} diffusion UNet ({summary['scheduler']}) for epochs "
         f"{summary['start_epoch'] + 1}..{summary['epochs']}: loss {summary['loss']:.4f}, scale factor "
-        f"{summary['scale_factor']:.4f} ({summary['scale_factor_source']}); wrote {summary['checkpoint']}"))
+        f"{summary['scale_factor']:.4f} ({summary['scale_factor_source']}); wrote {summary['checkpoint']}"),
+    flags_of=checked_scheduler,
+)
 
 
-@app.command("controlnet")
-def controlnet_command(
-    ctx: typer.Context,
-    data: Optional[Path] = typer.Option(None, "--data", help="Datalist {\"training\": [{\"image\": LATENT, "
-                                        "\"label\": LABEL_MAP}, …]}, paths relative to it: the embeddings.json of "
-                                        "`maisi data embed` run on a datalist with labels (it lists each label); "
-                                        "LABEL_MAP is the integer mask (0-255) of the CT the latent came from."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for controlnet.pt and train_state.pt."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model name or spec .json (default: rflow-ct)."),
-    weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", help="Folder holding the model's released "
-                                               "diffusion UNet (frozen; its scale factor is used) under its "
-                                               "repository name (default: MAISI_WEIGHTS_DIR, then the caches)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs in all (a resumed run counts the done ones)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-5), decayed to 0."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Latents per step per process (default 1)."),
-    weighted_label: Optional[list[int]] = typer.Option(None, "--weighted-label", help="Label id whose latent voxels "
-                                                       "weigh --weighted-loss in the L1 loss; repeat for several."),
-    weighted_loss: Optional[float] = typer.Option(None, "--weighted-loss", help="Weight of --weighted-label voxels "
-                                                  "(default 100)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of these options; flags "
-                                          "override it."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Start from this ControlNet checkpoint instead of the "
-                                        "UNet's weights."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision: fp16 on CUDA (default on "
-                                       "there), bf16 on the CPU (default off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run (default 0)."),
-    json_flag: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
-) -> None:
-    """Train a model's ControlNet (initialised from its frozen diffusion UNet) on latents + label maps."""
-
-    from maisi_cli.engine.train.controlnet import ControlNetTrainConfig, train_controlnet
-
-    output = render.output_of(ctx.obj, json_flag)
-    flags = {"data": data, "out": out, "model": model, "weights_dir": weights_dir, "epochs": epochs, "lr": lr,
-             "batch_size": batch_size, "weighted_label": weighted_label or None, "weighted_loss": weighted_loss,
-             "resume": resume, "init": init, "device": device, "amp": amp, "seed": seed}
-    run_trainer(output, ControlNetTrainConfig, config, flags, train_controlnet, lambda summary: (
+train_command(
+    "controlnet", "Train a model's ControlNet (initialised from its frozen diffusion UNet) on latents + label maps.",
+    trainer_options(
+        data="Datalist {\"training\": [{\"image\": LATENT, \"label\": LABEL_MAP}, …]}, paths relative to it: the "
+             "embeddings.json of `maisi data embed` run on a datalist with labels (it lists each label); LABEL_MAP is "
+             "the integer mask (0-255) of the CT the latent came from.",
+        out="Folder for controlnet.pt and train_state.pt.",
+        lr="AdamW learning rate (default 1e-5), decayed to 0.",
+        batch_size="Latents per step per process (default 1).",
+        init="Start from this ControlNet checkpoint instead of the UNet's weights.",
+        after_model=(option("weights_dir", Path | None, "--weights-dir", help="Folder holding the model's "
+                            "released diffusion UNet (frozen; its scale factor is used) under its repository name "
+                            "(default: MAISI_WEIGHTS_DIR, then the caches)."),),
+        after_batch_size=(
+            option("weighted_label", list[int] | None, "--weighted-label", help="Label id whose latent voxels "
+                   "weigh --weighted-loss in the L1 loss; repeat for several."),
+            option("weighted_loss", float | None, "--weighted-loss", help="Weight of --weighted-label voxels "
+                   "(default 100)."),
+        ),
+    ),
+    ("maisi_cli.engine.train.controlnet", "ControlNetTrainConfig", "train_controlnet"),
+    lambda summary: (
         f"trained {summary['model']} ControlNet ({summary['scheduler']}) for epochs "
         f"{summary['start_epoch'] + 1}..{summary['epochs']}: loss {summary['loss']:.4f}; wrote "
-        f"{summary['checkpoint']}"))
+        f"{summary['checkpoint']}"),
+    flags_of=lambda flags: {**flags, "weighted_label": flags["weighted_label"] or None},  # Typer gives [] if unset
+)
 
 
-@app.command("vae")
-def vae_command(
-    ctx: typer.Context,
-    data: Optional[Path] = typer.Option(None, "--data", help="Datalist of CT images ({\"training\": [{\"image\": …, "
-                                        "\"fold\": k}]}, e.g. from `maisi data phantoms`); fold == val fold (0) "
-                                        "validates."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for autoencoder.pt, train_state.pt and "
-                                       "validation.json."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model name or spec .json (default: rflow-ct)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs in all (a resumed run counts the done ones)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate of both networks (default 1e-4; "
-                                       "×0.01 before epoch 10, ×0.1 before 20)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Patches per step per process (default 1)."),
-    patch_size: Optional[str] = typer.Option(None, "--patch-size", help="Training patch, N or XxYxZ (default 64)."),
-    kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="KL weight (default 1e-7)."),
-    latent_sampling: Optional[bool] = typer.Option(None, "--latent-sampling/--no-latent-sampling", help="Decode a "
-                                                   "sample of the latent (default, the reference) or its mean."),
-    perceptual_weight: Optional[float] = typer.Option(None, "--perceptual-weight", help="Perceptual weight "
-                                                      "(default 0.3; 0 skips it)."),
-    perceptual_network: Optional[str] = typer.Option(None, "--perceptual-network", help="MONAI PerceptualLoss "
-                                                     "network (default squeeze; resnet50 with --perceptual-weights)."),
-    perceptual_weights: Optional[Path] = typer.Option(None, "--perceptual-weights", help="Local ResNet-50 weights "
-                                                      "for the perceptual loss (offline)."),
-    adversarial_weight: Optional[float] = typer.Option(None, "--adversarial-weight", help="Adversarial weight "
-                                                       "(default 0.1; 0 trains no discriminator)."),
-    val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate every N epochs (default 10; the "
-                                            "first and last epoch always)."),
-    val_fold: Optional[int] = typer.Option(None, "--val-fold", help="Items with this fold validate (default 0)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of these options and of "
-                                          "warmup, random_aug, recon_loss (l1|l2), lr_decay (none|cosine), "
-                                          "bright_weight, bright_threshold, bright_margin, "
-                                          "discriminator_layers, val_window; flags override it."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Fine-tune from this autoencoder state dict."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision: fp16 on CUDA (default on "
-                                       "there), bf16 on the CPU (default off)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run (default 0)."),
-    json_flag: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
-) -> None:
-    """Train a model's VAE (L1 + KL + perceptual + patch-adversarial) on CT images."""
-
-    from maisi_cli.engine.train.vae import VaeTrainConfig, train_vae
-
-    output = render.output_of(ctx.obj, json_flag)
-    flags = {"data": data, "out": out, "model": model, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-             "patch_size": patch_size, "kl_weight": kl_weight, "latent_sampling": latent_sampling,
-             "perceptual_weight": perceptual_weight,
-             "perceptual_network": perceptual_network, "perceptual_weights": perceptual_weights,
-             "adversarial_weight": adversarial_weight, "val_every": val_every, "val_fold": val_fold,
-             "resume": resume, "init": init, "device": device, "amp": amp, "seed": seed}
-    run_trainer(output, VaeTrainConfig, config, flags, train_vae, lambda summary: (
+train_command(
+    "vae", "Train a model's VAE (L1 + KL + perceptual + patch-adversarial) on CT images.",
+    trainer_options(
+        data="Datalist of CT images ({\"training\": [{\"image\": …, \"fold\": k}]}, e.g. from `maisi data "
+             "phantoms`); fold == val fold (0) validates.",
+        out="Folder for autoencoder.pt, train_state.pt and validation.json.",
+        lr="Adam learning rate of both networks (default 1e-4; ×0.01 before epoch 10, ×0.1 before 20).",
+        batch_size="Patches per step per process (default 1).",
+        init="Fine-tune from this autoencoder state dict.",
+        config="JSON or TOML file of these options and of warmup, random_aug, recon_loss (l1|l2), lr_decay "
+               "(none|cosine), bright_weight, bright_threshold, bright_margin, discriminator_layers, val_window; "
+               "flags override it.",
+        after_batch_size=(
+            option("patch_size", str | None, "--patch-size", help="Training patch, N or XxYxZ (default 64)."),
+            option("kl_weight", float | None, "--kl-weight", help="KL weight (default 1e-7)."),
+            option("latent_sampling", bool | None, "--latent-sampling/--no-latent-sampling", help="Decode a "
+                   "sample of the latent (default, the reference) or its mean."),
+            option("perceptual_weight", float | None, "--perceptual-weight", help="Perceptual weight (default "
+                   "0.3; 0 skips it)."),
+            option("perceptual_network", str | None, "--perceptual-network", help="MONAI PerceptualLoss network "
+                   "(default squeeze; resnet50 with --perceptual-weights)."),
+            option("perceptual_weights", Path | None, "--perceptual-weights", help="Local ResNet-50 weights for "
+                   "the perceptual loss (offline)."),
+            option("adversarial_weight", float | None, "--adversarial-weight", help="Adversarial weight (default "
+                   "0.1; 0 trains no discriminator)."),
+            option("val_every", int | None, "--val-every", help="Validate every N epochs (default 10; the first "
+                   "and last epoch always)."),
+            option("val_fold", int | None, "--val-fold", help="Items with this fold validate (default 0)."),
+        ),
+    ),
+    ("maisi_cli.engine.train.vae", "VaeTrainConfig", "train_vae"),
+    lambda summary: (
         f"trained {summary['model']} VAE for epochs {summary['start_epoch'] + 1}..{summary['epochs']}: "
         f"loss {summary['loss']:.4f}"
         + (f", val loss {summary['val']['val_loss']:.4f}" if summary["val"] else "")
-        + f"; wrote {summary['checkpoint']}"))
+        + f"; wrote {summary['checkpoint']}"),
+)
 
 
 def embed_command(

@@ -47,6 +47,7 @@ from maisi_cli.engine.hub import EXTRACTOR_FILES, offline
 from maisi_cli.engine.store import hash_file, held_to_lock
 from maisi_cli.engine.weights import locate_file, read_hashed
 from maisi_cli.errors import MaisiError, UsageError, WeightsError
+from maisi_cli.io.datalists import read_image_paths
 
 PLANES = ("xy", "yz", "zx")
 # The axis of a (H, W, D) volume that each plane's slices run along (reference §7.4).
@@ -314,29 +315,6 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def _datalist_paths(source: Path, field_name: str) -> list[Path]:
-    """The image paths of a datalist JSON: MONAI's {"training": [{"image": …}, …]}, or a plain list whose items are
-    paths or {"image": …} objects. Relative paths are resolved against the file's folder."""
-    shape = '{"training": [{"image": "…"}, …]} or a list of paths'
-    try:
-        document = json.loads(source.read_text())
-    except OSError as error:
-        raise FidError(f"{field_name}: cannot read '{source}' ({error.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        where = f" (line {error.lineno})" if isinstance(error, json.JSONDecodeError) else ""
-        raise UsageError(f"{field_name}: '{source}' is not valid JSON{where}; give {shape}") from None
-    items = document.get("training") if isinstance(document, dict) else document
-    if not isinstance(items, list):
-        raise UsageError(f"{field_name}: '{source}' must hold {shape}")
-    paths = []
-    for number, item in enumerate(items):
-        image = item.get("image") if isinstance(item, dict) else item
-        if not isinstance(image, str) or not image.strip():
-            raise UsageError(f"{field_name}: '{source}' item {number} has no image path; give {shape}")
-        paths.append((source.parent / Path(image.strip()).expanduser()).resolve())
-    return paths
-
-
 def _text_list_paths(source: Path, field_name: str) -> list[Path]:
     """One path a line (blank lines and lines starting with # skipped), relative to the file's folder."""
     try:
@@ -357,7 +335,7 @@ def list_volumes(source: Path, field_name: str) -> list[Path]:
     elif not source.exists():
         raise FidError(f"{field_name}: '{source}' does not exist; give a folder of NIfTI files or a datalist")
     elif source.suffix.lower() == ".json":
-        files = _datalist_paths(source, field_name)
+        files = read_image_paths(source, field_name, unreadable=FidError)
     elif source.suffix.lower() in (".txt", ".lst", ".list"):
         files = _text_list_paths(source, field_name)
     else:

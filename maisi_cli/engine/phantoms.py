@@ -878,7 +878,7 @@ def write_phantoms(out: Path, num: int, size: Sequence[int], spacing: Sequence[f
     """Phantoms 0..num−1 in `out` (phantom k from seed `derive_sample_seed(seed, k)`), skipping complete ones, then
     `out/datalist.json` listing all of them (paths relative to `out`, fold = k mod 5)."""
     from maisi_cli.io.nifti import read_nifti, write_nifti
-    from maisi_cli.io.provenance import write_json
+    from maisi_cli.io.datalists import write_datalist
 
     started = time.perf_counter()
     grid = Grid(tuple(int(v) for v in size), tuple(float(v) for v in spacing))  # type: ignore[arg-type]
@@ -907,6 +907,6 @@ def write_phantoms(out: Path, num: int, size: Sequence[int], spacing: Sequence[f
         if on_progress:
             on_progress("phantoms", index + 1, num)
     datalist = out / DATALIST
-    write_json(datalist, {"training": entries})
+    write_datalist(datalist, entries)
     return PhantomRun(out, datalist, grid.size, grid.spacing, seed, tumours, written, skipped,
                       time.perf_counter() - started)

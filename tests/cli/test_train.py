@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from maisi_cli.cli import render
 from maisi_cli.cli.app import app
 from maisi_cli.cli.train import train_progress
+from maisi_cli.engine.progress import ProgressEvent
 from tests.helpers import write_tiny_model
 
 
@@ -51,18 +52,18 @@ def test_progress_on_a_tty_shows_a_bar_per_epoch_with_loss_and_rate(monkeypatch)
     with train_progress(render.Output()) as on_event:
         for epoch in (1, 2):
             for step in (1, 2):
-                on_event({"event": "step", "epoch": epoch, "epochs": 2, "step": step, "steps": 2,
-                          "loss": 0.25 * step, "lr": 1e-4})
-            on_event({"event": "epoch", "epoch": epoch, "epochs": 2, "loss": 0.375, "seconds": 1.0, "samples": 2})
+                on_event(ProgressEvent("train", step, 2, f"epoch {epoch}/2", metrics={"loss": 0.25 * step, "lr": 1e-4}))
+            on_event(ProgressEvent("epoch", epoch, 2, f"epoch {epoch}/2",
+                                   metrics={"loss": 0.375, "seconds": 1.0, "samples": 2}))
     text = buffer.getvalue()
     assert "epoch 1/2" in text and "epoch 2/2" in text
     assert "loss 0.3750" in text and "it/s" in text
 
 
 def test_progress_off_a_tty_is_json_lines_and_quiet_is_silent(capsys):
-    event = {"event": "epoch", "epoch": 1, "epochs": 1, "loss": 0.5, "seconds": 2.0, "samples": 4}
+    event = ProgressEvent("epoch", 1, 1, "epoch 1/1", metrics={"loss": 0.5, "seconds": 2.0, "samples": 4})
     with train_progress(render.Output()) as on_event:
-        on_event({"event": "step", "epoch": 1, "epochs": 1, "step": 1, "steps": 1, "loss": 0.5, "lr": 1e-4})
+        on_event(ProgressEvent("train", 1, 1, "epoch 1/1", metrics={"loss": 0.5, "lr": 1e-4}))
         on_event(event)
     line = json.loads(capsys.readouterr().err)
     assert line == {"event": "epoch", "epoch": 1, "epochs": 1, "loss": 0.5, "seconds": 2.0, "samples_per_s": 2.0}

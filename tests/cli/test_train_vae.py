@@ -24,11 +24,11 @@ def phantoms(tmp_path: Path) -> Path:
 
 
 def test_trained_autoencoder_generates_through_maisi_generate(tiny_model, tmp_path, phantoms, monkeypatch):
-    from maisi_cli.engine import networks
+    from maisi_cli.engine.train import vae as trainer  # where the trainer looks fuse_group_norms up
 
     spec_path, tiny_weights = tiny_model
-    fused, fuse = [], networks.fuse_group_norms
-    monkeypatch.setattr(networks, "fuse_group_norms", lambda vae: fused.append(fuse(vae)) or fused[-1])
+    fused, fuse = [], trainer.fuse_group_norms
+    monkeypatch.setattr(trainer, "fuse_group_norms", lambda vae: fused.append(fuse(vae)) or fused[-1])
     config = tmp_path / "vae.toml"
     config.write_text("discriminator_layers = 2\nwarmup = false\n")  # 16³ patches need a 2-layer discriminator
     result = CliRunner().invoke(app, ["--json", "train", "vae", "--data", str(phantoms), "--out", str(tmp_path / "run"),

@@ -129,7 +129,8 @@ def test_caller_chooses_the_error_class(tmp_path):
 
 def test_each_caller_keeps_its_prefix_and_error_class(tmp_path):
     from maisi_cli.engine.masks.database import MaskDatabaseError, read_database
-    from maisi_cli.engine.train.common import read_config_file, read_datalist
+    from maisi_cli.engine.train.common import read_config_file
+    from maisi_cli.io.datalists import read_datalist
     from maisi_cli.models import get_model
     from maisi_cli.profiles import get_profile
 

@@ -178,16 +178,16 @@ def test_weighted_loss_matches_a_hand_computation(tmp_path):
 
 # --- runs ------------------------------------------------------------------------------------------------------------
 def test_run_writes_released_layout_trains_the_controlnet_and_leaves_the_unet(tmp_path, setup, monkeypatch):
-    import maisi_cli.engine.networks as networks_module
+    import maisi_cli.engine.train.controlnet as controlnet_module  # where the trainer looks build_network up
 
     built = {}
-    original = networks_module.build_network
+    original = controlnet_module.build_network
 
     def spy(spec, component, *args, **kwargs):
         built[component] = original(spec, component, *args, **kwargs)
         return built[component]
 
-    monkeypatch.setattr(networks_module, "build_network", spy)
+    monkeypatch.setattr(controlnet_module, "build_network", spy)
     spec_path, weights, _ = setup
     unet_file = weights / "models" / "diff_unet_3d_rflow-ct.pt"
     digest = hashlib.sha256(unet_file.read_bytes()).hexdigest()

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from maisi_cli.cli.app import app
+from maisi_cli.engine.progress import ProgressEvent
 from maisi_cli.engine.train.embed import embed_datalist, embedding_name, target_size
 from maisi_cli.models import get_model
 from tests.helpers import write_mask
@@ -50,9 +51,9 @@ def test_embed_writes_channels_last_latents_sidecars_and_datalist(tiny_model, da
     spec = get_model(str(spec_path))
     out = tmp_path / "emb"
     events = []
-    summary = embed_datalist(spec, datalist, out, weights_dir=weights, on_progress=lambda *e: events.append(e))
+    summary = embed_datalist(spec, datalist, out, weights_dir=weights, on_progress=events.append)
     assert summary["written"] == ["a_emb.nii.gz", "sub/b_emb.nii.gz"] and summary["skipped"] == []
-    assert events[-1] == ("embed", 2, 2)
+    assert events[-1] == ProgressEvent("embed", 2, 2)
 
     latent = nib.load(out / "a_emb.nii.gz")
     # 20x24x16 → 24x24x16 (multiples of 8) → /4 → 6x6x4, 4 latent channels last

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from maisi_cli.cli.app import app
 from maisi_cli.engine.decode import output_convolution_in_fp32
 from maisi_cli.engine.networks import build_network, set_tp_splits
-from maisi_cli.engine.train.common import Runtime, TrainingError, read_datalist
+from maisi_cli.engine.runtime import Runtime
+from maisi_cli.engine.train.common import TrainingError
 from maisi_cli.engine.train.vae import (
     ImageDataset,
     MeanLatentAutoencoder,
@@ -28,6 +29,7 @@ from maisi_cli.engine.train.vae import (
     validate,
 )
 from maisi_cli.errors import UsageError
+from maisi_cli.io.datalists import read_datalist
 from maisi_cli.models import get_model
 from tests.helpers import Killed, kill_after_first_epoch, tiny_spec_document
 
@@ -166,7 +168,7 @@ def test_cosine_decay_reaches_zero_at_the_last_step_and_resumes_exactly(tmp_path
     options = dict(epochs=2, adversarial_weight=0.0, lr_decay="cosine", recon_loss="l2", val_window=[16, 16, 16])
     rates = []
     straight = train_vae(config(tmp_path, phantoms, out="straight", **options),
-                         lambda event: rates.append(event["lr"]) if event["event"] == "step" else None)
+                         lambda event: rates.append(event.metrics["lr"]) if event.stage == "train" else None)
     steps = len(rates)
     assert steps == 2 and rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-3 * 0.5)
 

@@ -1,2 +1,3 @@
-"""Training engines: `embed` (latents for the diffusion model), `diffusion` (the diffusion UNet), `common` (config,
-devices/AMP, torch.distributed, checkpoints and resume). VAE and ControlNet training are not written yet."""
+"""Training engines: `loop` (the one training loop and its `Trainer` hooks), `vae`, `diffusion` and `controlnet`
+(the trainers), `embed` (latents for the diffusion model), `common` (config, AMP, torch.distributed helpers, RNG
+states, the --out / --resume checks)."""

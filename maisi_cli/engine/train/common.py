@@ -1,5 +1,6 @@
-"""What every `maisi train …` engine shares: its config (file + flags), device and AMP, torch.distributed under
-`torchrun`, rank-0 saving, the resume file (optimiser, GradScaler, LR schedule, epoch, RNG), the latent dataset.
+"""What every `maisi train …` engine shares besides the loop (loop.py): its config (file + flags), AMP,
+torch.distributed helpers, seeds and RNG states, atomic saving, and the checks of --out / --resume / --init with the
+run's identity.
 
 Reference: reference-training-fid-trt.md §3, §5. Differences from the reference, on purpose:
 - a CPU path with the gloo backend (the reference only knows NCCL on CUDA);
@@ -14,24 +15,24 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
+import io
 import json
-import math
+import pickle
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch.nn.parallel import DistributedDataParallel
 
-from maisi_cli.engine.runtime import Runtime, barrier, setup_runtime, teardown_runtime  # noqa: F401  (the trainers' runtime)
+from maisi_cli.engine.runtime import Runtime
 from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
 from maisi_cli.io.documents import read_document
-
-TrainProgress = Callable[[dict], None]
-"""Receives events: {"event": "step", epoch, epochs, step, steps, loss, lr} and
-{"event": "epoch", epoch, epochs, loss, seconds, samples}; epochs are 1-based. Only rank 0 reports."""
+from maisi_cli.io.files import write_atomic
 
 
 class TrainingError(MaisiError):
@@ -86,8 +87,6 @@ def build_config(cls: type[BaseModel], config_file: Path | None, flags: dict[str
 def all_reduce(tensor: torch.Tensor, runtime: Runtime, average: bool = False) -> torch.Tensor:
     """Sum (or mean) over ranks, in place; a no-op in a single process. gloo has no AVG, so the mean is sum/world."""
     if runtime.world_size > 1:
-        import torch.distributed as dist
-
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         if average:
             tensor /= runtime.world_size
@@ -114,9 +113,11 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype) -> context
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_scaler(device: torch.device, enabled: bool, dtype: torch.dtype) -> torch.amp.GradScaler:
-    """A GradScaler, active only for fp16 on CUDA (bf16 needs none); a disabled one is a cheap pass-through."""
-    return torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16 and device.type == "cuda")
+def make_scaler(device: torch.device, enabled: bool, dtype: torch.dtype, **options: float) -> torch.amp.GradScaler:
+    """A GradScaler, active only for fp16 on CUDA (bf16 needs none); a disabled one is a cheap pass-through.
+    `options`: GradScaler's init_scale, growth_factor, …"""
+    return torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16 and device.type == "cuda",
+                                **options)
 
 
 def wrap_ddp(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
@@ -125,8 +126,6 @@ def wrap_ddp(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     AttributeError under multi-GPU — reference §5; fixed here by never reading them from the wrapper)."""
     if runtime.world_size <= 1:
         return module
-    from torch.nn.parallel import DistributedDataParallel
-
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids)
 
@@ -168,10 +167,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --- files --------------------------------------------------------------------------------------------------------
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename."""
-    import io
-
-    from maisi_cli.io.files import write_atomic
-
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,8 +175,6 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
 
 def load_state(path: Path, what: str) -> dict[str, Any]:
     """A file saved by `save_atomic`, loaded with weights_only=True."""
-    import pickle
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -198,8 +191,6 @@ def run_identity(trainer: str, spec: Any, component: str) -> dict[str, str]:
     """What a `train_state.pt` belongs to: the trainer kind, the model name and a hash of the trained network's
     definition (its `<component>_def` with the `@` references it uses resolved), so `--resume` can refuse a state
     written by another trainer or for another network."""
-    import hashlib
-
     network = spec.network
 
     def resolve(value: Any) -> Any:
@@ -250,78 +241,3 @@ def load_resume_state(path: Path, identity: dict[str, str]) -> dict[str, Any]:
     state = load_state(path, "training state")
     check_identity(state, identity, path)
     return state
-
-
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   lr_schedule: Any) -> None:
-    """Backward through the (possibly disabled) GradScaler, one optimiser step, one LR-schedule step."""
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    lr_schedule.step()
-
-
-def step_event(epoch: int, epochs: int, step: int, steps: int, loss: torch.Tensor, lr_schedule: Any) -> dict[str, Any]:
-    return {"event": "step", "epoch": epoch + 1, "epochs": epochs, "step": step, "steps": steps,
-            "loss": float(loss.item()), "lr": float(lr_schedule.get_last_lr()[0])}
-
-
-def epoch_loss(totals: torch.Tensor, runtime: "Runtime", epoch: int) -> float:
-    """Mean loss of an epoch over every process from (loss sum, batches); a non-finite one stops the run."""
-    all_reduce(totals, runtime)
-    mean = float(totals[0] / totals[1])
-    if not math.isfinite(mean):
-        raise TrainingError(f"training diverged: the loss of epoch {epoch + 1} is {mean}; lower --lr or use --no-amp")
-    return mean
-
-
-def training_state(epoch: int, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   lr_schedule: Any, **extras: Any) -> dict[str, Any]:
-    return {
-        "epoch": int(epoch),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "lr_schedule": lr_schedule.state_dict(),
-        "rng": rng_state(),
-        **extras,
-    }
-
-
-def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                           lr_schedule: Any, path: Path) -> int:
-    """Load optimiser, scaler, LR schedule and RNG; return the number of finished epochs."""
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        set_rng_state(state["rng"])
-        return int(state["epoch"])
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise TrainingError(f"--resume: '{path}' does not fit this run ({type(error).__name__}: "
-                            f"{str(error).splitlines()[0][:120] if str(error) else ''}); start a new --out or drop "
-                            f"--resume") from None
-
-
-def optimizer_steps(samples: int, batch_size: int, world_size: int, epochs: int) -> int:
-    """Optimiser steps over the run: DistributedSampler pads to ceil(samples/world) per rank."""
-    per_rank = math.ceil(samples / world_size)
-    return epochs * math.ceil(per_rank / batch_size)
-
-
-# --- latent data ----------------------------------------------------------------------------------------------------
-def read_datalist(path: Path, field: str = "--data") -> list[dict[str, Any]]:
-    """The "training" items of a datalist JSON, with `image` made absolute (relative to the file's folder)."""
-    shape = '{"training": [{"image": …}, …]}'
-    items = read_document(path, field, kind="json", shape=shape).get("training")
-    if not isinstance(items, list):
-        raise UsageError(f"{field}: '{path}' must hold {shape}")
-    if not items:
-        raise TrainingError(f"{field}: '{path}' has an empty training split; list at least one item under "
-                            f"\"training\"")
-    resolved = []
-    for number, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("image"), str):
-            raise UsageError(f"{field}: '{path}' training item {number} has no \"image\" path")
-        resolved.append({**item, "image": str((path.parent / item["image"]).resolve())})
-    return resolved

@@ -34,47 +34,25 @@ GradScaler, LR schedule, epoch, RNG) for `--resume`; both written by rank 0 afte
 
 from __future__ import annotations
 
-import time
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from monai.networks.utils import copy_model_state
+from monai.transforms import EnsureChannelFirst, LoadImage, Orientation, Resize
 from pydantic import Field
 
-from maisi_cli.engine.train.common import (
-    Runtime,
-    TrainConfig,
-    TrainingError,
-    TrainProgress,
-    amp_settings,
-    autocast,
-    barrier,
-    epoch_loss,
-    make_scaler,
-    optimizer_step,
-    optimizer_steps,
-    read_datalist,
-    restore_training_state,
-    run_identity,
-    save_atomic,
-    seed_everything,
-    setup_runtime,
-    start_or_resume,
-    step_event,
-    teardown_runtime,
-    training_state,
-    wrap_ddp,
-)
-from maisi_cli.engine.train.diffusion import (
-    LatentDataset,
-    build_training_scheduler,
-    collate,
-    conditions_of,
-    is_rflow,
-    sample_timesteps,
-    training_target,
-)
+from maisi_cli.engine.networks import build_network
+from maisi_cli.engine.progress import ProgressCallback
+from maisi_cli.engine.sampling import label_bit_planes
+from maisi_cli.engine.train.common import TrainConfig, TrainingError
+from maisi_cli.engine.train.diffusion import (LatentDataset, LatentTrainer, build_training_scheduler, collate,
+                                              conditions_of, training_target)
+from maisi_cli.engine.train.loop import RunResult, TrainingParts, TrainingRun, distributed_loader, run_training
+from maisi_cli.engine.weights import WeightFile, load_into, locate_weight, save_released_checkpoint
+from maisi_cli.io.datalists import read_datalist
 
 CHECKPOINT = "controlnet.pt"
 STATE = "train_state.pt"
@@ -93,7 +71,7 @@ class ControlNetTrainConfig(TrainConfig):
 # --- data ---------------------------------------------------------------------------------------------------------
 def read_controlnet_datalist(path: Path) -> list[dict[str, Any]]:
     """The training items with `image` (latent) and `label` (label map) made absolute, relative to the file."""
-    items = read_datalist(path)
+    items = read_datalist(path, empty_error=TrainingError)
     resolved = []
     for number, item in enumerate(items):
         label = item.get("label")
@@ -110,11 +88,9 @@ def read_controlnet_datalist(path: Path) -> list[dict[str, Any]]:
 
 def load_label(path: Path, grid: tuple[int, int, int]) -> torch.Tensor:
     """(1, X, Y, Z) uint8 label map in RAS on `grid` (nearest-resized when it is on another one)."""
-    from monai.transforms import EnsureChannelFirst, LoadImage, Orientation, Resize
-
     try:
         volume = Orientation(axcodes="RAS", labels=None)(EnsureChannelFirst()(LoadImage(image_only=True)(str(path))))
-    except Exception as error:  # MONAI wraps reader errors in RuntimeError
+    except Exception as error:  # noqa: BLE001 — MONAI wraps reader errors in RuntimeError
         raise TrainingError(f"--data: label '{path}' is not a readable image "
                             f"({str(error).splitlines()[0][:120]})") from None
     if volume.ndim != 4 or volume.shape[0] != 1:
@@ -200,58 +176,26 @@ def controlnet_loss(controlnet: torch.nn.Module, unet: torch.nn.Module, schedule
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
-def train_controlnet(config: ControlNetTrainConfig, on_progress: TrainProgress | None = None) -> dict[str, Any]:
+def train_controlnet(config: ControlNetTrainConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Train (or resume) the ControlNet of `config.model` against its frozen UNet; returns a summary."""
-    runtime = setup_runtime(config.device)
-    try:
-        return _train(config, runtime, on_progress)
-    finally:
-        teardown_runtime(runtime)
+    return run_training(ControlNetTrainer(config), on_progress)
 
 
-def _train(config: ControlNetTrainConfig, runtime: Runtime, on_progress: TrainProgress | None) -> dict[str, Any]:
-    from monai.networks.utils import copy_model_state
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
-    from maisi_cli.engine.networks import build_network
-    from maisi_cli.engine.sampling import label_bit_planes
-    from maisi_cli.engine.weights import (
-        WeightFile,
-        load_into,
-        locate_weight,
-        save_released_checkpoint,
-    )
-    from maisi_cli.models import get_model
-
-    device = runtime.device
-    report = on_progress if (on_progress is not None and runtime.is_main) else (lambda event: None)
-    spec = get_model(config.model)
-    out = config.out
-    checkpoint_path, state_path = out / CHECKPOINT, out / STATE
-    identity = run_identity("controlnet", spec, "controlnet")
-    resume_state = start_or_resume(config, checkpoint_path, state_path, identity)
-    if config.init is not None and not config.init.is_file():
-        raise TrainingError(f"--init: '{config.init}' does not exist; give a ControlNet checkpoint")
-    amp_enabled, amp_dtype = amp_settings(config.amp, config.amp_dtype, device)
-    seed_everything(config.seed + runtime.rank)
-
-    items = read_controlnet_datalist(config.data)
-
-    unet_weight = locate_weight(spec, "diffusion_unet", config.weights_dir)
-    unet = build_network(spec, "diffusion_unet", device)
-    scale_factor = load_into(unet, unet_weight, spec)["scale_factor"]
-    unet = unet.to(device).eval()
+def frozen_unet(run: TrainingRun, weights_dir: Path | None) -> tuple[torch.nn.Module, WeightFile, torch.Tensor]:
+    """(the model's released diffusion UNet in eval mode without gradients, its file, its scale factor)."""
+    weight = locate_weight(run.spec, "diffusion_unet", weights_dir)
+    unet = build_network(run.spec, "diffusion_unet", run.device)
+    scale_factor = load_into(unet, weight, run.spec)["scale_factor"]
+    unet = unet.to(run.device).eval()
     for parameter in unet.parameters():
         parameter.requires_grad_(False)
-    # Flags from the plain modules, never through DDP (reference §5/§11.1).
-    uses_modality = getattr(unet, "num_class_embeds", None) is not None
-    uses_regions = bool(getattr(unet, "include_top_region_index_input", False))
+    return unet, weight, scale_factor
 
-    controlnet = build_network(spec, "controlnet", device)
+
+def controlnet_from_unet(run: TrainingRun, unet: torch.nn.Module) -> torch.nn.Module:
+    """The spec's ControlNet with the UNet's weights wherever name and shape match (`copy_model_state`)."""
+    controlnet = build_network(run.spec, "controlnet", run.device)
     # MONAI logs "'dst' model updated: …" at INFO on stdout, which would break `--json` (one per rank): silenced.
-    import logging
-
     monai_logger = logging.getLogger("monai.networks.utils")
     level = monai_logger.level
     monai_logger.setLevel(logging.WARNING)
@@ -259,79 +203,63 @@ def _train(config: ControlNetTrainConfig, runtime: Runtime, on_progress: TrainPr
         copy_model_state(controlnet, unet.state_dict())
     finally:
         monai_logger.setLevel(level)
-    controlnet_modality = getattr(controlnet, "num_class_embeds", None) is not None
-    if config.resume:
-        load_into(controlnet, WeightFile("controlnet", CHECKPOINT, checkpoint_path, "path"), spec)
-    elif config.init is not None:
-        load_into(controlnet, WeightFile("controlnet", config.init.name, config.init, "path"), spec)
-    controlnet = controlnet.to(device).train()
-    scheduler = build_training_scheduler(spec, None)
+    return controlnet
 
-    dataset = LabelledLatentDataset(items, need_regions=uses_regions, vae_factor=spec.vae_downsample)
-    sampler = DistributedSampler(dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
-                                 seed=config.seed, drop_last=False)
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=config.num_workers)
 
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=config.lr)
-    total_steps = optimizer_steps(len(dataset), config.batch_size, runtime.world_size, config.epochs)
-    lr_schedule = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=2.0)
-    scaler = make_scaler(device, amp_enabled, amp_dtype)
-    start_epoch = 0
-    if config.resume:
-        start_epoch = restore_training_state(resume_state, optimizer, scaler,
-                                             lr_schedule, state_path)
-        if runtime.rank:
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + runtime.rank)
+class ControlNetTrainer(LatentTrainer):
+    kind, component, checkpoint_name = "controlnet", "controlnet", CHECKPOINT
+    config: ControlNetTrainConfig
 
-    model = wrap_ddp(controlnet, runtime)
-    scale = scale_factor.to(device)
-    last_loss = float("nan")
-    steps_per_epoch = len(loader)
-    for epoch in range(start_epoch, config.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        started = time.perf_counter()
-        totals = torch.zeros(2, dtype=torch.float64, device=device)
-        for step, batch in enumerate(loader, 1):
-            latents = batch["latent"].to(device) * scale
-            labels = batch["label"].to(device)
-            unet_conditions = conditions_of(batch, uses_modality, uses_regions, device)
-            controlnet_conditions = {}
-            if controlnet_modality:
-                controlnet_conditions["class_labels"] = conditions_of(batch, True, False, device)["class_labels"]
-            weights = loss_weights(labels, latents.shape, config.weighted_label, config.weighted_loss)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, amp_enabled, amp_dtype):
-                noise = torch.randn_like(latents)
-                timesteps = sample_timesteps(scheduler, latents)
-                loss = controlnet_loss(model, unet, scheduler, latents, noise, timesteps, label_bit_planes(labels),
-                                       unet_conditions, controlnet_conditions, weights)
-            optimizer_step(loss, optimizer, scaler, lr_schedule)
-            totals += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
-            report(step_event(epoch, config.epochs, step, steps_per_epoch, loss, lr_schedule))
-        last_loss = epoch_loss(totals, runtime, epoch)
-        if runtime.is_main:
-            save_released_checkpoint(controlnet, "controlnet", checkpoint_path, epoch=epoch + 1, loss=last_loss)
-            save_atomic(training_state(epoch + 1, optimizer, scaler, lr_schedule, identity=identity), state_path)
-        barrier(runtime)
-        report({"event": "epoch", "epoch": epoch + 1, "epochs": config.epochs, "loss": last_loss,
-                "seconds": time.perf_counter() - started, "samples": len(dataset)})
-    return {
-        "checkpoint": str(checkpoint_path),
-        "train_state": str(state_path),
-        "model": spec.name,
-        "scheduler": "rflow" if is_rflow(scheduler) else "ddpm",
-        "unet": str(unet_weight.path),
-        "scale_factor": float(scale_factor),
-        "initialised_from": str(config.init) if config.init else ("resume" if config.resume else "diffusion_unet"),
-        "weighted_labels": list(config.weighted_label),
-        "weighted_loss": config.weighted_loss if config.weighted_label else 1.0,
-        "epochs": config.epochs,
-        "start_epoch": start_epoch,
-        "loss": last_loss,
-        "samples": len(dataset),
-        "world_size": runtime.world_size,
-        "device": str(device),
-        "amp": amp_enabled,
-    }
+    def check(self) -> None:
+        if self.config.init is not None and not self.config.init.is_file():
+            raise TrainingError(f"--init: '{self.config.init}' does not exist; give a ControlNet checkpoint")
+
+    def build(self, run: TrainingRun) -> TrainingParts:
+        config, spec = self.config, run.spec
+        self.run = run
+        items = read_controlnet_datalist(config.data)
+        self.unet, self.unet_weight, self.scale_factor = frozen_unet(run, config.weights_dir)
+        self.read_conditioning(self.unet)
+        controlnet = controlnet_from_unet(run, self.unet)
+        self.controlnet_modality = getattr(controlnet, "num_class_embeds", None) is not None
+        if config.resume:
+            load_into(controlnet, WeightFile("controlnet", CHECKPOINT, run.checkpoint, "path"), spec)
+        elif config.init is not None:
+            load_into(controlnet, WeightFile("controlnet", config.init.name, config.init, "path"), spec)
+        self.controlnet = self.trained = controlnet.to(run.device).train()
+        self.scheduler = build_training_scheduler(spec, None)
+
+        dataset = LabelledLatentDataset(items, need_regions=self.uses_regions, vae_factor=spec.vae_downsample)
+        sampler, loader = distributed_loader(dataset, config, run.runtime, collate_fn=collate)
+        optimisation = self.decaying_optimisation(run, self.controlnet, torch.optim.AdamW, len(dataset))
+        return TrainingParts(loader, sampler, [optimisation], len(dataset))
+
+    def step_inputs(self, batch: dict[str, Any], latents: torch.Tensor) -> dict[str, Any]:
+        device = self.run.device
+        labels = batch["label"].to(device)
+        controlnet_conditions = {}
+        if self.controlnet_modality:
+            controlnet_conditions["class_labels"] = conditions_of(batch, True, False, device)["class_labels"]
+        return {"label_planes": labels, "controlnet_conditions": controlnet_conditions,
+                "unet_conditions": conditions_of(batch, self.uses_modality, self.uses_regions, device),
+                "weights": loss_weights(labels, latents.shape, self.config.weighted_label, self.config.weighted_loss)}
+
+    def loss(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+             inputs: dict[str, Any]) -> torch.Tensor:
+        return controlnet_loss(self.model, self.unet, self.scheduler, latents, noise, timesteps,
+                               label_bit_planes(inputs["label_planes"]), inputs["unet_conditions"],
+                               inputs["controlnet_conditions"], inputs["weights"])
+
+    def save(self, epoch: int, metrics: dict[str, float], validation: dict[str, Any] | None) -> None:
+        save_released_checkpoint(self.controlnet, "controlnet", self.run.checkpoint, epoch=epoch,
+                                 loss=metrics["loss"])
+
+    def summary(self, result: RunResult) -> dict[str, Any]:
+        config = self.config
+        return {**self.base_summary(result), "unet": str(self.unet_weight.path),
+                "scale_factor": float(self.scale_factor),
+                "initialised_from": str(config.init) if config.init else ("resume" if config.resume
+                                                                          else "diffusion_unet"),
+                "weighted_labels": list(config.weighted_label),
+                "weighted_loss": config.weighted_loss if config.weighted_label else 1.0,
+                **self.run_summary(result), **self.process_summary(result)}

@@ -17,38 +17,24 @@ Outputs in `--out`: `diff_unet.pt` in the released layout (`unet_state_dict`, `s
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Literal
 
+import nibabel as nib
 import numpy as np
 import torch
+from monai.networks.schedulers import RFlowScheduler
 
-from maisi_cli.engine.train.common import (
-    Runtime,
-    TrainConfig,
-    TrainingError,
-    TrainProgress,
-    all_reduce,
-    amp_settings,
-    autocast,
-    barrier,
-    epoch_loss,
-    make_scaler,
-    optimizer_step,
-    optimizer_steps,
-    read_datalist,
-    restore_training_state,
-    run_identity,
-    save_atomic,
-    seed_everything,
-    setup_runtime,
-    start_or_resume,
-    step_event,
-    teardown_runtime,
-    training_state,
-    wrap_ddp,
-)
+from maisi_cli.engine.networks import build_network, build_scheduler, resolve_definition
+from maisi_cli.engine.progress import ProgressCallback
+from maisi_cli.engine.runtime import Runtime
+from maisi_cli.engine.train.common import TrainConfig, TrainingError, all_reduce, make_scaler, wrap_ddp
+from maisi_cli.engine.train.loop import (Optimisation, RunResult, Trainer, TrainingParts, TrainingRun,
+                                         distributed_loader, optimizer_steps, run_training)
+from maisi_cli.engine.weights import WeightFile, load_into, save_released_checkpoint
+from maisi_cli.io.datalists import read_datalist
+from maisi_cli.io.provenance import read_json
+from maisi_cli.labels import modality_id
 
 CHECKPOINT = "diff_unet.pt"
 STATE = "train_state.pt"
@@ -74,8 +60,6 @@ class LatentDataset(torch.utils.data.Dataset):
     "modality": str}. Fields missing from the item are read from the `<latent>.json` sidecar."""
 
     def __init__(self, items: list[dict[str, Any]], need_regions: bool):
-        from maisi_cli.io.provenance import read_json
-
         self.items = []
         for item in items:
             merged = {**(read_json(Path(item["image"] + ".json")) or {}), **item}
@@ -92,8 +76,6 @@ class LatentDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        import nibabel as nib
-
         item = self.items[index]
         path = Path(item["image"])
         if not path.is_file():
@@ -122,8 +104,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 # --- the loss -----------------------------------------------------------------------------------------------------
 def is_rflow(scheduler: Any) -> bool:
-    from monai.networks.schedulers import RFlowScheduler
-
     return isinstance(scheduler, RFlowScheduler)
 
 
@@ -153,8 +133,6 @@ def diffusion_loss(unet: torch.nn.Module, scheduler: Any, latents: torch.Tensor,
 def conditions_of(batch: dict[str, Any], uses_modality: bool, uses_regions: bool,
                   device: torch.device) -> dict[str, torch.Tensor]:
     """UNet keyword inputs: spacing ×100, class labels (modality ids), region one-hots ×100."""
-    from maisi_cli.labels import modality_id
-
     conditions = {"spacing_tensor": batch["spacing"].to(device) * 1e2}
     if uses_modality:
         conditions["class_labels"] = torch.tensor([modality_id(m) for m in batch["modality"]], dtype=torch.long,
@@ -166,8 +144,6 @@ def conditions_of(batch: dict[str, Any], uses_modality: bool, uses_regions: bool
 
 
 def build_training_scheduler(spec: Any, choice: str | None) -> Any:
-    from maisi_cli.engine.networks import build_scheduler, resolve_definition
-
     if choice is None or choice == spec.scheduler_kind:
         return build_scheduler(spec)
     cls, kwargs = resolve_definition(spec.network, RFLOW_DEFAULT if choice == "rflow" else DDPM_DEFAULT)
@@ -184,117 +160,128 @@ def first_batch_scale_factor(dataset: LatentDataset, indices: list[int], batch_s
     return all_reduce(scale, runtime, average=True).cpu()
 
 
-def train_diffusion(config: DiffusionTrainConfig, on_progress: TrainProgress | None = None) -> dict[str, Any]:
+def train_diffusion(config: DiffusionTrainConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Train (or resume/fine-tune) the UNet of `config.model`; returns a summary. Call under torchrun for DDP."""
-    runtime = setup_runtime(config.device)
-    try:
-        return _train(config, runtime, on_progress)
-    finally:
-        teardown_runtime(runtime)
+    return run_training(DiffusionTrainer(config), on_progress)
 
 
-def _train(config: DiffusionTrainConfig, runtime: Runtime, on_progress: TrainProgress | None) -> dict[str, Any]:
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
+class LatentTrainer(Trainer):
+    """What diffusion and ControlNet training share: latents × the scale factor, the scheduler's noise and
+    timesteps, one optimiser + PolynomialLR(power 2) stepped per iteration, the released checkpoint's epoch/loss."""
 
-    from maisi_cli.engine.networks import build_network
-    from maisi_cli.engine.weights import WeightFile, load_into, save_released_checkpoint
-    from maisi_cli.models import get_model
+    def __init__(self, config: TrainConfig):
+        super().__init__(config)
+        self.trained: torch.nn.Module | None = None  # the network the optimiser trains (set by `build`)
+        self.scale_factor = torch.ones(())
+        self.scheduler: Any = None
+        self.optimisation: Optimisation | None = None
 
-    device = runtime.device
-    report = on_progress if (on_progress is not None and runtime.is_main) else (lambda event: None)
-    spec = get_model(config.model)
-    out = config.out
-    checkpoint_path, state_path = out / CHECKPOINT, out / STATE
-    identity = run_identity("diffusion", spec, "diffusion_unet")
-    resume_state = start_or_resume(config, checkpoint_path, state_path, identity)
-    amp_enabled, amp_dtype = amp_settings(config.amp, config.amp_dtype, device)
-    seed_everything(config.seed + runtime.rank)
+    def read_conditioning(self, unet: torch.nn.Module) -> None:
+        """Which conditions the UNet takes, read from the plain module: DDP does not forward these attributes
+        (a reference bug, §5/§11.1)."""
+        self.uses_modality = getattr(unet, "num_class_embeds", None) is not None
+        self.uses_regions = bool(getattr(unet, "include_top_region_index_input", False))
 
-    unet = build_network(spec, "diffusion_unet", device).to(device)
-    # Read the conditioning flags from the plain module, before any DDP wrapping (reference bug, §5/§11.1).
-    uses_modality = getattr(unet, "num_class_embeds", None) is not None
-    uses_regions = bool(getattr(unet, "include_top_region_index_input", False))
-    scheduler = build_training_scheduler(spec, config.scheduler)
+    def wrap(self, runtime: Runtime) -> None:
+        self.model = wrap_ddp(self.trained, runtime)
+        self.scale = self.scale_factor.to(runtime.device)
 
-    items = read_datalist(config.data)
-    dataset = LatentDataset(items, need_regions=uses_regions)
-    sampler = DistributedSampler(dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
-                                 seed=config.seed, drop_last=False)
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=config.num_workers)
+    def begin_epoch(self, epoch: int) -> None:
+        self.model.train()
 
-    start_epoch = 0
-    scale_source = "first batch"
-    if config.resume:
-        weight = WeightFile("diffusion_unet", CHECKPOINT, checkpoint_path, "path")
-        scale_factor = load_into(unet, weight, spec)["scale_factor"]
-        scale_source = f"kept from {checkpoint_path}"
-    elif config.init is not None:
-        if not config.init.is_file():
-            raise TrainingError(f"--init: '{config.init}' does not exist; give a diffusion UNet checkpoint")
-        weight = WeightFile("diffusion_unet", config.init.name, config.init, "path")
-        scale_factor = load_into(unet, weight, spec)["scale_factor"]
-        scale_source = f"kept from {config.init}"
-    else:
+    def decaying_optimisation(self, run: TrainingRun, network: torch.nn.Module,
+                              optimizer_class: type[torch.optim.Optimizer], samples: int) -> Optimisation:
+        """`optimizer_class` over `network`'s parameters at --lr, decayed to 0 over the run's steps."""
+        config = self.config
+        optimizer = optimizer_class(network.parameters(), lr=config.lr)
+        total_steps = optimizer_steps(samples, config.batch_size, run.runtime.world_size, config.epochs)
+        schedule = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=2.0)
+        self.optimisation = Optimisation(optimizer, schedule, make_scaler(run.device, *run.amp))
+        return self.optimisation
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        latents = batch["latent"].to(self.run.device) * self.scale
+        inputs = self.step_inputs(batch, latents)
+        self.optimisation.zero_grad()
+        with self.run.autocast():
+            noise = torch.randn_like(latents)
+            timesteps = sample_timesteps(self.scheduler, latents)
+            loss = self.loss(latents, noise, timesteps, inputs)
+        self.optimisation.step(loss)
+        return {"loss": float(loss.item())}
+
+    def step_inputs(self, batch: dict[str, Any], latents: torch.Tensor) -> dict[str, Any]:
+        """What the loss needs of `batch` besides the latents (drawn before the noise)."""
+        raise NotImplementedError
+
+    def loss(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+             inputs: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def base_summary(self, result: RunResult) -> dict[str, Any]:
+        return {"checkpoint": str(result.run.checkpoint), "train_state": str(result.run.state),
+                "model": result.run.spec.name, "scheduler": "rflow" if is_rflow(self.scheduler) else "ddpm"}
+
+    @staticmethod
+    def run_summary(result: RunResult) -> dict[str, Any]:
+        return {"epochs": result.run.config.epochs, "start_epoch": result.start_epoch,
+                "loss": result.metrics["loss"]}
+
+    @staticmethod
+    def process_summary(result: RunResult) -> dict[str, Any]:
+        return {"samples": result.samples, "world_size": result.run.runtime.world_size,
+                "device": str(result.run.device), "amp": result.run.amp[0]}
+
+
+class DiffusionTrainer(LatentTrainer):
+    kind, component, checkpoint_name = "diffusion", "diffusion_unet", CHECKPOINT
+    config: DiffusionTrainConfig
+
+    def build(self, run: TrainingRun) -> TrainingParts:
+        config, device, spec = self.config, run.device, run.spec
+        self.run = run
+        unet = build_network(spec, "diffusion_unet", device).to(device)
+        self.read_conditioning(unet)
+        self.scheduler = build_training_scheduler(spec, config.scheduler)
+
+        dataset = LatentDataset(read_datalist(config.data, empty_error=TrainingError), need_regions=self.uses_regions)
+        sampler, loader = distributed_loader(dataset, config, run.runtime, collate_fn=collate)
+        self.scale_factor, self.scale_source = self.initial_weights(unet, dataset, sampler, run)
+        self.unet = self.trained = unet.to(device).train()
+        optimisation = self.decaying_optimisation(run, self.unet, torch.optim.Adam, len(dataset))
+        return TrainingParts(loader, sampler, [optimisation], len(dataset))
+
+    def initial_weights(self, unet: torch.nn.Module, dataset: LatentDataset, sampler: Any,
+                        run: TrainingRun) -> tuple[torch.Tensor, str]:
+        """Load --resume's or --init's weights and keep their scale factor, or measure it on the first batch."""
+        config = self.config
+        if config.resume:
+            weight = WeightFile("diffusion_unet", CHECKPOINT, run.checkpoint, "path")
+            return load_into(unet, weight, run.spec)["scale_factor"], f"kept from {run.checkpoint}"
+        if config.init is not None:
+            if not config.init.is_file():
+                raise TrainingError(f"--init: '{config.init}' does not exist; give a diffusion UNet checkpoint")
+            weight = WeightFile("diffusion_unet", config.init.name, config.init, "path")
+            return load_into(unet, weight, run.spec)["scale_factor"], f"kept from {config.init}"
         sampler.set_epoch(0)
-        scale_factor = first_batch_scale_factor(dataset, list(iter(sampler)), config.batch_size, runtime)
+        scale_factor = first_batch_scale_factor(dataset, list(iter(sampler)), config.batch_size, run.runtime)
         if not torch.isfinite(scale_factor):
             raise TrainingError("--data: the first batch's latents have zero or non-finite spread; check the latents")
-    unet = unet.to(device).train()
+        return scale_factor, "first batch"
 
-    optimizer = torch.optim.Adam(unet.parameters(), lr=config.lr)
-    total_steps = optimizer_steps(len(dataset), config.batch_size, runtime.world_size, config.epochs)
-    lr_schedule = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=2.0)
-    scaler = make_scaler(device, amp_enabled, amp_dtype)
-    if config.resume:
-        start_epoch = restore_training_state(resume_state, optimizer, scaler,
-                                             lr_schedule, state_path)
-        # Each rank restores rank 0's RNG (only rank 0 saves); offset by rank so ranks keep drawing apart.
-        if runtime.rank:
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + runtime.rank)
+    def step_inputs(self, batch: dict[str, Any], latents: torch.Tensor) -> dict[str, Any]:
+        return conditions_of(batch, self.uses_modality, self.uses_regions, self.run.device)
 
-    model = wrap_ddp(unet, runtime)
-    scale = scale_factor.to(device)
-    last_loss = float("nan")
-    steps_per_epoch = len(loader)
-    for epoch in range(start_epoch, config.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        started = time.perf_counter()
-        totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, batches
-        for step, batch in enumerate(loader, 1):
-            latents = batch["latent"].to(device) * scale
-            conditions = conditions_of(batch, uses_modality, uses_regions, device)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, amp_enabled, amp_dtype):
-                noise = torch.randn_like(latents)
-                timesteps = sample_timesteps(scheduler, latents)
-                loss = diffusion_loss(model, scheduler, latents, noise, timesteps, conditions)
-            optimizer_step(loss, optimizer, scaler, lr_schedule)
-            totals += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=device)
-            report(step_event(epoch, config.epochs, step, steps_per_epoch, loss, lr_schedule))
-        last_loss = epoch_loss(totals, runtime, epoch)
-        if runtime.is_main:
-            save_released_checkpoint(unet, "diffusion_unet", checkpoint_path, scale_factor=float(scale_factor),
-                                     epoch=epoch + 1, loss=last_loss,
-                                     num_train_timesteps=int(scheduler.num_train_timesteps))
-            save_atomic(training_state(epoch + 1, optimizer, scaler, lr_schedule, identity=identity), state_path)
-        barrier(runtime)
-        report({"event": "epoch", "epoch": epoch + 1, "epochs": config.epochs, "loss": last_loss,
-                "seconds": time.perf_counter() - started, "samples": len(dataset)})
-    return {
-        "checkpoint": str(checkpoint_path),
-        "train_state": str(state_path),
-        "model": spec.name,
-        "scheduler": "rflow" if is_rflow(scheduler) else "ddpm",
-        "epochs": config.epochs,
-        "start_epoch": start_epoch,
-        "loss": last_loss,
-        "scale_factor": float(scale_factor),
-        "scale_factor_source": scale_source,
-        "samples": len(dataset),
-        "world_size": runtime.world_size,
-        "device": str(device),
-        "amp": amp_enabled,
-    }
+    def loss(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+             inputs: dict[str, Any]) -> torch.Tensor:
+        return diffusion_loss(self.model, self.scheduler, latents, noise, timesteps, inputs)
+
+    def save(self, epoch: int, metrics: dict[str, float], validation: dict[str, Any] | None) -> None:
+        save_released_checkpoint(self.unet, "diffusion_unet", self.run.checkpoint,
+                                 scale_factor=float(self.scale_factor), epoch=epoch, loss=metrics["loss"],
+                                 num_train_timesteps=int(self.scheduler.num_train_timesteps))
+
+    def summary(self, result: RunResult) -> dict[str, Any]:
+        return {**self.base_summary(result), **self.run_summary(result),
+                "scale_factor": float(self.scale_factor), "scale_factor_source": self.scale_source,
+                **self.process_summary(result)}

@@ -22,15 +22,24 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation, Resize, ScaleIntensityRange
 
+from maisi_cli.engine.masks.database import entry_for_file
+from maisi_cli.engine.networks import build_network, set_tp_splits
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent
+from maisi_cli.engine.sampling import derive_sample_seed
+from maisi_cli.engine.train.common import TrainingError
+from maisi_cli.engine.weights import load_into, locate_weight
 from maisi_cli.errors import MaisiError
+from maisi_cli.io.datalists import read_datalist, write_datalist
+from maisi_cli.io.nifti import write_nifti
+from maisi_cli.io.provenance import read_json, write_json
 from maisi_cli.models import ModelSpec
 
-ProgressCallback = Callable[[str, int, int], None]
 HU_MIN, HU_MAX = -1000.0, 1000.0
 
 
@@ -59,8 +68,6 @@ def embedding_name(image: Path, base: Path) -> Path:
 
 def prepare_image(path: Path, multiple: int) -> tuple[torch.Tensor, np.ndarray]:
     """(1, 1, X, Y, Z) float32 in [0, 1] at the target size, and the 4×4 affine of the resized image."""
-    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation, Resize, ScaleIntensityRange
-
     if not path.is_file():
         raise EmbedError(f"datalist: image '{path}' does not exist")
     try:
@@ -95,9 +102,6 @@ def _spacing(affine: np.ndarray) -> list[float]:
 
 
 def load_autoencoder(spec: ModelSpec, weights_dir: Path | None, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    from maisi_cli.engine.networks import build_network, set_tp_splits
-    from maisi_cli.engine.weights import load_into, locate_weight
-
     weight = locate_weight(spec, "autoencoder", weights_dir)
     autoencoder = build_network(spec, "autoencoder", device)
     load_into(autoencoder, weight, spec)
@@ -116,14 +120,8 @@ def embed_datalist(
     on_progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Encode every training image of `datalist`; returns a summary {datalist, written, skipped, items}."""
-    from maisi_cli.engine.masks.database import entry_for_file
-    from maisi_cli.engine.sampling import derive_sample_seed
-    from maisi_cli.engine.train.common import read_datalist
-    from maisi_cli.io.nifti import write_nifti
-    from maisi_cli.io.provenance import read_json, write_json
-
     device = torch.device(device)
-    items = read_datalist(datalist, field="DATALIST")
+    items = read_datalist(datalist, "DATALIST", empty_error=TrainingError)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = datalist.parent
     autoencoder = None
@@ -172,9 +170,9 @@ def embed_datalist(
             label = Path(item["label"]) if Path(item["label"]).is_absolute() else base / item["label"]
             listed[-1]["label"] = Path(os.path.relpath(label.resolve(), out_dir.resolve())).as_posix()
         if on_progress is not None:
-            on_progress("embed", index + 1, total)
+            on_progress(ProgressEvent("embed", index + 1, total))
     list_path = out_dir / "embeddings.json"
-    write_json(list_path, {"training": listed})
+    write_datalist(list_path, listed)
     return {"datalist": str(list_path), "written": written, "skipped": skipped, "items": len(listed),
             "encoding": "mean" if mean else "sample", "model": spec.name,
             "autoencoder": str(weight.path) if weight is not None else None}

@@ -37,37 +37,30 @@ best validation loss; `train_state.pt` for `--resume`; `validation.json` (histor
 
 from __future__ import annotations
 
-import json
 import math
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
+from monai import transforms as mt
+from monai.data import DataLoader
+from monai.inferers import SlidingWindowInferer
+from monai.losses import PatchAdversarialLoss, PerceptualLoss
+from monai.networks.nets import PatchDiscriminator
 from pydantic import field_validator
 
 from maisi_cli.engine.decode import output_convolution_in_fp32
-from maisi_cli.engine.train.common import (
-    Runtime,
-    TrainConfig,
-    TrainingError,
-    TrainProgress,
-    all_reduce,
-    amp_settings,
-    autocast,
-    barrier,
-    start_or_resume,
-    read_datalist,
-    restore_training_state,
-    run_identity,
-    save_atomic,
-    seed_everything,
-    setup_runtime,
-    teardown_runtime,
-    training_state,
-    wrap_ddp,
-)
+from maisi_cli.engine.networks import build_network, fuse_group_norms, set_tp_splits
+from maisi_cli.engine.progress import ProgressCallback
+from maisi_cli.engine.runtime import Runtime
+from maisi_cli.engine.train.common import TrainConfig, TrainingError, all_reduce, autocast, make_scaler, wrap_ddp
+from maisi_cli.engine.train.loop import (Optimisation, RunResult, Trainer, TrainingParts, TrainingRun,
+                                         distributed_loader, run_training)
+from maisi_cli.engine.weights import WeightFile, load_into, save_released_checkpoint
 from maisi_cli.errors import UsageError
+from maisi_cli.io.datalists import read_datalist
+from maisi_cli.io.provenance import write_json
 
 CHECKPOINT = "autoencoder.pt"
 BEST = "autoencoder_best.pt"
@@ -191,8 +184,6 @@ def modality_of(item: dict[str, Any]) -> str:
 
 def vae_transform(config: VaeTrainConfig, modality: str, train: bool):
     """The reference's `VAE_Transform` chain (§1.2) for one modality, on the key "image"."""
-    from monai import transforms as mt
-
     chain: list[Any] = [
         mt.LoadImaged(keys="image", image_only=True, ensure_channel_first=True),
         mt.Orientationd(keys="image", axcodes="RAS", labels=None),
@@ -269,8 +260,6 @@ def build_perceptual_loss(config: VaeTrainConfig, device: torch.device) -> torch
                              f"--perceptual-network {WEIGHTS_NETWORK}, not '{network}'")
         if not config.perceptual_weights.is_file():
             raise UsageError(f"--perceptual-weights: '{config.perceptual_weights}' does not exist")
-    from monai.losses import PerceptualLoss
-
     try:
         loss = PerceptualLoss(spatial_dims=3, network_type=network, is_fake_3d=True,
                               fake_3d_ratio=config.fake_3d_ratio,
@@ -287,8 +276,6 @@ def build_perceptual_loss(config: VaeTrainConfig, device: torch.device) -> torch
 
 
 def build_discriminator(layers: int) -> torch.nn.Module:
-    from monai.networks.nets import PatchDiscriminator
-
     return PatchDiscriminator(spatial_dims=3, num_layers_d=layers, channels=32, in_channels=1, out_channels=1,
                               norm="INSTANCE")
 
@@ -355,8 +342,6 @@ class VaeLosses:
 
     def __init__(self, config: VaeTrainConfig, perceptual: torch.nn.Module | None,
                  discriminator: torch.nn.Module | None):
-        from monai.losses import PatchAdversarialLoss
-
         self.config = config
         self.perceptual = perceptual
         self.discriminator = discriminator  # the plain module (for the generator term)
@@ -413,8 +398,6 @@ def trained_forward(autoencoder: torch.nn.Module, config: VaeTrainConfig) -> tor
 def reconstruct(autoencoder: torch.nn.Module, image: torch.Tensor, window: list[int]) -> tuple[torch.Tensor, ...]:
     """(reconstruction, z_mu, z_sigma) of a whole volume by sliding windows (reference `dynamic_infer`): the
     window is clipped to the volume per axis; a volume no larger than the window is one direct call."""
-    from monai.inferers import SlidingWindowInferer
-
     spatial = list(image.shape[2:])
     roi = [min(w, s) for w, s in zip(window, spatial)]
     if roi == spatial:
@@ -459,195 +442,152 @@ def validate(autoencoder: torch.nn.Module, losses: VaeLosses, dataset: ImageData
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
-def train_vae(config: VaeTrainConfig, on_progress: TrainProgress | None = None) -> dict[str, Any]:
+def train_vae(config: VaeTrainConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Train (or resume / fine-tune) the autoencoder of `config.model`; returns a summary. Call under torchrun for
     DDP."""
-    runtime = setup_runtime(config.device)
-    try:
-        return _train(config, runtime, on_progress)
-    finally:
-        teardown_runtime(runtime)
+    return run_training(VaeTrainer(config), on_progress)
 
 
-def _make_scaler(device: torch.device, enabled: bool, dtype: torch.dtype) -> torch.amp.GradScaler:
-    return torch.amp.GradScaler(device.type, init_scale=2.0**8, growth_factor=1.5,
-                                enabled=enabled and dtype == torch.float16 and device.type == "cuda")
+class VaeTrainer(Trainer):
+    """The autoencoder (the generator) and, with an adversarial weight, the patch discriminator, each with its Adam,
+    warm-up schedule and GradScaler; validation every `val_every` epochs when there is a validation fold."""
 
+    kind, component, checkpoint_name = "vae", "autoencoder", CHECKPOINT
+    config: VaeTrainConfig
 
-def _step_schedules(*schedules: torch.optim.lr_scheduler.LRScheduler | None) -> None:
-    for schedule in schedules:
-        if schedule is not None:
-            schedule.step()
+    def build(self, run: TrainingRun) -> TrainingParts:
+        config, device = self.config, run.device
+        self.run = run
+        train_items, val_items = split_folds(read_datalist(config.data, empty_error=TrainingError), config.val_fold)
+        self.train_set = ImageDataset(train_items, config, train=True)
+        self.val_set = ImageDataset(val_items, config, train=False)
+        self.validation_every = config.val_every if len(self.val_set) else None
+        adversarial_on = config.adversarial_weight > 0
+        if adversarial_on:
+            check_discriminator_fits(config.patch_size, config.discriminator_layers)
+        perceptual = build_perceptual_loss(config, device)  # fails early, before any work, when it cannot be built
+        self.autoencoder = self.initial_autoencoder(run)
+        self.discriminator = (build_discriminator(config.discriminator_layers).to(device).train() if adversarial_on
+                              else None)
+        # Built before the RNG is restored on --resume: MONAI's DataLoader draws a seed from torch's RNG.
+        sampler, loader = distributed_loader(self.train_set, config, run.runtime, DataLoader)
+        eps = 1e-6 if run.amp[0] else 1e-8
+        rule, per_step = lr_rule(config, len(loader))
+        self.generator = self.optimisation(self.autoencoder, eps, rule, per_step)
+        self.critic = (self.optimisation(self.discriminator, eps, rule, per_step) if self.discriminator is not None
+                       else None)
+        self.losses = VaeLosses(config, perceptual, self.discriminator)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"epoch": 0, "val_loss": float("inf")}
+        self.last_val: dict[str, Any] | None = None
+        optimisations = [self.generator] + ([self.critic] if self.critic is not None else [])
+        return TrainingParts(loader, sampler, optimisations, len(self.train_set))
 
+    def initial_autoencoder(self, run: TrainingRun) -> torch.nn.Module:
+        """The spec's autoencoder in training mode, with --resume's or --init's weights when given."""
+        config = self.config
+        # The precision decides norm_float16 (fp16 on CUDA only): bf16 autocast must not turn it on.
+        enabled, dtype = run.amp
+        precision = ("fp16" if dtype == torch.float16 else "bf16") if enabled else "fp32"
+        autoencoder = build_network(run.spec, "autoencoder", run.device, precision=precision)
+        set_tp_splits(autoencoder, 1)  # the reference trains with num_splits 1 (TP splitting is for inference)
+        fuse_group_norms(autoencoder)  # MONAI's per-group loop saves memory on whole-body volumes, not on patches
+        if config.resume or config.init is not None:
+            source = run.checkpoint if config.resume else config.init
+            if not source.is_file():
+                raise TrainingError(f"--init: '{source}' does not exist; give an autoencoder checkpoint")
+            load_into(autoencoder, WeightFile("autoencoder", source.name, source, "path"), run.spec)
+        return autoencoder.to(run.device).train()
 
-def _train(config: VaeTrainConfig, runtime: Runtime, on_progress: TrainProgress | None) -> dict[str, Any]:
-    from monai.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
+    def optimisation(self, network: torch.nn.Module, eps: float, rule: Callable[[int], float],
+                     per_step: bool) -> Optimisation:
+        """Adam with the warm-up (and cosine) rule and the reference's GradScaler (init scale 2**8, growth 1.5)."""
+        optimizer = torch.optim.Adam(network.parameters(), lr=self.config.lr, eps=eps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=rule)
+        scaler = make_scaler(self.run.device, *self.run.amp, init_scale=2.0**8, growth_factor=1.5)
+        return Optimisation(optimizer, schedule, scaler, per_step)
 
-    from maisi_cli.engine.networks import build_network, fuse_group_norms, set_tp_splits
-    from maisi_cli.engine.weights import WeightFile, load_into, save_released_checkpoint
-    from maisi_cli.models import get_model
-
-    device = runtime.device
-    report = on_progress if (on_progress is not None and runtime.is_main) else (lambda event: None)
-    spec = get_model(config.model)
-    out = config.out
-    checkpoint_path, state_path, best_path, validation_path = out / CHECKPOINT, out / STATE, out / BEST, \
-        out / VALIDATION
-    identity = run_identity("vae", spec, "autoencoder")
-    resume_state = start_or_resume(config, checkpoint_path, state_path, identity)
-    amp_enabled, amp_dtype = amp_settings(config.amp, config.amp_dtype, device)
-    seed_everything(config.seed + runtime.rank)
-
-    train_items, val_items = split_folds(read_datalist(config.data), config.val_fold)
-    train_set = ImageDataset(train_items, config, train=True)
-    val_set = ImageDataset(val_items, config, train=False)
-    adversarial_on = config.adversarial_weight > 0
-    if adversarial_on:
-        check_discriminator_fits(config.patch_size, config.discriminator_layers)
-    perceptual = build_perceptual_loss(config, device)  # fails early, before any work, when it cannot be built
-
-    # The precision decides norm_float16 (fp16 on CUDA only): bf16 autocast must not turn it on.
-    precision = ("fp16" if amp_dtype == torch.float16 else "bf16") if amp_enabled else "fp32"
-    autoencoder = build_network(spec, "autoencoder", device, precision=precision)
-    set_tp_splits(autoencoder, 1)  # the reference trains with num_splits 1 (TP splitting is for inference)
-    fuse_group_norms(autoencoder)  # MONAI's per-group loop saves memory on whole-body volumes, not on patches
-    if config.resume or config.init is not None:
-        source = checkpoint_path if config.resume else config.init
-        if not source.is_file():
-            raise TrainingError(f"--init: '{source}' does not exist; give an autoencoder checkpoint")
-        load_into(autoencoder, WeightFile("autoencoder", source.name, source, "path"), spec)
-    autoencoder = autoencoder.to(device).train()
-    discriminator = build_discriminator(config.discriminator_layers).to(device).train() if adversarial_on else None
-
-    # Built before the RNG is restored on --resume: MONAI's DataLoader draws a seed from torch's RNG.
-    sampler = DistributedSampler(train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True,
-                                 seed=config.seed, drop_last=False)
-    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers)
-
-    eps = 1e-6 if amp_enabled else 1e-8
-    optimizer_g = torch.optim.Adam(autoencoder.parameters(), lr=config.lr, eps=eps)
-    rule, per_step = lr_rule(config, len(loader))
-    schedule_g = torch.optim.lr_scheduler.LambdaLR(optimizer_g, lr_lambda=rule)
-    scaler_g = _make_scaler(device, amp_enabled, amp_dtype)
-    optimizer_d = schedule_d = scaler_d = None
-    if discriminator is not None:
-        optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, eps=eps)
-        schedule_d = torch.optim.lr_scheduler.LambdaLR(optimizer_d, lr_lambda=rule)
-        scaler_d = _make_scaler(device, amp_enabled, amp_dtype)
-    start_epoch = 0
-    history: list[dict[str, Any]] = []
-    best = {"epoch": 0, "val_loss": float("inf")}
-    if config.resume:
-        state = resume_state
-        start_epoch = restore_training_state(state, optimizer_g, scaler_g, schedule_g, state_path)
+    def restore(self, state: dict[str, Any], path: Path) -> None:
         try:
-            if discriminator is not None and state.get("discriminator") is not None:
-                discriminator.load_state_dict(state["discriminator"])
-                optimizer_d.load_state_dict(state["optimizer_d"])
-                scaler_d.load_state_dict(state["scaler_d"])
-                schedule_d.load_state_dict(state["lr_schedule_d"])
-            history = list(state.get("validation", []))
-            best = dict(state.get("best", best))
+            if self.critic is not None and state.get("discriminator") is not None:
+                self.discriminator.load_state_dict(state["discriminator"])
+                self.critic.load_state_dict(state, suffix="_d")
+            self.history = list(state.get("validation", []))
+            self.best = dict(state.get("best", self.best))
         except (KeyError, ValueError, RuntimeError) as error:
-            raise TrainingError(f"--resume: '{state_path}' does not fit this run ({type(error).__name__}); start a "
+            raise TrainingError(f"--resume: '{path}' does not fit this run ({type(error).__name__}); start a "
                                 f"new --out or drop --resume") from None
-        if runtime.rank:
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + runtime.rank)
+        self.last_val = self.history[-1] if self.history else None
 
-    losses = VaeLosses(config, perceptual, discriminator)
-    model_g = wrap_ddp(trained_forward(autoencoder, config), runtime)
-    model_d = wrap_ddp(discriminator, runtime) if discriminator is not None else None
-    val_indices = list(range(runtime.rank, len(val_set), runtime.world_size))
-    amp = (amp_enabled, amp_dtype)
+    def wrap(self, runtime: Runtime) -> None:
+        self.model_g = wrap_ddp(trained_forward(self.autoencoder, self.config), runtime)
+        self.model_d = wrap_ddp(self.discriminator, runtime) if self.discriminator is not None else None
+        self.val_indices = list(range(runtime.rank, len(self.val_set), runtime.world_size))
 
-    last: dict[str, float] = {"loss": float("nan")}
-    last_val: dict[str, Any] | None = history[-1] if history else None
-    steps_per_epoch = len(loader)
-    for epoch in range(start_epoch, config.epochs):
-        sampler.set_epoch(epoch)
-        train_set.reseed(config.seed * 100_003 + epoch * 1_009 + runtime.rank)
-        started = time.perf_counter()
-        totals = torch.zeros(6, dtype=torch.float64, device=device)  # total, recon, kl, adv, disc, batches
-        for step, batch in enumerate(loader, 1):
-            images = batch["image"].to(device)
-            optimizer_g.zero_grad(set_to_none=True)
-            with autocast(device, *amp):
-                reconstruction, z_mu, z_sigma = model_g(images)
-                terms = losses.generator_terms(images, reconstruction, z_mu, z_sigma)
-            scaler_g.scale(terms["total"]).backward()
-            scaler_g.step(optimizer_g)
-            scaler_g.update()
-            disc_loss = 0.0
-            if model_d is not None:
-                optimizer_d.zero_grad(set_to_none=True)
-                with autocast(device, *amp):
-                    loss_d = losses.discriminator_loss(model_d, images, reconstruction)
-                scaler_d.scale(loss_d).backward()
-                scaler_d.step(optimizer_d)
-                scaler_d.update()
-                disc_loss = float(loss_d.item())
-            totals += torch.tensor([terms["total"].item(), terms["recon"].item(), terms["kl"].item(),
-                                    float(terms["adversarial"].item()) if "adversarial" in terms else 0.0,
-                                    disc_loss, 1.0], dtype=torch.float64, device=device)
-            report({"event": "step", "epoch": epoch + 1, "epochs": config.epochs, "step": step,
-                    "steps": steps_per_epoch, "loss": float(terms["total"].item()),
-                    "lr": float(schedule_g.get_last_lr()[0])})
-            if per_step:
-                _step_schedules(schedule_g, schedule_d)
-        if not per_step:
-            _step_schedules(schedule_g, schedule_d)
-        all_reduce(totals, runtime)
-        batches = max(float(totals[5]), 1.0)
-        last = {"loss": float(totals[0]) / batches, f"recon_{config.recon_loss}": float(totals[1]) / batches,
-                "kl": float(totals[2]) / batches}
-        if discriminator is not None:
-            last.update(adversarial_loss=float(totals[3]) / batches, discriminator_loss=float(totals[4]) / batches)
-        if not math.isfinite(last["loss"]):
-            raise TrainingError(f"training diverged: the loss of epoch {epoch + 1} is {last['loss']}; lower --lr or "
-                                f"use --no-amp")
-        validated = bool(val_set) and (epoch % config.val_every == 0 or epoch == config.epochs - 1)
-        if validated:
-            last_val = {"epoch": epoch + 1, **validate(autoencoder, losses, val_set, val_indices, config, runtime, amp)}
-            history.append(last_val)
-        if runtime.is_main:
-            save_released_checkpoint(autoencoder, "autoencoder", checkpoint_path)
-            if validated and last_val["val_loss"] < best["val_loss"]:
-                best = {"epoch": epoch + 1, "val_loss": last_val["val_loss"]}
-                save_released_checkpoint(autoencoder, "autoencoder", best_path)
-            extras: dict[str, Any] = {"validation": history, "best": best, "discriminator": None}
-            if discriminator is not None:
-                extras.update(discriminator={k: v.detach().cpu() for k, v in discriminator.state_dict().items()},
-                              optimizer_d=optimizer_d.state_dict(), scaler_d=scaler_d.state_dict(),
-                              lr_schedule_d=schedule_d.state_dict())
-            save_atomic(training_state(epoch + 1, optimizer_g, scaler_g, schedule_g, identity=identity, **extras),
-                        state_path)
-            if history:
-                from maisi_cli.io.files import write_atomic
+    def begin_epoch(self, epoch: int) -> None:
+        self.train_set.reseed(self.config.seed * 100_003 + epoch * 1_009 + self.run.runtime.rank)
 
-                write_atomic(validation_path, (json.dumps({"history": history, "best": best}, indent=2)
-                                               + "\n").encode())
-        barrier(runtime)
-        report({"event": "epoch", "epoch": epoch + 1, "epochs": config.epochs, "loss": last["loss"],
-                "seconds": time.perf_counter() - started, "samples": len(train_set),
-                **({"val_loss": last_val["val_loss"]} if validated else {})})
-    return {
-        "checkpoint": str(checkpoint_path),
-        "train_state": str(state_path),
-        "validation": str(validation_path) if history else None,
-        "best_checkpoint": str(best_path) if best["epoch"] else None,
-        "model": spec.name,
-        "epochs": config.epochs,
-        "start_epoch": start_epoch,
-        **last,
-        "val": last_val,
-        "best_epoch": best["epoch"] or None,
-        "samples": len(train_set),
-        "val_samples": len(val_set),
-        "perceptual": (config.perceptual_network or (WEIGHTS_NETWORK if config.perceptual_weights
-                                                     else PERCEPTUAL_DEFAULT)) if perceptual is not None else None,
-        "adversarial": adversarial_on,
-        "world_size": runtime.world_size,
-        "device": str(device),
-        "amp": amp_enabled,
-    }
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One generator step, then (with a discriminator) one discriminator step on the detached reconstruction."""
+        images = batch["image"].to(self.run.device)
+        self.generator.zero_grad()
+        with self.run.autocast():
+            reconstruction, z_mu, z_sigma = self.model_g(images)
+            terms = self.losses.generator_terms(images, reconstruction, z_mu, z_sigma)
+        self.generator.step(terms["total"])
+        losses = {"loss": terms["total"].item(), f"recon_{self.config.recon_loss}": terms["recon"].item(),
+                  "kl": terms["kl"].item()}
+        if self.model_d is not None:
+            self.critic.zero_grad()
+            with self.run.autocast():
+                loss_d = self.losses.discriminator_loss(self.model_d, images, reconstruction)
+            self.critic.step(loss_d)
+            losses.update(adversarial_loss=terms["adversarial"].item(), discriminator_loss=loss_d.item())
+        return losses
+
+    def validate(self, epoch: int) -> dict[str, Any]:
+        self.last_val = {"epoch": epoch + 1, **validate(self.autoencoder, self.losses, self.val_set, self.val_indices,
+                                                          self.config, self.run.runtime, self.run.amp)}
+        self.history.append(self.last_val)
+        return self.last_val
+
+    def save(self, epoch: int, metrics: dict[str, float], validation: dict[str, Any] | None) -> None:
+        """autoencoder.pt, autoencoder_best.pt on a new best validation loss, validation.json."""
+        out = self.config.out
+        save_released_checkpoint(self.autoencoder, "autoencoder", self.run.checkpoint)
+        if validation is not None and validation["val_loss"] < self.best["val_loss"]:
+            self.best = {"epoch": epoch, "val_loss": validation["val_loss"]}
+            save_released_checkpoint(self.autoencoder, "autoencoder", out / BEST)
+        if self.history:
+            write_json(out / VALIDATION, {"history": self.history, "best": self.best})
+
+    def state_extras(self) -> dict[str, Any]:
+        extras: dict[str, Any] = {"validation": self.history, "best": self.best, "discriminator": None}
+        if self.critic is not None:
+            extras.update(discriminator={k: v.detach().cpu() for k, v in self.discriminator.state_dict().items()},
+                          **self.critic.state_dict(suffix="_d"))
+        return extras
+
+    def summary(self, result: RunResult) -> dict[str, Any]:
+        config, out = self.config, self.config.out
+        perceptual = config.perceptual_network or (WEIGHTS_NETWORK if config.perceptual_weights
+                                                   else PERCEPTUAL_DEFAULT)
+        return {
+            "checkpoint": str(result.run.checkpoint),
+            "train_state": str(result.run.state),
+            "validation": str(out / VALIDATION) if self.history else None,
+            "best_checkpoint": str(out / BEST) if self.best["epoch"] else None,
+            "model": result.run.spec.name,
+            "epochs": config.epochs,
+            "start_epoch": result.start_epoch,
+            **result.metrics,
+            "val": self.last_val,
+            "best_epoch": self.best["epoch"] or None,
+            "samples": result.samples,
+            "val_samples": len(self.val_set),
+            "perceptual": perceptual if self.losses.perceptual is not None else None,
+            "adversarial": self.discriminator is not None,
+            "world_size": result.run.runtime.world_size,
+            "device": str(result.run.device),
+            "amp": result.run.amp[0],
+        }
