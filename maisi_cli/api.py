@@ -259,15 +259,17 @@ def fid(real: PathLike, synth: PathLike, *, planes: Sequence[str] = ("xy", "yz",
         target_shape: Triple | None = (512, 512, 512), spacing: tuple[float, float, float] | None = None,
         center_slices_ratio: float | None = None, batch_size: int = 32, extractor: PathLike | None = None,
         extractor_name: str = "radimagenet-resnet50", cache: PathLike | None = None, device: str = "auto",
-        on_progress: ProgressCallback = no_progress, on_warning: WarningCallback = warn) -> FidReport:
+        nproc: int = 1, on_progress: ProgressCallback = no_progress,
+        on_warning: WarningCallback = warn) -> FidReport | None:
     """2.5D FID between real and synthetic volumes (each a folder of NIfTI files, a datalist .json or a .txt list),
-    per plane and averaged, in this process."""
+    per plane and averaged, as `maisi fid`. `nproc` > 1 splits the files over local processes (the result equals
+    one process). Under torchrun every rank computes its share and rank 0 gets the report; the others get None."""
     settings = FidSettings(planes=tuple(p.strip().lower() for p in planes), target_shape=target_shape,
                            spacing=spacing, center_slices_ratio=center_slices_ratio, batch_size=batch_size)
-    report, _ = run_fid(Path(real), Path(synth), settings, Path(extractor) if extractor else None,
-                        Path(cache) if cache else None, device, on_progress, extractor_name=extractor_name,
-                        on_warning=on_warning)
-    return report
+    report, is_main = run_fid(Path(real), Path(synth), settings, Path(extractor) if extractor else None,
+                              Path(cache) if cache else None, device, on_progress, extractor_name=extractor_name,
+                              nproc=nproc, on_warning=on_warning)
+    return report if is_main else None
 
 
 __all__ = ["Generator", "MaisiError", "MaisiWarning", "Sample", "fid", "model_statistics_file", "preview", "qc"]

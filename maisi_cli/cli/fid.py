@@ -41,20 +41,19 @@ def fid(
                               "the CPU, one GPU each with NCCL); the result equals one process. Not with torchrun."),
     json_flag: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
+    from maisi_cli import api
     from maisi_cli.config import parse_size, parse_spacing
-    from maisi_cli.engine.fid import FidSettings, run_fid
 
     output = render.output_of(ctx.obj, json_flag)
-    settings = FidSettings(
-        planes=tuple(p.strip().lower() for p in planes.split(",") if p.strip()),
-        target_shape=None if target_shape.strip().lower() == "none" else parse_size(target_shape, "--target-shape"),
-        spacing=None if spacing is None else parse_spacing(spacing, "--spacing"),
-        center_slices_ratio=center_slices_ratio, batch_size=batch_size)
     with render.progress(output) as on_progress:
-        report, is_main = run_fid(real, synth, settings, extractor, cache, device, on_progress,
-                                  extractor_name=extractor_name, nproc=nproc,
-                                  on_warning=lambda message: render.warning(message, output))
-    if not is_main:
+        report = api.fid(
+            real, synth, planes=[p for p in planes.split(",") if p.strip()],
+            target_shape=None if target_shape.strip().lower() == "none" else parse_size(target_shape, "--target-shape"),
+            spacing=None if spacing is None else parse_spacing(spacing, "--spacing"),
+            center_slices_ratio=center_slices_ratio, batch_size=batch_size, extractor=extractor,
+            extractor_name=extractor_name, cache=cache, device=device, nproc=nproc, on_progress=on_progress,
+            on_warning=lambda message: render.warning(message, output))
+    if report is None:  # a torchrun rank other than 0: rank 0 prints the result
         return
     if output.json:
         render.print_json({"real": str(real), "synth": str(synth), **report.as_dict()})

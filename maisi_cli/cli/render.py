@@ -10,13 +10,13 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from maisi_cli.engine.progress import ProgressEvent
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent
 
 
 @dataclass
@@ -120,25 +120,18 @@ def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequen
     stdout_console().print(table)
 
 
-def as_event(event: Any, done: int | None = None, total: int | None = None) -> ProgressEvent:
-    """An engine event; a `(stage text, done, total)` report of code not yet on events is carried as its subject."""
-    if isinstance(event, ProgressEvent):
-        return event
-    return ProgressEvent("", int(done or 0), int(total or 0), subject=str(event))  # type: ignore[arg-type]
-
-
 def event_label(event: ProgressEvent) -> str:
     """What a bar or a log line is about: one line for all the networks a run loads, else the event's label."""
     return "load networks" if event.stage == "load" else event.label
 
 
 @contextlib.contextmanager
-def progress(output: Output, samples: int | None = None) -> Iterator[Callable[..., None]]:
+def progress(output: Output, samples: int | None = None) -> Iterator[ProgressCallback]:
     """A progress callback for the engine's ProgressEvents: on a TTY one bar for the current stage (step i/N, ETA)
     and one for the samples (a sample is done when its "write" event comes); off a TTY a log line per finished
     stage; nothing with --quiet."""
     if output.quiet:
-        yield lambda event, done=None, total=None: None
+        yield lambda event: None
         return
     console = stderr_console()
     if console.is_terminal:
@@ -151,8 +144,7 @@ def progress(output: Output, samples: int | None = None) -> Iterator[Callable[..
             current = bars.add_task("starting", total=1)
             state = {"label": None}
 
-            def on_progress(event: Any, done: int | None = None, total: int | None = None) -> None:
-                event = as_event(event, done, total)
+            def on_progress(event: ProgressEvent) -> None:
                 label = event_label(event)
                 if label != state["label"]:
                     state["label"] = label
@@ -168,8 +160,7 @@ def progress(output: Output, samples: int | None = None) -> Iterator[Callable[..
     last_event = [started]
     stage_started: dict[str, float] = {}
 
-    def log_stage(event: Any, done: int | None = None, total: int | None = None) -> None:
-        event = as_event(event, done, total)
+    def log_stage(event: ProgressEvent) -> None:
         label = event_label(event)
         now = time.perf_counter()
         stage_started.setdefault(label, last_event[0])  # a stage starts when the one before it reported

@@ -9,7 +9,6 @@ objects with the same call signatures as the PyTorch networks, so the loop is no
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from maisi_cli.engine.export import (component_entry, component_key, export_comp
                                      session_for)
 from maisi_cli.engine.graph_parts import (DEFAULT_OPSET, NETWORK_OF, PARTS, SCALE_OF, SOURCES, export_latent_shape,
                                           read_manifest, require_onnx, require_tensorrt, write_manifest)
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.engine.store import model_reference
 from maisi_cli.engine.trt import compile_component
 from maisi_cli.errors import UsageError
@@ -153,7 +153,7 @@ def cache_root() -> Path:
 
 def cached_graphs(component: str, networks: dict[str, Any], scale_factors: dict[str, Any],
                   weights: dict[str, dict[str, str]], spec: Any,
-                  on_export: Callable[[str, int, int], None] | None = None) -> dict[str, Path]:
+                  on_export: ProgressCallback = no_progress) -> dict[str, Path]:
     """{part: path} under MAISI_HOME/onnx/<component>-<key>, exported there first when missing."""
     key = component_key(component, {name: w["sha256"] for name, w in weights.items()}, spec)
     folder = cache_root() / f"{component}-{key[:24]}"
@@ -162,21 +162,20 @@ def cached_graphs(component: str, networks: dict[str, Any], scale_factors: dict[
     entry = (manifest or {}).get("components", {}).get(component) or {}
     if entry.get("key") == key and all(p.is_file() for p in paths.values()):
         return paths
-    on_export = on_export or (lambda stage, done, total: None)
-    on_export(f"export onnx {component}", 0, 1)
+    on_export(ProgressEvent("export", 0, 1, subject=f"onnx {component}"))
     scale = scale_factors.get(SCALE_OF.get(component, ""))
     latent = export_latent_shape(spec, component)
     exported = export_component(component, networks, scale, latent, spec, folder)
     document = manifest_header(spec, DEFAULT_OPSET)
     document["components"][component] = component_entry(component, weights, key, exported, scale)
     write_manifest(folder, document)
-    on_export(f"export onnx {component}", 1, 1)
+    on_export(ProgressEvent("export", 1, 1, subject=f"onnx {component}"))
     return paths
 
 
 def onnx_networks(spec: Any, networks: dict[str, Any], scale_factors: dict[str, Any],
                   weights: dict[str, dict[str, str]], device: str, onnx_dir: Path | None = None,
-                  on_export: Callable[[str, int, int], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                  on_export: ProgressCallback = no_progress) -> tuple[dict[str, Any], dict[str, Any]]:
     """({component: onnxruntime stand-in}, backend record for the sidecar) for the loaded networks."""
     components = [c for c in ("controlnet", "unet", "vae-decoder", "mask-unet", "mask-decoder")
                   if all(name in networks for name in SOURCES[c])]
@@ -208,7 +207,7 @@ def network_device(backend: str, device: str) -> str:
 
 def apply_backend(backend: str, spec: Any, networks: dict[str, Any], scale_factors: dict[str, Any],
                   weights: dict[str, dict[str, str]], device: str, precision: str, onnx_dir: Path | None = None,
-                  on_export: Callable[[str, int, int], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                  on_export: ProgressCallback = no_progress) -> tuple[dict[str, Any], dict[str, Any]]:
     """({component: what the loops call instead of the PyTorch network}, the backend's record for the sidecar).
     Components: unet, controlnet, vae-decoder and, with a mask generator, mask-unet and mask-decoder."""
     if backend == "onnx":

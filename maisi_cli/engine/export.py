@@ -44,6 +44,7 @@ from maisi_cli.engine.decode import LatentDecoder
 from maisi_cli.engine.graph_parts import (COMPONENTS, DEFAULT_OPSET, NETWORK_OF, SCALE_OF, SOURCES, export_latent_shape,
                                           read_manifest, require_onnx, tensorrt_version, write_manifest)
 from maisi_cli.engine.networks import build_network, resolve_definition, set_tp_splits
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.engine.store import hash_file
 from maisi_cli.engine.weights import built_and_read, load_verified, locate_weight
 from maisi_cli.errors import MaisiError, UsageError
@@ -473,11 +474,10 @@ def check_opset(opset: int) -> None:
 
 def export_onnx(spec: Any, components: tuple[str, ...], out: Path, weights_dir: Path | None = None,
                 size: tuple[int, int, int] | None = None, opset: int = DEFAULT_OPSET,
-                on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+                on_progress: ProgressCallback = no_progress) -> dict[str, Any]:
     """Export `components` of `spec` into `out` and write (or update) its manifest.json; returns the manifest."""
     require_onnx("maisi export onnx")
     check_opset(opset)
-    on_progress = on_progress or (lambda stage, done, total: None)
     writable_folder(out, "--out")  # before the networks load: a read-only --out fails at once
     networks, scales, weights = load_sources(spec, components, weights_dir)
     previous = read_manifest(out)
@@ -485,12 +485,12 @@ def export_onnx(spec: Any, components: tuple[str, ...], out: Path, weights_dir: 
     if previous is not None and previous.get("model") == spec.name:
         document["components"] = dict(previous["components"])  # other components exported before stay listed
     for i, component in enumerate(components):
-        on_progress(f"export {component}", i, len(components))
+        on_progress(ProgressEvent("export", i, len(components), subject=component))
         key = component_key(component, {name: w["sha256"] for name, w in weights.items()}, spec, opset)
         scale = scales.get(SCALE_OF.get(component, ""))
         exported = export_component(component, networks, scale, export_latent_shape(spec, component, size), spec,
                                     out, opset)
         document["components"][component] = component_entry(component, weights, key, exported, scale)
         write_manifest(out, document)  # after each component: an interrupted export keeps what is done
-        on_progress(f"export {component}", i + 1, len(components))
+        on_progress(ProgressEvent("export", i + 1, len(components), subject=component))
     return document

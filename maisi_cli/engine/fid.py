@@ -46,6 +46,7 @@ from maisi_cli import plugins
 from maisi_cli.engine.hub import EXTRACTOR_FILES, offline
 from maisi_cli.engine.store import hash_file, held_to_lock
 from maisi_cli.engine.weights import locate_file, read_hashed
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent
 from maisi_cli.errors import MaisiError, UsageError, WeightsError
 from maisi_cli.io.datalists import read_image_paths
 
@@ -59,7 +60,7 @@ EXTRACTOR_GROUP = "maisi.extractors"
 CACHE_VERSION = 2
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
-FidProgress = Callable[[str, int, int], None]
+FidProgress = ProgressCallback
 FidWarning = Callable[[str], None]
 
 
@@ -592,7 +593,7 @@ def compute_fid(real: Sequence[Path], synth: Sequence[Path], extractor: Extracto
             features = volume_features(path, extractor, settings, cache_dir, stats)
             local[side].append({plane: features[plane].numpy() for plane in settings.planes})
             if progress is not None:
-                progress("features", done + 1, len(jobs))
+                progress(ProgressEvent("features", done + 1, len(jobs)))
     except MaisiError as error:
         if world_size <= 1:
             raise
@@ -678,7 +679,7 @@ def _run_spawned(real: list[Path], synth: list[Path], extractor_name: str, extra
            "settings": settings, "cache_dir": cache_dir, "device": device_name, "nproc": nproc,
            "port": _free_port(), "threads": max(1, (os.cpu_count() or 1) // nproc)}
     if progress is not None:
-        progress("features", 0, 1)
+        progress(ProgressEvent("features", 0, 1))
     processes = mp.start_processes(_spawned_rank, args=(job, results), nprocs=nproc, join=False,
                                    start_method="spawn")
     failure: BaseException | None = None
@@ -708,7 +709,7 @@ def _run_spawned(real: list[Path], synth: list[Path], extractor_name: str, extra
         reason = " ".join(str(failure).split())[:160] if failure is not None else "no result"
         raise FidError(f"--nproc: a FID process failed ({reason}); run again with --nproc 1 to see the error")
     if progress is not None:
-        progress("features", 1, 1)
+        progress(ProgressEvent("features", 1, 1))
     return reports[0]
 
 

@@ -11,7 +11,8 @@ the `maisi fid` feature extractor): download, verify against the sha256 lock, of
   are copied into maisi's store (atomically), checked against the lock.
 
 Environment read at call time: `HF_HUB_OFFLINE`, `HF_ENDPOINT`, `HF_TOKEN` (by huggingface_hub), `HF_HUB_CACHE`,
-`HF_HOME`, `MAISI_HOME`. No Typer or rich here; progress goes through `on_progress(stage, done, total)`.
+`HF_HOME`, `MAISI_HOME`. No Typer or rich here; progress goes to `on_progress` as ProgressEvents
+(engine/progress.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, Self
 import huggingface_hub
 from huggingface_hub import constants as hub_constants
 
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, Stage, no_progress
 from maisi_cli.engine.store import (RepoFile, download_command, hf_hub_cache, lock_path, locked_sha256, managed_copies,
                                     model_files, model_reference, read_lock, record_in_lock, remember_sha256, sha256_of,
                                     store_dir)
@@ -37,12 +39,7 @@ from maisi_cli.engine.weights import first_sentence, locate_file
 from maisi_cli.errors import UsageError, WeightsError
 from maisi_cli.models import ModelSpec
 
-ProgressCallback = Callable[[str, int, int], None]
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def _no_progress(stage: str, done: int, total: int) -> None:
-    return None
 
 
 # --- which files -------------------------------------------------------------------------------------------------
@@ -170,8 +167,15 @@ def _without_hub(item: RepoFile, how: str) -> str:
     return f"{how}: maisi weights import DIR {model_reference(item.spec)}"
 
 
-def _progress_bar(stage: str, on_progress: ProgressCallback, used: list[bool]) -> type:
-    """A tqdm stand-in for huggingface_hub: forwards byte counts to on_progress. The final (done == total) report is
+Reporter = Callable[[int, int], None]  # (done, total) of one file's bytes
+
+
+def _reporter(on_progress: ProgressCallback, stage: Stage, item: RepoFile) -> Reporter:
+    return lambda done, total: on_progress(ProgressEvent(stage, done, total, subject=item.repo_name))
+
+
+def _progress_bar(report: Reporter, used: list[bool]) -> type:
+    """A tqdm stand-in for huggingface_hub: forwards byte counts to `report`. The final (done == total) report is
     left to the caller, once per file, so a log line per file is printed off a TTY whether or not it downloaded."""
 
     class Bar:
@@ -188,7 +192,7 @@ def _progress_bar(stage: str, on_progress: ProgressCallback, used: list[bool]) -
         def update(self, n: int = 1) -> None:
             self.n += n
             if self.total and 0 <= self.n < self.total:
-                on_progress(stage, self.n, self.total)
+                report(self.n, self.total)
 
         def close(self) -> None:
             pass
@@ -258,8 +262,8 @@ def _download_error(error: BaseException, item: RepoFile) -> Exception:
                         f"HF_ENDPOINT) and run the command again, or {_without_hub(item, 'import the files')}")
 
 
-def _fetch_locked(item: RepoFile, locked: dict[str, Any] | None, *, force: bool, is_offline: bool, stage: str,
-                  on_progress: ProgressCallback) -> tuple[Path, str, int, bool]:
+def _fetch_locked(item: RepoFile, locked: dict[str, Any] | None, *, force: bool, is_offline: bool,
+                  report: Reporter) -> tuple[Path, str, int, bool]:
     """One file through `hf_hub_download` (into the Hugging Face cache, or found there), hashed and held to the
     lock — recorded when it has no entry yet: (path, sha256, size, downloaded now)."""
     # Looked up before the logger is quieted: huggingface_hub configures its logger when the module first loads.
@@ -270,7 +274,7 @@ def _fetch_locked(item: RepoFile, locked: dict[str, Any] | None, *, force: bool,
         with _quiet_hub_logger():
             pointer = hf_hub_download(repo, item.repo_name, revision=revision, cache_dir=hf_hub_cache(),
                                       force_download=force, local_files_only=is_offline, endpoint=_endpoint(),
-                                      tqdm_class=_progress_bar(stage, on_progress, used))
+                                      tqdm_class=_progress_bar(report, used))
     except (OSError, ValueError, ConnectionError, _http_errors()) as error:
         raise _download_error(error, item) from error
     path = Path(pointer)
@@ -297,7 +301,7 @@ def _fetch_locked(item: RepoFile, locked: dict[str, Any] | None, *, force: bool,
 def _download_one(item: RepoFile, force: bool, is_offline: bool, on_progress: ProgressCallback) -> FileResult:
     """One file: the copy in maisi's store when it matches the lock (a model's file), else `_fetch_locked`."""
     repo, revision = item.repo or "", item.revision
-    stage = f"fetch {item.repo_name}"
+    report = _reporter(on_progress, "download", item)
     locked = read_lock(repo, revision).get(item.repo_name)
     stored = item.stored
     if stored is not None and stored.is_file():
@@ -310,11 +314,10 @@ def _download_one(item: RepoFile, force: bool, is_offline: bool, on_progress: Pr
             stored.unlink()  # a corrupt copy in maisi's own store: drop it, the download below replaces it
         elif not force:
             size = stored.stat().st_size
-            on_progress(stage, size, size)
+            report(size, size)
             return FileResult(item, stored, "stored", stored_sha, size, "matches" if locked else None)
-    path, digest, size, downloaded = _fetch_locked(item, locked, force=force, is_offline=is_offline, stage=stage,
-                                                   on_progress=on_progress)
-    on_progress(stage, size, size)
+    path, digest, size, downloaded = _fetch_locked(item, locked, force=force, is_offline=is_offline, report=report)
+    report(size, size)
     return FileResult(item, path, "downloaded" if downloaded else "cached", digest, size,
                       "matches" if locked else "recorded")
 
@@ -324,7 +327,7 @@ def download(files: list[RepoFile], force: bool = False,
     """Fetch files into the Hugging Face cache (or find them there, or in the import store), hash them, and hold
     them to the lock: the first download records a file; a later one must match it."""
     _require_repositories(files)
-    on_progress = on_progress or _no_progress
+    on_progress = on_progress or no_progress
     is_offline = offline()
     if force and is_offline and files:
         raise WeightsError("--force: HF_HUB_OFFLINE is set, so nothing can be re-fetched; unset it, or "
@@ -354,7 +357,7 @@ def verify(files: list[RepoFile], on_progress: ProgressCallback | None = None,
     which is the user's own as a --weights-dir file) and compare it with the lock. Nothing raises for a mismatch:
     see `mismatch_error`. `hashed` shares digests between calls (same run)."""
     _require_repositories(files)
-    on_progress = on_progress or _no_progress
+    on_progress = on_progress or no_progress
     hashed = {} if hashed is None else hashed
     results = []
     for item in files:
@@ -370,7 +373,7 @@ def verify(files: list[RepoFile], on_progress: ProgressCallback | None = None,
             digest = hashed[key]
             status = "unlocked" if expected is None else ("ok" if digest == expected else "mismatch")
             results.append(CheckResult(item, where, path, status, digest, expected))
-        on_progress(f"hash {item.repo_name}", 1, 1)
+        on_progress(ProgressEvent("hash", 1, 1, subject=item.repo_name))
     return results
 
 
@@ -412,7 +415,7 @@ def missing_error(results: list[CheckResult]) -> WeightsError | None:
 
 
 # --- import --------------------------------------------------------------------------------------------------------
-def _copy_hashing(source: Path, temporary: Path, stage: str, on_progress: ProgressCallback) -> str:
+def _copy_hashing(source: Path, temporary: Path, report: Reporter) -> str:
     digest = hashlib.sha256()
     total = source.stat().st_size
     done = 0
@@ -422,7 +425,7 @@ def _copy_hashing(source: Path, temporary: Path, stage: str, on_progress: Progre
             writer.write(block)
             done += len(block)
             if done < total:
-                on_progress(stage, done, total)
+                report(done, total)
         writer.flush()
         os.fsync(writer.fileno())
     shutil.copystat(source, temporary)
@@ -435,7 +438,7 @@ def import_folder(folder: Path, spec: ModelSpec, on_progress: ProgressCallback |
     Files with no lock entry are recorded. Needs no network."""
     repo = require_repository(spec)
     revision = spec.hf_revision
-    on_progress = on_progress or _no_progress
+    on_progress = on_progress or no_progress
     folder = folder.expanduser()
     if not folder.is_dir():
         raise UsageError(f"DIR: '{folder}' is not a folder; pass the folder that holds models/… and datasets/…")
@@ -456,8 +459,8 @@ def import_folder(folder: Path, spec: ModelSpec, on_progress: ProgressCallback |
             destination.parent.mkdir(parents=True, exist_ok=True)
             temporary = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
             temporaries.append(temporary)
-            stage = f"import {item.repo_name}"
-            digest = _copy_hashing(source, temporary, stage, on_progress)
+            report = _reporter(on_progress, "import", item)
+            digest = _copy_hashing(source, temporary, report)
             expected = (lock.get(item.repo_name) or {}).get("sha256")
             if expected and expected != digest:
                 raise WeightsError(
@@ -466,7 +469,7 @@ def import_folder(folder: Path, spec: ModelSpec, on_progress: ProgressCallback |
                     f"imported: bring an intact copy")
             size = temporary.stat().st_size
             staged.append((item, temporary, digest, size))
-            on_progress(stage, max(size, 1), max(size, 1))
+            report(max(size, 1), max(size, 1))
         results = []
         for item, temporary, digest, size in staged:
             destination = target / item.repo_name

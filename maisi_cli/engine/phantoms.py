@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -36,8 +36,8 @@ from maisi_cli.engine.masks.regions import region_one_hots
 from maisi_cli.engine.seeds import derive_sample_seed
 from maisi_cli.errors import MaisiError, OutputError
 from maisi_cli.labels import BODY_LABEL, label_dictionary
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 
-ProgressCallback = Callable[[str, int, int], None]
 
 FIELD_OF_VIEW_MM = 384.0  # the phantom's natural extent on each axis
 DATALIST = "datalist.json"
@@ -874,7 +874,7 @@ def complete_phantoms(out: Path, num: int, grid: Grid) -> list[int]:
 
 
 def write_phantoms(out: Path, num: int, size: Sequence[int], spacing: Sequence[float], seed: int = 0,
-                   tumours: bool = False, on_progress: ProgressCallback | None = None) -> PhantomRun:
+                   tumours: bool = False, on_progress: ProgressCallback = no_progress) -> PhantomRun:
     """Phantoms 0..num−1 in `out` (phantom k from seed `derive_sample_seed(seed, k)`), skipping complete ones, then
     `out/datalist.json` listing all of them (paths relative to `out`, fold = k mod 5)."""
     from maisi_cli.io.nifti import read_nifti, write_nifti
@@ -904,8 +904,7 @@ def write_phantoms(out: Path, num: int, size: Sequence[int], spacing: Sequence[f
                                   "you can write") from None
             written.append(index)
         entries.append(datalist_entry(index, labels, grid))
-        if on_progress:
-            on_progress("phantoms", index + 1, num)
+        on_progress(ProgressEvent("phantoms", index + 1, num))
     datalist = out / DATALIST
     write_datalist(datalist, entries)
     return PhantomRun(out, datalist, grid.size, grid.spacing, seed, tumours, written, skipped,

@@ -22,6 +22,8 @@ Stage = Literal[
     "train", "validate",  # one training step / one validation pass
     "epoch",  # a training epoch ended
     "features",  # FID feature extraction
+    "index",  # `maisi data masks index`: reading the masks of a folder
+    "phantoms",  # `maisi data phantoms`: drawing phantom label maps
 ]
 
 

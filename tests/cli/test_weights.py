@@ -193,7 +193,7 @@ def test_download_lock_verify_repair_import_and_generate(tiny_repo, hub, env, tm
     assert all(f["lock"] == "recorded" for f in report["files"])
     assert done.stderr.count("Tiny Test Licence 1.0") == 1
     for name in files:
-        assert done.stderr.count(f"fetch {name}") == 1, done.stderr
+        assert done.stderr.count(f"download {name}") == 1, done.stderr
     lock_file = Path(env["MAISI_HOME"]) / "locks" / "example--tiny-maisi@main.json"
     lock = json.loads(lock_file.read_text())
     assert lock["repo"] == REPO and lock["revision"] == "main"

@@ -130,7 +130,7 @@ def test_import_checks_every_file_before_placing_any(spec, payloads, tmp_path):
 
     store.lock_path(spec.hf_repo, spec.hf_revision).unlink()
     stages = []
-    results = hub.import_folder(folder, spec, lambda stage, done, total: stages.append((stage, done, total)))
+    results = hub.import_folder(folder, spec, lambda event: stages.append((event.label, event.done, event.total)))
     assert {r.status for r in results} == {"imported"} and {r.lock for r in results} == {"recorded"}
     assert sorted(p.relative_to(imported).as_posix() for p in imported.rglob("*") if p.is_file()) == sorted(payloads)
     lock = store.read_lock(spec.hf_repo, spec.hf_revision)

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
 from maisi_cli.io.documents import read_document
 
@@ -197,7 +198,7 @@ def entry_for_file(path: Path, base: Path) -> dict:
     return entry
 
 
-def index_folder(root: Path, on_progress=None, base: Path | None = None) -> list[dict]:
+def index_folder(root: Path, on_progress: ProgressCallback = no_progress, base: Path | None = None) -> list[dict]:
     """Entries for every NIfTI label map under `root`, sorted by path, with paths relative to `base` (the folder
     the database file will be in; default `root`)."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and (p.name.endswith(".nii.gz") or p.suffix == ".nii"))
@@ -212,6 +213,5 @@ def index_folder(root: Path, on_progress=None, base: Path | None = None) -> list
                 f"{(base or root).resolve()}, the database's folder, which `maisi generate` refuses; keep the label "
                 "maps themselves (not links) in the folder and write the database there or in a folder above it")
         entries.append(entry)
-        if on_progress:
-            on_progress("index masks", number, len(files))
+        on_progress(ProgressEvent("index", number, len(files), subject="masks"))
     return entries
