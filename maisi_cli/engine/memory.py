@@ -100,7 +100,7 @@ def estimate_host_memory(spec: Any, size: Triple, plan: DecodePlan, on_gpu: bool
     if mask is not None:
         stages["mask"] = mask_stage_terms(mask, size)
     if not image_only:
-        # on a GPU the 1-byte labels are sent as they are and the planes are made there (pipeline.condition_inputs)
+        # on a GPU the 1-byte labels are sent as they are and the planes are made there (engine/samples.condition_inputs)
         stages["condition"] = {**held, "condition labels (uint8) for the GPU": image} if on_gpu else {
             **held, "condition bit planes": BIT_PLANE_BYTES * image}
     if on_gpu:

@@ -87,7 +87,7 @@ class GenerationPlan:
         return [s for s in self.samples if not s.complete]
 
     def memory_estimate(self) -> dict[str, Any]:
-        """Predicted peak GPU memory (fp16) of the diffusion loop and of the decode (engine/memory.py), and
+        """Predicted peak GPU memory (fp16) of the diffusion loop and of the decode (maisi_cli/gpu_memory.py), and
         whether it fits the profile's budget."""
         estimate = estimate_peak_memory(self.model, self.size, self.decode,
                                         guided=self.guidance is not None).as_dict()

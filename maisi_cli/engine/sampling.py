@@ -32,7 +32,7 @@ def label_bit_planes(label_map: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
     Built one plane at a time from 1-byte labels into the float32 output, so the planes (4·bits bytes a voxel) are
     the only large allocation: broadcasting int64 shifts over the whole volume held 136 bytes a voxel, 17 GiB of
-    host memory at 512³. The pipeline therefore sends the 1-byte labels to the GPU and makes the planes there."""
+    host memory at 512³. The engine (samples.condition_inputs) therefore sends the 1-byte labels to the GPU and makes the planes there."""
     if label_map.dtype.is_floating_point:
         label_map = label_map.to(torch.int64)
     if label_map.numel() and (int(label_map.min()) < 0 or int(label_map.max()) >= 2**bits):

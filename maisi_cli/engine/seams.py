@@ -7,7 +7,7 @@ The decode slides a window of `roi` voxels over the latent grid (engine/decode.p
 each window becomes `zoom` (4 for the MAISI VAE) times as many image voxels per axis. `tile_borders` places the
 windows exactly as the inferer does (`monai.inferers.utils._get_scan_interval` + `monai.data.utils.
 dense_patch_slices`, the last start pulled back to fit; a ROI larger than the grid is clipped to it, as
-`profiles.make_decode_plan` does) and returns, per spatial axis, every window start > 0 and end < length, in image
+`decode_plan.make_decode_plan` does) and returns, per spatial axis, every window start > 0 and end < length, in image
 voxels. A "border plane" `p` on an axis is the plane between voxels `p - 1` and `p`; with overlap every window edge
 inside the volume is one (the set of windows blended at a voxel changes there), without overlap they are the planes
 where neighbouring tiles abut.
