@@ -30,6 +30,7 @@ from maisi_cli.engine.locks import SampleLock, sample_lock_path
 from maisi_cli.engine.masks.sources import MaskSource, array_mask_source
 from maisi_cli.engine.networks import LoadedModel
 from maisi_cli.engine.plan import GenerationPlan, plan_samples, sample_paths
+from maisi_cli.engine.postprocess import ras_affine
 from maisi_cli.engine.progress import ProgressCallback, no_progress
 from maisi_cli.engine.qc import QCOptions
 from maisi_cli.engine.run import GenerationReport, run_generation, write_sample
@@ -58,7 +59,6 @@ class Sample:
     """One generated pair, in memory. `image`: int16 HU (MR intensities for an MR model), `labels`: uint8 MAISI ids
     or None (an image-only model), both (X, Y, Z) on the RAS grid `affine`; `qc`: the quality-check report with
     its attempts, or None when the check is off; `sidecar`: the provenance `save` writes beside the files."""
-
     index: int
     seed: int
     image: np.ndarray
@@ -146,7 +146,6 @@ class Generator:
     profile .toml; `device`: None (auto), "cpu", "cuda" or "cuda:N"; `precision`: None (the profile's), fp32, fp16
     or bf16; `weights_dir`: a folder of weight files under their repository names (default: MAISI_WEIGHTS_DIR,
     then the download cache); `backend`: torch, onnx or trt."""
-
     def __init__(self, model: str = "rflow-ct", profile: str = "auto", device: str | None = None,
                  precision: str | None = None, weights_dir: PathLike | None = None, *, backend: str = "torch",
                  onnx_dir: PathLike | None = None):
@@ -241,17 +240,9 @@ class Generator:
                 timings: dict[str, float]) -> Sample:
         regions = sample_regions(plan, checked.mask) if plan.model.uses_body_region else None
         sidecar = sidecar_document(plan, checked.task, loaded, timings, checked.mask.provenance, checked.qc, regions)
-        affine = checked.mask.mask.affine if checked.mask.mask is not None else _ras_affine(plan)
+        affine = checked.mask.mask.affine if checked.mask.mask is not None else ras_affine(plan.spacing)
         return Sample(checked.task.index, checked.task.seed, checked.image, checked.labels, affine, checked.qc,
                       sidecar, timings, plan, loaded, checked)
-
-
-def _ras_affine(plan: GenerationPlan) -> np.ndarray:
-    from maisi_cli.engine.postprocess import (
-        ras_affine,  # numpy only; kept beside its one use
-    )
-
-    return ras_affine(plan.spacing)
 
 
 # --- checks (qc and preview import no torch: maisi_cli/checks.py) ---------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import cache
 
+from maisi_cli import plugins
 from maisi_cli.errors import UsageError
 from maisi_cli.resources import load_json
 
@@ -23,16 +24,12 @@ def builtin_label_dictionary() -> dict[str, int]:
 
 def label_dictionary() -> dict[str, int]:
     """Anatomy name → label id, body and plugin labels (ids 1..255: label maps are uint8) included."""
-    from maisi_cli import plugins
-
     return plugins.registry("labels", lambda found: plugins.merge_ids(builtin_label_dictionary(), found, "label",
                                                                       (1, 255)))
 
 
 def modality_mapping() -> dict[str, int]:
     """Modality name → the id the networks take as class label (0..127), plugin modalities included."""
-    from maisi_cli import plugins
-
     builtin = {name: int(ident) for name, ident in load_json("modality_mapping.json").items()}
     return plugins.registry("modalities", lambda found: plugins.merge_ids(builtin, found, "modality", (0, 127)))
 

@@ -16,10 +16,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from maisi_cli import plugins
 from maisi_cli.config import FloatTriple, Triple, format_triple
 from maisi_cli.errors import UsageError, first_validation_problem
 from maisi_cli.io.documents import read_document
-from maisi_cli.labels import modality_id
+from maisi_cli.labels import modality_id, modality_mapping
 from maisi_cli.resources import resource_path
 
 # The five networks a MAISI model may define, under the reference's `<name>_def` keys.
@@ -189,7 +190,6 @@ def _check_block(network: dict[str, Any], key: str, block: dict[str, Any]) -> No
 
 class SizeRules(BaseModel):
     """The reference `check_input` rules on output size and spacing (reference-inference.md §4.2)."""
-
     model_config = ConfigDict(frozen=True)
 
     xy_equal: bool = False
@@ -242,7 +242,6 @@ class RecommendedSpacing(BaseModel):
 
 class ModelSpec(BaseModel):
     """One generative model: everything needed to build, load and run it."""
-
     model_config = ConfigDict(frozen=True)
 
     name: str
@@ -439,7 +438,6 @@ def _plugin_spec(item: Any, source: str) -> ModelSpec:
     except ValidationError as error:
         where, problem = first_validation_problem(error)
         raise ValueError(f"spec {data.get('name', '?')!r} field '{where}': {problem}") from None
-    from maisi_cli.labels import modality_mapping
 
     if spec.modality not in modality_mapping():
         raise ValueError(f"spec {spec.name!r}: modality '{spec.modality}' is unknown (add it with a "
@@ -448,8 +446,6 @@ def _plugin_spec(item: Any, source: str) -> ModelSpec:
 
 
 def _merge_plugin_models(found: list) -> dict[str, ModelSpec]:
-    from maisi_cli import plugins
-
     owner = {key: "maisi" for spec in builtin_models().values() for key in (spec.name, *spec.aliases)}
     return plugins.merge_named(
         found, owner, "model specs",
@@ -460,8 +456,6 @@ def _merge_plugin_models(found: list) -> dict[str, ModelSpec]:
 
 def plugin_models() -> dict[str, ModelSpec]:
     """The models plugins add (read once per process, when first needed)."""
-    from maisi_cli import plugins
-
     return plugins.registry("models", _merge_plugin_models)
 
 

@@ -16,14 +16,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from maisi_cli import plugins
 from maisi_cli.config import Triple, format_triple
-from maisi_cli.decode_plan import (
-    DecodePlan,
-    fallback_roi,
-    make_decode_plan,
-    plan_decode,
-)
-from maisi_cli.errors import UsageError, first_validation_problem
+from maisi_cli.decode_plan import DecodePlan, fallback_roi, make_decode_plan, plan_decode
+from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
 from maisi_cli.io.documents import read_document
 
 PROFILE_NAMES = ("16g", "24g", "32g", "80g", "cpu")
@@ -116,9 +112,6 @@ def _profiles_in(directories: tuple[Path, ...]) -> dict[str, Profile]:
 
 def _merge_plugin_profiles(found: list) -> dict[str, Profile]:
     """The profiles plugins add (`maisi.profiles`: .toml paths or dicts); a name maisi ships is refused."""
-    from maisi_cli import plugins
-    from maisi_cli.errors import MaisiError
-
     owner = {name: "maisi" for name in ("auto", *_profiles_in((builtin_profile_dir(),)))}
 
     def parse(record, item) -> Profile:
@@ -138,8 +131,6 @@ def _merge_plugin_profiles(found: list) -> dict[str, Profile]:
 
 def _all_profiles() -> dict[str, Profile]:
     """Profile folders (MAISI_PROFILE_PATH first, then maisi's own), then plugin profiles under names still free."""
-    from maisi_cli import plugins
-
     found = dict(_profiles_in(tuple(profile_dirs())))
     for name, profile in plugins.registry("profiles", _merge_plugin_profiles).items():
         found.setdefault(name, profile)

@@ -6,14 +6,15 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch
+from monai.inferers import SlidingWindowInferer
 
 from maisi_cli.engine.networks import set_tp_splits
+from maisi_cli.engine.sampling import autocast_for
 from maisi_cli.profiles import DecodePlan
 
 
 class LatentDecoder(torch.nn.Module):
     """decode(z / scale_factor), as the reference `ReconModel`: latents live in the diffusion model's scaled space."""
-
     def __init__(self, autoencoder: torch.nn.Module, scale_factor: torch.Tensor):
         super().__init__()
         self.autoencoder = autoencoder
@@ -72,10 +73,6 @@ def decode_latents(
     autocast, as the reference's (fp16 latents meet fp32 VAE weights); in bf16 its last convolution runs in fp32
     (`output_convolution_in_fp32`: bf16 output would step by 7.8 HU).
     """
-    from monai.inferers import SlidingWindowInferer
-
-    from maisi_cli.engine.sampling import autocast_for
-
     exact_output: contextlib.AbstractContextManager = contextlib.nullcontext()
     if isinstance(decoder, LatentDecoder):  # not an exported decoder (--backend onnx), which decodes whole
         set_tp_splits(decoder.autoencoder, plan.tp_splits)

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import socket
 import tempfile
 from dataclasses import dataclass, field
@@ -40,15 +41,21 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
+from monai.data import MetaTensor
+from monai.transforms import CenterSpatialCrop, Orientation, Spacing, SpatialPad
 
 from maisi_cli import plugins
 from maisi_cli.engine.hub import EXTRACTOR_FILES, offline
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent
+from maisi_cli.engine.runtime import resolve_device, setup_runtime, teardown_runtime
 from maisi_cli.engine.store import hash_file, held_to_lock
 from maisi_cli.engine.weights import locate_file, read_hashed
-from maisi_cli.engine.progress import ProgressCallback, ProgressEvent
 from maisi_cli.errors import MaisiError, UsageError, WeightsError
 from maisi_cli.io.datalists import read_image_paths
+from maisi_cli.io.nifti import read_nifti
 
 PLANES = ("xy", "yz", "zx")
 # The axis of a (H, W, D) volume that each plane's slices run along (reference §7.4).
@@ -79,7 +86,6 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 
 class Bottleneck(nn.Module):
     """Keras-style bottleneck: the stride sits on the first 1×1 convolution, every convolution has a bias."""
-
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None) -> None:
@@ -104,7 +110,6 @@ class Bottleneck(nn.Module):
 class RadImageNetResNet50(nn.Module):
     """ResNet-50 without top (bottlenecks 3-4-6-3) in the RadImageNet state-dict layout; `forward` returns the
     global-average-pooled features, (N, 32·width) = (N, 2048) at the real width 64. `width` exists for tests."""
-
     def __init__(self, width: int = 64) -> None:
         super().__init__()
         self.width = width
@@ -157,7 +162,6 @@ class Extractor:
     - `normalise`: (n, 1, h, w) float32 slices of one plane of one volume in HU, clipped to [−1000, 1000], the whole
       stack at once (so stack-wide statistics such as the RadImageNet min-max are possible) → the network inputs.
     """
-
     model: nn.Module
     sha256: str
     path: Path | None = None
@@ -372,11 +376,6 @@ class FidSettings:
 
 def preprocess(path: Path, settings: FidSettings) -> np.ndarray:
     """(H, W, D) float32 in HU clipped to [−1000, 1000], RAS, optionally resampled, padded and cropped."""
-    from monai.data import MetaTensor
-    from monai.transforms import CenterSpatialCrop, Orientation, Spacing, SpatialPad
-
-    from maisi_cli.io.nifti import read_nifti
-
     try:
         data, affine = read_nifti(path, field="volume", what="CT image")
     except MaisiError as error:
@@ -571,7 +570,6 @@ def _gather(local: Any, rank_count: int) -> list:
     """[rank 0's object, rank 1's, …] on every rank; [local] in one process."""
     if rank_count <= 1:
         return [local]
-    import torch.distributed as dist
 
     gathered: list = [None] * rank_count
     dist.all_gather_object(gathered, local)
@@ -636,8 +634,6 @@ def _free_port() -> int:
 def _spawned_rank(rank: int, job: dict[str, Any], results: Any) -> None:
     """One `--nproc` process: the torchrun environment for its rank, then the same work as under torchrun.
     Rank 0 puts ("report", FidReport); a rank that fails puts ("error", exit code, message) and exits non-zero."""
-    from maisi_cli.engine.runtime import setup_runtime, teardown_runtime
-
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(job["port"]), "WORLD_SIZE": str(job["nproc"]),
                        "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(job["nproc"])})
     torch.set_num_threads(job["threads"])
@@ -663,12 +659,6 @@ def _run_spawned(real: list[Path], synth: list[Path], extractor_name: str, extra
     """`--nproc N`: N fresh processes on this machine (torch.multiprocessing, spawn), a gloo (CPU) or NCCL (GPU)
     group on a free loopback port; the parent waits and returns rank 0's report. If one process dies, the others
     are stopped."""
-    import queue
-
-    import torch.multiprocessing as mp
-
-    from maisi_cli.engine.runtime import resolve_device
-
     device_name = resolve_device(device)
     if device_name.startswith("cuda") and nproc > torch.cuda.device_count():
         raise UsageError(f"--nproc: {nproc} processes need {nproc} GPUs (one each); this machine has "
@@ -725,8 +715,6 @@ def run_fid(real_source: Path, synth_source: Path, settings: FidSettings, extrac
             on_warning: FidWarning | None = None) -> tuple[FidReport, bool]:
     """(report, whether this process should print it). Under torchrun it joins the process group torchrun set up
     (NCCL on GPUs, gloo on the CPU); with nproc > 1 it starts the processes itself (`_run_spawned`)."""
-    from maisi_cli.engine.runtime import setup_runtime, teardown_runtime
-
     settings.validate()
     if nproc < 1:
         raise UsageError(f"--nproc: {nproc} must be at least 1")

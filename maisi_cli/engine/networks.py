@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiConvolution, MaisiGroupNorm3D
 
 from maisi_cli.errors import UsageError
 from maisi_cli.models import ALLOWED_TARGETS, ModelSpec
@@ -67,10 +68,6 @@ def build_scheduler(spec: ModelSpec, key: str = "noise_scheduler") -> Any:
 
 def set_tp_splits(autoencoder: torch.nn.Module, splits: int) -> None:
     """Tensor-parallel splits of every MaisiConvolution (MONAI reads `num_splits` at each forward)."""
-    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
-        MaisiConvolution,
-    )
-
     for module in autoencoder.modules():
         if isinstance(module, MaisiConvolution):
             module.num_splits = splits
@@ -95,10 +92,6 @@ def fuse_group_norms(autoencoder: torch.nn.Module) -> int:
     (bench/README.md). Same function and the same state-dict keys; results agree to float rounding
     (tests/unit/test_networks.py).
     """
-    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
-        MaisiGroupNorm3D,
-    )
-
     changed = 0
     for module in autoencoder.modules():
         if isinstance(module, MaisiGroupNorm3D):

@@ -30,14 +30,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import nibabel as nib
 import numpy as np
 
 from maisi_cli.engine.masks.regions import region_one_hots
+from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.engine.seeds import derive_sample_seed
 from maisi_cli.errors import MaisiError, OutputError
+from maisi_cli.io.datalists import write_datalist
+from maisi_cli.io.nifti import read_nifti, write_nifti
 from maisi_cli.labels import BODY_LABEL, label_dictionary
-from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
-
 
 FIELD_OF_VIEW_MM = 384.0  # the phantom's natural extent on each axis
 DATALIST = "datalist.json"
@@ -122,7 +124,6 @@ def rotation(yaw: float = 0.0, pitch: float = 0.0, roll: float = 0.0) -> np.ndar
 @dataclass(frozen=True)
 class Waves:
     """A low-frequency random field Σ amplitude·sin(k·(p − origin) + phase), a function of millimetres."""
-
     vectors: tuple[tuple[float, float, float], ...]  # rad/mm
     amplitudes: tuple[float, ...]
     phases: tuple[float, ...]
@@ -155,7 +156,6 @@ def draw_waves(rng: np.random.Generator, wavelength: tuple[float, float], amplit
 class Blob:
     """A superellipsoid in the phantom frame (mm), deformed by a low-frequency field: inside where
     (|u/a|^p + |v/b|^p + |w/c|^p)^(1/p) < 1 + waves(p − centre), (u, v, w) the offset in the blob's own axes."""
-
     centre: tuple[float, float, float]
     axes: tuple[float, float, float]
     rotation: tuple[tuple[float, ...], ...]  # 3×3, columns are the blob's axes in the phantom frame
@@ -417,7 +417,6 @@ def choose_tumour(anatomy: Anatomy, candidates: Sequence[Blob], hosts: Sequence[
 class Canvas:
     """Labels and tissues at sample positions in the phantom frame. `region(lo, hi)` gives (index, x, y, z): an
     index into the canvas arrays and the coordinates there, broadcastable; None when nothing is inside."""
-
     labels: np.ndarray
     tissue: np.ndarray
     depth: np.ndarray
@@ -695,7 +694,6 @@ def labels_at(anatomy: Anatomy, points: np.ndarray, tumours: bool = False) -> np
 class SeparableField:
     """Σ_k a_k·cos(kx x + φx)·cos(ky y + φy)·cos(kz z + φz) / Σ a_k: smooth, in [−1, 1], a function of world
     mm, and cheap on a grid (one outer product per term); for the slowly varying bias fields."""
-
     frequencies: tuple[tuple[float, float, float], ...]
     phases: tuple[tuple[float, float, float], ...]
     weights: tuple[float, ...]
@@ -721,7 +719,6 @@ def draw_field(rng: np.random.Generator, wavelength: tuple[float, float], terms:
 class WaveField:
     """Σ_k a_k·cos(k_k·p + φ_k) / Σ a_k over world mm: plane waves in random directions (no axis-aligned plaid),
     evaluated on a grid as cos(a + b) = cos a·cos b − sin a·sin b with a over (x, y) and b over z."""
-
     vectors: tuple[tuple[float, float, float], ...]
     phases: tuple[float, ...]
     weights: tuple[float, ...]
@@ -823,8 +820,6 @@ def datalist_entry(index: int, labels: np.ndarray, grid: Grid) -> dict[str, Any]
 
 def existing_grid(path: Path) -> tuple[tuple[int, ...], np.ndarray] | None:
     """(shape, affine) from a NIfTI header, or None when the file cannot be read."""
-    import nibabel as nib
-
     try:
         image = nib.load(str(path))
         return tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=np.float64)
@@ -877,9 +872,6 @@ def write_phantoms(out: Path, num: int, size: Sequence[int], spacing: Sequence[f
                    tumours: bool = False, on_progress: ProgressCallback = no_progress) -> PhantomRun:
     """Phantoms 0..num−1 in `out` (phantom k from seed `derive_sample_seed(seed, k)`), skipping complete ones, then
     `out/datalist.json` listing all of them (paths relative to `out`, fold = k mod 5)."""
-    from maisi_cli.io.nifti import read_nifti, write_nifti
-    from maisi_cli.io.datalists import write_datalist
-
     started = time.perf_counter()
     grid = Grid(tuple(int(v) for v in size), tuple(float(v) for v in spacing))  # type: ignore[arg-type]
     complete = set(complete_phantoms(out, num, grid))

@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from nibabel import orientations
 
 from maisi_cli.errors import MaisiError, OutputError, UsageError
+from maisi_cli.io.files import write_atomic
+from maisi_cli.io.nifti import read_nifti
 from maisi_cli.labels import BODY_LABEL, label_dictionary
 
 # Named CT windows: name → (level, width) in HU.
@@ -106,8 +109,6 @@ def parse_slice(text: str | None, shape: Sequence[int]) -> tuple[int, int, int]:
 # --- orientation --------------------------------------------------------------------------------------------------
 def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(data, affine) flipped and transposed to the closest canonical RAS grid (as nibabel's as_closest_canonical)."""
-    from nibabel import orientations
-
     ornt = orientations.io_orientation(affine)
     if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
         return data, affine
@@ -191,7 +192,6 @@ def label_name(ident: int) -> str:
 class Layout:
     """Where everything goes on the canvas: three `panel_size` squares in a row under their titles, then the legend
     in columns of LEGEND_COLUMN pixels, one entry per LEGEND_ROW."""
-
     panel_size: int
     legend_entries: int
 
@@ -315,8 +315,6 @@ def render_preview(image: np.ndarray, spacing: Sequence[float], labels: np.ndarr
 
 # --- files --------------------------------------------------------------------------------------------------------
 def _read(path: Path, field_name: str, what: str) -> tuple[np.ndarray, np.ndarray]:
-    from maisi_cli.io.nifti import read_nifti
-
     try:
         return read_nifti(path, field=field_name, what=what)
     except UsageError:
@@ -363,8 +361,6 @@ def check_out(out: Path) -> None:
 
 def write_png(path: Path, image) -> None:
     """The PNG written atomically (a temporary name in the same folder, then renamed)."""
-    from maisi_cli.io.files import write_atomic
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
     try:

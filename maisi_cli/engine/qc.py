@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from maisi_cli.errors import MaskError, StatisticsError
+from maisi_cli.resources import load_json
 
 BONE_HIGH_HU = 1000.0
 REQUIRED_FIELDS = ("percentile_0_5", "percentile_99_5", "sigma_6_low", "sigma_6_high")
@@ -48,7 +49,6 @@ ORGAN_LABELS: dict[str, tuple[int, ...]] = {
 
 class QCOptions(BaseModel):
     """What `maisi generate` was asked to do about the quality check."""
-
     model_config = ConfigDict(frozen=True)
 
     enabled: bool = True
@@ -170,7 +170,6 @@ def thresholds_from(document: Any, source: str) -> QCStatistics:
 def load_statistics(path: Path | None = None) -> QCStatistics:
     """Thresholds from a statistics file, or from the packaged one when `path` is None."""
     if path is None:
-        from maisi_cli.resources import load_json
 
         return thresholds_from(load_json("image_median_statistics.json"), PACKAGED)
     if not path.is_file():

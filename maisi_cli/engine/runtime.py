@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from maisi_cli.errors import UsageError
 from maisi_cli.profiles import Profile
@@ -81,7 +82,6 @@ def setup_runtime(device_text: str) -> Runtime:
         torch.cuda.set_device(device)
     runtime = Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
     if world_size > 1:
-        import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://",
@@ -92,7 +92,6 @@ def setup_runtime(device_text: str) -> Runtime:
 
 def teardown_runtime(runtime: Runtime) -> None:
     if runtime.distributed:
-        import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -100,6 +99,5 @@ def teardown_runtime(runtime: Runtime) -> None:
 
 def barrier(runtime: Runtime) -> None:
     if runtime.world_size > 1:
-        import torch.distributed as dist
 
         dist.barrier()

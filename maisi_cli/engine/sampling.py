@@ -19,6 +19,7 @@ from monai.networks.schedulers import RFlowScheduler
 
 from maisi_cli.engine.seeds import derive_attempt_seed, derive_sample_seed  # noqa: F401  (re-exported)
 
+
 def initial_noise(latent_shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """(1, C, x, y, z) standard normal noise, drawn in fp32 on the CPU from the sample's own generator, so it is
     the same on every device (the reference's `torch.manual_seed(S); torch.randn(...)` for S = seed)."""

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+from monai.data.utils import dense_patch_slices
+from monai.inferers.utils import _get_scan_interval
 
 Triple = tuple[int, int, int]
 
@@ -72,9 +74,6 @@ def tile_borders(grid_shape: Sequence[int], roi: Sequence[int], overlap: float,
 def monai_tile_borders(grid_shape: Sequence[int], roi: Sequence[int], overlap: float,
                        zoom: int = 4) -> tuple[tuple[int, ...], ...]:
     """`tile_borders` computed with MONAI's own functions (to check the local copy of its rule against)."""
-    from monai.data.utils import dense_patch_slices
-    from monai.inferers.utils import _get_scan_interval
-
     shape = tuple(int(s) for s in grid_shape)
     clipped = tuple(min(int(r), s) for r, s in zip(roi, shape))
     interval = _get_scan_interval(shape, clipped, len(shape), (overlap,) * len(shape))

@@ -50,9 +50,10 @@ def test_bash_round_trip_completes_commands_and_options_quickly():
     replies, _ = bash_complete("maisi generate --pro", 2)
     assert "--profile" in replies
     seconds = sorted(bash_complete("maisi gen", 1)[1] for _ in range(3))
-    # The goal is < 0.3 s wall on an idle machine (bench/completion_time.py records it). CPU time is asserted here:
-    # it stays near 0.25 s however busy the machine is; importing torch would cost seconds.
-    assert statistics.median(seconds) < 0.8, seconds
+    # The goal is < 0.3 s wall on an idle machine (bench/completion_time.py records it). CPU time is asserted here,
+    # less inflated than wall time on a busy machine: 0.73-0.88 s of bash + maisi on the project's 2-core machines
+    # in 2026-12 (the same before and after the issue-21 redesign), while importing torch adds 2 s or more.
+    assert statistics.median(seconds) < 1.5, seconds
 
 
 @needs_maisi

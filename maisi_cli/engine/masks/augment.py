@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from monai.transforms import Rand3DElastic, RandAffine, RandZoom
+from monai.transforms.utils_morphological_ops import dilate, erode
+from monai.utils import convert_to_tensor
 
 from maisi_cli.config import FloatTriple
 from maisi_cli.labels import BODY_LABEL
@@ -102,9 +105,6 @@ def augment_body(labels: np.ndarray, seed: int, device: str | torch.device = "cp
     The reference zoomed a MetaTensor, which also rescaled its affine, so the written spacing drifted by up to ±1 %
     from the requested one. Here only the voxel array is zoomed; the caller writes it with the requested affine.
     """
-    from monai.transforms import RandZoom
-    from monai.utils import convert_to_tensor
-
     zoom = RandZoom(min_zoom=0.99, max_zoom=1.01, mode="nearest", prob=1.0, keep_size=True)
     zoom.set_random_state(seed=seed)
     volume = torch.as_tensor(labels[None], device=torch.device(device))
@@ -117,8 +117,6 @@ def augment_body(labels: np.ndarray, seed: int, device: str | torch.device = "cp
 
 def dilation(mask: torch.Tensor, size: int) -> torch.Tensor:
     """Binary dilation with a size³ cube. The reference pads with 1.0, so voxels near the volume faces dilate."""
-    from monai.transforms.utils_morphological_ops import dilate
-
     return dilate(mask[None, None].float(), filter_size=size, pad_value=1.0)[0, 0] > 0
 
 
@@ -126,8 +124,6 @@ def closing(mask: torch.Tensor, size: int = CLOSING_SIZE) -> torch.Tensor:
     """Binary closing (dilate, then erode) with a size³ cube, both padded with 1.0 as in the reference. That is the
     closing of (mask ∪ outside of the volume), so it stays monotone and idempotent: the closing of a set inside a
     closed region stays inside the region."""
-    from monai.transforms.utils_morphological_ops import dilate, erode
-
     grown = dilate(mask[None, None].float(), filter_size=size, pad_value=1.0)
     return erode(grown, filter_size=size, pad_value=1.0)[0, 0] > 0
 
@@ -143,7 +139,6 @@ class Window:
     about the centre of the array it is given); `crop` is its part inside the volume; `inner` (in crop coordinates)
     is where an accepted moved tumour must lie.
     """
-
     work_start: tuple[int, ...]
     work_shape: tuple[int, ...]
     crop: tuple[slice, ...]  # in volume coordinates
@@ -197,8 +192,6 @@ def tumour_window(tumour: np.ndarray, branch: TumourBranch) -> Window:
 
 def make_transform(branch: TumourBranch, seed: int, device: torch.device):
     """The branch's MONAI transform (nearest, zero padding), seeded once: successive calls draw successive values."""
-    from monai.transforms import Rand3DElastic, RandAffine
-
     common = dict(prob=1.0, translate_range=branch.translate, rotate_range=branch.rotate,
                   scale_range=branch.scale, mode="nearest", padding_mode="zeros", device=device)
     if branch.elastic:
@@ -252,8 +245,6 @@ def inside(mask: torch.Tensor, box: tuple[slice, ...]) -> bool:
 def move_tumour(transform, tumour: torch.Tensor, window: Window) -> torch.Tensor:
     """One random draw of the tumour moved: transformed in the work box, returned on the crop (parts moved outside
     the volume are lost, as in the reference)."""
-    from monai.utils import convert_to_tensor
-
     work = torch.zeros((1, *window.work_shape), dtype=torch.float32, device=tumour.device)
     work[(0, *window.crop_in_work)] = tumour.float()
     moved = convert_to_tensor(transform(work), track_meta=False)

@@ -7,18 +7,23 @@ the masks themselves come from a zip archive unpacked once under MAISI_HOME (see
 
 from __future__ import annotations
 
+import os
 import posixpath
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
+from maisi_cli.engine.masks.regions import region_one_hots
+from maisi_cli.engine.masks.user import checked_labels, voxel_spacing
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
 from maisi_cli.io.documents import read_document
+from maisi_cli.io.nifti import read_nifti
 
 # Tumours a candidate may hold only when they are requested (reference `find_masks`).
 TUMOR_LABELS = frozenset({23, 24, 26, 27, 128})
@@ -177,14 +182,6 @@ def nearest_grids(entries: Sequence[MaskEntry], size: Triple, spacing: FloatTrip
 def entry_for_file(path: Path, base: Path) -> dict:
     """A database entry for one label map (used by `maisi data masks index`); its path is relative to `base`, the
     folder of the database file."""
-    import os
-
-    import numpy as np
-
-    from maisi_cli.engine.masks.regions import region_one_hots
-    from maisi_cli.engine.masks.user import checked_labels, voxel_spacing
-    from maisi_cli.io.nifti import read_nifti
-
     data, affine = read_nifti(path, field="mask folder")
     labels = checked_labels(data, path, field="mask folder")
     present = sorted(int(v) for v in np.unique(labels) if v != 0)

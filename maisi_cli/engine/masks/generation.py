@@ -11,8 +11,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
+from monai.transforms.utils_morphological_ops import dilate, erode
+from scipy import ndimage
 
+from maisi_cli.engine.sampling import autocast_for
 from maisi_cli.errors import MaisiError, UsageError
+from maisi_cli.labels import label_id
 from maisi_cli.resources import load_json
 
 # Index of each controllable anatomy in the size-condition vector (the mask model's training order).
@@ -92,8 +97,6 @@ def target_tumour_label(condition: np.ndarray) -> int | None:
 
 
 def controlled_label_ids(requests: Sequence[tuple[str, float]]) -> list[int]:
-    from maisi_cli.labels import label_id
-
     return [label_id(name) for name, size in requests if size != -1]
 
 
@@ -102,10 +105,6 @@ def sample_mask_latents(unet: Any, scheduler: Any, condition: np.ndarray, noise:
                         precision: str = "fp32", generator: Any = None,
                         on_step: Callable[[int, int], None] | None = None) -> Any:
     """DDPM loop of the mask model: the size vector is the cross-attention context (1, 1, 10); no guidance."""
-    import torch
-
-    from maisi_cli.engine.sampling import autocast_for
-
     device = noise.device
     context = torch.as_tensor(condition, dtype=torch.float32, device=device).reshape(1, 1, -1)
     scheduler.set_timesteps(num_inference_steps=steps)
@@ -137,8 +136,6 @@ def channels_to_labels(channels: np.ndarray) -> np.ndarray:
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 26-connected component of a boolean mask (the reference keeps the two most populous values of
     the component labelling, background and the largest component, which is the same thing)."""
-    from scipy import ndimage
-
     labelled, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     if count <= 1:
         return mask.astype(bool)
@@ -155,9 +152,6 @@ def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
 
 
 def _dilate(mask: np.ndarray, times: int = 1) -> np.ndarray:
-    import torch
-    from monai.transforms.utils_morphological_ops import dilate
-
     tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
     for _ in range(times):
         tensor = dilate(tensor, 3, pad_value=0.0)
@@ -168,9 +162,6 @@ def closing(mask: np.ndarray, times: int = 2) -> np.ndarray:
     """`times` × (dilate 3³, erode 3³), zero padding, as the reference `organ_fill_by_closing`. Computed on the
     mask's bounding box grown by `times` + 1 voxels: nothing outside it can change, and the zeros there equal the
     zero padding, so the crop is exact."""
-    import torch
-    from monai.transforms.utils_morphological_ops import dilate, erode
-
     region = _bbox(mask, times + 1)
     if region is None:
         return mask.astype(bool)
@@ -206,8 +197,6 @@ def post_process(volume: np.ndarray, target_tumour: int | None) -> np.ndarray:
     airway = volume == AIRWAY
 
     # One body: erode, keep the largest component, dilate; nothing outside it.
-    import torch
-    from monai.transforms.utils_morphological_ops import erode
 
     body = erode(torch.from_numpy((volume > 0).astype(np.float32))[None, None], 3, pad_value=0.0)[0, 0].numpy() > 0.5
     body = _dilate(largest_component(body))

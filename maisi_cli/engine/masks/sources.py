@@ -16,8 +16,8 @@ import torch
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
 from maisi_cli.engine.decode import LatentDecoder, decode_latents
-from maisi_cli.engine.masks.augment import augment_mask
 from maisi_cli.engine.masks.archive import inspect_archive, is_unpacked, mask_root, unpack_archive, unpack_target
+from maisi_cli.engine.masks.augment import augment_mask
 from maisi_cli.engine.masks.database import (MaskDatabaseError, MaskEntry, climbs_out, find_candidates, outside_error,
                                              resolves_outside, shuffled)
 from maisi_cli.engine.masks.generation import GENERATED_SPACING, channels_to_labels, post_process, sample_mask_latents

@@ -15,6 +15,7 @@ from maisi_cli.config import SPACING_RANGE_MM, FloatTriple, Triple, format_tripl
 from maisi_cli.engine.memory import MaskGrid, check_host_memory, mask_stage_terms
 from maisi_cli.errors import MaskError
 from maisi_cli.io.nifti import NiftiHeader, read_nifti, read_nifti_header
+from maisi_cli.labels import label_dictionary
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,6 @@ def lost_labels(before: np.ndarray, after: np.ndarray) -> tuple[tuple[int, int],
 
 
 def _label_name(label: int) -> str:
-    from maisi_cli.labels import label_dictionary
-
     names = {ident: name for name, ident in label_dictionary().items()}
     return f"label {label} {names[label]}" if label in names else f"label {label}"
 
