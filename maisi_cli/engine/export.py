@@ -323,7 +323,7 @@ def onnx_providers(device: str = "cpu") -> list[str]:
 
 
 def session_for(path: Path, device: str = "cpu") -> Any:
-    import onnxruntime as ort
+    import onnxruntime as ort  # the optional extra maisi[onnx], as in every onnx/onnxruntime import here
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, torch.get_num_threads())

@@ -269,7 +269,7 @@ def render_preview(image: np.ndarray, spacing: Sequence[float], labels: np.ndarr
                    index: Sequence[int] | None = None, window: tuple[float, float] = WINDOWS[DEFAULT_WINDOW],
                    panel_size: int = 256) -> Preview:
     """The preview of a canonical RAS `image` in HU (and its label map on the same grid) as an RGB Pillow image."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont  # only to draw: `maisi qc` imports this module and draws nothing
 
     shape = image.shape
     index = tuple(int(n) // 2 for n in shape) if index is None else tuple(int(i) for i in index)

@@ -166,7 +166,7 @@ def check_lock(weight: WeightFile, spec: ModelSpec, digest: str) -> None:
 def read_checkpoint(path: Path, data: io.BytesIO) -> Any:
     """torch.load with weights_only=True of `data`, the bytes read from `path`; anything else in the file is
     refused with a clear message."""
-    import torch
+    import torch  # only to read or write a checkpoint: `maisi models` and `weights list` import this module
 
     magic = data.read(4)
     data.seek(0)
@@ -268,7 +268,7 @@ def load_into(network: Any, weight: WeightFile, spec: ModelSpec) -> dict[str, An
 
 def scale_factor_of(value: Any, weight: WeightFile) -> Any:
     """A checkpoint's `scale_factor` as a 0-dim float32 tensor: one finite number, else a WeightsError."""
-    import torch
+    import torch  # only to read or write a checkpoint: `maisi models` and `weights list` import this module
 
     if isinstance(value, torch.Tensor):
         is_number = value.numel() == 1 and value.dtype != torch.bool and not value.is_complex()
@@ -300,7 +300,7 @@ def weight_status(spec: ModelSpec, weights_dir: Path | None = None,
 def save_released_checkpoint(network: Any, component: str, path: Path, scale_factor: float | None = None,
                              **extras: Any) -> None:
     """Save `network` in the released layout of `component` (atomically): what `load_into` reads back."""
-    import torch
+    import torch  # only to read or write a checkpoint: `maisi models` and `weights list` import this module
 
     state_dict = {k: v.detach().cpu() for k, v in network.state_dict().items()}
     key = STATE_DICT_KEYS.get(component)

@@ -102,7 +102,7 @@ def check_mask_memory(path: Path, grid: MaskGrid, header: NiftiHeader, size: Tri
 def fit_to_grid(labels: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple) -> tuple[np.ndarray, np.ndarray, bool]:
     """(labels, affine, resampled): RAS orientation, then nearest resampling and centre pad/crop when needed.
     A resampling that cannot fit the host memory is refused before it starts (any mask source comes here)."""
-    import torch
+    import torch  # torch and MONAI only to resample: `maisi data masks index` checks masks without them
     from monai.data import MetaTensor
     from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
 
