@@ -38,6 +38,7 @@ from maisi_cli.engine.run_folder import check_record, plan_generation, record_we
 from maisi_cli.engine.samples import CheckedSample, generate_checked_sample, sample_regions, sidecar_document
 from maisi_cli.errors import MaisiError, OutputError, UsageError
 from maisi_cli.io.files import writable_folder
+from maisi_cli.label_schemes import LabelScheme, label_scheme
 from maisi_cli.models import get_model
 from maisi_cli.request import GenerateRequest
 
@@ -125,7 +126,8 @@ def _anatomy(anatomy: str | Iterable[str] | Mapping[str, float]) -> tuple[tuple[
     return parse_anatomy(list(anatomy))
 
 
-def _mask_source(mask: Any, size: Triple, spacing: tuple[float, float, float]) -> tuple[Path | None, MaskSource | None]:
+def _mask_source(mask: Any, size: Triple, spacing: tuple[float, float, float],
+                 scheme: LabelScheme) -> tuple[Path | None, MaskSource | None]:
     """(a mask file, or a source of a mask in memory): a path; an (array, affine) pair; a nibabel image."""
     if mask is None:
         return None, None
@@ -133,9 +135,9 @@ def _mask_source(mask: Any, size: Triple, spacing: tuple[float, float, float]) -
         return Path(mask), None
     if isinstance(mask, tuple) and len(mask) == 2:
         labels, affine = mask
-        return None, array_mask_source(np.asarray(labels), np.asarray(affine), size, spacing)
+        return None, array_mask_source(np.asarray(labels), np.asarray(affine), size, spacing, scheme)
     if hasattr(mask, "dataobj") and hasattr(mask, "affine"):  # a nibabel image
-        return None, array_mask_source(np.asarray(mask.dataobj), np.asarray(mask.affine), size, spacing)
+        return None, array_mask_source(np.asarray(mask.dataobj), np.asarray(mask.affine), size, spacing, scheme)
     raise UsageError("mask: give a NIfTI path, an (array, affine) pair or a nibabel image")
 
 
@@ -199,7 +201,8 @@ class Generator:
     # --- in memory ---------------------------------------------------------------------------------------------------
     def generate(self, mask: Any = None, *, anatomy: str | Iterable[str] | Mapping[str, float] = (),
                  size: str | int | Sequence[int] | None = None, spacing: str | float | Sequence[float] | None = None,
-                 seed: int = 0, steps: int | None = None, num_samples: int = 1, label_mode: str = "full",
+                 seed: int = 0, steps: int | None = None, num_samples: int = 1, mask_labels: str = "maisi",
+                 label_mode: str = "full",
                  body_regions: Sequence[str] = (), mask_database: PathLike | None = None, augment: bool = True,
                  mask_steps: int | None = None, guidance: float | None = None, qc: bool = True,
                  max_attempts: int = 3, stats: PathLike | None = None, allow_any_size: bool = False,
@@ -214,14 +217,15 @@ class Generator:
             size=_triple(size), spacing=_spacing(spacing), num_samples=num_samples, seed=seed, steps=steps,
             anatomy=names, anatomy_sizes=sizes, body_regions=tuple(body_regions),
             mask_database=Path(mask_database) if mask_database else None, augment=augment, mask_steps=mask_steps,
-            label_mode=label_mode, guidance=guidance, allow_any_size=allow_any_size, out=Path("."))
+            mask_labels=mask_labels, label_mode=label_mode, guidance=guidance, allow_any_size=allow_any_size,
+            out=Path("."))
         qc_options = QCOptions(enabled=qc, max_attempts=max_attempts, stats=Path(stats) if stats else None)
         mask_path, in_memory = None, None
         if mask is not None:
             model = self.spec
             grid_size = request.size or model.default_size
             grid_spacing = request.spacing or model.default_spacing(grid_size)
-            mask_path, in_memory = _mask_source(mask, grid_size, grid_spacing)
+            mask_path, in_memory = _mask_source(mask, grid_size, grid_spacing, label_scheme(mask_labels))
             request = request.model_copy(update={"mask": mask_path})
         plan = plan_samples(request, qc_options, mask=in_memory)
         for message in plan.warnings:

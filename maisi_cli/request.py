@@ -29,6 +29,7 @@ class GenerateRequest(BaseModel):
     seed: int = Field(0, ge=0)
     steps: int | None = Field(None, ge=1)
     mask: Path | None = None
+    mask_labels: str = "maisi"  # `--mask-labels`: the label scheme of --mask (maisi_cli/label_schemes.py)
     anatomy: tuple[str, ...] = ()
     anatomy_sizes: tuple[tuple[str, float], ...] = ()  # `--anatomy NAME:SIZE`: generate the mask
     body_regions: tuple[str, ...] = ()

@@ -27,6 +27,9 @@ def generate(
     seed: int = typer.Option(0, "--seed", min=0, help="Run seed; sample k's seed derives from (seed, k)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Label map (NIfTI, MAISI label ids) to condition on."),
+    mask_labels: str = typer.Option("maisi", "--mask-labels", help="The ids of --mask: maisi, vista3d (MAISI's "
+                                    "ids), totalsegmentator (v2 task total; see `maisi labels --scheme "
+                                    "totalsegmentator`) or a .json table {\"<id>\": <MAISI id, name or null>}."),
     anatomy: list[str] = typer.Option([], "--anatomy", help="NAME: anatomy the mask must hold; NAME:SIZE (SIZE in "
                                       "[0, 1], or -1 for absent): generate the mask with that organ/tumour size "
                                       "(repeatable; see `maisi labels`)."),
@@ -91,7 +94,8 @@ def generate(
         model=model, profile=profile,
         size=parse_size(size) if size else None,
         spacing=parse_spacing(spacing) if spacing else None,
-        num_samples=num_samples, seed=seed, steps=steps, mask=mask, anatomy=names, anatomy_sizes=sizes,
+        num_samples=num_samples, seed=seed, steps=steps, mask=mask, mask_labels=mask_labels, anatomy=names,
+        anatomy_sizes=sizes,
         body_regions=tuple(body_region), mask_database=mask_database,
         allow_outside_database=allow_outside_database, augment=augment, mask_steps=mask_steps,
         label_mode=label_mode, out=out, shard=parse_shard(shard), overwrite=overwrite, device=device,

@@ -28,11 +28,16 @@ def labels(
     ctx: typer.Context,
     query: Optional[str] = typer.Argument(None, metavar="QUERY",
                                           help="Part of an anatomy name (any case), or a label id."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="Show how a segmenter's class ids map to MAISI's: "
+                                         "totalsegmentator, vista3d, or a .json table (as generate --mask-labels)."),
     json_flag: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     from maisi_cli.errors import MaisiError
 
     output = render.output_of(ctx.obj, json_flag)
+    if scheme is not None:
+        show_scheme(scheme, query, output)
+        return
     found = matching_labels(query)
     if not found:
         raise MaisiError(f"QUERY: no label matches '{query}'; run `maisi labels` without a query to list them all")
@@ -40,3 +45,26 @@ def labels(
         render.print_json({"labels": [{"id": ident, "name": name} for ident, name in found]})
         return
     render.print_table(None, ("id", "name"), found)
+
+
+def show_scheme(name: str, query: str | None, output: render.Output) -> None:
+    """The scheme's classes (filtered by QUERY as the labels are) with the MAISI id and name each becomes."""
+    from maisi_cli.errors import MaisiError
+    from maisi_cli.label_schemes import label_scheme, maisi_names
+
+    table = label_scheme(name, "--scheme")
+    names = maisi_names()
+    rows = [(ident, table.class_names.get(ident, ""), target, names.get(target, "") if target is not None else "")
+            for ident, target in sorted(table.mapping.items())]
+    key = (query or "").strip().lower()
+    if key:
+        rows = [r for r in rows if (key.isdigit() and int(key) == r[0]) or (not key.isdigit() and (
+            key in r[1].lower() or key in r[3].lower()))]
+    if not rows:
+        raise MaisiError(f"QUERY: no class of {table.name} matches '{query}'; drop the query to list them all")
+    if output.json:
+        render.print_json({"scheme": table.name, "classes": [
+            {"id": i, "name": n, "maisi_id": t, "maisi_name": m or None} for i, n, t, m in rows]})
+        return
+    render.print_table(f"{table.name} → MAISI", ("id", "name", "MAISI id", "MAISI name"),
+                       [(i, n, "-" if t is None else t, m or "no counterpart (background)") for i, n, t, m in rows])

@@ -22,7 +22,8 @@ from maisi_cli.engine.masks.generation import (check_size_requests, controlled_l
 from maisi_cli.engine.masks.regions import body_region_indices
 from maisi_cli.engine.masks.sources import (DatabaseMaskSource, FileMaskSource, GeneratedMaskSource, MaskSource,
                                             NoMaskSource, database_source)
-from maisi_cli.engine.masks.user import check_mask_memory, load_condition_mask, read_mask_grid, resample_warning
+from maisi_cli.engine.masks.user import (check_mask_memory, load_condition_mask, read_mask_grid, resample_warning,
+                                         unmapped_warning)
 from maisi_cli.engine.memory import HostMemoryEstimate, check_generation_memory, resolve_profile
 from maisi_cli.engine.qc import QCOptions, QCStatistics, load_statistics
 from maisi_cli.engine.runtime import resolve_device, resolve_precision
@@ -30,6 +31,7 @@ from maisi_cli.engine.seeds import derive_sample_seed
 from maisi_cli.engine.weights import WeightFile, locate_weight
 from maisi_cli.errors import MaskError, UsageError
 from maisi_cli.gpu_memory import estimate_peak_memory
+from maisi_cli.label_schemes import label_scheme
 from maisi_cli.labels import label_id
 from maisi_cli.models import MASK_COMPONENTS, ModelSpec, get_model
 from maisi_cli.profiles import Profile
@@ -174,6 +176,8 @@ def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
     if model.image_only:
         refuse_mask_options(request, model, qc)
     guidance = resolve_guidance(request, model)
+    if request.mask_labels.lower() != "maisi" and request.mask is None and mask is None:
+        raise UsageError("--mask-labels: says how to read --mask; give --mask FILE, or drop --mask-labels")
     if request.body_regions and not model.uses_body_region:
         raise UsageError(f"--body-region: model {model.name} takes no body-region input; drop it (the ddpm models "
                          "use it)")
@@ -216,6 +220,8 @@ def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
         weights += mask_weights
     elif mask is not None:
         source = checked_source(mask, request, model, anatomy_ids)
+        if source.mask.unmapped:
+            warnings.append(unmapped_warning(source.mask, source.path, label_scheme(request.mask_labels)))
     elif request.mask is not None:
         source = file_source(request, model, size, spacing, anatomy_ids, warnings)
     else:
@@ -239,6 +245,7 @@ def refuse_mask_options(request: GenerateRequest, model: ModelSpec, qc: QCOption
     errors, named one at a time."""
     given = (
         ("--mask", request.mask is not None),
+        ("--mask-labels", request.mask_labels.lower() != "maisi"),
         ("--anatomy", bool(request.anatomy or request.anatomy_sizes)),
         ("--mask-database", request.mask_database is not None),
         ("--mask-steps", request.mask_steps is not None),
@@ -287,10 +294,13 @@ def file_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int
     if request.mask_database is not None:
         raise UsageError("--mask-database: drop it when --mask gives the condition mask")
     assert request.mask is not None
-    mask = load_condition_mask(request.mask, size, spacing)
+    scheme = label_scheme(request.mask_labels)
+    mask = load_condition_mask(request.mask, size, spacing, scheme)
+    if mask.unmapped:
+        warnings.append(unmapped_warning(mask, request.mask, scheme))
     if mask.resampled:
         warnings.append(resample_warning(mask, request.mask, size, spacing))
-    return checked_source(FileMaskSource(request.mask, mask), request, model, anatomy_ids)
+    return checked_source(FileMaskSource(request.mask, mask, scheme=scheme.name), request, model, anatomy_ids)
 
 
 def checked_source(source: FileMaskSource, request: GenerateRequest, model: ModelSpec,

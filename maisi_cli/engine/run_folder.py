@@ -20,7 +20,8 @@ from maisi_cli.engine.locks import sample_lock_path
 from maisi_cli.engine.plan import GenerationPlan, SampleTask, plan_samples
 from maisi_cli.engine.qc import QCOptions
 from maisi_cli.errors import OutputError, UsageError
-from maisi_cli.io.files import check_replaceable, create_once, opened_regular, sha256_of_file, write_atomic
+from maisi_cli.io.files import (check_replaceable, create_once, opened_regular, sha256_of_file, sha256_of_input,
+                                write_atomic)
 from maisi_cli.request import GenerateRequest
 
 RECORD_NAME = "maisi-run.json"
@@ -39,10 +40,19 @@ def mask_identity(plan: GenerationPlan) -> dict[str, Any]:
         return {"source": "generated", "sizes": [list(pair) for pair in request.anatomy_sizes],
                 "mask_steps": request.mask_steps}
     if plan.mask_source.kind in ("file", "array"):  # a file, or a label map given to the Python API
-        return {"source": plan.mask_source.kind, "sha256": plan.mask_source.content_sha256()}
+        identity = {"source": plan.mask_source.kind, "sha256": plan.mask_source.content_sha256()}
+        if request.mask_labels != "maisi":  # recorded only when given: folders of earlier runs keep their digest
+            identity["labels"] = scheme_identity(request.mask_labels)
+        return identity
     database = request.mask_database
     return {"source": "database", "database": str(Path(database).expanduser().resolve()) if database else "model's",
             "augment": request.augment, "body_regions": list(request.body_regions)}
+
+
+def scheme_identity(name: str) -> str:
+    """A built-in scheme by name; a .json table by its content."""
+    path = Path(name).expanduser()
+    return f"table {sha256_of_input(path)}" if name.lower().endswith(".json") and path.is_file() else name.lower()
 
 
 def run_settings(plan: GenerationPlan) -> dict[str, Any]:

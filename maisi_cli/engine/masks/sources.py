@@ -29,6 +29,7 @@ from maisi_cli.engine.sampling import initial_noise
 from maisi_cli.engine.seeds import derive_attempt_seed, derive_sample_seed
 from maisi_cli.errors import MaskError
 from maisi_cli.io.files import sha256_of_input
+from maisi_cli.label_schemes import LabelScheme
 from maisi_cli.models import ModelSpec
 from maisi_cli.profiles import Profile
 
@@ -65,6 +66,7 @@ class FileMaskSource:
     mask: ConditionMask
     kind: str = "file"
     _sha256: str | None = None
+    scheme: str = "maisi"  # --mask-labels: the scheme its class ids were converted from
 
     def describe(self) -> dict[str, Any]:
         return {"type": self.kind, "path": str(self.path), "resampled": self.mask.resampled}
@@ -84,7 +86,15 @@ class FileMaskSource:
             "resampled": self.mask.resampled,
             "original_shape": list(self.mask.original_shape),
             "original_spacing": [round(s, 6) for s in self.mask.original_spacing],
+            **self.scheme_record(),
         })
+
+    def scheme_record(self) -> dict[str, Any]:
+        """The label scheme its ids came in, and the classes it could not map (nothing for MAISI's own ids)."""
+        if self.scheme == "maisi":
+            return {}
+        return {"labels": {"scheme": self.scheme,
+                           "unmapped": [{"id": i, "name": n, "voxels": v} for i, n, v in self.mask.unmapped]}}
 
 
 @dataclass
@@ -108,14 +118,17 @@ class ArrayMaskSource(FileMaskSource):
         })
 
 
-def array_mask_source(labels: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple) -> ArrayMaskSource:
-    """The in-memory label map fitted to the grid as a file would be (engine/masks/user.py), named by its content."""
-    mask = condition_mask_from_array(labels, affine, size, spacing, "mask")
+def array_mask_source(labels: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple,
+                      scheme: LabelScheme | None = None) -> ArrayMaskSource:
+    """The in-memory label map fitted to the grid as a file would be (engine/masks/user.py), its ids converted by
+    `scheme` (--mask-labels), named by its content."""
+    mask = condition_mask_from_array(labels, affine, size, spacing, "mask", scheme)
     digest = hashlib.sha256()
     for part in (str(labels.dtype), str(labels.shape), np.ascontiguousarray(labels).tobytes(),
                  np.asarray(affine, dtype=np.float64).tobytes()):
         digest.update(part.encode() if isinstance(part, str) else part)
-    return ArrayMaskSource(Path("<array>"), mask, _sha256=digest.hexdigest())
+    return ArrayMaskSource(Path("<array>"), mask, _sha256=digest.hexdigest(),
+                           scheme=scheme.name if scheme is not None else "maisi")
 
 
 @dataclass

@@ -6,7 +6,7 @@ interpolation to the target spacing, then a symmetric `ResizeWithPadOrCrop` to t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,9 @@ import numpy as np
 from maisi_cli.config import SPACING_RANGE_MM, FloatTriple, Triple, format_triple, spacing_problem
 from maisi_cli.engine.memory import MaskGrid, check_host_memory, mask_stage_terms
 from maisi_cli.errors import MaskError
+from maisi_cli.label_schemes import LabelScheme
 from maisi_cli.io.nifti import NiftiHeader, read_nifti, read_nifti_header
-from maisi_cli.labels import label_dictionary
+from maisi_cli.labels import BODY_LABEL, label_dictionary
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class ConditionMask:
     original_shape: Triple
     original_spacing: FloatTriple
     lost_labels: tuple[tuple[int, int], ...] = ()  # (label, voxels in the file) of labels the resampling lost
+    unmapped: tuple[tuple[int, str, int], ...] = ()  # (class id, name, voxels) a --mask-labels scheme could not map
 
 
 def checked_labels(data: np.ndarray, path: Path, field: str = "--mask") -> np.ndarray:
@@ -127,17 +129,59 @@ def fit_to_grid(labels: np.ndarray, affine: np.ndarray, size: Triple, spacing: F
     return array, np.asarray(volume.affine, dtype=np.float64), True
 
 
-def load_condition_mask(path: Path, size: Triple, spacing: FloatTriple) -> ConditionMask:
-    """The mask at `path` fitted to the grid. Its header is read first: a degenerate affine, an absurd spacing
-    or a fit that cannot fit the host memory is refused before any voxel is read."""
+def load_condition_mask(path: Path, size: Triple, spacing: FloatTriple,
+                        scheme: LabelScheme | None = None) -> ConditionMask:
+    """The mask at `path` fitted to the grid, its class ids first converted to MAISI's by `scheme` (--mask-labels).
+    Its header is read first: a degenerate affine, an absurd spacing or a fit that cannot fit the host memory is
+    refused before any voxel is read."""
     grid, header = read_mask_grid(path, spacing)
     check_mask_memory(path, grid, header, size, spacing)
     data, affine = read_nifti(path)
-    return fitted_condition_mask(data, affine, size, spacing, path, "--mask")
+    if scheme is None or scheme.identity:
+        return fitted_condition_mask(data, affine, size, spacing, path, "--mask")
+    converted, unmapped = converted_labels(data, scheme, path)
+    return replace(fitted_condition_mask(converted, affine, size, spacing, path, "--mask"), unmapped=unmapped)
+
+
+def converted_labels(data: np.ndarray, scheme: LabelScheme, path: Path,
+                     field: str = "--mask") -> tuple[np.ndarray, tuple[tuple[int, str, int], ...]]:
+    """(the label map in MAISI ids, uint8; the classes with no MAISI counterpart as (id, name, voxels), made
+    background). One table look-up per voxel, whatever the number of classes."""
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise MaskError(f"{field}: '{path}' holds {data.dtype} values; a label map of whole numbers is needed")
+    if np.issubdtype(data.dtype, np.floating) and (not np.all(np.isfinite(data))
+                                                   or not np.array_equal(data, np.rint(data))):
+        raise MaskError(f"{field}: '{path}' holds fractional values; a label map of whole-number ids is needed")
+    low, high = (int(data.min()), int(data.max())) if data.size else (0, 0)
+    if low < 0 or high > 65535:
+        raise MaskError(f"{field}: '{path}' has class ids from {low} to {high}; --mask-labels {scheme.name} reads "
+                        "ids 0..65535")
+    classes = data.astype(np.int64 if np.issubdtype(data.dtype, np.floating) else data.dtype, copy=False)
+    present, counts = np.unique(classes, return_counts=True)
+    table = np.zeros(high + 1, dtype=np.uint8)
+    unmapped = []
+    for ident, voxels in zip(present.tolist(), counts.tolist()):
+        if ident == 0:
+            continue
+        # the body envelope (200) that maisi adds to a segmenter's map passes through unless the table says otherwise
+        target = scheme.mapping.get(ident, BODY_LABEL if ident == BODY_LABEL else None)
+        if target is None:
+            unmapped.append((ident, scheme.class_names.get(ident, f"class {ident}"), voxels))
+        else:
+            table[ident] = target
+    return table[classes], tuple(unmapped)
+
+
+def unmapped_warning(mask: ConditionMask, path: Path, scheme: LabelScheme) -> str:
+    """One line naming the classes --mask-labels could not map (they are left out of the condition)."""
+    listed = ", ".join(f"{ident} {name} ({voxels} voxel{'' if voxels == 1 else 's'})"
+                       for ident, name, voxels in mask.unmapped)
+    return (f"--mask-labels {scheme.name}: '{path.name}' holds classes with no MAISI label: {listed}; they are "
+            "generated as background (map them in a .json table to keep them)")
 
 
 def condition_mask_from_array(data: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple,
-                              field: str = "mask") -> ConditionMask:
+                              field: str = "mask", scheme: LabelScheme | None = None) -> ConditionMask:
     """A label map given in memory (the Python API), checked and fitted to the grid as a file would be."""
     data = np.asarray(data)
     affine = np.asarray(affine, dtype=np.float64)
@@ -148,7 +192,10 @@ def condition_mask_from_array(data: np.ndarray, affine: np.ndarray, size: Triple
     problem = spacing_problem(voxel_spacing(affine))
     if problem:
         raise MaskError(f"{field}: the affine's voxel spacing is not usable; {problem}")
-    return fitted_condition_mask(data, affine, size, spacing, Path("<array>"), field)
+    if scheme is None or scheme.identity:
+        return fitted_condition_mask(data, affine, size, spacing, Path("<array>"), field)
+    converted, unmapped = converted_labels(data, scheme, Path("<array>"), field)
+    return replace(fitted_condition_mask(converted, affine, size, spacing, Path("<array>"), field), unmapped=unmapped)
 
 
 def fitted_condition_mask(data: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple, path: Path,
