@@ -34,10 +34,31 @@ def modality_mapping() -> dict[str, int]:
     return plugins.registry("modalities", lambda found: plugins.merge_ids(builtin, found, "modality", (0, 127)))
 
 
+def normalised_name(name: str) -> str:
+    """An anatomy name as looked up: any case, underscores as spaces (`hepatic_tumor`), single spaces."""
+    return " ".join(name.strip().lower().replace("_", " ").split())
+
+
+@cache
+def segmenter_aliases() -> dict[str, str]:
+    """TotalSegmentator's class names (`kidney_right`) → the MAISI name of the same anatomy (`right kidney`), from
+    the packaged table (maisi_cli/label_schemes.py)."""
+    names = {ident: name for name, ident in builtin_label_dictionary().items()}
+    classes = load_json("label_schemes", "totalsegmentator.json")["classes"]
+    return {normalised_name(c["name"]): names[c["maisi"]] for c in classes if c["maisi"] in names}
+
+
+def maisi_name_for(name: str) -> str:
+    """The normalised MAISI name a user's anatomy name stands for (itself, or a TotalSegmentator alias's)."""
+    key = normalised_name(name)
+    return normalised_name(segmenter_aliases().get(key, key))
+
+
 def label_id(name: str) -> int:
-    """Look an anatomy up by name (case and surrounding space ignored)."""
-    table = {key.lower(): value for key, value in label_dictionary().items()}
-    key = name.strip().lower()
+    """Look an anatomy up by name: any case, underscores for spaces, or TotalSegmentator's name for it."""
+    table = {normalised_name(key): value for key, value in label_dictionary().items()}
+    key = normalised_name(name)
+    key = key if key in table else maisi_name_for(name)
     if key not in table:
         close = [n for n in label_dictionary() if key and key in n.lower()][:5]
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; `maisi labels` lists them"

@@ -13,15 +13,16 @@ HELP = "List the label ids and anatomy names, filtered by a name fragment or an 
 
 def matching_labels(query: str | None) -> list[tuple[int, str]]:
     """(id, name) sorted by id: all, those whose name contains `query` (case-insensitive), or the one id."""
-    from maisi_cli.labels import label_dictionary
+    from maisi_cli.labels import label_dictionary, maisi_name_for, normalised_name
 
     entries = sorted((ident, name) for name, ident in label_dictionary().items())
     if query is None or not query.strip():
         return entries
-    key = query.strip().lower()
+    key = normalised_name(query)
     if key.isdigit():
         return [(ident, name) for ident, name in entries if ident == int(key)]
-    return [(ident, name) for ident, name in entries if key in name.lower()]
+    alias = maisi_name_for(query)  # a TotalSegmentator name (kidney_right) finds its MAISI label too
+    return [(ident, name) for ident, name in entries if key in name.lower() or normalised_name(name) == alias]
 
 
 def labels(

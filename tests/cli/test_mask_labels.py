@@ -123,3 +123,18 @@ def test_bad_schemes_are_one_line_usage_errors(tiny_model, mask_file, tmp_path):
                                   "totalsegmentator", "--out", str(tmp_path / "c")])
     assert_one_line_error(no_mask, 2, "--mask-labels: says how to read --mask")
     assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
+
+
+def test_anatomy_names_take_underscores_and_totalsegmentator_names(tiny_model, mask_file, tmp_path):
+    from maisi_cli.engine.masks.generation import check_size_requests
+
+    for query, expected in (("kidney_right", "right kidney"), ("hepatic_tumor", "hepatic tumor"),
+                            ("Lung_Upper_Lobe_Left", "left lung upper lobe"), ("urinary_bladder", "bladder")):
+        listed = json.loads(runner.invoke(app, ["--json", "labels", query]).stdout)["labels"]
+        assert expected in [entry["name"] for entry in listed], (query, listed)
+    found = generate(tiny_model, mask_file, tmp_path / "a", "--anatomy", "lung_upper_lobe_left", "--dry-run")
+    assert found.exit_code == 0, found.stderr
+    missing = generate(tiny_model, mask_file, tmp_path / "b", "--anatomy", "kidney_right", "--dry-run",
+                       json_output=False)
+    assert_one_line_error(missing, 1, "'kidney_right' (label 5) is not in the mask")
+    assert check_size_requests([("Hepatic_Tumor", 0.5), ("liver", 0.2)]) == [("hepatic tumor", 0.5), ("liver", 0.2)]

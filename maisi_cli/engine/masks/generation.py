@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from maisi_cli.engine.sampling import autocast_for
 from maisi_cli.errors import MaisiError, UsageError
-from maisi_cli.labels import label_id
+from maisi_cli.labels import label_id, maisi_name_for
 from maisi_cli.resources import load_json
 
 # Index of each controllable anatomy in the size-condition vector (the mask model's training order).
@@ -45,12 +45,12 @@ class MaskGenerationError(MaisiError):
 
 # --- the request --------------------------------------------------------------------------------------------------
 def check_size_requests(requests: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
-    """Validate `--anatomy NAME:SIZE` requests by the reference rules; names are normalised to lower case."""
+    """Validate `--anatomy NAME:SIZE` requests by the reference rules; names are normalised (labels.maisi_name_for)."""
     if len(requests) > MAX_REQUESTS:
         raise UsageError(f"--anatomy NAME:SIZE: at most {MAX_REQUESTS} sizes can be controlled (got {len(requests)})")
     checked, seen = [], set()
     for name, size in requests:
-        key = name.strip().lower()
+        key = maisi_name_for(name)  # any case, underscores, or TotalSegmentator's name (urinary_bladder style)
         if key not in SIZE_INDEX:
             raise UsageError(f"--anatomy {name}:{size:g}: size control covers only {', '.join(SIZE_INDEX)}")
         if key in seen:
