@@ -30,12 +30,11 @@ from maisi_cli.engine.locks import SampleLock, sample_lock_path
 from maisi_cli.engine.masks.sources import MaskSource, array_mask_source
 from maisi_cli.engine.networks import LoadedModel
 from maisi_cli.engine.plan import GenerationPlan, plan_samples, sample_paths
-from maisi_cli.engine.postprocess import ras_affine
 from maisi_cli.engine.progress import ProgressCallback, no_progress
 from maisi_cli.engine.qc import QCOptions
-from maisi_cli.engine.run import GenerationReport, run_generation, write_sample
-from maisi_cli.engine.run_folder import check_record, plan_generation, record_weights, settings_sha256
-from maisi_cli.engine.samples import CheckedSample, generate_checked_sample, sample_regions, sidecar_document
+from maisi_cli.engine.run import GenerationReport, run_generation, sample_affine, write_sample
+from maisi_cli.engine.run_folder import plan_generation, record_weights, settings_sha256
+from maisi_cli.engine.samples import CheckedSample, checked_sample_sidecar, generate_checked_sample
 from maisi_cli.errors import MaisiError, OutputError, UsageError
 from maisi_cli.io.files import writable_folder
 from maisi_cli.label_schemes import LabelScheme, label_scheme
@@ -60,17 +59,32 @@ class Sample:
     """One generated pair, in memory. `image`: int16 HU (MR intensities for an MR model), `labels`: uint8 MAISI ids
     or None (an image-only model), both (X, Y, Z) on the RAS grid `affine`; `qc`: the quality-check report with
     its attempts, or None when the check is off; `sidecar`: the provenance `save` writes beside the files."""
-    index: int
-    seed: int
-    image: np.ndarray
-    labels: np.ndarray | None
     affine: np.ndarray
-    qc: dict[str, Any] | None
     sidecar: dict[str, Any]
     timings: dict[str, float]
+    _checked: CheckedSample = field(repr=False)
     _plan: GenerationPlan = field(repr=False)
     _loaded: LoadedModel = field(repr=False)
-    _checked: CheckedSample = field(repr=False)
+
+    @property
+    def index(self) -> int:
+        return self._checked.task.index
+
+    @property
+    def seed(self) -> int:
+        return self._checked.task.seed
+
+    @property
+    def image(self) -> np.ndarray:
+        return self._checked.image
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self._checked.labels
+
+    @property
+    def qc(self) -> dict[str, Any] | None:
+        return self._checked.qc
 
     def save(self, folder: PathLike, overwrite: bool = False) -> list[Path]:
         """Write what `maisi generate --out FOLDER` writes for this sample: sample_NNNN_image.nii.gz, _label.nii.gz
@@ -81,7 +95,6 @@ class Sample:
         image, label, sidecar = sample_paths(out, self.index, plan.request.num_samples)
         task = replace(self._checked.task, image=image, label=None if plan.model.image_only else label,
                        sidecar=sidecar)
-        check_record(plan)
         writable_folder(out, "folder")
         record_weights(plan, self._loaded.weight_hashes)
         lock = SampleLock(sample_lock_path(sidecar))
@@ -100,9 +113,7 @@ class Sample:
 def _triple(value: str | int | Sequence[int] | None) -> Triple | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        return parse_size(value)
-    if isinstance(value, int):
+    if isinstance(value, (str, int)):
         return parse_size(str(value))
     return parse_size("x".join(str(int(v)) for v in value))
 
@@ -117,7 +128,8 @@ def _spacing(value: str | float | Sequence[float] | None) -> tuple[float, float,
     return parse_spacing("x".join(repr(float(v)) for v in value))
 
 
-def _anatomy(anatomy: str | Iterable[str] | Mapping[str, float]) -> tuple[tuple[str, ...], tuple[tuple[str, float], ...]]:
+def _anatomy(anatomy: str | Iterable[str] | Mapping[str, float]
+             ) -> tuple[tuple[str, ...], tuple[tuple[str, float], ...]]:
     """Names (`"liver"`), names with a size (`"liver:0.5"`, as `--anatomy`), or a mapping name → size."""
     if isinstance(anatomy, Mapping):
         return (), tuple((str(name), float(size)) for name, size in anatomy.items())
@@ -242,11 +254,8 @@ class Generator:
     @staticmethod
     def _sample(plan: GenerationPlan, loaded: LoadedModel, checked: CheckedSample,
                 timings: dict[str, float]) -> Sample:
-        regions = sample_regions(plan, checked.mask) if plan.model.uses_body_region else None
-        sidecar = sidecar_document(plan, checked.task, loaded, timings, checked.mask.provenance, checked.qc, regions)
-        affine = checked.mask.mask.affine if checked.mask.mask is not None else ras_affine(plan.spacing)
-        return Sample(checked.task.index, checked.task.seed, checked.image, checked.labels, affine, checked.qc,
-                      sidecar, timings, plan, loaded, checked)
+        return Sample(sample_affine(plan, checked), checked_sample_sidecar(plan, loaded, checked, timings), timings,
+                      checked, plan, loaded)
 
 
 # --- checks (qc and preview import no torch: maisi_cli/checks.py) ---------------------------------------------

@@ -31,9 +31,6 @@ class LabelScheme:
     class_names: dict[int, str]  # class id → the segmenter's name for it
     identity: bool = False  # MAISI's own ids: nothing to convert
 
-    def describe(self) -> dict[str, object]:
-        return {"scheme": self.name, "classes": len(self.mapping)}
-
 
 def maisi_names() -> dict[int, str]:
     return {ident: name for name, ident in label_dictionary().items()}

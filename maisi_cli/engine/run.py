@@ -16,8 +16,7 @@ from maisi_cli.engine.plan import GenerationPlan, SampleTask
 from maisi_cli.engine.postprocess import ras_affine
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.engine.run_folder import record_weights, sample_problem, settings_sha256
-from maisi_cli.engine.samples import (CheckedSample, WarningCallback, generate_checked_sample, sample_regions,
-                                      sidecar_document)
+from maisi_cli.engine.samples import CheckedSample, WarningCallback, checked_sample_sidecar, generate_checked_sample
 from maisi_cli.errors import GenerationError, MaskError, NoSpaceError
 from maisi_cli.io.files import removed_if_left_empty, writable_folder
 from maisi_cli.io.nifti import write_nifti
@@ -95,9 +94,7 @@ def write_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, sa
         files_sha256["label"] = write_nifti(task.label, sample.labels, affine)
     timings["write_s"] = time.perf_counter() - write_start
     timings["total_s"] = time.perf_counter() - started
-    regions = sample_regions(plan, sample.mask) if plan.model.uses_body_region else None
-    write_json(task.sidecar, {**sidecar_document(plan, sample.task, loaded, timings, sample.mask.provenance, sample.qc,
-                                                 regions),
+    write_json(task.sidecar, {**checked_sample_sidecar(plan, loaded, sample, timings),
                               "files_sha256": files_sha256, "run_settings_sha256": run_digest})
     return timings
 

@@ -41,7 +41,8 @@ def sample_regions(plan: GenerationPlan, sample_mask: SampleMask) -> tuple[int, 
 
 
 def condition_inputs(plan: GenerationPlan, sample_mask: SampleMask,
-                     device: torch.device) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                     device: torch.device
+                     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(ControlNet condition, UNet extra inputs, ControlNet extra inputs) for one sample's mask. Body regions (ddpm)
     come from the database entry, else from --body-region, else from the labels present."""
     controlnet_cond = None  # an image-only model (no mask): the UNet runs alone
@@ -197,7 +198,8 @@ def sidecar_document(plan: GenerationPlan, task: SampleTask, loaded: LoadedModel
     }
 
 
-def checked_sample_sidecar(plan: GenerationPlan, loaded: LoadedModel, sample: CheckedSample) -> dict[str, Any]:
-    """The sidecar of a checked sample, before its files are written (engine/run.py adds their sha256)."""
+def checked_sample_sidecar(plan: GenerationPlan, loaded: LoadedModel, sample: CheckedSample,
+                           timings: dict[str, float]) -> dict[str, Any]:
+    """The sidecar of a checked sample with these timings (engine/run.py adds the sha256 of the files it writes)."""
     regions = sample_regions(plan, sample.mask) if plan.model.uses_body_region else None
-    return sidecar_document(plan, sample.task, loaded, sample.timings, sample.mask.provenance, sample.qc, regions)
+    return sidecar_document(plan, sample.task, loaded, timings, sample.mask.provenance, sample.qc, regions)

@@ -90,15 +90,13 @@ def test_a_table_of_ones_own_maps_names_and_ids_and_warns_about_classes_left_out
     table.write_text(json.dumps({"5": "liver", "77": 3, "10": 28, "11": "left lung lower lobe", "200": 200,
                                  "3": None}))
     out = tmp_path / "out"
-    plain = expected.copy()
-    ts_liver_voxels = int((expected == 1).sum())
     result = generate(tiny_model, mask, out, "--mask-labels", str(table), "--steps", "2")
     report = report_of(result)
     assert report["written"] == [0] and "no MAISI label" not in result.stderr
-    np.testing.assert_array_equal(np.asarray(nib.load(out / "sample_0000_label.nii.gz").dataobj), plain)
-    assert ts_liver_voxels > 0
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "sample_0000_label.nii.gz").dataobj), expected)
 
     # class 5 left out of a second table: one warning naming it, recorded in the sidecar; it becomes background
+    ts_liver_voxels = int((expected == 1).sum())
     table.write_text(json.dumps({"77": 3, "10": 28, "11": 29, "200": 200}))
     result = generate(tiny_model, mask, tmp_path / "out2", "--mask-labels", str(table), "--steps", "2")
     report_of(result)

@@ -52,7 +52,8 @@ def test_arrays_equal_the_cli_files_and_save_writes_the_same_bytes(tiny_model, m
     cli_out = tmp_path / "cli"
     report_of(generate(tiny_model, mask_file, cli_out, "-n", "2", "--seed", "11", "--steps", "3"))
 
-    monkeypatch.chdir(tmp_path / "cwd" if (tmp_path / "cwd").mkdir() is None else tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     samples = maisi_cli.Generator(model=str(spec), weights_dir=weights).generate(
         mask=str(mask_file), seed=11, steps=3, num_samples=2, qc=False)
     assert list(Path.cwd().iterdir()) == []  # generate writes nothing
