@@ -101,3 +101,64 @@ def write_json_list(path: Path, entries: list[dict]) -> None:
 from maisi_cli.cli.train import embed_command  # noqa: E402  (`maisi data embed`; lives with the training commands)
 
 app.command("embed")(embed_command)
+
+
+BODY_HELP = (
+    "Add the body envelope (label 200) to a label map: every voxel of the patient that no organ label claims.\n\n"
+    "The released ControlNet expects it; segmenters (TotalSegmentator, NV-Segment-CT/VISTA3D) do not write it. With "
+    "--ct (the CT the mask was segmented from, on the mask's grid), the upstream algorithm: the exterior air is the "
+    "largest region below --hu-threshold, the body is the rest, and the scanner table is cut off (--bed-kernel, "
+    "--table-fraction). Without --ct, an approximation from the labels alone (each axial slice's labelled outline "
+    "plus --margin-mm of soft tissue), with a warning. Labelled voxels keep their label; the output is uint8 NIfTI "
+    "with the mask's affine. A mask that already holds 200 is written as it is, unless --replace-body."
+)
+
+
+@app.command("body", help=BODY_HELP)
+def body_command(
+    ctx: typer.Context,
+    mask: Path = typer.Argument(..., help="NIfTI label map (any class ids 0..255), e.g. a segmenter's output."),
+    out: Path = typer.Option(..., "--out", "-o", help="Label map to write (.nii.gz or .nii)."),
+    ct: Optional[Path] = typer.Option(None, "--ct", help="The CT (HU) the mask was segmented from, on its grid."),
+    hu_threshold: float = typer.Option(-800.0, "--hu-threshold", help="HU below which a voxel is air."),
+    closing_kernel: int = typer.Option(3, "--closing-kernel", help="Cube edge (odd voxels) of the air and body "
+                                       "closings."),
+    bed_kernel: int = typer.Option(5, "--bed-kernel", help="Cube edge (odd voxels) of the opening that cuts the "
+                                   "table off the body."),
+    table_fraction: float = typer.Option(0.05, "--table-fraction", help="An air pocket inside the body at least "
+                                         "this fraction of the body's 200 voxels is table, and is dropped."),
+    margin_mm: Optional[float] = typer.Option(None, "--margin-mm", help="Without --ct: soft tissue (mm) added "
+                                              "around the labelled organs on each axial slice (default 20)."),
+    replace_body: bool = typer.Option(False, "--replace-body", help="Drop the mask's own 200 and compute it again."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it exists."),
+    json_flag: bool = typer.Option(False, "--json", help="Print a summary as one JSON document."),
+) -> None:
+    from maisi_cli.engine.masks.body import (BODY_METHOD_NOTE, LABEL_ONLY_MARGIN_MM, BodyEnvelopeOptions,
+                                             write_body_envelope)
+    from maisi_cli.errors import UsageError
+
+    output = render.output_of(ctx.obj, json_flag)
+    options = BodyEnvelopeOptions(hu_threshold, closing_kernel, bed_kernel, table_fraction)
+    problem = options.problem()
+    if problem:
+        raise UsageError(f"{problem[0]}: {problem[1]}")
+    if margin_mm is not None and ct is not None:
+        raise UsageError("--margin-mm: it sizes the label-only method, used without --ct; drop one of them")
+    if margin_mm is not None and not margin_mm >= 0:
+        raise UsageError(f"--margin-mm: {margin_mm:g} mm; give 0 or more millimetres")
+    if not out.name.endswith((".nii.gz", ".nii")):
+        raise UsageError(f"--out: '{out}' is not a NIfTI file name; end it in .nii.gz or .nii")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise UsageError(f"--out: '{out}' exists; choose another --out, or add --overwrite to replace it")
+    margin = LABEL_ONLY_MARGIN_MM if margin_mm is None else margin_mm
+    run = write_body_envelope(mask, out, ct, options, margin, replace_body)
+    if run.method == "labels":
+        render.warning(BODY_METHOD_NOTE, output)
+    if run.method == "kept":
+        render.warning(f"MASK: '{mask}' already holds the body label 200 ({run.body_voxels} voxels); written as it "
+                       "is (add --replace-body to compute it again)", output)
+    if output.json:
+        render.print_json(run.as_dict())
+    else:
+        how = {"ct": f"from the CT {ct}", "labels": "from the labels alone", "kept": "(the mask's own body kept)"}
+        render.info(f"{run.added} body voxel(s) (200) added {how[run.method]}; {out} written", output)
