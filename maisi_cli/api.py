@@ -27,7 +27,7 @@ from maisi_cli.config import parse_anatomy, parse_size, parse_spacing
 from maisi_cli.engine.fid import FidReport, FidSettings, run_fid
 from maisi_cli.engine.loading import load_networks
 from maisi_cli.engine.locks import SampleLock, sample_lock_path
-from maisi_cli.engine.masks.sources import MaskSource, array_mask_source
+from maisi_cli.engine.masks.user import UserMask, user_mask_from_array
 from maisi_cli.engine.networks import LoadedModel
 from maisi_cli.engine.plan import GenerationPlan, plan_samples, sample_paths
 from maisi_cli.engine.progress import ProgressCallback, no_progress
@@ -37,7 +37,6 @@ from maisi_cli.engine.run_folder import plan_generation, record_weights, setting
 from maisi_cli.engine.samples import CheckedSample, checked_sample_sidecar, generate_checked_sample
 from maisi_cli.errors import MaisiError, OutputError, UsageError
 from maisi_cli.io.files import writable_folder
-from maisi_cli.label_schemes import LabelScheme, label_scheme
 from maisi_cli.models import get_model
 from maisi_cli.request import GenerateRequest
 
@@ -138,19 +137,19 @@ def _anatomy(anatomy: str | Iterable[str] | Mapping[str, float]
     return parse_anatomy(list(anatomy))
 
 
-def _mask_source(mask: Any, size: Triple, spacing: tuple[float, float, float],
-                 scheme: LabelScheme) -> tuple[Path | None, MaskSource | None]:
-    """(a mask file, or a source of a mask in memory): a path; an (array, affine) pair; a nibabel image."""
+def _user_mask(mask: Any) -> tuple[Path | None, UserMask | None]:
+    """(a mask file or class folder, or a label map in memory): a path; an (array, affine) pair; a nibabel
+    image."""
     if mask is None:
         return None, None
     if isinstance(mask, (str, os.PathLike)):
         return Path(mask), None
     if isinstance(mask, tuple) and len(mask) == 2:
         labels, affine = mask
-        return None, array_mask_source(np.asarray(labels), np.asarray(affine), size, spacing, scheme)
+        return None, user_mask_from_array(np.asarray(labels), np.asarray(affine))
     if hasattr(mask, "dataobj") and hasattr(mask, "affine"):  # a nibabel image
-        return None, array_mask_source(np.asarray(mask.dataobj), np.asarray(mask.affine), size, spacing, scheme)
-    raise UsageError("mask: give a NIfTI path, an (array, affine) pair or a nibabel image")
+        return None, user_mask_from_array(np.asarray(mask.dataobj), np.asarray(mask.affine))
+    raise UsageError("mask: give a NIfTI path, a class folder, an (array, affine) pair or a nibabel image")
 
 
 class Generator:
@@ -214,30 +213,28 @@ class Generator:
     def generate(self, mask: Any = None, *, anatomy: str | Iterable[str] | Mapping[str, float] = (),
                  size: str | int | Sequence[int] | None = None, spacing: str | float | Sequence[float] | None = None,
                  seed: int = 0, steps: int | None = None, num_samples: int = 1, mask_labels: str = "maisi",
+                 body_from: PathLike | None = None,
                  label_mode: str = "full",
                  body_regions: Sequence[str] = (), mask_database: PathLike | None = None, augment: bool = True,
                  mask_steps: int | None = None, guidance: float | None = None, qc: bool = True,
                  max_attempts: int = 3, stats: PathLike | None = None, allow_any_size: bool = False,
                  on_progress: ProgressCallback = no_progress, on_warning: WarningCallback = warn) -> list[Sample]:
         """`num_samples` pairs, in memory; nothing is written. The arguments are those of `maisi generate`: `mask`
-        is a NIfTI path, an (array, affine) pair or a nibabel image (None: the model's mask database, or the mask
-        generator when `anatomy` gives sizes); `anatomy` names labels the mask must hold ("liver"), or sizes to
-        generate ("liver:0.5" or {"liver": 0.5}). Sample k's seed derives from (seed, k), as on the command line,
+        is a NIfTI path, a class folder, an (array, affine) pair or a nibabel image (None: the model's mask database,
+        or the mask generator when `anatomy` gives sizes); `body_from` a CT path or "labels"; `anatomy` names labels
+        the mask must hold ("liver"), or sizes to generate ("liver:0.5" or {"liver": 0.5}). Sample k's seed derives from (seed, k), as on the command line,
         so `generate(seed=S)[k]` equals the CLI's sample k of `--seed S`."""
         names, sizes = _anatomy(anatomy)
         request = self.request(
             size=_triple(size), spacing=_spacing(spacing), num_samples=num_samples, seed=seed, steps=steps,
             anatomy=names, anatomy_sizes=sizes, body_regions=tuple(body_regions),
             mask_database=Path(mask_database) if mask_database else None, augment=augment, mask_steps=mask_steps,
-            mask_labels=mask_labels, label_mode=label_mode, guidance=guidance, allow_any_size=allow_any_size,
+            mask_labels=mask_labels, body_from=str(body_from) if body_from is not None else None,
+            label_mode=label_mode, guidance=guidance, allow_any_size=allow_any_size,
             out=Path("."))
         qc_options = QCOptions(enabled=qc, max_attempts=max_attempts, stats=Path(stats) if stats else None)
-        mask_path, in_memory = None, None
-        if mask is not None:
-            model = self.spec
-            grid_size = request.size or model.default_size
-            grid_spacing = request.spacing or model.default_spacing(grid_size)
-            mask_path, in_memory = _mask_source(mask, grid_size, grid_spacing, label_scheme(mask_labels))
+        mask_path, in_memory = _user_mask(mask)
+        if mask_path is not None:
             request = request.model_copy(update={"mask": mask_path})
         plan = plan_samples(request, qc_options, mask=in_memory)
         for message in plan.warnings:

@@ -199,6 +199,9 @@ class SizeRules(BaseModel):
     spacing_xy_range: tuple[float, float] | None = None
     spacing_z_range: tuple[float, float] | None = None
     min_fov_xy_mm: float | None = None
+    # The x/y field of view the model was trained on for chest, abdomen and pelvis CTs (MAISI: 384 mm; min_fov_xy_mm
+    # is the head's): less is allowed, with a warning, for a user's mask that shows no head.
+    min_fov_xy_mm_body: float | None = None
     max_size: tuple[int, int, int] | None = None
     # The only sizes the model takes, when its rule is a list (the MR models' `check_input_mr`).
     allowed_sizes: tuple[tuple[int, int, int], ...] | None = None
@@ -404,6 +407,72 @@ class ModelSpec(BaseModel):
         if problems and not allow_any_size:
             raise UsageError(f"{problems[0]}; or pass --allow-any-size to lift model {self.name}'s size rules")
         return problems
+
+    def nearest_grid(self, size: Triple, spacing: FloatTriple) -> tuple[Triple, FloatTriple]:
+        """The grid the model takes nearest to a mask's own (size, spacing): that grid when the model takes it; else,
+        among the sizes its rules allow near each axis and, for each, the mask's spacing or the spacing that keeps
+        the mask's field of view (both within the spacing ranges), the grid that changes the field of view and
+        the spacing least, cropping counting double (it loses anatomy; padding adds air)."""
+        if not self.grid_problems(size, spacing):
+            return size, spacing
+        axes = [self._axis_options(axis, size, spacing) for axis in range(3)]
+        best: tuple[float, Triple, FloatTriple] | None = None
+        for x in axes[0]:
+            for y in axes[1]:
+                for z in axes[2]:
+                    grid = (x[0], y[0], z[0])
+                    grid_spacing = (x[1], y[1], z[1])
+                    if self.grid_problems(grid, grid_spacing):
+                        continue
+                    cost = sum(_grid_cost(grid[a], grid_spacing[a], size[a], spacing[a]) for a in range(3))
+                    if best is None or cost < best[0] - 1e-12:
+                        best = (cost, grid, grid_spacing)
+        if best is None:
+            default = self.default_size
+            return default, self.default_spacing(default)
+        return best[1], best[2]
+
+    def grid_problems(self, size: Triple, spacing: FloatTriple) -> list[str]:
+        """The size rules a grid breaks, the networks' size multiple included."""
+        problems = [f"--size: {s} is not a multiple of {self.size_multiple}" for s in size if s % self.size_multiple]
+        return problems + self.size_rules.violations(size, spacing)
+
+    def _axis_options(self, axis: int, size: Triple, spacing: FloatTriple) -> list[tuple[int, float]]:
+        """(size, spacing) candidates on one axis: the allowed sizes near the mask's, each at the mask's spacing and
+        at the spacing keeping its extent, clamped into the model's spacing range for the axis. With x = y rules,
+        x and y use the larger x/y extent and the finer x/y spacing, so both axes get the same candidates."""
+        rules = self.size_rules
+        tied = axis < 2 and (rules.xy_equal or rules.spacing_xy_equal)
+        extent = max(size[0] * spacing[0], size[1] * spacing[1]) if tied else size[axis] * spacing[axis]
+        own_spacing = min(spacing[0], spacing[1]) if tied else spacing[axis]
+        if rules.allowed_sizes:
+            sizes = sorted({s[axis] for s in rules.allowed_sizes})
+        elif axis < 2 and rules.xy_choices:
+            sizes = list(rules.xy_choices)
+        elif axis == 2 and rules.z_choices:
+            sizes = list(rules.z_choices)
+        else:
+            multiple = self.size_multiple
+            ceiling = rules.max_size[axis] // multiple * multiple if rules.max_size else None
+            wanted = extent / own_spacing
+            sizes = {max(multiple, math.floor(wanted / multiple) * multiple), max(multiple, math.ceil(wanted / multiple)
+                                                                                   * multiple)}
+            sizes = sorted({min(s, ceiling) if ceiling else s for s in sizes})
+        span = rules.spacing_xy_range if axis < 2 else rules.spacing_z_range
+        options = []
+        for count in sizes:
+            for candidate in (own_spacing, extent / count):
+                if span:
+                    candidate = min(max(candidate, span[0]), span[1])
+                options.append((int(count), round(float(candidate), 4)))
+        return sorted(set(options))
+
+
+def _grid_cost(count: int, step: float, own_count: int, own_step: float) -> float:
+    """How far one axis of a grid is from the mask's own: log ratios of its spacing and of its extent, a smaller
+    extent (cropping) counting double."""
+    extent_ratio = math.log(count * step / (own_count * own_step))
+    return abs(math.log(step / own_step)) + (2 * -extent_ratio if extent_ratio < 0 else extent_ratio)
 
 
 def _read_spec(path: Path, source: str) -> ModelSpec:

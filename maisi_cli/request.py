@@ -30,6 +30,7 @@ class GenerateRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     mask: Path | None = None
     mask_labels: str = "maisi"  # `--mask-labels`: the label scheme of --mask (maisi_cli/label_schemes.py)
+    body_from: str | None = None  # `--body-from`: a CT's path, or "labels": how to add the body label to --mask
     anatomy: tuple[str, ...] = ()
     anatomy_sizes: tuple[tuple[str, float], ...] = ()  # `--anatomy NAME:SIZE`: generate the mask
     body_regions: tuple[str, ...] = ()

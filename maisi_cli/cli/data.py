@@ -69,20 +69,33 @@ def index_command(
     folder: Path = typer.Argument(..., help="Folder of NIfTI label maps in MAISI label ids (searched recursively)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Database JSON to write (default: "
                                        "FOLDER/candidate_masks.json); mask paths are relative to its folder."),
+    mask_labels: str = typer.Option("maisi", "--mask-labels", help="The ids of the maps: maisi, vista3d, "
+                                    "totalsegmentator or a .json table (as `generate --mask-labels`); the database "
+                                    "lists MAISI ids and `generate` converts each map as it reads it."),
     json_flag: bool = typer.Option(False, "--json", help="Print a summary as one JSON document."),
 ) -> None:
     """Build a candidate-mask database (the reference's format) from a folder of label maps."""
     from maisi_cli.engine.masks.database import index_folder
     from maisi_cli.errors import UsageError
+    from maisi_cli.label_schemes import label_scheme
+    from maisi_cli.labels import BODY_LABEL
 
     output = render.output_of(ctx.obj, json_flag)
     if not folder.is_dir():
         raise UsageError(f"FOLDER: '{folder}' is not a folder of label maps")
+    if mask_labels.lower().endswith(".json"):  # the database may be read from another working folder
+        mask_labels = str(Path(mask_labels).expanduser().resolve())
+    scheme = label_scheme(mask_labels)
     target = out or folder / "candidate_masks.json"
     with render.progress(output) as on_progress:
-        entries = index_folder(folder, on_progress, base=target.parent)
+        entries = index_folder(folder, on_progress, base=target.parent, scheme=scheme)
     write_json_list(target, entries)
-    summary = {"database": str(target), "entries": len(entries), "root": str(folder.resolve())}
+    bodiless = [e["pseudo_label_filename"] for e in entries if BODY_LABEL not in e["label_list"]]
+    summary = {"database": str(target), "entries": len(entries), "root": str(folder.resolve()),
+               "mask_labels": scheme.name, "without_body": bodiless}
+    if bodiless:
+        render.warning(f"{len(bodiless)} of {len(entries)} map(s) have no body label (200), which the ControlNet "
+                       f"needs (first: {bodiless[0]}); add it with `maisi data body MAP --ct CT --out MAP`", output)
     if output.json:
         render.print_json(summary)
     else:

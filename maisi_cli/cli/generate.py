@@ -26,10 +26,17 @@ def generate(
     num_samples: int = typer.Option(1, "--num-samples", "-n", min=1, help="Number of image + label pairs."),
     seed: int = typer.Option(0, "--seed", min=0, help="Run seed; sample k's seed derives from (seed, k)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps (default: the model's)."),
-    mask: Optional[Path] = typer.Option(None, "--mask", help="Label map (NIfTI, MAISI label ids) to condition on."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Label map to condition on: a NIfTI file, or a folder "
+                                        "of one binary file per class named by class (TotalSegmentator's default "
+                                        "output). Without --size/--spacing the CT takes the mask's own grid (or "
+                                        "the nearest the model allows)."),
     mask_labels: str = typer.Option("maisi", "--mask-labels", help="The ids of --mask: maisi, vista3d (MAISI's "
                                     "ids), totalsegmentator (v2 task total; see `maisi labels --scheme "
                                     "totalsegmentator`) or a .json table {\"<id>\": <MAISI id, name or null>}."),
+    body_from: Optional[str] = typer.Option(None, "--body-from", help="Add the body label (200) that segmenters do "
+                                            "not write: CT.nii.gz, the CT --mask was segmented from (the upstream "
+                                            "envelope; tune it with `maisi data body`), or 'labels' (approximate, "
+                                            "from the labels alone)."),
     anatomy: list[str] = typer.Option([], "--anatomy", help="NAME: anatomy the mask must hold; NAME:SIZE (SIZE in "
                                       "[0, 1], or -1 for absent): generate the mask with that organ/tumour size "
                                       "(repeatable; see `maisi labels`)."),
@@ -94,7 +101,8 @@ def generate(
         model=model, profile=profile,
         size=parse_size(size) if size else None,
         spacing=parse_spacing(spacing) if spacing else None,
-        num_samples=num_samples, seed=seed, steps=steps, mask=mask, mask_labels=mask_labels, anatomy=names,
+        num_samples=num_samples, seed=seed, steps=steps, mask=mask, mask_labels=mask_labels, body_from=body_from,
+        anatomy=names,
         anatomy_sizes=sizes,
         body_regions=tuple(body_region), mask_database=mask_database,
         allow_outside_database=allow_outside_database, augment=augment, mask_steps=mask_steps,

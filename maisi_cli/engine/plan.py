@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from maisi_cli.config import maisi_home
+from maisi_cli.config import FloatTriple, Triple, format_triple, maisi_home
 from maisi_cli.decode_plan import DecodePlan
 from maisi_cli.engine.backends import check_backend
 from maisi_cli.engine.masks.database import read_database, region_indices
@@ -21,9 +21,10 @@ from maisi_cli.engine.masks.generation import (check_size_requests, controlled_l
                                                size_condition, target_tumour_label)
 from maisi_cli.engine.masks.regions import body_region_indices
 from maisi_cli.engine.masks.sources import (DatabaseMaskSource, FileMaskSource, GeneratedMaskSource, MaskSource,
-                                            NoMaskSource, database_source)
-from maisi_cli.engine.masks.user import (check_mask_memory, load_condition_mask, read_mask_grid, resample_warning,
-                                         unmapped_warning)
+                                            NoMaskSource, array_mask_source, database_source)
+from maisi_cli.engine.masks.user import (BodyEnvelope, UserMask, prepare_user_mask, user_mask_from_path,
+                                         user_mask_grid)
+from maisi_cli.engine.masks.validation import field_of_view_warning
 from maisi_cli.engine.memory import HostMemoryEstimate, check_generation_memory, resolve_profile
 from maisi_cli.engine.qc import QCOptions, QCStatistics, load_statistics
 from maisi_cli.engine.runtime import resolve_device, resolve_precision
@@ -158,15 +159,20 @@ def sample_tasks(request: GenerateRequest, image_only: bool = False) -> list[Sam
 
 
 def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
-                 mask: MaskSource | None = None) -> GenerationPlan:
+                 mask: UserMask | None = None) -> GenerationPlan:
     """The checked plan of the request's samples, whatever the folder holds. `qc` defaults to the CLI's defaults
-    (check on, 3 attempts, packaged statistics); `mask` is a condition mask given in memory (the Python API), in
-    place of `request.mask`."""
+    (check on, 3 attempts, packaged statistics); `mask` is a label map given in memory (the Python API), in place
+    of `request.mask`."""
     qc = qc or QCOptions()
     model = get_model(request.model)
     warnings: list[str] = []
-    size = request.size or model.default_size
-    spacing = request.spacing or model.default_spacing(size)
+    user_mask = mask
+    if user_mask is None and request.mask is not None and not model.image_only and not request.anatomy_sizes:
+        # its header only (the grid may follow it)
+        user_mask = user_mask_from_path(request.mask, label_scheme(request.mask_labels))
+    size, spacing, grid_note = request_grid(request, model, user_mask)
+    if grid_note:
+        warnings.append(grid_note)
     lifted = model.check_request(size, spacing, request.allow_any_size)
     warnings += [f"{p} (allowed by --allow-any-size)" for p in lifted]
     steps = request.steps or model.default_steps
@@ -178,6 +184,8 @@ def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
     guidance = resolve_guidance(request, model)
     if request.mask_labels.lower() != "maisi" and request.mask is None and mask is None:
         raise UsageError("--mask-labels: says how to read --mask; give --mask FILE, or drop --mask-labels")
+    if request.body_from is not None and request.mask is None and mask is None:
+        raise UsageError("--body-from: adds the body label to --mask; give --mask FILE, or drop --body-from")
     if request.body_regions and not model.uses_body_region:
         raise UsageError(f"--body-region: model {model.name} takes no body-region input; drop it (the ddpm models "
                          "use it)")
@@ -200,11 +208,9 @@ def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
 
     weights = [locate_weight(model, component, request.weights_dir) for component in model.image_components]
     mask_grid = None
-    if request.mask is not None and not request.anatomy_sizes:  # sized from its header, before it is read
-        # before the mask sources (a database's resampled candidates are read while planning); load_condition_mask
-        # checks each mask file it reads again from its header, the user's included
-        mask_grid, header = read_mask_grid(request.mask, spacing)
-        check_mask_memory(request.mask, mask_grid, header, size, spacing)
+    if user_mask is not None and not request.anatomy_sizes:  # sized from its header, before it is read
+        # before the mask sources (a database's resampled candidates are read while planning)
+        mask_grid = user_mask_grid(user_mask, size, spacing)
     host_memory = check_generation_memory(model, size, decode, device, precision, profile.name,
                                           guided=guidance is not None, mask=mask_grid)
     qc_note = None
@@ -218,12 +224,8 @@ def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
         source, anatomy_ids, mask_weights = generated_source(request, model, size, spacing, device, precision,
                                                              profile)
         weights += mask_weights
-    elif mask is not None:
-        source = checked_source(mask, request, model, anatomy_ids)
-        if source.mask.unmapped:
-            warnings.append(unmapped_warning(source.mask, source.path, label_scheme(request.mask_labels)))
-    elif request.mask is not None:
-        source = file_source(request, model, size, spacing, anatomy_ids, warnings)
+    elif user_mask is not None:
+        source = user_source(request, model, user_mask, size, spacing, anatomy_ids, warnings)
     else:
         source = database_mask_source(request, model, size, spacing, anatomy_ids, regions, device)
     if request.label_mode == "requested" and not anatomy_ids:
@@ -289,18 +291,54 @@ def qc_statistics_file(model: ModelSpec, qc: QCOptions, request: GenerateRequest
     return None
 
 
-def file_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
-                spacing: tuple[float, float, float], anatomy_ids: tuple[int, ...], warnings: list[str]) -> FileMaskSource:
+def request_grid(request: GenerateRequest, model: ModelSpec,
+                 user_mask: UserMask | None) -> tuple[Triple, FloatTriple, str | None]:
+    """(size, spacing, a warning or None): --size/--spacing, else a user's mask's own grid when the model takes it
+    (the nearest grid it takes, with a warning naming both, when not), else the model's default."""
+    if request.size is not None or request.spacing is not None or user_mask is None:
+        size = request.size or model.default_size
+        return size, request.spacing or model.default_spacing(size), None
+    own_size, own_spacing = user_mask.own_grid()
+    problems = model.grid_problems(own_size, own_spacing)
+    if not problems or (request.allow_any_size and not any(s % model.size_multiple for s in own_size)):
+        return own_size, own_spacing, None
+    size, spacing = model.nearest_grid(own_size, own_spacing)
+    return size, spacing, (
+        f"--mask: '{user_mask.name}' is {format_triple(own_size)} at {format_triple(own_spacing)} mm, a grid model "
+        f"{model.name} does not take ({problems[0].split(': ', 1)[-1]}); generating at {format_triple(size)} at "
+        f"{format_triple(spacing)} mm, the nearest grid it takes (give --size and --spacing to choose another)")
+
+
+def body_envelope(request: GenerateRequest) -> BodyEnvelope | None:
+    """`--body-from CT.nii.gz | labels` as the mask step that adds the body label."""
+    if request.body_from is None:
+        return None
+    if request.body_from == "labels":
+        return BodyEnvelope("labels")
+    from maisi_cli.engine.masks.body import BodyEnvelopeOptions
+    return BodyEnvelope("ct", Path(request.body_from).expanduser(), BodyEnvelopeOptions())
+
+
+def user_source(request: GenerateRequest, model: ModelSpec, user_mask: UserMask, size: Triple, spacing: FloatTriple,
+                anatomy_ids: tuple[int, ...], warnings: list[str]) -> FileMaskSource:
+    """The user's map (a file, a class folder or an array) read, converted, given its body, checked and fitted;
+    its warnings added to `warnings`."""
     if request.mask_database is not None:
         raise UsageError("--mask-database: drop it when --mask gives the condition mask")
-    assert request.mask is not None
     scheme = label_scheme(request.mask_labels)
-    mask = load_condition_mask(request.mask, size, spacing, scheme)
-    if mask.unmapped:
-        warnings.append(unmapped_warning(mask, request.mask, scheme))
-    if mask.resampled:
-        warnings.append(resample_warning(mask, request.mask, size, spacing))
-    return checked_source(FileMaskSource(request.mask, mask, scheme=scheme.name), request, model, anatomy_ids)
+    body = body_envelope(request)
+    prepared = prepare_user_mask(user_mask, scheme, body, size, spacing, require_body=model.modality == "ct")
+    warnings += prepared.warnings
+    fov = field_of_view_warning(prepared.counts, size, spacing, model.size_rules.min_fov_xy_mm_body, model.name)
+    if fov:
+        warnings.append(fov)
+    if user_mask.kind == "array":
+        assert user_mask.array is not None
+        source: FileMaskSource = array_mask_source(user_mask.array, user_mask.header.affine, prepared.mask, scheme,
+                                                   body)
+    else:
+        source = FileMaskSource(user_mask.path, prepared.mask, scheme=scheme.name, body=body)
+    return checked_source(source, request, model, anatomy_ids)
 
 
 def checked_source(source: FileMaskSource, request: GenerateRequest, model: ModelSpec,

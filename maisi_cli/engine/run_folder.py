@@ -43,6 +43,8 @@ def mask_identity(plan: GenerationPlan) -> dict[str, Any]:
         identity = {"source": plan.mask_source.kind, "sha256": plan.mask_source.content_sha256()}
         if request.mask_labels != "maisi":  # recorded only when given: folders of earlier runs keep their digest
             identity["labels"] = scheme_identity(request.mask_labels)
+        if plan.mask_source.body is not None:  # --body-from: the CT by content, the method and its parameters
+            identity["body"] = {k: v for k, v in plan.mask_source.body_record().items() if k != "ct"}
         return identity
     database = request.mask_database
     return {"source": "database", "database": str(Path(database).expanduser().resolve()) if database else "model's",

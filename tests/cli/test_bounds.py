@@ -107,18 +107,18 @@ def test_the_check_reads_the_available_memory_and_can_be_skipped(tmp_path, mask_
     from maisi_cli.engine import memory
 
     monkeypatch.setattr(memory, "available_host_memory", lambda: 64 * 1024**2)
-    result = dry_run(tmp_path, "--mask", str(mask_file), "--device", "cpu")
+    result = dry_run(tmp_path, "--mask", str(mask_file), "--device", "cpu", "--size", "64")  # not the mask's 32³
     assert_one_line_error(result, 2, "--size: 64x64x64 voxels", "GiB of host memory but 0.1 GiB is available",
                           "MAISI_SKIP_MEMORY_CHECK=1")
 
     monkeypatch.setenv("MAISI_SKIP_MEMORY_CHECK", "1")
-    result = dry_run(tmp_path, "--mask", str(mask_file), "--device", "cpu", "--json")
+    result = dry_run(tmp_path, "--mask", str(mask_file), "--device", "cpu", "--size", "64", "--json")
     assert result.exit_code == 0, result.stderr
     host = json.loads(result.stdout)["plan"]["host_memory"]
     assert {"mask", "condition", "diffusion", "decode", "output", "write"} == set(host["stages_gib"])
     assert {"mask as read", "mask as uint8", "mask pad/crop"} <= set(host["stages_gib"]["mask"])
     assert host["peak_stage"] in host["stages_gib"] and 0.3 < host["peak_gib"] < 2
-    table = dry_run(tmp_path, "--mask", str(mask_file), "--device", "cpu", quiet=False)
+    table = dry_run(tmp_path, "--mask", str(mask_file), "--device", "cpu", "--size", "64", quiet=False)
     assert table.exit_code == 0 and "host memory" in table.stdout and "predicted peak" in table.stdout
 
 

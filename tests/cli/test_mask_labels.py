@@ -136,3 +136,29 @@ def test_anatomy_names_take_underscores_and_totalsegmentator_names(tiny_model, m
                        json_output=False)
     assert_one_line_error(missing, 1, "'kidney_right' (label 5) is not in the mask")
     assert check_size_requests([("Hepatic_Tumor", 0.5), ("liver", 0.2)]) == [("hepatic tumor", 0.5), ("liver", 0.2)]
+
+
+def test_a_database_of_totalsegmentator_maps_lists_maisi_ids_and_generate_converts_them(tiny_model, tmp_path):
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    expected = totalsegmentator_phantom(folder / "a.nii.gz")
+    bodiless = np.asarray(nib.load(folder / "a.nii.gz").dataobj).copy()
+    bodiless[bodiless == 200] = 0
+    nib.save(nib.Nifti1Image(bodiless, np.diag([2.0] * 3 + [1.0])), str(folder / "b.nii.gz"))
+    indexed = runner.invoke(app, ["--json", "data", "masks", "index", str(folder), "--mask-labels",
+                                  "totalsegmentator"])
+    assert indexed.exit_code == 0, indexed.stderr
+    summary = json.loads(indexed.stdout)
+    assert summary["without_body"] == ["b.nii.gz"] and "maisi data body" in indexed.stderr
+    entries = json.loads((folder / "candidate_masks.json").read_text())
+    assert entries[0]["label_list"] == [1, 3, 28, 29, 200] and entries[0]["mask_labels"] == "totalsegmentator"
+    spec, weights = tiny_model
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["--json", "generate", "--model", str(spec), "--weights-dir", str(weights),
+                                 "--mask-database", str(folder / "candidate_masks.json"), "--anatomy", "spleen",
+                                 "--size", "32", "--spacing", "2", "--no-augment", "--no-qc", "--steps", "2",
+                                 "--seed", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    labels = np.asarray(nib.load(out / "sample_0000_label.nii.gz").dataobj)
+    assert set(np.unique(labels).tolist()) <= set(np.unique(expected).tolist())
+    assert (labels == 3).any() and not (labels == 5).any()  # the spleen as MAISI 3; no TotalSegmentator id 5 left

@@ -19,11 +19,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
 from maisi_cli.engine.masks.regions import region_one_hots
-from maisi_cli.engine.masks.user import checked_labels, voxel_spacing
+from maisi_cli.engine.masks.user import checked_labels, converted_labels, voxel_spacing
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
 from maisi_cli.io.documents import read_document
 from maisi_cli.io.nifti import read_nifti
+from maisi_cli.label_schemes import LabelScheme
 
 # Tumours a candidate may hold only when they are requested (reference `find_masks`).
 TUMOR_LABELS = frozenset({23, 24, 26, 27, 128})
@@ -49,6 +50,8 @@ class MaskEntry(BaseModel):
     spacing: FloatTriple
     top_region_index: tuple[int, int, int, int] | None = None
     bottom_region_index: tuple[int, int, int, int] | None = None
+    # The label scheme of the map's ids (`maisi data masks index --mask-labels`); label_list is in MAISI ids.
+    mask_labels: str = "maisi"
 
     @field_validator("label_list", mode="before")
     @classmethod
@@ -179,12 +182,16 @@ def nearest_grids(entries: Sequence[MaskEntry], size: Triple, spacing: FloatTrip
     return [f"{format_triple(e.dim)} at {format_triple(e.spacing)} mm" for e in closest]
 
 
-def entry_for_file(path: Path, base: Path) -> dict:
+def entry_for_file(path: Path, base: Path, scheme: LabelScheme | None = None) -> dict:
     """A database entry for one label map (used by `maisi data masks index`); its path is relative to `base`, the
-    folder of the database file."""
+    folder of the database file. A map in a segmenter's ids (`scheme`, --mask-labels) is listed by the MAISI ids
+    they convert to, and the entry names the scheme so `maisi generate` converts the map as it reads it."""
     data, affine = read_nifti(path, field="mask folder")
-    labels = checked_labels(data, path, field="mask folder")
-    present = sorted(int(v) for v in np.unique(labels) if v != 0)
+    if scheme is None or scheme.identity:
+        labels = checked_labels(data, path, field="mask folder")
+    else:
+        labels = converted_labels(data, scheme, path, field="mask folder")[0]
+    present = sorted(int(v) for v in np.flatnonzero(np.bincount(labels.ravel(), minlength=256)) if v != 0)
     entry = {
         "pseudo_label_filename": Path(os.path.relpath(path.resolve(), base.resolve())).as_posix(),
         "label_list": present,
@@ -192,18 +199,21 @@ def entry_for_file(path: Path, base: Path) -> dict:
         "spacing": [round(s, 6) for s in voxel_spacing(affine)],
     }
     entry.update(region_one_hots(present))
+    if scheme is not None and not scheme.identity:
+        entry["mask_labels"] = scheme.name
     return entry
 
 
-def index_folder(root: Path, on_progress: ProgressCallback = no_progress, base: Path | None = None) -> list[dict]:
+def index_folder(root: Path, on_progress: ProgressCallback = no_progress, base: Path | None = None,
+                 scheme: LabelScheme | None = None) -> list[dict]:
     """Entries for every NIfTI label map under `root`, sorted by path, with paths relative to `base` (the folder
-    the database file will be in; default `root`)."""
+    the database file will be in; default `root`); the maps' ids read in `scheme` (default MAISI's)."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and (p.name.endswith(".nii.gz") or p.suffix == ".nii"))
     if not files:
         raise MaskDatabaseError(f"mask folder: '{root}' holds no .nii or .nii.gz files")
     entries = []
     for number, path in enumerate(files, 1):
-        entry = entry_for_file(path, base or root)
+        entry = entry_for_file(path, base or root, scheme)
         if climbs_out(entry["pseudo_label_filename"]):  # `maisi generate` would refuse it: say so now
             raise MaskDatabaseError(
                 f"mask folder: '{path}' would be listed as '{entry['pseudo_label_filename']}', outside "

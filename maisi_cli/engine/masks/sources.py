@@ -21,7 +21,8 @@ from maisi_cli.engine.masks.augment import augment_mask
 from maisi_cli.engine.masks.database import (MaskDatabaseError, MaskEntry, climbs_out, find_candidates, outside_error,
                                              resolves_outside, shuffled)
 from maisi_cli.engine.masks.generation import GENERATED_SPACING, channels_to_labels, post_process, sample_mask_latents
-from maisi_cli.engine.masks.user import ConditionMask, condition_mask_from_array, fit_to_grid, load_condition_mask
+from maisi_cli.engine.masks.class_folder import sha256_of_class_folder
+from maisi_cli.engine.masks.user import BodyEnvelope, ConditionMask, fit_to_grid, load_condition_mask
 from maisi_cli.engine.networks import LoadedModel, build_scheduler
 from maisi_cli.engine.postprocess import ras_affine
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
@@ -29,7 +30,7 @@ from maisi_cli.engine.sampling import initial_noise
 from maisi_cli.engine.seeds import derive_attempt_seed, derive_sample_seed
 from maisi_cli.errors import MaskError
 from maisi_cli.io.files import sha256_of_input
-from maisi_cli.label_schemes import LabelScheme
+from maisi_cli.label_schemes import LabelScheme, label_scheme
 from maisi_cli.models import ModelSpec
 from maisi_cli.profiles import Profile
 
@@ -61,23 +62,28 @@ def missing_anatomy(labels: np.ndarray, anatomy_ids: Sequence[int]) -> list[int]
 
 @dataclass
 class FileMaskSource:
-    """The same user label map for every sample and attempt."""
+    """The same user label map for every sample and attempt: a NIfTI file or a folder of per-class files."""
     path: Path
     mask: ConditionMask
     kind: str = "file"
     _sha256: str | None = None
     scheme: str = "maisi"  # --mask-labels: the scheme its class ids were converted from
+    body: BodyEnvelope | None = None  # --body-from: how its body label was added
 
     def describe(self) -> dict[str, Any]:
-        return {"type": self.kind, "path": str(self.path), "resampled": self.mask.resampled}
+        described = {"type": self.kind, "path": str(self.path), "resampled": self.mask.resampled}
+        if self.body is not None:
+            described["body_from"] = self.body.method if self.body.ct is None else str(self.body.ct)
+        return described
 
     def prepare(self, loaded: LoadedModel) -> None:
         """Nothing to take from the loaded networks."""
     def content_sha256(self) -> str:
-        """sha256 of the mask file, read once (afresh: a digest cached by mtime could name another version of it);
-        the sidecars and the output folder's record (engine/run_folder.py) name the mask by it."""
+        """sha256 of the mask file (of a class folder: of its file names and contents), read once (afresh: a digest
+        cached by mtime could name another version of it); the sidecars and the output folder's record
+        (engine/run_folder.py) name the mask by it."""
         if self._sha256 is None:
-            self._sha256 = sha256_of_input(self.path)
+            self._sha256 = sha256_of_class_folder(self.path) if self.path.is_dir() else sha256_of_input(self.path)
         return self._sha256
 
     def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask:
@@ -90,11 +96,23 @@ class FileMaskSource:
         })
 
     def scheme_record(self) -> dict[str, Any]:
-        """The label scheme its ids came in, and the classes it could not map (nothing for MAISI's own ids)."""
-        if self.scheme == "maisi":
-            return {}
-        return {"labels": {"scheme": self.scheme,
-                           "unmapped": [{"id": i, "name": n, "voxels": v} for i, n, v in self.mask.unmapped]}}
+        """The label scheme its ids came in and the classes it could not map (nothing for MAISI's own ids), and
+        how its body label was added (nothing when it had one)."""
+        record: dict[str, Any] = {}
+        if self.scheme != "maisi":
+            record["labels"] = {"scheme": self.scheme,
+                                "unmapped": [{"id": i, "name": n, "voxels": v} for i, n, v in self.mask.unmapped]}
+        if self.body is not None:
+            record["body"] = self.body_record()
+        return record
+
+    def body_record(self) -> dict[str, Any]:
+        """--body-from as recorded: the method, the CT by path and content, the algorithm's parameters."""
+        assert self.body is not None
+        record = self.body.describe()
+        if self.body.ct is not None:
+            record["ct_sha256"] = sha256_of_input(self.body.ct)
+        return record
 
 
 @dataclass
@@ -115,20 +133,18 @@ class ArrayMaskSource(FileMaskSource):
             "type": self.kind, "sha256": self.content_sha256(), "resampled": self.mask.resampled,
             "original_shape": list(self.mask.original_shape),
             "original_spacing": [round(s, 6) for s in self.mask.original_spacing],
+            **self.scheme_record(),
         })
 
 
-def array_mask_source(labels: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple,
-                      scheme: LabelScheme | None = None) -> ArrayMaskSource:
-    """The in-memory label map fitted to the grid as a file would be (engine/masks/user.py), its ids converted by
-    `scheme` (--mask-labels), named by its content."""
-    mask = condition_mask_from_array(labels, affine, size, spacing, "mask", scheme)
+def array_mask_source(labels: np.ndarray, affine: np.ndarray, mask: ConditionMask, scheme: LabelScheme,
+                      body: BodyEnvelope | None = None) -> ArrayMaskSource:
+    """The in-memory label map as prepared (engine/masks/user.py `prepare_user_mask`), named by its content."""
     digest = hashlib.sha256()
     for part in (str(labels.dtype), str(labels.shape), np.ascontiguousarray(labels).tobytes(),
                  np.asarray(affine, dtype=np.float64).tobytes()):
         digest.update(part.encode() if isinstance(part, str) else part)
-    return ArrayMaskSource(Path("<array>"), mask, _sha256=digest.hexdigest(),
-                           scheme=scheme.name if scheme is not None else "maisi")
+    return ArrayMaskSource(Path("<array>"), mask, _sha256=digest.hexdigest(), scheme=scheme.name, body=body)
 
 
 @dataclass
@@ -231,7 +247,7 @@ class DatabaseMaskSource:
     def mask_for(self, index: int, attempt: int, on_progress: ProgressCallback = no_progress) -> SampleMask:
         position, entry = self.entry_for(index, attempt)
         path = self.root / entry.pseudo_label_filename
-        mask = load_condition_mask(path, self.size, self.spacing)
+        mask = load_condition_mask(path, self.size, self.spacing, entry_scheme(entry))
         lost = missing_anatomy(mask.labels, self.anatomy_ids)
         if lost:
             raise MaskError(f"mask database: candidate '{entry.pseudo_label_filename}' lost labels {lost} when "
@@ -248,6 +264,11 @@ class DatabaseMaskSource:
         )
 
 
+def entry_scheme(entry: MaskEntry) -> LabelScheme | None:
+    """The label scheme a database entry's map is in (None: MAISI's ids)."""
+    return None if entry.mask_labels == "maisi" else label_scheme(entry.mask_labels, "mask database")
+
+
 def surviving_candidates(root: Path, candidates: Sequence[MaskEntry], anatomy_ids: Sequence[int], size: Triple,
                          spacing: FloatTriple, wanted: int) -> list[MaskEntry]:
     """The first `wanted` candidates, closest first, that keep every requested label once resampled (reference
@@ -258,7 +279,7 @@ def surviving_candidates(root: Path, candidates: Sequence[MaskEntry], anatomy_id
         if not path.is_file():
             raise MaskDatabaseError(f"mask database: '{entry.pseudo_label_filename}' is listed but missing "
                                     f"under {root}; unpack the mask archive again")
-        if not missing_anatomy(load_condition_mask(path, size, spacing).labels, anatomy_ids):
+        if not missing_anatomy(load_condition_mask(path, size, spacing, entry_scheme(entry)).labels, anatomy_ids):
             survivors.append(entry)
         if len(survivors) >= wanted:
             break

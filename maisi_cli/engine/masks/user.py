@@ -6,12 +6,14 @@ interpolation to the target spacing, then a symmetric `ResizeWithPadOrCrop` to t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from maisi_cli.config import SPACING_RANGE_MM, FloatTriple, Triple, format_triple, spacing_problem
+from maisi_cli.engine.masks.class_folder import class_folder_header, read_class_folder
 from maisi_cli.engine.memory import MaskGrid, check_host_memory, mask_stage_terms
 from maisi_cli.errors import MaskError
 from maisi_cli.label_schemes import LabelScheme
@@ -172,32 +174,6 @@ def converted_labels(data: np.ndarray, scheme: LabelScheme, path: Path,
     return table[classes], tuple(unmapped)
 
 
-def unmapped_warning(mask: ConditionMask, path: Path, scheme: LabelScheme) -> str:
-    """One line naming the classes --mask-labels could not map (they are left out of the condition)."""
-    listed = ", ".join(f"{ident} {name} ({voxels} voxel{'' if voxels == 1 else 's'})"
-                       for ident, name, voxels in mask.unmapped)
-    return (f"--mask-labels {scheme.name}: '{path.name}' holds classes with no MAISI label: {listed}; they are "
-            "generated as background (map them in a .json table to keep them)")
-
-
-def condition_mask_from_array(data: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple,
-                              field: str = "mask", scheme: LabelScheme | None = None) -> ConditionMask:
-    """A label map given in memory (the Python API), checked and fitted to the grid as a file would be."""
-    data = np.asarray(data)
-    affine = np.asarray(affine, dtype=np.float64)
-    if data.ndim != 3:
-        raise MaskError(f"{field}: a 3D label map is needed; this array has shape {data.shape}")
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise MaskError(f"{field}: the affine must be a finite, invertible 4×4 matrix (voxel to RAS mm)")
-    problem = spacing_problem(voxel_spacing(affine))
-    if problem:
-        raise MaskError(f"{field}: the affine's voxel spacing is not usable; {problem}")
-    if scheme is None or scheme.identity:
-        return fitted_condition_mask(data, affine, size, spacing, Path("<array>"), field)
-    converted, unmapped = converted_labels(data, scheme, Path("<array>"), field)
-    return replace(fitted_condition_mask(converted, affine, size, spacing, Path("<array>"), field), unmapped=unmapped)
-
-
 def fitted_condition_mask(data: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple, path: Path,
                           field: str) -> ConditionMask:
     labels = checked_labels(data, path, field)
@@ -250,3 +226,152 @@ def resample_warning(mask: ConditionMask, path: Path, size: Triple, spacing: Flo
     return (f"{message}, where {labels} {'vanishes' if one else 'vanish'}: the CT is generated without "
             f"{'it' if one else 'them'}; give a mask at the target grid or a finer --spacing to keep "
             f"{'it' if one else 'them'}")
+
+
+# --- a user's own map: read, converted, completed with the body, checked, then fitted -----------------------------
+
+
+@dataclass(frozen=True)
+class UserMask:
+    """A user's label map before its voxels are read: a NIfTI file, a folder of one binary file per class (what
+    TotalSegmentator writes by default), or an array given to the Python API (`path` is then `<array>`)."""
+    path: Path
+    kind: str  # "file", "folder" or "array"
+    header: NiftiHeader
+    array: np.ndarray | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.kind != "array" else "<array>"
+
+    def own_grid(self) -> tuple[Triple, FloatTriple]:
+        """Its size and spacing on the RAS axes it is reoriented to."""
+        affine = self.header.affine
+        size = sorted_by_ras(tuple(float(count) for count in self.header.shape), affine)  # type: ignore[arg-type]
+        spacing = sorted_by_ras(voxel_spacing(affine), affine)
+        return (int(size[0]), int(size[1]), int(size[2])), tuple(round(s, 6) for s in spacing)  # type: ignore
+
+    def read(self, scheme: LabelScheme) -> tuple[np.ndarray, list[str]]:
+        """(its class ids as given, warnings of reading a class folder)."""
+        if self.kind == "array":
+            assert self.array is not None
+            return self.array, []
+        if self.kind == "folder":
+            data, _, warnings = read_class_folder(self.path, scheme)
+            return data, list(warnings)
+        return read_nifti(self.path)[0], []
+
+
+def user_mask_from_path(path: Path, scheme: LabelScheme, field: str = "--mask") -> UserMask:
+    """A file's or a class folder's header (no voxel read): a degenerate affine, or a class folder's file that names
+    no class of `scheme`, is refused here."""
+    if path.is_dir():
+        return UserMask(path, "folder", class_folder_header(path, field, scheme))
+    return UserMask(path, "file", read_nifti_header(path, field))
+
+
+def user_mask_from_array(data: np.ndarray, affine: np.ndarray, field: str = "mask") -> UserMask:
+    """A label map given in memory, checked as a file's header would be."""
+    data = np.asarray(data)
+    affine = np.asarray(affine, dtype=np.float64)
+    if data.ndim != 3:
+        raise MaskError(f"{field}: a 3D label map is needed; this array has shape {data.shape}")
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise MaskError(f"{field}: the affine must be a finite, invertible 4×4 matrix (voxel to RAS mm)")
+    problem = spacing_problem(voxel_spacing(affine))
+    if problem:
+        raise MaskError(f"{field}: the affine's voxel spacing is not usable; {problem}")
+    header = NiftiHeader(tuple(int(s) for s in data.shape), data.dtype, affine)  # type: ignore[arg-type]
+    return UserMask(Path("<array>"), "array", header, data)
+
+
+def user_mask_grid(mask: UserMask, size: Triple, spacing: FloatTriple, field: str = "--mask") -> MaskGrid:
+    """What reading the mask and fitting it to the grid will allocate, from its header alone; an absurd voxel
+    spacing, or a fit that cannot fit the host memory, is refused here."""
+    original = voxel_spacing(mask.header.affine)
+    if spacing_problem(original):
+        low, high = SPACING_RANGE_MM
+        raise MaskError(f"{field}: '{mask.path}' has voxel spacing {'x'.join(f'{s:g}' for s in original)} mm in its "
+                        f"header, outside [{low:g}, {high:g}] mm; fix its header or resample the mask")
+    same_spacing = np.allclose(sorted_by_ras(original, mask.header.affine), spacing, rtol=1e-3, atol=1e-4)
+    resampled = None if same_spacing else resampled_grid(mask.header.shape, mask.header.affine, spacing)
+    floating = bool(np.issubdtype(mask.header.dtype, np.floating))
+    grid = MaskGrid(mask.header.shape, mask.header.dtype.itemsize, floating, resampled)
+    check_mask_memory(mask.path, grid, mask.header, size, spacing)
+    return grid
+
+
+@dataclass(frozen=True)
+class BodyEnvelope:
+    """How a map without the body label gets it (`--body-from`): from the CT it was segmented from, or from its
+    labels alone (approximate)."""
+    method: str  # "ct" or "labels"
+    ct: Path | None = None
+    options: Any = None  # masks/body.py BodyEnvelopeOptions
+
+    def describe(self) -> dict[str, Any]:
+        described: dict[str, Any] = {"method": self.method}
+        if self.ct is not None:
+            described["ct"] = str(self.ct)
+        if self.options is not None:
+            described["options"] = asdict(self.options)
+        return described
+
+
+def with_body(labels: np.ndarray, affine: np.ndarray, body: BodyEnvelope, name: str) -> tuple[np.ndarray, list[str]]:
+    """The map with the body label added by `body`'s method; a map that has it already is kept as it is."""
+    from maisi_cli.engine.masks.body import (BODY_METHOD_NOTE, add_body_envelope, body_envelope_from_labels,
+                                             read_body_ct)
+    if np.any(labels == BODY_LABEL):
+        return labels, [f"--body-from: '{name}' already holds the body label (200); kept as it is"]
+    if body.method == "ct":
+        assert body.ct is not None
+        ct = read_body_ct(body.ct, tuple(labels.shape), affine)  # type: ignore[arg-type]
+        return add_body_envelope(labels, ct, body.options), []
+    return body_envelope_from_labels(labels, voxel_spacing(affine)), [f"--body-from labels: {BODY_METHOD_NOTE}"]
+
+
+@dataclass(frozen=True)
+class PreparedMask:
+    mask: ConditionMask
+    warnings: tuple[str, ...]
+    counts: np.ndarray  # voxels per MAISI id of the fitted map
+
+
+def prepare_user_mask(mask: UserMask, scheme: LabelScheme, body: BodyEnvelope | None, size: Triple,
+                      spacing: FloatTriple, require_body: bool, field: str = "--mask") -> PreparedMask:
+    """Read the map, convert its ids to MAISI's (`scheme`), check it is not another scheme's map, add the body
+    (`body`), refuse ids outside the label dictionary or a missing body when `require_body`, then fit it to the
+    grid. Everything here runs before any network loads."""
+    from maisi_cli.engine.masks.validation import check_condition_labels, check_scheme
+
+    raw, warnings = mask.read(scheme)
+    if scheme.identity:
+        labels, unmapped = checked_labels(raw, mask.path, field), ()
+    else:
+        labels, unmapped = converted_labels(raw, scheme, mask.path, field)
+        if unmapped:
+            warnings.append(unmapped_warning_for(unmapped, mask.name, scheme))
+    warnings += check_scheme(labels if scheme.identity else raw, mask.header.affine, scheme, mask.name)
+    del raw
+    if body is not None:
+        labels, body_warnings = with_body(labels, mask.header.affine, body, mask.name)
+        warnings += body_warnings
+    if not labels.any():
+        raise MaskError(f"{field}: '{mask.path}' is all background (0); it needs at least a body (200) or organ "
+                        "labels")
+    if require_body:
+        check_condition_labels(labels, mask.name)
+    fitted = fitted_condition_mask(labels, mask.header.affine, size, spacing, mask.path, field)
+    fitted = replace(fitted, unmapped=unmapped)
+    if fitted.resampled:
+        warnings.append(resample_warning(fitted, mask.path, size, spacing))
+    return PreparedMask(fitted, tuple(warnings), _label_counts(fitted.labels))
+
+
+def unmapped_warning_for(unmapped: tuple[tuple[int, str, int], ...], name: str, scheme: LabelScheme) -> str:
+    """One line naming the classes --mask-labels could not map (they are left out of the condition)."""
+    listed = ", ".join(f"{ident} {label} ({voxels} voxel{'' if voxels == 1 else 's'})"
+                       for ident, label, voxels in unmapped)
+    return (f"--mask-labels {scheme.name}: '{name}' holds classes with no MAISI label: {listed}; they are "
+            "generated as background (map them in a .json table to keep them)")
