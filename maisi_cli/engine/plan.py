@@ -16,6 +16,7 @@ import numpy as np
 from maisi_cli.config import FloatTriple, Triple, format_triple, maisi_home
 from maisi_cli.decode_plan import DecodePlan
 from maisi_cli.engine.backends import check_backend
+from maisi_cli.engine.masks.body import BodyEnvelopeOptions
 from maisi_cli.engine.masks.database import read_database, region_indices
 from maisi_cli.engine.masks.generation import (check_size_requests, controlled_label_ids, read_size_table,
                                                size_condition, target_tumour_label)
@@ -315,7 +316,6 @@ def body_envelope(request: GenerateRequest) -> BodyEnvelope | None:
         return None
     if request.body_from == "labels":
         return BodyEnvelope("labels")
-    from maisi_cli.engine.masks.body import BodyEnvelopeOptions
     return BodyEnvelope("ct", Path(request.body_from).expanduser(), BodyEnvelopeOptions())
 
 

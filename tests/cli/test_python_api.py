@@ -93,6 +93,23 @@ def test_a_mask_in_memory_gives_the_same_image_as_its_file(tiny_model, mask_file
     assert from_array.sidecar["mask_source"]["type"] == "array" and generator.loads == 1
 
 
+def test_a_segmenter_map_in_memory_is_converted_and_given_its_body(tiny_model):
+    """mask_labels= and body_from= as --mask-labels and --body-from: TotalSegmentator ids (5 = liver) become MAISI's
+    (1), the body label is added from the labels, its method and warning are in the sidecar."""
+    spec, weights = tiny_model
+    maisi = phantom_labels((32, 32, 32))
+    ts = np.select([maisi == 1, maisi == 3], [5, 1], 0).astype(np.uint8)  # liver, spleen; no body
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    generator = maisi_cli.Generator(model=str(spec), weights_dir=weights)
+    with pytest.raises(UsageError, match="no body label"):
+        generator.generate(mask=(ts, affine), mask_labels="totalsegmentator", steps=1, qc=False)
+    sample = generator.generate(mask=(ts, affine), mask_labels="totalsegmentator", body_from="labels", steps=1,
+                                qc=False)[0]
+    np.testing.assert_array_equal(np.where(sample.labels == 200, 0, sample.labels), np.where(ts == 5, 1, ts * 3))
+    assert (sample.labels == 200).any() and sample.sidecar["mask_source"]["body"] == {"method": "labels"}
+    assert any("--body-from labels" in w for w in sample.sidecar["warnings"])
+
+
 def test_bad_arguments_fail_with_the_cli_messages(tiny_model, tmp_path):
     spec, weights = tiny_model
     generator = maisi_cli.Generator(model=str(spec), weights_dir=weights)

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from maisi_cli.config import SPACING_RANGE_MM, FloatTriple, Triple, format_triple, spacing_problem
+from maisi_cli.engine.masks.body import BODY_METHOD_NOTE, add_body_envelope, body_envelope_from_labels, read_body_ct
 from maisi_cli.engine.masks.class_folder import class_folder_header, read_class_folder
+from maisi_cli.engine.masks.validation import check_condition_labels, check_scheme
 from maisi_cli.engine.memory import MaskGrid, check_host_memory, mask_stage_terms
 from maisi_cli.errors import MaskError
 from maisi_cli.label_schemes import LabelScheme
@@ -69,16 +71,21 @@ def read_mask_grid(path: Path, spacing: FloatTriple, field: str = "--mask") -> t
     """The mask's header (its voxels are not read) and what fitting it to `spacing` will allocate. A degenerate
     affine (read_nifti_header) or a voxel spacing outside SPACING_RANGE_MM is a MaskError naming `field`."""
     header = read_nifti_header(path, field)
+    return mask_grid_of(header, path, spacing, field), header
+
+
+def mask_grid_of(header: NiftiHeader, path: Path, spacing: FloatTriple, field: str) -> MaskGrid:
+    """What reading a mask with this header and fitting it to `spacing` will allocate; an absurd voxel spacing in
+    the header is refused."""
     original = voxel_spacing(header.affine)
-    problem = spacing_problem(original)
-    if problem:
+    if spacing_problem(original):
         low, high = SPACING_RANGE_MM
         raise MaskError(f"{field}: '{path}' has voxel spacing {'x'.join(f'{s:g}' for s in original)} mm in its "
                         f"header, outside [{low:g}, {high:g}] mm; fix its header or resample the mask")
     same_spacing = np.allclose(sorted_by_ras(original, header.affine), spacing, rtol=1e-3, atol=1e-4)
     resampled = None if same_spacing else resampled_grid(header.shape, header.affine, spacing)
     floating = bool(np.issubdtype(header.dtype, np.floating))
-    return MaskGrid(header.shape, header.dtype.itemsize, floating, resampled), header
+    return MaskGrid(header.shape, header.dtype.itemsize, floating, resampled)
 
 
 def sorted_by_ras(values: FloatTriple, affine: np.ndarray) -> FloatTriple:
@@ -288,15 +295,7 @@ def user_mask_from_array(data: np.ndarray, affine: np.ndarray, field: str = "mas
 def user_mask_grid(mask: UserMask, size: Triple, spacing: FloatTriple, field: str = "--mask") -> MaskGrid:
     """What reading the mask and fitting it to the grid will allocate, from its header alone; an absurd voxel
     spacing, or a fit that cannot fit the host memory, is refused here."""
-    original = voxel_spacing(mask.header.affine)
-    if spacing_problem(original):
-        low, high = SPACING_RANGE_MM
-        raise MaskError(f"{field}: '{mask.path}' has voxel spacing {'x'.join(f'{s:g}' for s in original)} mm in its "
-                        f"header, outside [{low:g}, {high:g}] mm; fix its header or resample the mask")
-    same_spacing = np.allclose(sorted_by_ras(original, mask.header.affine), spacing, rtol=1e-3, atol=1e-4)
-    resampled = None if same_spacing else resampled_grid(mask.header.shape, mask.header.affine, spacing)
-    floating = bool(np.issubdtype(mask.header.dtype, np.floating))
-    grid = MaskGrid(mask.header.shape, mask.header.dtype.itemsize, floating, resampled)
+    grid = mask_grid_of(mask.header, mask.path, spacing, field)
     check_mask_memory(mask.path, grid, mask.header, size, spacing)
     return grid
 
@@ -320,8 +319,6 @@ class BodyEnvelope:
 
 def with_body(labels: np.ndarray, affine: np.ndarray, body: BodyEnvelope, name: str) -> tuple[np.ndarray, list[str]]:
     """The map with the body label added by `body`'s method; a map that has it already is kept as it is."""
-    from maisi_cli.engine.masks.body import (BODY_METHOD_NOTE, add_body_envelope, body_envelope_from_labels,
-                                             read_body_ct)
     if np.any(labels == BODY_LABEL):
         return labels, [f"--body-from: '{name}' already holds the body label (200); kept as it is"]
     if body.method == "ct":
@@ -343,8 +340,6 @@ def prepare_user_mask(mask: UserMask, scheme: LabelScheme, body: BodyEnvelope | 
     """Read the map, convert its ids to MAISI's (`scheme`), check it is not another scheme's map, add the body
     (`body`), refuse ids outside the label dictionary or a missing body when `require_body`, then fit it to the
     grid. Everything here runs before any network loads."""
-    from maisi_cli.engine.masks.validation import check_condition_labels, check_scheme
-
     raw, warnings = mask.read(scheme)
     if scheme.identity:
         labels, unmapped = checked_labels(raw, mask.path, field), ()
