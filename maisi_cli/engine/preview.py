@@ -10,12 +10,12 @@ viewer's left; the sagittal plane with the head up and anterior on the viewer's 
 scale in mm per pixel, so pixels are square in mm whatever the voxel spacing.
 
 Labels. Each label is drawn as its boundary (a label pixel with a 4-neighbour of another label), computed on the
-panel's pixels, in a fixed colour per label id. The body (label 200) outlines the whole body and is not drawn.
+panel's pixels, in a fixed colour per label id (maisi_cli/colours.py: the colours of the colour tables and
+.seg.nrrd segments maisi writes). The body (label 200) outlines the whole body and is not drawn.
 """
 
 from __future__ import annotations
 
-import colorsys
 import io
 import math
 import re
@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 from nibabel import orientations
 
+from maisi_cli.colours import label_colour
 from maisi_cli.errors import MaisiError, OutputError, UsageError
 from maisi_cli.io.files import write_atomic
 from maisi_cli.io.nifti import read_nifti
@@ -171,15 +172,6 @@ def contour_mask(labels: np.ndarray, hidden: frozenset[int] | set[int] = HIDDEN_
                | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
     shown = ~np.isin(labels, list(hidden))
     return differs & shown
-
-
-def label_colour(ident: int) -> tuple[int, int, int]:
-    """A fixed, saturated colour per label id: hues a golden-ratio step apart, so neighbouring ids differ."""
-    hue = (int(ident) * 0.6180339887498949) % 1.0
-    saturation = (1.0, 0.75)[(int(ident) // 7) % 2]
-    value = (1.0, 0.85)[(int(ident) // 3) % 2]
-    red, green, blue = colorsys.hsv_to_rgb(hue, saturation, value)
-    return round(red * 255), round(green * 255), round(blue * 255)
 
 
 def label_name(ident: int) -> str:
