@@ -175,3 +175,8 @@ def body_command(
     else:
         how = {"ct": f"from the CT {ct}", "labels": "from the labels alone", "kept": "(the mask's own body kept)"}
         render.info(f"{run.added} body voxel(s) (200) added {how[run.method]}; {out} written", output)
+
+
+from maisi_cli.cli.nnunet import NNUNET_HELP, nnunet_command  # noqa: E402  (`maisi data nnunet`)
+
+app.command("nnunet", help=NNUNET_HELP)(nnunet_command)
