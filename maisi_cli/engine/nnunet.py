@@ -47,6 +47,7 @@ DATASET_JSON = "dataset.json"
 FOLDS = 5  # the datalist's "fold": case position mod 5, as `maisi data phantoms` writes
 SIDECAR = re.compile(r"sample_(\d+)\.json")
 ALL = "all"
+NIFTI_SUFFIXES = {"nifti": ".nii.gz", "nii": ".nii"}  # a run's --format (its sidecar's "format") -> suffix
 LABELS_SHAPE = "all, all,body, or anatomy names separated by commas (e.g. liver,spleen)"
 _BLOCK = 1 << 22  # voxels per np.bincount / lookup call: both convert their input to intp (8 bytes a voxel) first
 
@@ -96,30 +97,33 @@ def incomplete_count(run: Path, sidecars: Iterable[tuple[int, Path]]) -> int:
 
 
 def sample_file(run: Path, sidecar: dict[str, Any], index: int, role: str) -> Path | None:
-    """The file of `role` ("image" or "label") the sidecar names (None for a label an image-only model did not
-    write). A name that leaves the folder is refused."""
+    """The NIfTI file of `role` ("image" or "label"); None for the label of an image-only sample (its sidecar
+    records none). A sample written in another format is refused: nnU-Net reads NIfTI."""
+    if role not in sidecar["files_sha256"]:
+        return None
     files = sidecar.get("files")
-    if isinstance(files, dict) and role in files:
-        name = files[role]
-        if name is None:
-            return None
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-            raise RunFolderError(f"RUN_DIR: {run}/sample_{index:04d}.json names {role} file {name!r}, not a file "
+    named = files.get(role) if isinstance(files, dict) else None
+    if isinstance(named, str):  # sidecars of earlier runs name the pair's files by role
+        if Path(named).name != named or named in (".", ".."):
+            raise RunFolderError(f"RUN_DIR: {run}/sample_{index:04d}.json names {role} file {named!r}, not a file "
                                  "name in its folder; the sidecar is damaged: re-run `maisi generate` into it")
-        return run / name
-    if sidecar.get("image_only"):
-        return None if role == "label" else run / f"sample_{index:04d}_image.nii.gz"
-    return run / f"sample_{index:04d}_{role}.nii.gz"
+        return run / named
+    output_format = sidecar.get("format", "nifti")
+    suffix = NIFTI_SUFFIXES.get(output_format)
+    if suffix is None:
+        raise RunFolderError(f"RUN_DIR: sample {index} of {run} was written as {output_format}; nnU-Net datasets are "
+                             "NIfTI: generate with --format nifti")
+    return run / f"sample_{index:04d}_{role}{suffix}"
 
 
-def checked_sha256(run: Path, path: Path, recorded: Any, sidecar: Path) -> str:
+def checked_sha256(path: Path, recorded: Any, sidecar: Path) -> str:
     """The file's sha256, refused unless it is the one the sidecar records."""
     if not path.name.endswith((".nii.gz", ".nii")):
-        raise RunFolderError(f"RUN_DIR: {path} is not NIfTI; write NIfTI beside it first (`maisi convert {run} "
-                             "--format nifti`)")
+        raise RunFolderError(f"RUN_DIR: {path} is not NIfTI; nnU-Net datasets are NIfTI: generate with --format "
+                             "nifti")
     if not path.is_file():
-        raise RunFolderError(f"RUN_DIR: {path.name} is missing from {run} though {sidecar.name} records it; copy the "
-                             "folder again, or re-run `maisi generate` into it")
+        raise RunFolderError(f"RUN_DIR: {path} is missing though {sidecar.name} records it; copy the folder again, "
+                             "or re-run `maisi generate` into it")
     digest = sha256_of_input(path)
     if digest != recorded:
         raise RunFolderError(f"RUN_DIR: {path} does not match the sha256 {sidecar.name} records (changed, truncated "
@@ -140,10 +144,10 @@ def read_sample(run: Path, index: int, sidecar_path: Path) -> SourceSample | Non
     if label is None:
         return None
     if image is None:
-        raise RunFolderError(f"RUN_DIR: {sidecar_path} names no image file; re-run `maisi generate` into the folder")
+        raise RunFolderError(f"RUN_DIR: {sidecar_path} records no image; re-run `maisi generate` into the folder")
     recorded = sidecar["files_sha256"]
-    image_sha = checked_sha256(run, image, recorded.get("image", recorded.get(image.name)), sidecar_path)
-    label_sha = checked_sha256(run, label, recorded.get("label", recorded.get(label.name)), sidecar_path)
+    image_sha = checked_sha256(image, recorded["image"], sidecar_path)
+    label_sha = checked_sha256(label, recorded["label"], sidecar_path)
     model = sidecar.get("model")
     seed = sidecar.get("sample_seed")
     return SourceSample(run, int(sidecar.get("sample_index", index)), image, label, image_sha, label_sha,

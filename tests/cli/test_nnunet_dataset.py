@@ -7,6 +7,7 @@ nnU-Net's own `verify_dataset_integrity` checks a dataset the command builds.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import shutil
@@ -199,7 +200,7 @@ def test_a_file_not_matching_its_sidecar_is_refused_before_anything_is_written(r
     assert code == 2 and "Dataset505_Other" in error_line(stderr) and not out.exists()
 
 
-def test_image_only_samples_are_skipped_and_unchanged_ids_keep_their_bytes(runs, tmp_path: Path):
+def test_image_only_samples_are_skipped_and_uncompressed_pairs_keep_their_bytes(runs, tmp_path: Path):
     run_a, run_b = runs
     mixed = tmp_path / "mixed"
     shutil.copytree(run_b, mixed)
@@ -208,15 +209,18 @@ def test_image_only_samples_are_skipped_and_unchanged_ids_keep_their_bytes(runs,
     side.update(image_only=True, files={"image": "sample_0000_image.nii.gz"},
                 files_sha256={"image": side["files_sha256"]["image"]})
     (mixed / "sample_0000.json").write_text(json.dumps(side))
-    # sample 3: the liver alone, so --labels liver renumbers nothing and the file is copied as it is
-    image = run_a / "sample_0001_image.nii.gz"
+    # sample 3 written with --format nii (uncompressed), its label the liver alone: --labels liver renumbers no id,
+    # so both files are copied as they are, gzipped
+    image = mixed / "sample_0003_image.nii"
+    image.write_bytes(gzip.decompress((run_a / "sample_0001_image.nii.gz").read_bytes()))
     liver_only = np.where(labels_of(run_a / "sample_0001_label.nii.gz") == LIVER, LIVER, 0).astype(np.uint8)
-    shutil.copy(image, mixed / "sample_0003_image.nii.gz")
-    label_sha = write_nifti(mixed / "sample_0003_label.nii.gz", liver_only, nib.load(image).affine)
-    image_sha = hashlib.sha256(image.read_bytes()).hexdigest()
-    (mixed / "sample_0003.json").write_text(json.dumps({**sidecar(run_a, 1), "sample_index": 3, "files": {
-        "image": "sample_0003_image.nii.gz", "label": "sample_0003_label.nii.gz"},
-        "files_sha256": {"image": image_sha, "label": label_sha}}))
+    label = mixed / "sample_0003_label.nii"
+    write_nifti(tmp_path / "liver.nii.gz", liver_only, nib.load(image).affine)
+    label.write_bytes(gzip.decompress((tmp_path / "liver.nii.gz").read_bytes()))
+    digests = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in (image, label)}
+    (mixed / "sample_0003.json").write_text(json.dumps({
+        **sidecar(run_a, 1), "sample_index": 3, "format": "nii", "files": digests,
+        "files_sha256": {"image": digests[image.name], "label": digests[label.name]}}))
     (mixed / "sample_0004_image.nii.gz").write_bytes(b"")  # a sample still being written: no sidecar yet
 
     out = tmp_path / "Dataset506_Liver"
@@ -225,9 +229,13 @@ def test_image_only_samples_are_skipped_and_unchanged_ids_keep_their_bytes(runs,
     assert "1 sample(s)" in stderr and "no label map" in stderr and "no sidecar yet" in stderr
     assert "1 case(s) added" in stdout
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["maisi_0000_0000.nii.gz"]
-    assert (out / "labelsTr" / "maisi_0000.nii.gz").read_bytes() == (mixed / "sample_0003_label.nii.gz").read_bytes()
+    assert gzip.decompress((out / "imagesTr" / "maisi_0000_0000.nii.gz").read_bytes()) == image.read_bytes()
+    assert gzip.decompress((out / "labelsTr" / "maisi_0000.nii.gz").read_bytes()) == label.read_bytes()
 
-    for name in ("sample_0003.json", "sample_0003_image.nii.gz", "sample_0003_label.nii.gz"):
+    (mixed / "sample_0003.json").write_text(json.dumps({**sidecar(mixed, 3), "format": "nrrd"}))
+    code, _, stderr = maisi("data", "nnunet", mixed, "--out", tmp_path / "Dataset507_Nrrd")
+    assert code == 1 and "written as nrrd" in error_line(stderr) and "--format nifti" in stderr
+    for name in ("sample_0003.json", image.name, label.name):
         (mixed / name).unlink()
-    code, _, stderr = maisi("data", "nnunet", mixed, "--out", tmp_path / "Dataset507_None")
+    code, _, stderr = maisi("data", "nnunet", mixed, "--out", tmp_path / "Dataset508_None")
     assert code == 2 and "no sample with a label map" in error_line(stderr)
