@@ -7,18 +7,28 @@ lungs (-850 HU, labelled), a liver and a spine (labelled), bowel gas pockets (-9
 back a 8 mm foam mattress (-920 HU) on a curved sandwich table (3 mm shells at 150 HU round a 25 mm foam core at
 -930 HU) across the whole width. Peak memory: the rise of the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs) over its RSS before the call, per voxel, against ENVELOPE_BYTES_PER_VOXEL (the host-memory
-check of read_body_ct). The Dice against the torso as drawn, and the table voxels labelled, check the result.
+check of read_body_ct). The Dice against the torso as drawn, and the table voxels labelled, check the result; the
+sha256 of the output tells whether another implementation gives it voxel for voxel.
 
-Usage: python bench/body_envelope_512.py [--size 512] [--repeats 2]  → bench/results/body_envelope_512.json
+The envelope works in the box around what is not exterior air, so its worst case is a box as large as the volume:
+`whole_box` is one more run with a voxel of soft tissue in two opposite corners of the CT (which puts them outside
+the exterior air), for the seconds and the peak memory there.
+
+Usage: python bench/body_envelope_512.py [--size 512] [--repeats 2] [--whole-box-runs 1] [--previous FILE]
+       [--out FILE]  → bench/results/body_envelope_512.json at 512³
+--previous: the results file of a run of the implementation before (run this script with PYTHONPATH on that
+checkout and --out); its figures go under "before", and "same_output_as_before" compares the outputs' sha256.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -85,26 +95,50 @@ def synthetic_case(n: int, rng: np.random.Generator):
     return ct, labels, body, table
 
 
+def _source_commit(module_file: str) -> str:
+    """The commit of the checkout the measured module comes from, "+modified" when its file differs from it."""
+    folder = Path(module_file).parent
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--", module_file],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+modified" if changed else "")
+
+
+def _measure(envelope, labels: np.ndarray, ct: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """(output, seconds, rise of the peak RSS in bytes) of one call."""
+    base = _reset_peak()
+    started = time.perf_counter()
+    out = envelope(labels, ct)
+    seconds = time.perf_counter() - started
+    return out, seconds, _status("VmHWM") - base
+
+
 def main() -> None:
-    from maisi_cli.engine.masks.body import ENVELOPE_BYTES_PER_VOXEL, add_body_envelope
+    from maisi_cli.engine.masks import body as module
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--whole-box-runs", type=int, default=1)
+    parser.add_argument("--previous", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     started = time.perf_counter()
     ct, labels, body, table = synthetic_case(args.size, np.random.default_rng(0))
     build_s = time.perf_counter() - started
     seconds, rises = [], []
     for _ in range(args.repeats):
-        base = _reset_peak()
-        started = time.perf_counter()
-        out = add_body_envelope(labels, ct)
-        seconds.append(time.perf_counter() - started)
-        rises.append(_status("VmHWM") - base)
+        out, took, rise = _measure(module.add_body_envelope, labels, ct)
+        seconds.append(took)
+        rises.append(rise)
         got = out > 0
         dice = 2.0 * np.count_nonzero(got & body) / (np.count_nonzero(got) + np.count_nonzero(body))
         table_labelled = int(np.count_nonzero(got & table))
+        digest = hashlib.sha256(out.tobytes()).hexdigest()
         del out, got
     voxels = args.size**3
     result = {
@@ -112,6 +146,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
                    f"scipy {__import__('scipy').__version__}",
+        "commit": _source_commit(module.__file__),
         "size": [args.size] * 3,
         "build_s": round(build_s, 1),
         "seconds": [round(s, 2) for s in seconds],
@@ -119,15 +154,28 @@ def main() -> None:
         "peak_rss_rise_bytes": max(rises),
         "peak_rss_rise_gib": round(max(rises) / 1024**3, 3),
         "bytes_per_voxel": round(max(rises) / voxels, 2),
-        "envelope_bytes_per_voxel_constant": ENVELOPE_BYTES_PER_VOXEL,
+        "envelope_bytes_per_voxel_constant": module.ENVELOPE_BYTES_PER_VOXEL,
         "inputs_bytes_per_voxel": ct.itemsize + labels.itemsize,
         "dice_vs_drawn_body": round(float(dice), 5),
         "table_voxels_labelled": table_labelled,
         "table_voxels": int(np.count_nonzero(table)),
+        "output_sha256": digest,
     }
+    if args.whole_box_runs:
+        ct[0, 0, 0] = ct[-1, -1, -1] = 40
+        runs = [_measure(module.add_body_envelope, labels, ct)[1:] for _ in range(args.whole_box_runs)]
+        result["whole_box"] = {"seconds": [round(took, 2) for took, _ in runs],
+                               "peak_rss_rise_gib": round(max(rise for _, rise in runs) / 1024**3, 3),
+                               "bytes_per_voxel": round(max(rise for _, rise in runs) / voxels, 2)}
+    if args.previous is not None:
+        previous = json.loads(args.previous.read_text())
+        keys = ("date", "commit", "seconds", "median_s", "peak_rss_rise_gib", "bytes_per_voxel", "output_sha256")
+        result["before"] = {key: previous[key] for key in keys if key in previous}
+        result["same_output_as_before"] = previous.get("output_sha256") == digest
     print(json.dumps(result, indent=1))
-    if args.size == 512:
-        (HERE / "results" / "body_envelope_512.json").write_text(json.dumps(result, indent=1) + "\n")
+    out_path = args.out or (HERE / "results" / "body_envelope_512.json" if args.size == 512 else None)
+    if out_path is not None:
+        out_path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -130,11 +130,80 @@ def test_box_morphology_matches_scipy_cubes(outside):
     rng = np.random.default_rng(0)
     mask = ndimage.binary_opening(rng.random((23, 19, 17)) > 0.6)
     mask[0, :, :] = True  # a face on the border, where the padding matters
-    for size in (3, 5):
+    for size in (3, 5, 7):
         cube = np.ones((size,) * 3, dtype=bool)
         assert np.array_equal(dilate(mask, size), ndimage.binary_dilation(mask, cube))
         expected = ndimage.binary_erosion(mask, cube, border_value=int(outside))
         assert np.array_equal(erode(mask, size, outside), expected)
+    # even edges (scipy's window: size // 2 before the voxel) and an axis shorter than the cube
+    for shape, size in (((23, 19, 17), 4), ((23, 2, 17), 5), ((1, 19, 6), 3)):
+        part = np.ascontiguousarray(mask[:shape[0], :shape[1], :shape[2]])
+        view = part.view(np.uint8)
+        grown = ndimage.maximum_filter(view, size, mode="constant", cval=0).astype(bool)
+        shrunk = ndimage.minimum_filter(view, size, mode="constant", cval=int(outside)).astype(bool)
+        assert np.array_equal(dilate(part, size), grown)
+        assert np.array_equal(erode(part, size, outside), shrunk)
+
+
+def reference_envelope(labels: np.ndarray, ct: np.ndarray, options: BodyEnvelopeOptions,
+                       body_label: int = 200) -> np.ndarray:
+    """add_body_envelope's eight steps (and its second opening after step 8) written as plainly as scipy.ndimage
+    allows: the whole volume in every step, ndimage's binary morphology with full cubes, np.bincount for sizes."""
+    def cube(size):
+        return np.ones((size,) * 3, dtype=bool)
+
+    def largest(mask):
+        components, count = ndimage.label(mask, structure=cube(3))
+        if count == 0:
+            return np.zeros_like(mask)
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        return components == np.argmax(sizes)
+
+    closing, bed = cube(options.closing_kernel), cube(options.bed_cleanup_kernel)
+    out = labels.astype(np.uint8)
+    labelled = out > 0
+    air = largest(ct < options.hu_threshold)  # 1
+    air = ndimage.binary_erosion(ndimage.binary_dilation(air, closing), closing, border_value=1)
+    air &= ~labelled  # 2
+    body = ndimage.binary_erosion(~air, bed, border_value=0)  # 3, 4
+    body = ndimage.binary_dilation(largest(body), bed)
+    body = ndimage.binary_erosion(ndimage.binary_dilation(body, closing), closing, border_value=1)  # 5
+    body |= labelled  # 6
+    out[body & ~labelled] = body_label  # 7
+    envelope = out == body_label  # 8
+    pockets, _ = ndimage.label(envelope & (ct < options.hu_threshold))
+    sizes = np.bincount(pockets.ravel())
+    sizes[0] = 0
+    table = np.flatnonzero(sizes >= options.table_fraction * np.count_nonzero(envelope))
+    if table.size:
+        out[np.isin(pockets, table)] = 0
+        kept = ndimage.binary_dilation(largest(ndimage.binary_erosion(out > 0, bed)), bed)
+        out[~kept & (out == body_label)] = 0
+    return out
+
+
+@pytest.mark.parametrize("case", ["mattress", "slab", "pressed", "cut by the volume", "corner specks", "options"])
+def test_ct_envelope_equals_the_plain_reference(case):
+    """The fast envelope (box filters, the work box around what is not exterior air, labelling within bounding
+    boxes) gives the plain formulation's output voxel for voxel: with each table, with the body cut by the
+    volume's faces (the box reaches the border there), with specks in two corners (the box is the whole volume),
+    and with other parameters (a pressed table, so step 8 and the second opening run)."""
+    kind = {"cut by the volume": "slab", "corner specks": "mattress", "options": "pressed"}.get(case, case)
+    _, organs, ct, _, _ = phantom_on_table(0, kind)
+    options = BodyEnvelopeOptions()
+    if case == "cut by the volume":
+        part = (slice(22, 74), slice(None), slice(30, 66))  # the trunk cut at both sides and both ends
+        organs, ct = np.ascontiguousarray(organs[part]), np.ascontiguousarray(ct[part])
+    elif case == "corner specks":
+        ct[0, 0, 0] = ct[-1, -1, -1] = 40
+    elif case == "options":
+        options = BodyEnvelopeOptions(hu_threshold=-500.0, closing_kernel=5, bed_cleanup_kernel=7,
+                                      table_fraction=0.01)
+    expected = reference_envelope(organs, ct, options)
+    got = add_body_envelope(organs, ct, options)
+    assert np.count_nonzero(expected == 200) > 10000
+    assert np.array_equal(got, expected), f"{np.count_nonzero(got != expected)} voxels differ"
 
 
 def test_label_only_method_covers_every_labelled_voxel():

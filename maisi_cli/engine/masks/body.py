@@ -9,7 +9,8 @@ Two methods:
   (NV-Generate-CTMR `scripts/utils.py::add_body_envelope`, same steps and defaults), written here with
   scipy.ndimage on boolean volumes: the exterior air is the largest connected component below the HU threshold, the
   body is what is not exterior air, and the scanner table is cut away by an opening and by dropping table-sized
-  air pockets.
+  air pockets. Fast at the size users run (11 s at 512³ on 2 cores, 92 s before): cube morphology as shifted whole-volume
+  ORs/ANDs, every step after the first in the box around what is not exterior air, labelling within bounding boxes.
 - `body_envelope_from_labels(labels, spacing)`: without a CT, an approximation of the skin line from the labelled
   organs alone (see its docstring for its limits).
 
@@ -33,8 +34,9 @@ BODY_METHOD_NOTE = ("no CT given: the body envelope (200) is approximated from t
                     "mask was segmented from for the real one")
 
 # Host bytes per voxel add_body_envelope holds at its peak besides its inputs: the uint8 output, boolean volumes and
-# ndimage.label's int32 component ids; bench/body_envelope_512.py measured 15.0 at 512³ (run with the first guess, 9)
-ENVELOPE_BYTES_PER_VOXEL = 16
+# ndimage.label's int32 component ids; bench/body_envelope_512.py measured 8.4 at 512³, and 9.1 where the box the
+# steps after 1 work in is the whole volume (its worst case)
+ENVELOPE_BYTES_PER_VOXEL = 10
 LABEL_ONLY_MARGIN_MM = 20.0  # skin to the outermost labelled structure (ribs, spine, muscles) in a typical trunk
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-neighbours, as MONAI's largest-component helper uses
 
@@ -61,19 +63,45 @@ class BodyEnvelopeOptions:
 
 
 # --- morphology on boolean volumes --------------------------------------------------------------------------------
+def _along(axis: int, part: slice) -> tuple[slice, ...]:
+    """An index taking `part` along `axis` and everything along the axes before it (those after follow)."""
+    return (slice(None),) * axis + (part,)
+
+
 def _box_filter(mask: np.ndarray, size: int, outside: bool, grow: bool) -> np.ndarray:
     """Dilation (`grow`) or erosion of a boolean volume by a cube of edge `size`, voxels beyond the volume taken as
-    `outside` (MONAI's pad_value). A cube is separable: three running max/min filters along the axes, O(1) per
-    voxel whatever the size, on a uint8 view of the mask (no copy of another type)."""
+    `outside` (MONAI's pad_value), as a new array; the window along each axis is scipy's (size // 2 voxels before
+    the voxel, the rest after). A cube is separable: along each axis in turn, every voxel is ORed (dilation) or
+    ANDed (erosion) with its neighbours, one whole-volume operation on shifted views per neighbour. These run at
+    memory speed along every axis (about 30 ms at 512³), where scipy's 1-D min/max filters took 24 s along the
+    first axis, whose lines are strided."""
     if size <= 1:
-        return mask
-    out = mask.copy()
-    view = out.view(np.uint8)
-    filter1d = ndimage.maximum_filter1d if grow else ndimage.minimum_filter1d
-    for axis in range(out.ndim):
-        # the 1-D filters read each line into a buffer before writing it, so filtering in place is exact
-        filter1d(view, size, axis=axis, output=view, mode="constant", cval=int(outside))
-    return out
+        return mask.copy()  # a new array still: callers change the result in place
+    before, after = size // 2, size - 1 - size // 2
+    combine = np.logical_or if grow else np.logical_and
+    buffers = (np.empty(mask.shape, dtype=bool), np.empty(mask.shape, dtype=bool))
+    source = mask
+    for axis in range(mask.ndim):
+        result, length = buffers[axis % 2], mask.shape[axis]
+        first = 1
+        if before >= 1 and length > 1:  # the voxel before, combined while copying (one pass less)
+            combine(source[_along(axis, slice(1, None))], source[_along(axis, slice(None, -1))],
+                    out=result[_along(axis, slice(1, None))])
+            result[_along(axis, slice(None, 1))] = source[_along(axis, slice(None, 1))]
+            first = 2
+        else:
+            np.copyto(result, source)
+        for shift in range(first, min(before, length - 1) + 1):  # the voxel `shift` before
+            combine(result[_along(axis, slice(shift, None))], source[_along(axis, slice(None, -shift))],
+                    out=result[_along(axis, slice(shift, None))])
+        for shift in range(1, min(after, length - 1) + 1):  # the voxel `shift` after
+            combine(result[_along(axis, slice(None, -shift))], source[_along(axis, slice(shift, None))],
+                    out=result[_along(axis, slice(None, -shift))])
+        if not grow and not outside:  # where the window reaches beyond the volume, a voxel not in the set
+            result[_along(axis, slice(None, before))] = False
+            result[_along(axis, slice(max(length - after, 0), None))] = False
+        source = result
+    return source
 
 
 def dilate(mask: np.ndarray, size: int) -> np.ndarray:
@@ -84,32 +112,88 @@ def erode(mask: np.ndarray, size: int, outside: bool) -> np.ndarray:
     return _box_filter(mask, size, outside=outside, grow=False)
 
 
+_COUNT_BLOCK = 1 << 18  # ids per sort in component_sizes (1 MiB of int32)
+
+
+def component_sizes(components: np.ndarray, count: int) -> np.ndarray:
+    """Voxels per component id 0..count (int64) of ndimage.label's ids, counted a block at a time: each block sorted,
+    then the length of each run of one id added. np.bincount took twice as long on int32 ids (it converts them to
+    int64 first, and on the whole volume that copy would be twice the ids' size)."""
+    flat = components.reshape(-1)
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    for start in range(0, flat.size, _COUNT_BLOCK):
+        block = np.sort(flat[start:start + _COUNT_BLOCK])
+        run_starts = np.flatnonzero(block[1:] != block[:-1]) + 1
+        edges = np.concatenate(([0], run_starts, [block.size]))
+        sizes[block[edges[:-1]]] += np.diff(edges)  # the ids of a sorted block's runs are distinct
+    return sizes
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of `mask`, as slices (None when there is none)."""
+    spans = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(spans)
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a boolean volume (all False when it has none)."""
-    components, count = ndimage.label(mask, structure=FULL_CONNECTIVITY)
-    if count == 0:
-        return np.zeros_like(mask)
-    sizes = np.bincount(components.ravel())
+    """The largest 26-connected component of a boolean volume (all False when it has none; on a tie, the one whose
+    first voxel comes first in raster order). Labelled within the mask's bounding box only: ndimage.label's time
+    goes with the voxels it scans, and a box keeps the raster order."""
+    largest = np.zeros_like(mask)
+    box = bounding_box(mask)
+    if box is None:
+        return largest
+    components, count = ndimage.label(mask[box], structure=FULL_CONNECTIVITY)
+    sizes = component_sizes(components, count)
     sizes[0] = 0
-    return components == int(np.argmax(sizes))
+    np.equal(components, int(np.argmax(sizes)), out=largest[box])
+    return largest
 
 
 # --- the CT method ------------------------------------------------------------------------------------------------
-def exterior_air(ct: np.ndarray, labelled: np.ndarray, options: BodyEnvelopeOptions) -> np.ndarray:
-    """Steps 1-2: the largest component of voxels below the threshold, closed (thin structures surrounded by air,
-    such as a table's shell, join it), minus the labelled voxels."""
-    air = largest_component(ct < options.hu_threshold)
-    air = dilate(air, options.closing_kernel)
+def exterior_air(ct: np.ndarray, options: BodyEnvelopeOptions) -> np.ndarray:
+    """Step 1's air before its closing: the largest 26-connected component of the voxels below the threshold, on
+    the whole volume (which component is the largest can depend on any voxel)."""
+    return largest_component(ct < options.hu_threshold)
+
+
+# The steps after 1 look only at the box around what is not exterior air or is labelled (a CT's corners and the air
+# above the patient are exterior air), widened by a margin, and give the whole volume's result to the voxel: beyond
+# the box every voxel is exterior air and unlabelled, so it is air after the closing and body in no step; the margin
+# (the closing kernel + 1) keeps the body, and the closing's dilation of it, a closing kernel inside the box, so the
+# erosions and dilations read at the box's faces the values the whole volume has beyond them.
+def work_box(exterior: np.ndarray, out: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """The box around every voxel not in `exterior` or labelled in `out`, widened by `margin` voxels and clipped to
+    the volume; None when there is none (no body). Read in slabs of the first axis: no whole-volume temporary."""
+    seen = [np.zeros(n, dtype=bool) for n in out.shape]
+    for start in range(0, out.shape[0], 16):
+        busy = np.logical_not(exterior[start:start + 16])
+        busy |= out[start:start + 16] > 0
+        seen[0][start:start + 16] = busy.any(axis=(1, 2))
+        seen[1] |= busy.any(axis=(0, 2))
+        seen[2] |= busy.any(axis=(0, 1))
+    if not seen[0].any():
+        return None
+    spans = [np.flatnonzero(along) for along in seen]
+    return tuple(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, n))
+                 for hit, n in zip(spans, out.shape))
+
+
+def body_silhouette(exterior: np.ndarray, labelled: np.ndarray, options: BodyEnvelopeOptions) -> np.ndarray:
+    """Step 1's closing to step 6, from step 1's air component: closed (thin structures surrounded by air, such as
+    a table's shell, join it), minus the labelled voxels; body = not exterior air; an opening (erode, largest
+    component, dilate) cuts off what touches it through a neck thinner than the bed kernel (the table); a closing
+    seals small gaps; labelled voxels are in."""
+    air = dilate(exterior, options.closing_kernel)
     # beyond the volume counts as air while the air is eroded back, so the closing does not peel the border
     air = erode(air, options.closing_kernel, outside=True)
     air &= ~labelled
-    return air
-
-
-def body_silhouette(ct: np.ndarray, labelled: np.ndarray, options: BodyEnvelopeOptions) -> np.ndarray:
-    """Steps 3-6: body = not exterior air; an opening (erode, largest component, dilate) cuts off what touches it
-    through a neck thinner than the bed kernel (the table); a closing seals small gaps; labelled voxels are in."""
-    body = ~exterior_air(ct, labelled, options)
+    body = np.logical_not(air, out=air)
     body = erode(body, options.bed_cleanup_kernel, outside=False)
     body = largest_component(body)
     body = dilate(body, options.bed_cleanup_kernel)
@@ -132,17 +216,19 @@ def drop_table_air(out: np.ndarray, ct: np.ndarray, options: BodyEnvelopeOptions
     envelope = out == body_label
     envelope_voxels = int(np.count_nonzero(envelope))
     envelope &= ct < options.hu_threshold
-    if envelope_voxels == 0 or not envelope.any():
+    box = bounding_box(envelope)
+    if envelope_voxels == 0 or box is None:
         return 0
-    pockets, _ = ndimage.label(envelope)
+    pockets, count = ndimage.label(envelope[box])  # within the pockets' box: the same pockets, sooner
     del envelope
-    sizes = np.bincount(pockets.ravel())
+    sizes = component_sizes(pockets, count)
     sizes[0] = 0
     table = sizes >= options.table_fraction * envelope_voxels
     if not table.any():
         return 0
     dropped = table[pockets]
-    out[dropped] = 0
+    del pockets
+    out[box][dropped] = 0
     return int(np.count_nonzero(dropped))
 
 
@@ -163,18 +249,26 @@ def add_body_envelope(labels: np.ndarray, ct: np.ndarray, options: BodyEnvelopeO
 
     Knowing departures from upstream's code: after step 8, envelope voxels it cut off from the patient are dropped
     too (`cut_table_again`); step 8 always runs (upstream has a switch for maps without lungs,
-    see `drop_table_air`); the output is uint8 whatever the input type (the ControlNet reads 8 bit planes)."""
+    see `drop_table_air`); the output is uint8 whatever the input type (the ControlNet reads 8 bit planes).
+
+    The steps after 1 run on the box around what is not exterior air (`work_box`), with the whole volume's result."""
     if labels.shape != ct.shape or labels.ndim != 3:
         raise ValueError(f"labels {labels.shape} and ct {ct.shape} must be 3-D volumes on one grid")
     out = labels.astype(np.uint8)  # the only copy of the labels; the caller checked they fit in 0..255
-    labelled = out > 0
-    body = body_silhouette(ct, labelled, options)
+    exterior = exterior_air(ct, options)
+    box = work_box(exterior, out, margin=options.closing_kernel + 1)
+    if box is None:  # only unlabelled exterior air: no body
+        return out
+    out_box, ct_box = out[box], ct[box]  # views: writes reach `out`
+    labelled = out_box > 0
+    body = body_silhouette(exterior[box], labelled, options)
+    del exterior
     body &= ~labelled
     del labelled
-    out[body] = body_label
+    np.copyto(out_box, np.uint8(body_label), where=body)
     del body
-    if drop_table_air(out, ct, options, body_label):
-        cut_table_again(out, options, body_label)
+    if drop_table_air(out_box, ct_box, options, body_label):
+        cut_table_again(out_box, options, body_label)
     return out
 
 
@@ -188,6 +282,7 @@ def cut_table_again(out: np.ndarray, options: BodyEnvelopeOptions, body_label: i
     body = dilate(body, options.bed_cleanup_kernel)
     body |= out != body_label
     out[~body] = 0
+
 
 # --- the label-only method ----------------------------------------------------------------------------------------
 def _slice_envelope(labelled: np.ndarray, pixel: tuple[float, float], margin_mm: float) -> np.ndarray:
@@ -280,7 +375,7 @@ def read_body_ct(path: Path, shape: tuple[int, int, int], affine: np.ndarray, fi
                       "crop the CT and its mask to the body first")
     try:
         raw = np.asanyarray(image.dataobj.get_unscaled()).reshape(header.shape)
-    except Exception as error:  # a truncated or corrupt data part
+    except Exception as error:  # noqa: BLE001 — a truncated or corrupt data part raises many types
         reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
         raise MaskError(f"{field}: '{path}' is not a readable NIfTI file ({reason})") from None
     slope, inter = (float(v) if v is not None and math.isfinite(float(v)) else d
