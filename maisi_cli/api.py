@@ -29,6 +29,7 @@ from maisi_cli.engine.loading import load_networks
 from maisi_cli.engine.locks import SampleLock, sample_lock_path
 from maisi_cli.engine.masks.user import UserMask, user_mask_from_array
 from maisi_cli.engine.networks import LoadedModel
+from maisi_cli.engine.outputs import checked_format
 from maisi_cli.engine.plan import GenerationPlan, plan_samples, sample_paths
 from maisi_cli.engine.progress import ProgressCallback, no_progress
 from maisi_cli.engine.qc import QCOptions
@@ -85,13 +86,16 @@ class Sample:
     def qc(self) -> dict[str, Any] | None:
         return self._checked.qc
 
-    def save(self, folder: PathLike, overwrite: bool = False) -> list[Path]:
-        """Write what `maisi generate --out FOLDER` writes for this sample: sample_NNNN_image.nii.gz, _label.nii.gz
-        and the sidecar sample_NNNN.json, byte for byte the same images, and the folder's run record. A folder
-        holding a run with other settings is refused unless `overwrite`. Returns the paths written."""
+    def save(self, folder: PathLike, overwrite: bool = False, output_format: str = "nifti") -> list[Path]:
+        """Write what `maisi generate --out FOLDER --format F` writes for this sample: its image and label
+        (sample_NNNN_image.nii.gz and _label.nii.gz by default; nii, nrrd or dicom as `--format`), the sidecar
+        sample_NNNN.json, byte for byte the same files, and the folder's run record. A folder holding a run with
+        other settings is refused unless `overwrite`. Returns the paths written."""
         out = Path(folder)
-        plan = replace(self._plan, request=self._plan.request.model_copy(update={"out": out, "overwrite": overwrite}))
-        image, label, sidecar = sample_paths(out, self.index, plan.request.num_samples)
+        output_format = checked_format(output_format, "output_format")
+        plan = replace(self._plan, request=self._plan.request.model_copy(
+            update={"out": out, "overwrite": overwrite, "output_format": output_format}))
+        image, label, sidecar = sample_paths(out, self.index, plan.request.num_samples, output_format)
         task = replace(self._checked.task, image=image, label=None if plan.model.image_only else label,
                        sidecar=sidecar)
         writable_folder(out, "folder")
@@ -222,8 +226,8 @@ class Generator:
         """`num_samples` pairs, in memory; nothing is written. The arguments are those of `maisi generate`: `mask`
         is a NIfTI path, a class folder, an (array, affine) pair or a nibabel image (None: the model's mask database,
         or the mask generator when `anatomy` gives sizes); `body_from` a CT path or "labels"; `anatomy` names labels
-        the mask must hold ("liver"), or sizes to generate ("liver:0.5" or {"liver": 0.5}). Sample k's seed derives from (seed, k), as on the command line,
-        so `generate(seed=S)[k]` equals the CLI's sample k of `--seed S`."""
+        the mask must hold ("liver"), or sizes to generate ("liver:0.5" or {"liver": 0.5}). Sample k's seed derives
+        from (seed, k), as on the command line, so `generate(seed=S)[k]` equals the CLI's sample k of `--seed S`."""
         names, sizes = _anatomy(anatomy)
         request = self.request(
             size=_triple(size), spacing=_spacing(spacing), num_samples=num_samples, seed=seed, steps=steps,

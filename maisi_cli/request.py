@@ -14,6 +14,7 @@ from maisi_cli.errors import UsageError
 Precision = Literal["fp32", "fp16", "bf16"]
 LabelMode = Literal["full", "requested"]
 Backend = Literal["torch", "onnx", "trt"]
+OutputFormat = Literal["nifti", "nii", "nrrd", "dicom"]
 
 
 class GenerateRequest(BaseModel):
@@ -40,6 +41,7 @@ class GenerateRequest(BaseModel):
     augment: bool = True
     label_mode: LabelMode = "full"
     out: Path = Path("maisi-out")
+    output_format: OutputFormat = "nifti"  # `--format`: the files of each pair (maisi_cli/engine/outputs.py)
     shard: tuple[int, int] = (0, 1)
     overwrite: bool = False
     device: str = "auto"

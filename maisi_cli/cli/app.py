@@ -260,6 +260,9 @@ def _register() -> None:
     app.command("preview", help=preview.HELP)(preview.preview)
     app.command("fid", help=fid.HELP)(fid.fid)
     app.command("labels", help=labels.HELP)(labels.labels)
+    from maisi_cli.cli import convert
+
+    app.command("convert", help=convert.HELP)(convert.convert)
     app.add_typer(profiles.app, name="profiles")
     app.add_typer(data.app, name="data")
     from maisi_cli.cli import weights

@@ -54,6 +54,9 @@ def generate(
                                              "(default 1000)."),
     label_mode: str = typer.Option("full", "--label-mode", help="full: the whole mask; requested: only --anatomy labels."),
     out: Path = typer.Option(Path("maisi-out"), "--out", "-o", help="Output folder."),
+    output_format: str = typer.Option("nifti", "--format", help="nifti (.nii.gz, with 3D Slicer and ITK-SNAP colour "
+                                      "tables), nii (uncompressed), nrrd (image .nrrd, labels .seg.nrrd for 3D "
+                                      "Slicer) or dicom (a CT series and a DICOM SEG; extra maisi\\[dicom])."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: write samples k with k mod N = I (default: SLURM array)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate samples that are already complete."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -80,6 +83,7 @@ def generate(
                                  "each pair: mid-planes, soft-tissue window, label contours (see `maisi preview`)."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
+    from maisi_cli.engine.outputs import checked_format
     from maisi_cli.errors import QualityCheckFailed, UsageError
     from maisi_cli.request import GenerateRequest  # pydantic: not needed to build the command tree
 
@@ -90,6 +94,7 @@ def generate(
         raise UsageError(f"--precision: '{precision}' is not a precision; use fp32, fp16 or bf16")
     if backend not in ("torch", "onnx", "trt"):
         raise UsageError(f"--backend: '{backend}' is not a backend; use torch, onnx or trt")
+    output_format = checked_format(output_format)
     if onnx_dir is not None and backend != "onnx":
         raise UsageError("--onnx-dir: only with --backend onnx; add --backend onnx or drop --onnx-dir")
     if strict_qc and not qc:
@@ -106,7 +111,7 @@ def generate(
         anatomy_sizes=sizes,
         body_regions=tuple(body_region), mask_database=mask_database,
         allow_outside_database=allow_outside_database, augment=augment, mask_steps=mask_steps,
-        label_mode=label_mode, out=out, shard=parse_shard(shard), overwrite=overwrite, device=device,
+        label_mode=label_mode, out=out, output_format=output_format, shard=parse_shard(shard), overwrite=overwrite, device=device,
         precision=precision, allow_any_size=allow_any_size, weights_dir=weights_dir, guidance=guidance,
         backend=backend, onnx_dir=onnx_dir,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -124,6 +125,9 @@ def remove_stale_partials(paths: list[Path]) -> None:
     for path in paths:
         for partial in path.parent.glob(f".{path.name}.*.partial"):
             try:
-                partial.unlink()
+                if partial.is_dir() and not partial.is_symlink():  # a DICOM series being written (engine/outputs.py)
+                    shutil.rmtree(partial)
+                else:
+                    partial.unlink()
             except FileNotFoundError:
                 pass

@@ -27,6 +27,7 @@ from maisi_cli.engine.masks.user import (BodyEnvelope, UserMask, prepare_user_ma
                                          user_mask_grid)
 from maisi_cli.engine.masks.validation import field_of_view_warning
 from maisi_cli.engine.memory import HostMemoryEstimate, check_generation_memory, resolve_profile
+from maisi_cli.engine.outputs import pair_paths
 from maisi_cli.engine.qc import QCOptions, QCStatistics, load_statistics
 from maisi_cli.engine.runtime import resolve_device, resolve_precision
 from maisi_cli.engine.seeds import derive_sample_seed
@@ -143,9 +144,11 @@ class GenerationPlan:
         }
 
 
-def sample_paths(out: Path, index: int, num_samples: int) -> tuple[Path, Path, Path]:
+def sample_paths(out: Path, index: int, num_samples: int, output_format: str = "nifti") -> tuple[Path, Path, Path]:
+    """(image, label, sidecar) of sample `index` in `output_format` (engine/outputs.py)."""
     stem = f"sample_{index:0{max(4, len(str(num_samples - 1)))}d}"
-    return out / f"{stem}_image.nii.gz", out / f"{stem}_label.nii.gz", out / f"{stem}.json"
+    image, label = pair_paths(out, stem, output_format)
+    return image, label, out / f"{stem}.json"
 
 
 def sample_tasks(request: GenerateRequest, image_only: bool = False) -> list[SampleTask]:
@@ -153,7 +156,7 @@ def sample_tasks(request: GenerateRequest, image_only: bool = False) -> list[Sam
     shard_index, shard_count = request.shard
     tasks = []
     for index in range(shard_index, request.num_samples, shard_count):
-        image, label, sidecar = sample_paths(request.out, index, request.num_samples)
+        image, label, sidecar = sample_paths(request.out, index, request.num_samples, request.output_format)
         tasks.append(SampleTask(index, derive_sample_seed(request.seed, index), image,
                                 None if image_only else label, sidecar, False))
     return tasks

@@ -12,14 +12,14 @@ import numpy as np
 
 from maisi_cli.engine.locks import SampleLock, remove_stale_partials, sample_lock_path
 from maisi_cli.engine.networks import LoadedModel
+from maisi_cli.engine.outputs import PairIdentity, output_sha256, write_colour_tables, write_image, write_label
 from maisi_cli.engine.plan import GenerationPlan, SampleTask
 from maisi_cli.engine.postprocess import ras_affine
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
-from maisi_cli.engine.run_folder import record_weights, sample_problem, settings_sha256
+from maisi_cli.engine.run_folder import pair_settings_sha256, record_weights, sample_problem, settings_sha256
 from maisi_cli.engine.samples import CheckedSample, WarningCallback, checked_sample_sidecar, generate_checked_sample
 from maisi_cli.errors import GenerationError, MaskError, NoSpaceError
 from maisi_cli.io.files import removed_if_left_empty, writable_folder
-from maisi_cli.io.nifti import write_nifti
 from maisi_cli.io.provenance import read_json, write_json
 
 
@@ -89,13 +89,24 @@ def write_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, sa
     timings = dict(sample.timings)
     write_start = time.perf_counter()
     affine = sample_affine(plan, sample)
-    files_sha256 = {"image": write_nifti(task.image, sample.image, affine)}
+    output_format = plan.request.output_format
+    pair_digest = pair_settings_sha256(plan)
+    identity = PairIdentity(f"{pair_digest}:{task.index}", plan.model.name, task.seed, task.index)
+    files = write_image(task.image, sample.image, affine, output_format, identity)
+    files_sha256 = {"image": output_sha256(task.image)}
     if task.label is not None and sample.labels is not None:
-        files_sha256["label"] = write_nifti(task.label, sample.labels, affine)
+        files.update(write_label(task.label, sample.labels, affine, output_format, identity, task.image))
+        files_sha256["label"] = output_sha256(task.label)
+        if output_format in ("nifti", "nii"):  # the same bytes for every sample: written with each
+            files.update(write_colour_tables(task.image.parent))
     timings["write_s"] = time.perf_counter() - write_start
     timings["total_s"] = time.perf_counter() - started
-    write_json(task.sidecar, {**checked_sample_sidecar(plan, loaded, sample, timings),
-                              "files_sha256": files_sha256, "run_settings_sha256": run_digest})
+    document = {**checked_sample_sidecar(plan, loaded, sample, timings), "files_sha256": files_sha256,
+                "run_settings_sha256": run_digest, "pair_settings_sha256": pair_digest}
+    if output_format != "nifti":  # sidecars of NIfTI runs keep their earlier form
+        document["format"] = output_format
+    document["files"] = files
+    write_json(task.sidecar, document)
     return timings
 
 

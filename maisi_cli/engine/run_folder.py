@@ -17,11 +17,11 @@ from typing import Any, Callable
 
 from maisi_cli.config import format_triple
 from maisi_cli.engine.locks import sample_lock_path
+from maisi_cli.engine.outputs import output_sha256
 from maisi_cli.engine.plan import GenerationPlan, SampleTask, plan_samples
 from maisi_cli.engine.qc import QCOptions
 from maisi_cli.errors import OutputError, UsageError
-from maisi_cli.io.files import (check_replaceable, create_once, opened_regular, sha256_of_file, sha256_of_input,
-                                write_atomic)
+from maisi_cli.io.files import check_replaceable, create_once, opened_regular, sha256_of_input, write_atomic
 from maisi_cli.request import GenerateRequest
 
 RECORD_NAME = "maisi-run.json"
@@ -82,12 +82,20 @@ def run_settings(plan: GenerationPlan) -> dict[str, Any]:
         "quality check (--qc, --max-attempts, --stats)": (
             {"max_attempts": plan.qc.max_attempts, "statistics": canonical_sha256(qc.as_dict())}
             if qc is not None else None),
+        # recorded only when given, so the folders of earlier (NIfTI) runs keep their digest
+        **({"--format": request.output_format} if request.output_format != "nifti" else {}),
     }
 
 
 def settings_sha256(plan: GenerationPlan) -> str:
     """One digest of `run_settings`: each sidecar carries it, so a sample of another run never counts complete."""
     return canonical_sha256(run_settings(plan))
+
+
+def pair_settings_sha256(plan: GenerationPlan) -> str:
+    """The digest of the settings that make the pair's voxels, whatever the format they are written in: DICOM UIDs
+    derive from it, so `generate --format dicom` and `maisi convert --format dicom` write the same series."""
+    return canonical_sha256({k: v for k, v in run_settings(plan).items() if k != "--format"})
 
 
 def record_path(out: Path) -> Path:
@@ -189,7 +197,7 @@ def sample_problem(task: SampleTask, digest: str) -> str | None:
     if not isinstance(recorded, dict):
         return f"its sidecar {task.sidecar.name} records no sha256 of its files"
     for role, path in (("image", task.image), ("label", task.label)):
-        if path is not None and sha256_of_file(path) != recorded.get(role):
+        if path is not None and output_sha256(path) != recorded.get(role):
             return f"{path.name} does not match the sha256 its sidecar records (changed or truncated)"
     return None
 

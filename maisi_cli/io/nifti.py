@@ -84,15 +84,20 @@ def read_nifti(path: Path, field: str = "--mask", what: str = "label map") -> tu
     return data.reshape(header.shape), header.affine
 
 
-def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
-    """A gzipped NIfTI-1 file as bytes, with no timestamp or file name in the gzip header, so the same array gives
-    the same bytes every time."""
+def nifti_bytes_uncompressed(array: np.ndarray, affine: np.ndarray) -> bytes:
+    """A NIfTI-1 file (`.nii`) as bytes: the array's dtype, the affine as both qform and sform, units mm."""
     image = nib.Nifti1Image(array, affine)
     image.header.set_data_dtype(array.dtype)
     image.header.set_xyzt_units("mm", "sec")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
+    return image.to_bytes()
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
+    """A gzipped NIfTI-1 file as bytes, with no timestamp or file name in the gzip header, so the same array gives
+    the same bytes every time."""
+    return gzip.compress(nifti_bytes_uncompressed(array, affine), compresslevel=1, mtime=0)
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> str:

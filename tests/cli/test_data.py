@@ -22,7 +22,7 @@ def test_index_writes_a_database_the_finder_reads(tmp_path):
     result = runner.invoke(app, ["--json", "data", "masks", "index", str(folder), "--out", str(tmp_path / "db.json")])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout) == {"ok": True, "database": str(tmp_path / "db.json"), "entries": 2,
-                                         "root": str(folder.resolve())}
+                                         "root": str(folder.resolve()), "mask_labels": "maisi", "without_body": []}
     entries = read_database(tmp_path / "db.json")
     assert [e.pseudo_label_filename for e in entries] == ["labels/one.nii.gz", "labels/two.nii"]  # from db.json
     assert entries[1].dim == (48, 48, 32) and entries[1].spacing == (1.5, 1.5, 2.0)

@@ -5,7 +5,7 @@ Shard 0/3 takes its shard from SLURM_ARRAY_TASK_ID/COUNT, shard 1/3 from `--shar
 variables set beside it), shard 2/3 from the SLURM variables of a real `maisi generate` process. That process is
 SIGKILLed in the middle of its second sample (2 and 5 are its own): sample 5's image is written, its label and
 sidecar are not. To kill it at that point every time, rather than whenever a poll happens to catch it, the process
-runs the CLI with `write_nifti` wrapped to stop (sleep) after writing sample 5's image; it is otherwise the normal
+runs the CLI with `write_atomic` (io/files.py) wrapped to stop (sleep) after writing sample 5's image; it is otherwise the normal
 `maisi` entry point. While it sleeps it holds sample 5's lock, and a second job on the same shard leaves sample 5
 to it ("locked"). After the kill the re-run writes sample 5 only.
 """
@@ -27,15 +27,15 @@ from maisi_cli.cli.app import app
 # `python -c HOOK generate ...`: the maisi CLI, stopping for good once it has written the named file.
 HOOK = """
 import os, sys, time
-import maisi_cli.io.nifti as nifti
-_write = nifti.write_nifti
-def write_nifti(path, array, affine):
-    digest = _write(path, array, affine)
+import maisi_cli.io.files as files
+_write = files.write_atomic
+def write_atomic(path, payload):
+    digest = _write(path, payload)
     if path.name == os.environ["MAISI_TEST_STOP_AFTER"]:
         open(os.environ["MAISI_TEST_STOPPED"], "w").close()
         time.sleep(300)
     return digest
-nifti.write_nifti = write_nifti
+files.write_atomic = write_atomic  # before the writers import it
 from maisi_cli.cli.app import main
 sys.argv[0] = "maisi"
 main()
