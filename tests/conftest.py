@@ -38,3 +38,24 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def mask_file(tmp_path: Path) -> Path:
     """A 32^3 label map at 2 mm: body, liver, spleen, two lung lobes."""
     return write_mask(tmp_path / "mask.nii.gz", (32, 32, 32), (2.0, 2.0, 2.0))
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_export(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """(folder, the command's JSON document) of `maisi export onnx --component all --size 32` of the tiny model, made
+    once for the session (about a minute and a half): the CLI tests check the command, the unit tests compare its
+    graphs with PyTorch."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from maisi_cli.cli.app import app
+
+    spec, weights = tiny_model
+    out = tmp_path_factory.mktemp("tiny-onnx")
+    with pytest.MonkeyPatch.context() as patch:  # session scope: the autouse fixture's MAISI_HOME is per test
+        patch.setenv("MAISI_HOME", str(tmp_path_factory.mktemp("onnx-maisi-home")))
+        result = CliRunner().invoke(app, ["--json", "export", "onnx", "--model", str(spec), "--weights-dir",
+                                          str(weights), "--component", "all", "--size", "32", "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    return out, json.loads(result.stdout)

@@ -98,7 +98,7 @@ def convert_sample(folder: Path, sample: WrittenSample, output_format: str) -> d
         files_sha256["label"] = output_sha256(target_label)
         if output_format in ("nifti", "nii"):
             files.update(write_colour_tables(folder))
-    return {"files": files, "files_sha256": files_sha256}
+    return {"files_written": files, "files_sha256": files_sha256}
 
 
 def convert_folder(folder: Path, output_format: str, overwrite: bool = False,

@@ -101,18 +101,18 @@ def sample_file(run: Path, sidecar: dict[str, Any], index: int, role: str) -> Pa
     records none). A sample written in another format is refused: nnU-Net reads NIfTI."""
     if role not in sidecar["files_sha256"]:
         return None
-    files = sidecar.get("files")
-    named = files.get(role) if isinstance(files, dict) else None
-    if isinstance(named, str):  # sidecars of earlier runs name the pair's files by role
-        if Path(named).name != named or named in (".", ".."):
-            raise RunFolderError(f"RUN_DIR: {run}/sample_{index:04d}.json names {role} file {named!r}, not a file "
-                                 "name in its folder; the sidecar is damaged: re-run `maisi generate` into it")
-        return run / named
     output_format = sidecar.get("format", "nifti")
     suffix = NIFTI_SUFFIXES.get(output_format)
     if suffix is None:
         raise RunFolderError(f"RUN_DIR: sample {index} of {run} was written as {output_format}; nnU-Net datasets are "
                              "NIfTI: generate with --format nifti")
+    files = sidecar.get("files")
+    named = files.get(role) if isinstance(files, dict) else None
+    if isinstance(named, str):  # the sidecar names the pair's files by role
+        if Path(named).name != named or named in (".", ".."):
+            raise RunFolderError(f"RUN_DIR: {run}/sample_{index:04d}.json names {role} file {named!r}, not a file "
+                                 "name in its folder; the sidecar is damaged: re-run `maisi generate` into it")
+        return run / named
     return run / f"sample_{index:04d}_{role}{suffix}"
 
 

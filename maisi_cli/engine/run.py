@@ -105,7 +105,7 @@ def write_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, sa
                 "run_settings_sha256": run_digest, "pair_settings_sha256": pair_digest}
     if output_format != "nifti":  # sidecars of NIfTI runs keep their earlier form
         document["format"] = output_format
-    document["files"] = files
+    document["files_written"] = files  # every file, beside "files" (the pair by role)
     write_json(task.sidecar, document)
     return timings
 

@@ -22,17 +22,11 @@ HU_TOLERANCE = 2
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tiny_model, tmp_path_factory) -> Path:
-    """`maisi export onnx --component all` of the tiny model, once for the module."""
-    spec, weights = tiny_model
-    out = tmp_path_factory.mktemp("exported")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MAISI_HOME", str(tmp_path_factory.mktemp("maisi-home")))
-        result = runner.invoke(app, ["--json", "export", "onnx", "--model", str(spec), "--weights-dir", str(weights),
-                                     "--component", "all", "--size", "32", "--out", str(out)])
-    assert result.exit_code == 0, result.stderr
-    manifest = json.loads(result.stdout)  # stdout is the manifest alone: the exporter's chatter is kept off it
-    assert manifest == {"ok": True, **json.loads((out / "manifest.json").read_text())}
+def onnx_dir(tiny_onnx_export) -> Path:
+    """`maisi export onnx --component all` of the tiny model (tests/conftest.py, once for the session)."""
+    out, document = tiny_onnx_export
+    # stdout is the manifest alone: the exporter's chatter is kept off it
+    assert document == {"ok": True, **json.loads((out / "manifest.json").read_text())}
     return out
 
 

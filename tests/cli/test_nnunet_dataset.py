@@ -219,7 +219,8 @@ def test_image_only_samples_are_skipped_and_uncompressed_pairs_keep_their_bytes(
     label.write_bytes(gzip.decompress((tmp_path / "liver.nii.gz").read_bytes()))
     digests = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in (image, label)}
     (mixed / "sample_0003.json").write_text(json.dumps({
-        **sidecar(run_a, 1), "sample_index": 3, "format": "nii", "files": digests,
+        **sidecar(run_a, 1), "sample_index": 3, "format": "nii", "files_written": digests,
+        "files": {"image": image.name, "label": label.name},
         "files_sha256": {"image": digests[image.name], "label": digests[label.name]}}))
     (mixed / "sample_0004_image.nii.gz").write_bytes(b"")  # a sample still being written: no sidecar yet
 

@@ -39,11 +39,12 @@ def nifti_run(tiny_model, tmp_path_factory) -> Path:
 
 def test_a_nifti_run_lists_its_files_and_writes_the_colour_tables(nifti_run):
     sidecar = json.loads((nifti_run / "sample_0000.json").read_text())
-    assert set(sidecar["files"]) == {"sample_0000_image.nii.gz", "sample_0000_label.nii.gz", "maisi_labels.ctbl",
+    assert set(sidecar["files_written"]) == {"sample_0000_image.nii.gz", "sample_0000_label.nii.gz", "maisi_labels.ctbl",
                                      "maisi_labels_itksnap.txt"}
-    for name, sha in sidecar["files"].items():
+    for name, sha in sidecar["files_written"].items():
         assert output_sha256(nifti_run / name) == sha
     assert "format" not in sidecar  # a NIfTI run's sidecar keeps its earlier form
+    assert sidecar["files"] == {"image": "sample_0000_image.nii.gz", "label": "sample_0000_label.nii.gz"}
 
 
 @pytest.mark.parametrize("output_format", ["nii", "nrrd"])
@@ -53,7 +54,7 @@ def test_each_format_holds_the_same_pair(tiny_model, nifti_run, tmp_path, output
                        output_format))
     sidecar = json.loads((out / "sample_0000.json").read_text())
     assert sidecar["format"] == output_format
-    assert all(output_sha256(out / name) == sha for name, sha in sidecar["files"].items())
+    assert all(output_sha256(out / name) == sha for name, sha in sidecar["files_written"].items())
     image = np.asarray(nib.load(nifti_run / "sample_0000_image.nii.gz").dataobj)
     labels = np.asarray(nib.load(nifti_run / "sample_0000_label.nii.gz").dataobj)
     if output_format == "nii":
@@ -87,7 +88,7 @@ def test_convert_writes_what_generate_writes_in_that_format(tiny_model, nifti_ru
     got = {name: sha for name, sha in files_of(converted).items() if name in wanted}
     assert got == wanted  # the same bytes, DICOM UIDs included
     entry = json.loads((converted / "sample_0000.json").read_text())["converted"][output_format]
-    assert all(output_sha256(converted / name) == sha for name, sha in entry["files"].items())
+    assert all(output_sha256(converted / name) == sha for name, sha in entry["files_written"].items())
     second = runner.invoke(app, ["--json", "convert", str(converted), "--format", output_format])
     assert json.loads(second.stdout)["skipped"] == ["sample_0000"]
 

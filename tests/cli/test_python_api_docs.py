@@ -39,5 +39,6 @@ def test_every_example_runs_in_order(tmp_path, monkeypatch, capsys):
     assert "quality check passed: off" in printed and "networks loaded 1 time(s)" in printed
     assert "UsageError --spacing" in printed
     assert sorted(p.name for p in (tmp_path / "demo-out").iterdir()) == [
-        "maisi-run.json", "preview.png", "sample_0000.json", "sample_0000_image.nii.gz", "sample_0000_label.nii.gz",
+        "maisi-run.json", "maisi_labels.ctbl", "maisi_labels_itksnap.txt", "preview.png", "sample_0000.json",
+        "sample_0000_image.nii.gz", "sample_0000_label.nii.gz",
         "sample_0001.json", "sample_0001_image.nii.gz", "sample_0001_label.nii.gz"]

@@ -22,20 +22,18 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_model, tmp_path_factory):
-    """Every component of the tiny model exported once: (spec, manifest, folder, networks, scale factors)."""
-    from maisi_cli.engine.export import export_onnx, load_sources
+def exported(tiny_model, tiny_onnx_export):
+    """Every component of the tiny model, exported once for the session (tests/conftest.py): (spec, manifest,
+    folder, networks, scale factors)."""
+    from maisi_cli.engine.export import load_sources
     from maisi_cli.engine.graph_parts import image_components
     from maisi_cli.models import get_model
 
     spec_path, weights = tiny_model
     spec = get_model(str(spec_path))
-    out = tmp_path_factory.mktemp("onnx")
-    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse fixture's MAISI_HOME is per test
-        patch.setenv("MAISI_HOME", str(tmp_path_factory.mktemp("maisi-home")))
-        components = image_components(spec)
-        manifest = export_onnx(spec, components, out, weights, size=(32, 32, 32))
-        networks, scales, _ = load_sources(spec, components, weights)
+    out, _ = tiny_onnx_export
+    manifest = json.loads((out / "manifest.json").read_text())
+    networks, scales, _ = load_sources(spec, image_components(spec), weights)
     return spec, manifest, out, networks, scales
 
 
