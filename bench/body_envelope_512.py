@@ -29,23 +29,16 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))  # the bench's own helpers
+from rss import reset_peak, status_bytes  # noqa: E402
+
 HERE = Path(__file__).parent
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(key))
-
-
-def _reset_peak() -> int:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    return _status("VmRSS")
 
 
 def synthetic_case(n: int, rng: np.random.Generator):
@@ -110,11 +103,11 @@ def _source_commit(module_file: str) -> str:
 
 def _measure(envelope, labels: np.ndarray, ct: np.ndarray) -> tuple[np.ndarray, float, int]:
     """(output, seconds, rise of the peak RSS in bytes) of one call."""
-    base = _reset_peak()
+    base = reset_peak()
     started = time.perf_counter()
     out = envelope(labels, ct)
     seconds = time.perf_counter() - started
-    return out, seconds, _status("VmHWM") - base
+    return out, seconds, status_bytes("VmHWM") - base
 
 
 def main() -> None:

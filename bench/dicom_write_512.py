@@ -18,6 +18,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,21 +29,13 @@ from maisi_cli._version import __version__
 from maisi_cli.io.dicom import DicomIdentity, write_ct_series, write_segmentation
 from maisi_cli.labels import label_dictionary
 
+sys.path.insert(0, str(Path(__file__).parent))  # the bench's own helpers
+from rss import reset_peak, status_bytes  # noqa: E402
+
 HERE = Path(__file__).parent
 ORGANS = ("liver", "spleen", "pancreas", "aorta", "inferior vena cava", "gallbladder", "stomach", "esophagus",
           "duodenum", "left kidney", "right kidney", "left adrenal gland", "right adrenal gland", "bladder",
           "left lung upper lobe", "right lung upper lobe", "vertebrae L1", "vertebrae L2", "hepatic tumor")
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(key))
-
-
-def _reset_peak() -> int:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    return _status("VmRSS")
 
 
 def phantom(size: int, slices: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
@@ -76,10 +69,10 @@ def colour_of(ident: int) -> tuple[int, int, int]:
 
 
 def timed(write, *args) -> tuple[float, int]:
-    before = _reset_peak()
+    before = reset_peak()
     start = time.perf_counter()
     write(*args)
-    return time.perf_counter() - start, _status("VmHWM") - before
+    return time.perf_counter() - start, status_bytes("VmHWM") - before
 
 
 def megabytes(path: Path) -> float:

@@ -14,22 +14,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))  # the bench's own helpers
+from rss import reset_peak, status_bytes  # noqa: E402
+
 STEPS = {"reorient": (96, 192), "resample": (64, 96), "pad": (64, 96), "bit_planes": (96, 128),
          "output": (96, 160), "write": (128, 256)}
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(key))
-
-
-def _reset_peak() -> int:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    return _status("VmRSS")
 
 
 def measure(step: str, n: int) -> tuple[int, int]:
@@ -47,7 +40,7 @@ def measure(step: str, n: int) -> tuple[int, int]:
     labels = rng.integers(0, 4, (n, n, n), dtype=np.uint8) * np.uint8(50)
     decoded = rng.random((n, n, n), dtype=np.float32) if step == "output" else None
     image = rng.integers(-1000, 1000, (n, n, n), dtype=np.int16) if step == "write" else None
-    base = _reset_peak()
+    base = reset_peak()
     if step == "reorient":  # same grid: the int16 copy and the reorientation only
         fit_to_grid(labels, np.eye(4), (n, n, n), (1.0, 1.0, 1.0))
         voxels = n**3
@@ -66,7 +59,7 @@ def measure(step: str, n: int) -> tuple[int, int]:
     else:
         nifti_bytes(image, np.eye(4))
         voxels = n**3
-    return _status("VmHWM") - base, voxels
+    return status_bytes("VmHWM") - base, voxels
 
 
 def main() -> None:

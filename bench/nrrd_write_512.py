@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,19 +27,11 @@ from maisi_cli.colours import label_colour_table
 from maisi_cli.io.nifti import write_nifti
 from maisi_cli.io.nrrd import write_nrrd_image, write_seg_nrrd
 
+sys.path.insert(0, str(Path(__file__).parent))  # the bench's own helpers
+from rss import reset_peak, status_bytes  # noqa: E402
+
 HERE = Path(__file__).parent
 ORGAN_IDS = (1, 3, 4, 5, 6, 7, 10, 12, 14, 15, 17, 19, 28, 29, 30, 31, 32, 35, 36, 37)  # 20 labels
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(key))
-
-
-def _reset_peak() -> int:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    return _status("VmRSS")
 
 
 def synthetic_pair(depth: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,10 +60,10 @@ def synthetic_pair(depth: int, rng: np.random.Generator) -> tuple[np.ndarray, np
 
 def timed(write, *args) -> tuple[float, int]:
     """(seconds, peak RSS rise in bytes) of one call."""
-    before = _reset_peak()
+    before = reset_peak()
     start = time.perf_counter()
     write(*args)
-    return time.perf_counter() - start, _status("VmHWM") - before
+    return time.perf_counter() - start, status_bytes("VmHWM") - before
 
 
 def main() -> None:

@@ -96,26 +96,25 @@ def test_the_folder_of_per_class_files_gives_the_same_condition_as_the_file(segm
     assert json.loads(planned.stdout)["plan"]["mask"]["path"] == str(segmented_phantom["folder"])
 
 
-def test_the_mask_sets_the_grid_when_no_size_is_given(tmp_path):
-    made = runner.invoke(app, ["--quiet", "data", "phantoms", "--num", "1", "--size", "48x48x32", "--spacing", "8",
-                               "--out", str(tmp_path / "ph")])
+def demo_plan_for_phantom_mask(folder: Path, size: str, spacing: str) -> dict:
+    """The demo's `generate --dry-run` plan for a phantom's label map of that grid, given no --size/--spacing."""
+    made = runner.invoke(app, ["--quiet", "data", "phantoms", "--num", "1", "--size", size, "--spacing", spacing,
+                               "--out", str(folder / "ph")])
     assert made.exit_code == 0, made.stderr
-    mask = tmp_path / "ph" / "phantom_0000_label.nii.gz"
+    mask = folder / "ph" / "phantom_0000_label.nii.gz"
     result = runner.invoke(app, ["--json", "generate", "--model", "demo", "--mask", str(mask), "--dry-run"])
     assert result.exit_code == 0, result.stderr
-    plan = json.loads(result.stdout)["plan"]
+    return json.loads(result.stdout)["plan"]
+
+
+def test_the_mask_sets_the_grid_when_no_size_is_given(tmp_path):
+    plan = demo_plan_for_phantom_mask(tmp_path, "48x48x32", "8")
     assert (plan["size"], plan["spacing"]) == ([48, 48, 32], [8.0, 8.0, 8.0])
     assert plan["warnings"] == []
 
 
 def test_a_grid_the_model_does_not_take_gives_the_nearest_with_a_warning(tmp_path):
-    made = runner.invoke(app, ["--quiet", "data", "phantoms", "--num", "1", "--size", "40", "--spacing", "9",
-                               "--out", str(tmp_path / "ph")])
-    assert made.exit_code == 0, made.stderr
-    mask = tmp_path / "ph" / "phantom_0000_label.nii.gz"
-    result = runner.invoke(app, ["--json", "generate", "--model", "demo", "--mask", str(mask), "--dry-run"])
-    assert result.exit_code == 0, result.stderr
-    plan = json.loads(result.stdout)["plan"]
+    plan = demo_plan_for_phantom_mask(tmp_path, "40", "9")
     assert all(s % 16 == 0 for s in plan["size"])  # the demo's networks take multiples of 16
     assert plan["size"][0] * plan["spacing"][0] == pytest.approx(360.0)  # its 360 mm field of view is kept
     note = next(w for w in plan["warnings"] if "does not take" in w)
