@@ -1,6 +1,8 @@
 """The label dictionary (132 anatomies of MAISI, plus body = 200), modality ids, and name lookup.
 
 Plugins (`maisi.labels`, `maisi.modalities` entry points) add names; they never replace a built-in name or id.
+A `maisi.labels` object may also hold whole label dictionaries of its own (an entry whose value is a table, name →
+{anatomy: id}): a model spec's `label_dictionary` names one, and `maisi labels --model` shows it.
 """
 
 from __future__ import annotations
@@ -22,10 +24,56 @@ def builtin_label_dictionary() -> dict[str, int]:
     return names
 
 
+def _label_registries(found: list) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """The `maisi.labels` plugins split in two: their name → id entries merged into the built-in dictionary, and
+    the named tables (an entry whose value is a dict), each kept whole."""
+    entries: list = []
+    tables: dict[str, dict[str, int]] = {}
+    for record, obj in found:
+        if isinstance(obj, dict):
+            for name, table in [(k, v) for k, v in obj.items() if isinstance(v, dict)]:
+                _add_table(record, name, table, tables)
+            obj = {k: v for k, v in obj.items() if not isinstance(v, dict)}
+        entries.append((record, obj))
+    return plugins.merge_ids(builtin_label_dictionary(), entries, "label", (1, 255)), tables
+
+
+def _add_table(record: plugins.PluginRecord, name: str, table: dict, tables: dict[str, dict[str, int]]) -> None:
+    key = name.strip().lower()
+    mapping = plugins.as_mapping(record, table, f"label dictionary {name!r}: anatomy names to ids")
+    if mapping is None:
+        return
+    if any(ident < 1 for ident in mapping.values()):  # 0 is the background of every label map
+        plugins.fail(record, f"label dictionary {name!r} has ids below 1")
+        return
+    if key in tables:
+        plugins.refuse(record, [(name, "the label dictionary name is taken by another plugin")])
+        return
+    tables[key] = mapping
+    record.registered.append(f"label dictionary {key} ({len(mapping)} names)")
+
+
 def label_dictionary() -> dict[str, int]:
     """Anatomy name → label id, body and plugin labels (ids 1..255: label maps are uint8) included."""
-    return plugins.registry("labels", lambda found: plugins.merge_ids(builtin_label_dictionary(), found, "label",
-                                                                      (1, 255)))
+    return plugins.registry("labels", _label_registries)[0]
+
+
+def named_label_dictionaries() -> dict[str, dict[str, int]]:
+    """The label dictionaries plugins provide whole (lower-case name → {anatomy: id}), for a spec to name."""
+    return plugins.registry("labels", _label_registries)[1]
+
+
+def label_dictionary_of(name: str | None, model: str = "") -> dict[str, int]:
+    """The dictionary a model's spec names by `label_dictionary`; None: the built-in one (plugin labels added)."""
+    if name is None:
+        return label_dictionary()
+    tables = named_label_dictionaries()
+    key = name.strip().lower()
+    if key not in tables:
+        known = ", ".join(sorted(tables)) or "none installed"
+        raise UsageError(f"--model: model {model} names the label dictionary '{name}', which no plugin provides "
+                         f"(known: {known}); install the plugin that ships it (`maisi plugins` lists them)")
+    return tables[key]
 
 
 def modality_mapping() -> dict[str, int]:

@@ -273,6 +273,9 @@ class ModelSpec(BaseModel):
     # How the VAE output in [0, 1] becomes the written image: "hu" CT (−1000..1000 HU, air outside the body),
     # "mr" MR intensities (0..1000, clipped below at 0 only), as NV-Generate-CTMR's diff_model_infer.
     output_intensity: Literal["hu", "mr"] = "hu"
+    # The label dictionary of the model's anatomy names: None, maisi's own (132 + body 200); else the name of a
+    # table a plugin provides whole through `maisi.labels` (maisi_cli/labels.py `label_dictionary_of`).
+    label_dictionary: str | None = None
 
     @field_validator("cfg_guidance_scale")
     @classmethod

@@ -1,4 +1,5 @@
-"""`maisi labels [QUERY]`: the label dictionary (ids and anatomy names, body = 200)."""
+"""`maisi labels [QUERY]`: the label dictionary (ids and anatomy names, body = 200), or the one a model's spec
+names (`--model`: a plugin's table, e.g. the CT-MR dictionary of the MR models)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from maisi_cli.cli import render
 HELP = "List the label ids and anatomy names, filtered by a name fragment or an id."
 
 
-def matching_labels(query: str | None) -> list[tuple[int, str]]:
-    """(id, name) sorted by id: all, those whose name contains `query` (case-insensitive), or the one id."""
+def matching_labels(query: str | None, table: dict[str, int] | None = None) -> list[tuple[int, str]]:
+    """(id, name) of `table` (default: maisi's dictionary) sorted by id: all, those whose name contains `query`
+    (case-insensitive), or the one id."""
     from maisi_cli.labels import label_dictionary, maisi_name_for, normalised_name
 
-    entries = sorted((ident, name) for name, ident in label_dictionary().items())
+    entries = sorted((ident, name) for name, ident in (label_dictionary() if table is None else table).items())
     if query is None or not query.strip():
         return entries
     key = normalised_name(query)
@@ -31,21 +33,34 @@ def labels(
                                           help="Part of an anatomy name (any case), or a label id."),
     scheme: Optional[str] = typer.Option(None, "--scheme", help="Show how a segmenter's class ids map to MAISI's: "
                                          "totalsegmentator, vista3d, or a .json table (as generate --mask-labels)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Show the label dictionary this model's spec names "
+                                        "(e.g. the CT-MR one of a plugin's MR models); default: MAISI's CT labels."),
     json_flag: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    from maisi_cli.errors import MaisiError
+    from maisi_cli.errors import MaisiError, UsageError
 
     output = render.output_of(ctx.obj, json_flag)
     if scheme is not None:
+        if model is not None:
+            raise UsageError("--scheme: a scheme maps to MAISI's CT labels, not to a model's; drop --model or --scheme")
         show_scheme(scheme, query, output)
         return
-    found = matching_labels(query)
+    found = matching_labels(query, model_labels(model) if model is not None else None)
     if not found:
         raise MaisiError(f"QUERY: no label matches '{query}'; run `maisi labels` without a query to list them all")
     if output.json:
         render.print_json({"labels": [{"id": ident, "name": name} for ident, name in found]})
         return
     render.print_table(None, ("id", "name"), found)
+
+
+def model_labels(name: str) -> dict[str, int]:
+    """The label dictionary the spec of model `name` names (maisi's own when it names none)."""
+    from maisi_cli.labels import label_dictionary_of
+    from maisi_cli.models import get_model
+
+    spec = get_model(name)
+    return label_dictionary_of(spec.label_dictionary, spec.name)
 
 
 def show_scheme(name: str, query: str | None, output: render.Output) -> None:

@@ -41,10 +41,14 @@ def mr_to_int16(mr: np.ndarray) -> np.ndarray:
 
 
 def output_image(decoded: np.ndarray, intensity: str, label_map: np.ndarray | None = None) -> np.ndarray:
-    """The written int16 image of a decoded volume: "hu" → HU, air (−1000) where `label_map` is background when a
-    condition mask is given; "mr" → MR intensities (no body crop: there is no mask)."""
+    """The written int16 image of a decoded volume: "hu" → HU, "mr" → MR intensities; where a condition mask
+    (`label_map`) is background, the range's floor (a_min of NV-Generate-CTMR `infer_image_from_mask.py`: CT −1000,
+    MR 0)."""
     if intensity == "mr":
-        return mr_to_int16(intensity_to_mr(decoded))
+        mr = mr_to_int16(intensity_to_mr(decoded))
+        if label_map is not None:
+            mr[label_map == 0] = 0  # in place: no second volume
+        return mr
     if intensity != "hu":
         raise ValueError(f"output intensity {intensity!r}: use 'hu' or 'mr'")
     hu = intensity_to_hu(decoded)

@@ -109,7 +109,7 @@ def test_mr_models_appear_in_models_and_resolve(mr, fresh_app):
 
     brain = get_model("rflow-mr-brain")
     assert brain.source == "plugin maisi-mr-test 1.0"
-    assert brain.modality_id == 31  # mri_flair_skull_stripped: a modality the plugin adds
+    assert brain.modality_id == 9  # mri_t1, as upstream's v1 config (test_mr_specs_match_upstream below)
     assert get_model("rflow-mr").modality_id == 9 and get_model("rflow-mr").default_spacing((128, 256, 256)) == (
         1.25, 1.0, 1.0)
 
@@ -149,7 +149,7 @@ def test_generate_dry_run_resolves_an_mr_model(mr, fresh_app, tmp_path, monkeypa
     (weights / "models/diff_unet_3d_rflow-mr-brain_v1.pt").write_bytes(b"")
     table = invoke(app, "generate", "--model", "rflow-mr-brain", "--device", "cpu", "--profile", "mr",
                    "--weights-dir", str(weights), "--dry-run")
-    assert table.exit_code == 0 and "type: none" in table.stdout and "guidance 10" in table.stdout, table.stderr
+    assert table.exit_code == 0 and "type: none" in table.stdout and "guidance 2" in table.stdout, table.stderr
 
     refused = invoke(app, "generate", "--model", "rflow-mr", "--device", "cpu", "--weights-dir", str(weights),
                      "--mask", str(tmp_path / "mask.nii.gz"), "--dry-run")
@@ -183,10 +183,98 @@ def test_plugins_json_lists_each_entry_point(mr, fresh_app):
     assert all(e["status"] == "ok" and e["version"] == "1.0" and e["error"] is None for e in mine.values())
     assert sorted(mine["maisi.models"]["registered"]) == ["rflow-mr", "rflow-mr-brain"]
     assert mine["maisi.profiles"]["registered"] == ["mr"] and mine["maisi.commands"]["registered"] == ["mr"]
-    assert len(mine["maisi.labels"]["registered"]) == 67
+    # ids 133..199 of the CT-MR dictionary for maisi's own, and that dictionary whole (349 names, body 500)
+    assert len(mine["maisi.labels"]["registered"]) == 68
+    assert "label dictionary ctmr (349 names)" in mine["maisi.labels"]["registered"]
     assert document["load_plugins"] == ["maisi-mr-test"]
     table = invoke(app, "plugins")
     assert table.exit_code == 0 and "rflow-mr" in table.stdout and "fibula" in table.stdout, table.stdout
+
+
+# --- MR brain v1: the specs against upstream's configs, the CT-MR label dictionary (issue 24 item 2) ----------------
+# Upstream values as NV-Generate-CTMR writes them, with the file (and commit) each comes from.
+UPSTREAM_MR = {
+    # configs/config_maisi_diff_model_rflow-mr.json @ 2cb90dd (diffusion_unet_inference); weights:
+    # scripts/download_model_data.py @ 23b84e5 ("rflow-mr": both files on nvidia/NV-Generate-MR)
+    "rflow-mr": {"modality_id": 9, "cfg_guidance_scale": 15, "default_steps": 30, "default_size": (128, 256, 256),
+                 "spacing": (1.25, 1.0, 1.0), "hf_repo": "nvidia/NV-Generate-MR",
+                 "weights": {"autoencoder": "models/autoencoder_v2.pt",
+                             "diffusion_unet": "models/diff_unet_3d_rflow-mr.pt"}},
+    # modality 9 and cfg_guidance_scale 2 of the v1 configs/config_maisi_diff_model_rflow-mr-brain.json (commit
+    # a1bd588: 10 → 2; ../shared/docs/reference-v2.md §1); dim 256³ at 0.8 x 1 x 1 mm and 30 steps of the same file
+    # @ 34d81a7; the UNet file of configs/environment_maisi_diff_model_rflow-mr-brain.json @ 2fa7d60, the autoencoder
+    # from nvidia/NV-Generate-CT (scripts/download_model_data.py @ 23b84e5)
+    "rflow-mr-brain": {"modality_id": 9, "cfg_guidance_scale": 2, "default_steps": 30, "default_size": (256, 256, 256),
+                       "spacing": (0.8, 1.0, 1.0), "hf_repo": "nvidia/NV-Generate-MR-Brain",
+                       "weights": {"autoencoder": "models/autoencoder_v1.pt",
+                                   "diffusion_unet": "models/diff_unet_3d_rflow-mr-brain_v1.pt"}},
+}
+# scripts/utils.py `check_input_mr` (as skills/infer_image-only.md states it): z = 128 → x = y in {128, 256, 384,
+# 512}; z = 256 → 128x256x256, 256x128x256 or 256x256x256; spacing 0.4..5.0 mm on every axis.
+UPSTREAM_MR_SIZES = {(xy, xy, 128) for xy in (128, 256, 384, 512)} | {(128, 256, 256), (256, 128, 256),
+                                                                     (256, 256, 256)}
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAM_MR))
+def test_mr_specs_match_upstream(mr, name):
+    from maisi_cli.models import get_model
+
+    spec, want = get_model(name), UPSTREAM_MR[name]
+    assert (spec.modality_id, spec.cfg_guidance_scale, spec.guidance_scale) == (
+        want["modality_id"], want["cfg_guidance_scale"], want["cfg_guidance_scale"])
+    assert (spec.default_steps, spec.default_size, spec.hf_repo, dict(spec.weights)) == (
+        want["default_steps"], want["default_size"], want["hf_repo"], want["weights"])
+    assert spec.default_spacing(spec.default_size) == want["spacing"]
+    assert set(spec.size_rules.allowed_sizes) == UPSTREAM_MR_SIZES
+    assert spec.size_rules.spacing_xy_range == spec.size_rules.spacing_z_range == (0.4, 5.0)
+    assert spec.output_intensity == "mr" and spec.label_dictionary == "ctmr"
+
+
+def test_labels_model_shows_the_ct_mr_dictionary(mr, fresh_app, tmp_path):
+    app = fresh_app()
+    mr_table = invoke(app, "labels", "--model", "rflow-mr-brain", "--json")
+    assert mr_table.exit_code == 0, mr_table.stderr
+    found = {entry["id"]: entry["name"] for entry in json.loads(mr_table.stdout)["labels"]}
+    # configs/label_dict_ctmr.json @ 9225a29: ids 1..345 and the brain tumours 401..403, spelt as upstream; body 500
+    assert len(found) == 349 and set(found) == set(range(1, 346)) | {401, 402, 403, 500}
+    assert (found[401], found[402], found[403], found[500]) == (
+        "brain tumor NCR/NETC", "brain tumor ED", "brain tumor ET", "body")
+    assert (found[200], found[213], found[248]) == (
+        "left mandible", "pharynxConst", "Right-ACgG--anterior-cingulate-gyrus")
+    one = invoke(app, "labels", "401", "--model", "rflow-mr", "--json")
+    assert json.loads(one.stdout)["labels"] == [{"id": 401, "name": "brain tumor NCR/NETC"}], one.stderr
+
+    ct = invoke(app, "labels", "--json")
+    ct_ids = {entry["id"]: entry["name"] for entry in json.loads(ct.stdout)["labels"]}
+    assert 401 not in ct_ids and 500 not in ct_ids and ct_ids[200] == "body" and ct_ids[177] == "chiasm"
+    assert invoke(app, "labels", "--model", "rflow-ct", "--json").stdout == ct.stdout  # a CT spec names none
+    assert invoke(app, "labels", "tumor", "--model", "rflow-mr-brain").stdout.count("brain tumor") == 4
+
+    spec = tmp_path / "orphan.json"
+    spec.write_text(json.dumps({**json.loads((MR_PLUGIN / "maisi_mr/models/rflow-mr.json").read_text()),
+                                "name": "orphan", "label_dictionary": "nope"}))
+    missing = invoke(app, "labels", "--model", str(spec))
+    assert missing.exit_code == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert "--model: model orphan names the label dictionary 'nope', which no plugin provides (known: ctmr)" in (
+        missing.stderr)
+    both = invoke(app, "labels", "--model", "rflow-mr", "--scheme", "vista3d")
+    assert both.exit_code == 2 and "drop --model or --scheme" in both.stderr, both.stderr
+
+
+def test_label_dictionary_plugin_checks(site, monkeypatch):
+    """A plugin table with an id below 1 is left out and recorded; a table name two plugins give is refused."""
+    monkeypatch.setenv("MAISI_LOAD_PLUGINS", "tables-a,tables-b")
+    site("tables-a", {"labels": {"t": "maisi_tables_a:TABLES"}},
+         modules={"maisi_tables_a": "TABLES = {'shared': {'thing': 300}, 'bad': {'air': 0}}\n"})
+    site("tables-b", {"labels": {"t": "maisi_tables_b:TABLES"}},
+         modules={"maisi_tables_b": "TABLES = {'Shared': {'other': 301}}\n"})
+    from maisi_cli.labels import label_dictionary, named_label_dictionaries
+
+    assert named_label_dictionaries() == {"shared": {"thing": 300}}
+    assert "thing" not in label_dictionary()
+    status = {r.plugin: r for r in plugin_records() if r.group == "labels"}
+    assert "has ids below 1" in status["tables-a"].error
+    assert status["tables-b"].refused == ["Shared (the label dictionary name is taken by another plugin)"]
 
 
 @pytest.mark.parametrize("value, loaded", [("", False), ("someone-else", False), ("maisi-mr-test", True),

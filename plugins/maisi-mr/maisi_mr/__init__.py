@@ -31,10 +31,26 @@ def models() -> list[Path]:
     return sorted((HERE / "models").glob("*.json"))
 
 
-def labels() -> dict[str, int]:
-    """maisi.labels: ids 133..199 of NV-Generate-CTMR's configs/label_dict_ctmr.json (MAISI v2's label vocabulary
-    past the 132 of v1; its ids from 200 on do not fit maisi's uint8 label maps or collide with body = 200)."""
-    return json.loads((HERE / "labels.json").read_text())
+# NV-Generate-CTMR configs/label_dict_ctmr.json (commit 9225a29, 348 names, ids 1..345 and 401..403), kept as
+# upstream spells it; body is 500 in the CT-MR vocabulary (its 200 is "left mandible"), added here as maisi adds
+# body 200 to its own table.
+CTMR_TABLE = "label_dict_ctmr.json"
+CTMR_BODY = 500
+# The CT-MR ids past MAISI's 132 that fit maisi's uint8 label maps and stop before body 200: added to maisi's own
+# dictionary, so that `maisi labels` and --anatomy know their names without --model.
+EXTRA_CT_IDS = range(133, 200)
+
+
+def ctmr_labels() -> dict[str, int]:
+    """The CT-MR label dictionary of MAISI v2: anatomy name → id, body = 500."""
+    return {**json.loads((HERE / CTMR_TABLE).read_text()), "body": CTMR_BODY}
+
+
+def labels() -> dict[str, int | dict[str, int]]:
+    """maisi.labels: ids 133..199 of the CT-MR dictionary for maisi's own, and the whole CT-MR dictionary as the
+    table "ctmr" (the MR specs name it by `label_dictionary`)."""
+    table = ctmr_labels()
+    return {**{name: ident for name, ident in table.items() if ident in EXTRA_CT_IDS}, "ctmr": table}
 
 
 def profiles() -> list[Path]:
