@@ -369,7 +369,8 @@ def estimate_peak_memory(spec: Any, size: Triple, plan: Any, dtype_bytes: int = 
                          overhead_gib: float | None = None, transient_factor: float | None = None,
                          guided: bool = False) -> MemoryEstimate:
     """Peak GPU memory of one generation of `size` with the decode `plan` (a `DecodePlan`), fp16 by default.
-    `guided`: classifier-free guidance runs the UNet on a batch of 2 (twice the step activations)."""
+    `guided`: classifier-free guidance runs the networks on a batch of 2 (twice the step activations, and with a
+    ControlNet twice its condition)."""
     overhead = int((FRAMEWORK_OVERHEAD_GIB if overhead_gib is None else overhead_gib) * GIB)
     vae = resolved_definition(spec, "autoencoder")
     unet = resolved_definition(spec, "diffusion_unet")
@@ -390,10 +391,15 @@ def estimate_peak_memory(spec: Any, size: Triple, plan: Any, dtype_bytes: int = 
     step, embed = _unet_activation_bytes(unet, controlnet, latent, dtype_bytes)
     if image_only:  # no condition embedding; the residual term of `step` stays (a small over-estimate)
         embed = 0
-    if guided:
-        step *= 2
-    diffusion = {**common, "conditioning planes": 0 if image_only else 8 * image * dtype_bytes,
+    # guided: batch 2 through the UNet, and with a ControlNet through it too, on two conditions (the mask and the
+    # mask without its tumours): twice the step activations, the condition embedding and the conditioning planes
+    branches = 2 if guided else 1
+    step *= branches
+    embed *= branches
+    diffusion = {**common, "conditioning planes": 0 if image_only else branches * 8 * image * dtype_bytes,
                  "activations": max(step, embed)}
+    if guided and not image_only:
+        diffusion["unconditional label map"] = image
     split_axis = int(vae.get("dim_split", 1))
     live, transient = decoder_activation_bytes(vae, plan.roi, plan.tp_splits, split_axis, dtype_bytes,
                                                transient_factor)

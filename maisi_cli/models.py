@@ -266,9 +266,10 @@ class ModelSpec(BaseModel):
     # names: the model ships inside the package (the demo) and needs no download.
     bundled: str | None = None
     source: str = "built-in"
-    # Classifier-free guidance on the modality class of an image-only model (NV-Generate-CTMR
-    # `cfg_guidance_scale`): each step runs the UNet on the modality and on class 0 ("unknown") and takes
-    # uncond + s·(cond − uncond). None, 0 or 1: off.
+    # Classifier-free guidance (NV-Generate-CTMR `cfg_guidance_scale`), the model's default for --guidance: each
+    # step runs the networks on the condition and on the unconditional one (image-only: the modality class 0; with a
+    # ControlNet: also the mask without its tumours) and takes uncond + s·(cond − uncond). On when above 0, as
+    # upstream; None or 0: off.
     cfg_guidance_scale: float | None = None
     # How the VAE output in [0, 1] becomes the written image: "hu" CT (−1000..1000 HU, air outside the body),
     # "mr" MR intensities (0..1000, clipped below at 0 only), as NV-Generate-CTMR's diff_model_infer.
@@ -279,9 +280,9 @@ class ModelSpec(BaseModel):
 
     @field_validator("cfg_guidance_scale")
     @classmethod
-    def _guidance_off_or_at_least_one(cls, value: float | None) -> float | None:
-        if value is not None and value != 0 and value < 1:
-            raise ValueError("use 0 or 1 (off), or a scale above 1")
+    def _guidance_off_or_positive(cls, value: float | None) -> float | None:
+        if value is not None and (value < 0 or not math.isfinite(value)):
+            raise ValueError("use 0 (off) or a positive scale")
         return value
 
     @field_validator("network")
@@ -353,8 +354,8 @@ class ModelSpec(BaseModel):
 
     @property
     def guidance_scale(self) -> float | None:
-        """The spec's classifier-free guidance scale when it is on (> 1), else None."""
-        return self.cfg_guidance_scale if self.cfg_guidance_scale is not None and self.cfg_guidance_scale > 1 else None
+        """The spec's classifier-free guidance scale when it is on (> 0, as upstream), else None."""
+        return self.cfg_guidance_scale if self.cfg_guidance_scale is not None and self.cfg_guidance_scale > 0 else None
 
     @property
     def uses_modality(self) -> bool:

@@ -50,7 +50,7 @@ class GenerateRequest(BaseModel):
     weights_dir: Path | None = None
     backend: Backend = "torch"  # `--backend`: PyTorch, onnxruntime or TensorRT (engine/backends.py)
     onnx_dir: Path | None = None  # `--onnx-dir`: a `maisi export onnx` folder (default: MAISI_HOME/onnx)
-    guidance: float | None = Field(None, ge=1)  # `--guidance S`: classifier-free guidance (image-only models); 1 = off
+    guidance: float | None = Field(None, ge=0)  # `--guidance S`: classifier-free guidance, on above 0; 0 = off
 
     @field_validator("spacing")
     @classmethod

@@ -76,8 +76,9 @@ def generate(
     max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts per sample while it fails the check."),
     stats: Optional[Path] = typer.Option(None, "--stats", help="HU statistics JSON for the check (default: the "
                                          "packaged image_median_statistics.json)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale on the "
-                                             "modality (image-only models; 1 = off; default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, on above 0 "
+                                             "(0 = off; default: the model's): with a ControlNet, tumour presence "
+                                             "(against the mask without its tumours); image-only, the modality."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
     preview: bool = typer.Option(False, "--preview/--no-preview", help="Also write sample_NNNN_preview.png beside "
                                  "each pair: mid-planes, soft-tissue window, label contours (see `maisi preview`)."),
@@ -99,8 +100,8 @@ def generate(
         raise UsageError("--onnx-dir: only with --backend onnx; add --backend onnx or drop --onnx-dir")
     if strict_qc and not qc:
         raise UsageError("--strict-qc: needs the quality check; drop --no-qc")
-    if guidance is not None and guidance < 1:
-        raise UsageError(f"--guidance: {guidance:g} is under 1; use 1 (off) or a larger scale, e.g. 15")
+    if guidance is not None and not guidance >= 0:
+        raise UsageError(f"--guidance: {guidance:g} is negative; use 0 (off) or a positive scale, e.g. 2")
     names, sizes = parse_anatomy(anatomy)
     request = GenerateRequest(
         model=model, profile=profile,
@@ -111,7 +112,8 @@ def generate(
         anatomy_sizes=sizes,
         body_regions=tuple(body_region), mask_database=mask_database,
         allow_outside_database=allow_outside_database, augment=augment, mask_steps=mask_steps,
-        label_mode=label_mode, out=out, output_format=output_format, shard=parse_shard(shard), overwrite=overwrite, device=device,
+        label_mode=label_mode, out=out, output_format=output_format, shard=parse_shard(shard), overwrite=overwrite,
+        device=device,
         precision=precision, allow_any_size=allow_any_size, weights_dir=weights_dir, guidance=guidance,
         backend=backend, onnx_dir=onnx_dir,
     )

@@ -83,7 +83,7 @@ class GenerationPlan:
     warnings: list[str] = field(default_factory=list)
     qc: QCOptions = field(default_factory=QCOptions)
     qc_statistics: QCStatistics | None = None  # None: the quality check is off
-    guidance: float | None = None  # classifier-free guidance scale (image-only models); None: off
+    guidance: float | None = None  # classifier-free guidance scale; None: off
     qc_note: str | None = None  # why the quality check is off although it was asked for (an image-only model)
     host_memory: HostMemoryEstimate | None = None  # predicted peak host memory (engine/memory.py)
 
@@ -202,7 +202,7 @@ def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
         precision = resolve_precision(request.precision, profile, device)
     if request.backend != "torch":
         check_backend(request.backend, device, request.precision, request.onnx_dir, model)
-        if guidance is not None and guidance > 1:
+        if guidance is not None:
             raise UsageError(f"--guidance: runs with --backend torch only (the {request.backend} graphs take one "
                              "sample per call); drop --guidance or --backend")
     anatomy_ids = tuple(label_id(name) for name in request.anatomy)
@@ -269,17 +269,13 @@ def refuse_mask_options(request: GenerateRequest, model: ModelSpec, qc: QCOption
 
 
 def resolve_guidance(request: GenerateRequest, model: ModelSpec) -> float | None:
-    """The classifier-free guidance scale: `--guidance`, else the spec's `cfg_guidance_scale`; None when off (1)."""
-    if request.guidance is not None and not model.image_only:
-        raise UsageError(f"--guidance: model {model.name} is conditioned through its ControlNet; classifier-free "
-                         "guidance is for image-only models (e.g. rflow-mr); drop it")
-    if model.guidance_scale is not None and not model.image_only:
-        raise UsageError(f"model {model.name}: its spec sets cfg_guidance_scale, which needs an image-only model "
-                         "(no ControlNet)")
+    """The classifier-free guidance scale: `--guidance`, else the spec's `cfg_guidance_scale`; on above 0 (upstream's
+    rule), None when off. With a ControlNet it is tumour-presence guidance (the unconditional half is conditioned on
+    the mask without its tumours); an image-only model guides on its modality class, so it needs that input."""
     scale = request.guidance if request.guidance is not None else model.guidance_scale
-    if scale is None or scale <= 1:
+    if scale is None or scale <= 0:
         return None
-    if not model.uses_modality:
+    if model.image_only and not model.uses_modality:
         raise UsageError(f"--guidance: model {model.name} has no modality class input (num_class_embeds) to guide "
                          "on; drop it")
     return float(scale)

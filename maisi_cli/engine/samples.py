@@ -17,6 +17,8 @@ from maisi_cli.engine.decode import decode_latents
 from maisi_cli.engine.masks.database import region_indices
 from maisi_cli.engine.masks.regions import body_region_indices
 from maisi_cli.engine.masks.sources import SampleMask
+from maisi_cli.engine.masks.tumours import remove_tumours
+from maisi_cli.engine.masks.validation import label_counts
 from maisi_cli.engine.networks import LoadedModel
 from maisi_cli.engine.plan import GenerationPlan, SampleTask
 from maisi_cli.engine.postprocess import output_image, output_labels
@@ -64,11 +66,21 @@ def condition_inputs(plan: GenerationPlan, sample_mask: SampleMask,
     return controlnet_cond, unet_inputs, controlnet_inputs
 
 
+def unconditional_condition(plan: GenerationPlan, sample_mask: SampleMask, device: torch.device) -> torch.Tensor | None:
+    """Tumour-presence guidance (a guided plan with a condition mask): the bit planes of the mask with its tumours
+    removed by upstream's rules (masks/tumours.py), the unconditional ControlNet condition; None otherwise."""
+    if plan.guidance is None or sample_mask.mask is None:
+        return None
+    labels = torch.from_numpy(np.ascontiguousarray(remove_tumours(sample_mask.mask.labels)))[None, None]
+    return label_bit_planes(labels.to(device))
+
+
 def denoiser_for(plan: GenerationPlan, loaded: LoadedModel, sample_mask: SampleMask, device: torch.device) -> Denoiser:
-    """The loaded networks with this sample's condition."""
+    """The loaded networks with this sample's condition (and, guided, its unconditional one)."""
     controlnet_cond, unet_inputs, controlnet_inputs = condition_inputs(plan, sample_mask, device)
     return Denoiser(loaded.unet, loaded.controlnet, controlnet_cond, unet_inputs, controlnet_inputs,
-                    guidance_scale=plan.guidance)
+                    guidance_scale=plan.guidance,
+                    controlnet_uncond=unconditional_condition(plan, sample_mask, device))
 
 
 def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, sample_mask: SampleMask,
@@ -202,4 +214,13 @@ def checked_sample_sidecar(plan: GenerationPlan, loaded: LoadedModel, sample: Ch
                            timings: dict[str, float]) -> dict[str, Any]:
     """The sidecar of a checked sample with these timings (engine/run.py adds the sha256 of the files it writes)."""
     regions = sample_regions(plan, sample.mask) if plan.model.uses_body_region else None
-    return sidecar_document(plan, sample.task, loaded, timings, sample.mask.provenance, sample.qc, regions)
+    document = sidecar_document(plan, sample.task, loaded, timings, sample.mask.provenance, sample.qc, regions)
+    if plan.guidance is not None and sample.mask.mask is not None:
+        document["guidance_unconditional_labels"] = unconditional_label_counts(sample.mask.mask.labels)
+    return document
+
+
+def unconditional_label_counts(labels: np.ndarray) -> dict[str, int]:
+    """Voxels per label of the unconditional mask of tumour-presence guidance (the mask without its tumours)."""
+    counts = label_counts(remove_tumours(labels))
+    return {str(int(ident)): int(counts[ident]) for ident in np.flatnonzero(counts) if ident != 0}

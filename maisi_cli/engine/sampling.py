@@ -121,13 +121,11 @@ def condition_embedded_once(controlnet: torch.nn.Module, controlnet_cond: torch.
 UNCONDITIONAL_CLASS = 0  # the modality class "unknown" that NV-Generate-CTMR trains with for CFG (p 0.1 dropout)
 
 
-def guided_inputs(unet_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The UNet inputs of a classifier-free-guidance step, batch 2: [conditional, unconditional]. Every input is
-    repeated; the class labels of the second half are the unconditional class 0."""
-    if "class_labels" not in unet_inputs:
-        raise ValueError("classifier-free guidance needs the modality class input (class_labels)")
+def guided_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inputs of a classifier-free-guidance step, batch 2: [conditional, unconditional]. Every input is
+    repeated; the class labels (when the network takes them) of the second half are the unconditional class 0."""
     doubled = {}
-    for key, value in unet_inputs.items():
+    for key, value in inputs.items():
         if key == "class_labels":
             doubled[key] = torch.cat([value, torch.full_like(value, UNCONDITIONAL_CLASS)])
         else:
@@ -137,7 +135,7 @@ def guided_inputs(unet_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def guided_output(output: torch.Tensor, scale: float) -> torch.Tensor:
     """uncond + scale·(cond − uncond) of a batch-2 UNet output [cond, uncond] (NV-Generate-CTMR
-    `diff_model_infer.py`)."""
+    `diff_model_infer.py`, `utils_infer.run_controlnet_conditioned_image_dm`)."""
     cond, uncond = output.chunk(2, dim=0)
     return uncond + scale * (cond - uncond)
 
@@ -145,8 +143,14 @@ def guided_output(output: torch.Tensor, scale: float) -> torch.Tensor:
 @dataclass
 class Denoiser:
     """The model output for latents at a timestep: the ControlNet's residuals fed to the UNet, or, for an image-only
-    model (`controlnet=None`), the UNet alone, with classifier-free guidance on the modality class when
-    `guidance_scale` > 1 (batch 2: [conditional, unconditional], `guided_inputs`, `guided_output`).
+    model (`controlnet=None`), the UNet alone.
+
+    With `guidance_scale` above 0 (None or 0: off), classifier-free guidance as NV-Generate-CTMR runs it, batch 2
+    [conditional, unconditional] (`guided_inputs`, `guided_output`):
+    - image-only: the unconditional half has the modality class 0;
+    - with a ControlNet (tumour-presence guidance): the unconditional half is conditioned on `controlnet_uncond`
+      (the mask with its tumours removed) with the modality class 0, in both networks; the UNet takes the batch-2
+      ControlNet's residuals.
 
     `unet_inputs` carries spacing_tensor / class_labels / region tensors; `controlnet_inputs` class_labels."""
 
@@ -157,16 +161,25 @@ class Denoiser:
     controlnet_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     guidance_scale: float | None = None
     embed_condition_once: bool = True
+    controlnet_uncond: torch.Tensor | None = None  # the unconditional ControlNet condition of a guided step
 
     def __post_init__(self) -> None:
-        if self.guided and self.controlnet is not None:
-            raise ValueError("classifier-free guidance runs only without a ControlNet (image-only models)")
-        if self.guided:
-            self.unet_inputs = guided_inputs(self.unet_inputs)
+        if not self.guided:
+            return
+        if self.controlnet is None and "class_labels" not in self.unet_inputs:
+            raise ValueError("classifier-free guidance of an image-only model needs its modality class input")
+        if self.controlnet is not None:
+            if self.controlnet_uncond is None:
+                raise ValueError("guidance with a ControlNet needs the unconditional condition (controlnet_uncond)")
+            self.controlnet_cond = torch.cat([self.controlnet_cond, self.controlnet_uncond])
+            self.controlnet_uncond = None  # held once, in the batch-2 condition
+            self.controlnet_inputs = guided_inputs(self.controlnet_inputs)
+        self.unet_inputs = guided_inputs(self.unet_inputs)
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale is not None and self.guidance_scale > 1
+        """On for any scale above 0, as upstream (`cfg_guidance_scale > 0`); 0 or None: off."""
+        return self.guidance_scale is not None and self.guidance_scale > 0
 
     def ready(self) -> contextlib.AbstractContextManager:
         """While sampling: the ControlNet's condition embedded once (`condition_embedded_once`)."""
@@ -175,15 +188,16 @@ class Denoiser:
         return contextlib.nullcontext()
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.guided:
+            latents, t = torch.cat([latents, latents]), t.repeat(2)
         if self.controlnet is None:
-            if self.guided:
-                output = self.unet(x=torch.cat([latents, latents]), timesteps=t.repeat(2), **self.unet_inputs)
-                return guided_output(output, float(self.guidance_scale))
-            return self.unet(x=latents, timesteps=t, **self.unet_inputs)
-        down_residuals, mid_residual = self.controlnet(
-            x=latents, timesteps=t, controlnet_cond=self.controlnet_cond, **self.controlnet_inputs)
-        return self.unet(x=latents, timesteps=t, down_block_additional_residuals=down_residuals,
-                         mid_block_additional_residual=mid_residual, **self.unet_inputs)
+            output = self.unet(x=latents, timesteps=t, **self.unet_inputs)
+        else:
+            down_residuals, mid_residual = self.controlnet(
+                x=latents, timesteps=t, controlnet_cond=self.controlnet_cond, **self.controlnet_inputs)
+            output = self.unet(x=latents, timesteps=t, down_block_additional_residuals=down_residuals,
+                               mid_block_additional_residual=mid_residual, **self.unet_inputs)
+        return guided_output(output, float(self.guidance_scale)) if self.guided else output
 
 
 def sample(denoiser: Denoiser, scheduler: Any, latents: torch.Tensor, timesteps: list[tuple[Any, Any]],
@@ -220,8 +234,9 @@ def denoise(
     generator: torch.Generator | None = None,
     embed_condition_once: bool = True,
     guidance_scale: float | None = None,
+    controlnet_uncond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`sample` with a `Denoiser` made of these networks and inputs (the form the benchmarks call)."""
     denoiser = Denoiser(unet, controlnet, controlnet_cond, unet_inputs, controlnet_inputs, guidance_scale,
-                        embed_condition_once)
+                        embed_condition_once, controlnet_uncond)
     return sample(denoiser, scheduler, latents, timesteps, precision, on_step, generator)

@@ -71,7 +71,7 @@ CASES = [
     Case("backend unknown", generate("--backend", "tensorflow"), 2, ("--backend",)),
     Case("onnx dir without onnx", generate("--onnx-dir", "x"), 2, ("--onnx-dir",)),
     Case("strict qc without qc", generate("--strict-qc", "--no-qc"), 2, ("--strict-qc",)),
-    Case("guidance under one", generate("--guidance", "0.5"), 2, ("--guidance",)),
+    Case("guidance negative", generate("--guidance", "-1"), 2, ("--guidance", "negative")),
     Case("anatomy size not a number", generate("--anatomy", "liver:big"), 2, ("--anatomy",)),
     Case("anatomy kinds mixed", generate("--anatomy", "liver", "--anatomy", "spleen:0.5"), 2, ("--anatomy",)),
     Case("anatomy unknown name", demo("--anatomy", "kidney"), 2, ("--anatomy", "kidney")),

@@ -65,20 +65,20 @@ def test_generate_image_only_writes_image_and_sidecar(image_only_model, tmp_path
     assert json.loads(again.stdout)["skipped"] == [0]  # image + sidecar make the sample complete
 
 
-def test_guidance_changes_the_image_and_one_turns_it_off(image_only_model, tmp_path):
+def test_guidance_changes_the_image_and_zero_turns_it_off(image_only_model, tmp_path):
     def image(out: Path, *extra: str) -> np.ndarray:
         result = generate(image_only_model, out, "--steps", "2", "--seed", "3", *extra)
         assert result.exit_code == 0, result.stderr
         return np.asarray(nib.load(out / "sample_0000_image.nii.gz").dataobj)
 
-    guided, off = image(tmp_path / "guided"), image(tmp_path / "off", "--guidance", "1")
+    guided, off = image(tmp_path / "guided"), image(tmp_path / "off", "--guidance", "0")  # upstream: on above 0
     assert not np.array_equal(guided, off)
     sidecar = json.loads((tmp_path / "off" / "sample_0000.json").read_text())
     assert sidecar["guidance"] is None
 
 
 @pytest.mark.parametrize("extra, message", [
-    (("--guidance", "0.5"), "--guidance: 0.5 is under 1"),
+    (("--guidance", "-0.5"), "--guidance: -0.5 is negative"),
     (("--mask", "mask.nii.gz"), "model tiny-mr generates images only (no ControlNet): drop --mask"),
     (("--anatomy", "liver"), "drop --anatomy"),
     (("--label-mode", "requested"), "drop --label-mode requested"),

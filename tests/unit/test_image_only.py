@@ -19,7 +19,7 @@ from maisi_cli.engine.sampling import (UNCONDITIONAL_CLASS, denoise, guided_inpu
 from maisi_cli.errors import UsageError
 from maisi_cli.models import ModelSpec
 from maisi_cli.request import GenerateRequest
-from tests.helpers import tiny_spec_document
+from tests.helpers import tiny_spec_document, write_mask
 
 
 def image_only_document(**changes) -> dict:
@@ -60,14 +60,16 @@ def test_spec_naming_controlnet_weights_needs_its_definition():
         ModelSpec.model_validate(document)
 
 
-@pytest.mark.parametrize("scale, guided", [(None, None), (0, None), (1, None), (1.5, 1.5), (15, 15)])
+# Upstream's threshold (NV-Generate-CTMR diff_model_infer.py and utils_infer.py: `if cfg_guidance_scale > 0`):
+# any scale above 0 turns guidance on, 1 and 0.5 included; 0 is off.
+@pytest.mark.parametrize("scale, guided", [(None, None), (0, None), (0.5, 0.5), (1, 1), (15, 15)])
 def test_spec_guidance_scale(scale, guided):
     assert ModelSpec.model_validate(image_only_document(cfg_guidance_scale=scale)).guidance_scale == guided
 
 
-def test_spec_guidance_scale_between_zero_and_one_is_refused():
+def test_spec_guidance_scale_below_zero_is_refused():
     with pytest.raises(ValueError, match="cfg_guidance_scale"):
-        ModelSpec.model_validate(image_only_document(cfg_guidance_scale=0.5))
+        ModelSpec.model_validate(image_only_document(cfg_guidance_scale=-0.5))
 
 
 # --- the denoise loop without a ControlNet ---------------------------------------------------------------------
@@ -118,7 +120,7 @@ def test_denoise_without_controlnet_calls_the_unet_without_residuals(rflow_sched
         assert torch.equal(call["class_labels"], torch.tensor([9])) and torch.equal(call["spacing_tensor"], spacing)
 
 
-@pytest.mark.parametrize("scale", [None, 1.0])
+@pytest.mark.parametrize("scale", [None, 0.0])
 def test_guidance_off_runs_one_unet_batch(scale):
     unet, scheduler = _RecordingUNet(), _RecordingScheduler()
     denoise(unet, None, scheduler, torch.zeros(1, 4, 2, 2, 2), None, [(torch.tensor(500.0), None)],
@@ -151,10 +153,20 @@ def test_guided_output_formula():
     assert torch.allclose(guided_output(output, 2.5), torch.full((1, 4, 2), 1.0 + 2.5 * (3.0 - 1.0)))
 
 
-def test_guidance_needs_class_labels_and_no_controlnet():
-    with pytest.raises(ValueError, match="class_labels"):
-        guided_inputs({"spacing_tensor": torch.ones(1, 3)})
-    with pytest.raises(ValueError, match="ControlNet"):
+def test_a_scale_of_one_is_guidance_on_as_upstream():
+    unet, scheduler = _RecordingUNet(), _RecordingScheduler()
+    denoise(unet, None, scheduler, torch.zeros(1, 4, 2, 2, 2), None, [(torch.tensor(500.0), None)],
+            {"class_labels": modality_condition(9)}, {}, guidance_scale=1.0)
+    assert unet.calls[0]["x"].shape[0] == 2  # batch 2, as upstream runs it, though uncond + 1·(cond − uncond) = cond
+    assert torch.all(scheduler.outputs[0] == 10.0)
+
+
+def test_guidance_needs_class_labels_without_a_controlnet_and_the_uncond_mask_with_one():
+    assert "class_labels" not in guided_inputs({"spacing_tensor": torch.ones(1, 3)})  # doubled as they are
+    with pytest.raises(ValueError, match="modality class"):
+        denoise(_RecordingUNet(), None, _RecordingScheduler(), torch.zeros(1, 4, 2, 2, 2), None, [],
+                {"spacing_tensor": torch.ones(1, 3)}, {}, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="controlnet_uncond"):
         denoise(_RecordingUNet(), torch.nn.Identity(), _RecordingScheduler(), torch.zeros(1, 4, 2, 2, 2),
                 torch.zeros(1, 8, 8, 8, 8), [], {"class_labels": modality_condition(9)}, {}, guidance_scale=2.0)
 
@@ -198,10 +210,13 @@ def test_mask_options_are_usage_errors(image_only_spec_path, tmp_path, changes, 
     assert str(raised.value) == f"model tiny-mr generates images only (no ControlNet): drop {option}"
 
 
-def test_guidance_option_on_a_controlnet_model_is_a_usage_error(tiny_spec_path, tmp_path):
-    request = GenerateRequest(model=str(tiny_spec_path), device="cpu", out=tmp_path, guidance=3.0)
-    with pytest.raises(UsageError, match="--guidance: model tiny-rflow is conditioned through its ControlNet"):
-        plan_generation(request)
+def test_guidance_on_a_controlnet_model_is_tumour_presence_guidance(tiny_model, tmp_path):
+    """--guidance on a ControlNet model plans tumour-presence guidance (NV-Generate-CTMR PR #24); 0 is off."""
+    spec, weights = tiny_model
+    request = GenerateRequest(model=str(spec), weights_dir=weights, device="cpu", out=tmp_path, guidance=3.0,
+                              mask=write_mask(tmp_path / "m.nii.gz", (32, 32, 32), (2.0, 2.0, 2.0)))
+    assert plan_generation(request).guidance == 3.0
+    assert plan_generation(request.model_copy(update={"guidance": 0.0})).guidance is None
 
 
 def test_plan_of_an_image_only_model(image_only_spec_path, tmp_path):
@@ -220,5 +235,6 @@ def test_plan_of_an_image_only_model(image_only_spec_path, tmp_path):
     assert described["guidance"] == 3.0 and described["output_intensity"] == "mr"
     assert described["qc"]["enabled"] is False and "image-only" in described["qc"]["note"]
     assert described["samples"][0]["files"] == ["sample_0000_image.nii.gz", "sample_0000.json"]
-    assert plan_generation(request.model_copy(update={"guidance": 1.0})).guidance is None
+    assert plan_generation(request.model_copy(update={"guidance": 0.0})).guidance is None  # 0: off
+    assert plan_generation(request.model_copy(update={"guidance": 1.0})).guidance == 1.0  # on above 0, as upstream
     assert plan_generation(request.model_copy(update={"guidance": 7.5})).guidance == 7.5
