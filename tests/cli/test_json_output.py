@@ -101,7 +101,7 @@ def test_failure_after_the_report_joins_it_in_one_document(tiny_model, mask_file
     assert list(document)[0] == "ok" and list(document)[-1] == "error"
 
 
-def boom(query):
+def boom(query, table=None):
     raise RuntimeError("boom\nsecond line")
 
 
@@ -117,7 +117,7 @@ def test_unexpected_exception_is_one_line_unless_debug(monkeypatch):
 
 
 def test_keyboard_interrupt_is_one_line_and_exit_130(monkeypatch):
-    def interrupted(query):
+    def interrupted(query, table=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(labels_command, "matching_labels", interrupted)
@@ -182,7 +182,7 @@ def test_a_real_process_prints_one_document_and_one_line():
 
 
 def test_a_command_exiting_with_its_own_status_is_a_failure_document(monkeypatch):
-    def exits(query):
+    def exits(query, table=None):
         raise SystemExit(4)
 
     monkeypatch.setattr(labels_command, "matching_labels", exits)
