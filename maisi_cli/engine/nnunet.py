@@ -34,6 +34,7 @@ from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progre
 from maisi_cli.errors import MaisiError, UsageError
 from maisi_cli.io.datalists import write_datalist
 from maisi_cli.io.files import sha256_of_input, write_atomic, writable_folder
+from maisi_cli.io.label_maps import BLOCK_VOXELS, present_labels
 from maisi_cli.io.nifti import read_nifti, write_nifti
 from maisi_cli.io.provenance import write_json
 from maisi_cli.labels import BODY_LABEL, label_dictionary, label_id
@@ -49,7 +50,7 @@ SIDECAR = re.compile(r"sample_(\d+)\.json")
 ALL = "all"
 NIFTI_SUFFIXES = {"nifti": ".nii.gz", "nii": ".nii"}  # a run's --format (its sidecar's "format") -> suffix
 LABELS_SHAPE = "all, all,body, or anatomy names separated by commas (e.g. liver,spleen)"
-_BLOCK = 1 << 22  # voxels per np.bincount / lookup call: both convert their input to intp (8 bytes a voxel) first
+_BLOCK = BLOCK_VOXELS  # voxels per table lookup: it converts its input to intp (8 bytes a voxel) first
 
 WarningCallback = Callable[[str], None]
 
@@ -155,15 +156,6 @@ def read_sample(run: Path, index: int, sidecar_path: Path) -> SourceSample | Non
                         model.get("name") if isinstance(model, dict) else None)
 
 
-def present_ids(labels: np.ndarray) -> tuple[int, ...]:
-    """The ids a uint8 label map holds, background excluded, counted in blocks (no whole-volume intp copy)."""
-    flat = labels.ravel(order="K")  # a view of nibabel's Fortran-ordered array; reshape(-1) would copy it
-    counts = np.zeros(256, dtype=np.int64)
-    for start in range(0, flat.size, _BLOCK):
-        counts += np.bincount(flat[start:start + _BLOCK], minlength=256)
-    return tuple(int(i) for i in np.flatnonzero(counts) if i != 0)
-
-
 def read_labels(sample: SourceSample) -> tuple[np.ndarray, np.ndarray]:
     """The sample's label map (uint8, as stored) and affine."""
     labels, affine = read_nifti(sample.label, "RUN_DIR", "label map")
@@ -189,7 +181,7 @@ def collect_samples(runs: Sequence[Path], on_progress: ProgressCallback,
                 image_only += 1
             else:
                 labels, _ = read_labels(sample)
-                samples.append(replace(sample, present=present_ids(labels)))
+                samples.append(replace(sample, present=tuple(present_labels(labels))))
             done += 1
             on_progress(ProgressEvent("hash", done, total, "run folders"))
         if image_only:

@@ -24,6 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from maisi_cli.errors import OutputError, UsageError
+from maisi_cli.io.label_maps import present_labels
+from maisi_cli.io.nifti import write_nifti
 from maisi_cli.io.files import kind_of, sha256_of_file, temporary_name, write_atomic
 
 OUTPUT_FORMATS = ("nifti", "nii", "nrrd", "dicom")
@@ -76,9 +78,7 @@ def write_image(path: Path, image: np.ndarray, affine: np.ndarray, output_format
                 identity: PairIdentity) -> dict[str, str]:
     """Write the int16 HU image; {file name relative to the folder: sha256} of every file written."""
     if output_format in ("nifti", "nii"):
-        from maisi_cli.io.nifti import nifti_bytes, nifti_bytes_uncompressed
-        payload = nifti_bytes(image, affine) if output_format == "nifti" else nifti_bytes_uncompressed(image, affine)
-        return {path.name: write_atomic(path, payload)}
+        return {path.name: write_nifti(path, image, affine, compressed=output_format == "nifti")}
     if output_format == "nrrd":
         from maisi_cli.io.nrrd import write_nrrd_image
         return {path.name: write_nrrd_image(path, image, affine)}
@@ -113,12 +113,9 @@ def write_label(path: Path, labels: np.ndarray, affine: np.ndarray, output_forma
                 image_path: Path) -> dict[str, str]:
     """Write the uint8 label map (for DICOM, a SEG referencing the series at `image_path`); {file name: sha256}."""
     if output_format in ("nifti", "nii"):
-        from maisi_cli.io.nifti import nifti_bytes, nifti_bytes_uncompressed
-        payload = nifti_bytes(labels, affine) if output_format == "nifti" else nifti_bytes_uncompressed(labels, affine)
-        return {path.name: write_atomic(path, payload)}
+        return {path.name: write_nifti(path, labels, affine, compressed=output_format == "nifti")}
     from maisi_cli.colours import label_colour_table
-    entries = label_colour_table(sorted(int(i) for i in np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
-                                        if i != 0))
+    entries = label_colour_table(present_labels(labels))
     if output_format == "nrrd":
         from maisi_cli.io.nrrd import write_seg_nrrd
         return {path.name: write_seg_nrrd(path, labels, affine, entries)}

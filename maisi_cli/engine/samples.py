@@ -18,7 +18,6 @@ from maisi_cli.engine.masks.database import region_indices
 from maisi_cli.engine.masks.regions import body_region_indices
 from maisi_cli.engine.masks.sources import SampleMask
 from maisi_cli.engine.masks.tumours import remove_tumours
-from maisi_cli.engine.masks.validation import label_counts
 from maisi_cli.engine.networks import LoadedModel
 from maisi_cli.engine.plan import GenerationPlan, SampleTask
 from maisi_cli.engine.postprocess import output_image, output_labels
@@ -27,6 +26,7 @@ from maisi_cli.engine.qc import check_quality
 from maisi_cli.engine.sampling import (Denoiser, body_region_condition, initial_noise, label_bit_planes,
                                        modality_condition, sample, schedule, spacing_condition)
 from maisi_cli.engine.seeds import derive_attempt_seed, derive_sample_seed
+from maisi_cli.io.label_maps import label_counts
 from maisi_cli.errors import GenerationError
 
 WarningCallback = Callable[[str], None]

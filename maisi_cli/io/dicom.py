@@ -32,6 +32,7 @@ import numpy as np
 
 from maisi_cli.errors import OutputError, UsageError
 from maisi_cli.io.files import CREATE_NEW, temporary_name, write_atomic, write_error
+from maisi_cli.io.label_maps import present_labels
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -373,8 +374,7 @@ def write_segmentation(path: Path, labels: np.ndarray, affine: np.ndarray, ct_fo
     labels = labels_as_uint8(labels)
     layout = slice_layout(labels.shape, affine)
     headers = read_ct_headers(ct_folder, layout)
-    counts = np.bincount(labels.reshape(-1), minlength=256)
-    ids = [int(i) for i in np.flatnonzero(counts[1:]) + 1]
+    ids = present_labels(labels)
     if not ids:
         raise OutputError(f"cannot write {path}: the label map holds no label but 0, and a DICOM SEG needs a segment")
     unnamed = [i for i in ids if i not in names]

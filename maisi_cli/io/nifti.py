@@ -100,6 +100,8 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(nifti_bytes_uncompressed(array, affine), compresslevel=1, mtime=0)
 
 
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> str:
-    """Write a gzipped NIfTI atomically; returns the sha256 of the file's bytes (recorded in the sidecar)."""
-    return write_atomic(path, nifti_bytes(array, affine))
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, compressed: bool = True) -> str:
+    """Write a NIfTI atomically, gzipped (`.nii.gz`) or not (`.nii`); returns the sha256 of the file's bytes (recorded
+    in the sidecar)."""
+    payload = nifti_bytes(array, affine) if compressed else nifti_bytes_uncompressed(array, affine)
+    return write_atomic(path, payload)

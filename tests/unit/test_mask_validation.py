@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from maisi_cli.engine.masks.validation import (check_condition_labels, check_scheme, field_of_view_warning,
-                                               label_counts, lateral_pairs)
+                                               lateral_pairs)
 from maisi_cli.engine.phantoms import make_phantom
 from maisi_cli.errors import UsageError
+from maisi_cli.io.label_maps import BLOCK_VOXELS, label_counts
 from maisi_cli.label_schemes import label_scheme
 from maisi_cli.models import get_model
 
@@ -82,9 +83,14 @@ def test_ids_outside_the_dictionary_are_refused():
         check_condition_labels(labels, "x.nii.gz")
 
 
-def test_label_counts_equal_a_whole_volume_bincount():
+def test_label_counts_equal_a_whole_volume_bincount_in_either_memory_order(monkeypatch):
+    import maisi_cli.io.label_maps as label_maps
+
+    monkeypatch.setattr(label_maps, "BLOCK_VOXELS", 64)  # several blocks on a small map
     labels = np.random.default_rng(0).integers(0, 256, (9, 7, 5), dtype=np.uint8)
-    np.testing.assert_array_equal(label_counts(labels), np.bincount(labels.ravel(), minlength=256))
+    for stored in (labels, np.asfortranarray(labels), labels[:, ::2]):
+        np.testing.assert_array_equal(label_counts(stored), np.bincount(stored.ravel(), minlength=256))
+    assert BLOCK_VOXELS == 1 << 22
 
 
 def test_field_of_view_under_384_mm_warns_unless_the_head_is_shown():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from maisi_cli.engine.masks import tumours
-from maisi_cli.engine.masks.tumours import remove_tumours, tumour_counts
+from maisi_cli.engine.masks.tumours import remove_tumours
 
 def empty(shape=(9, 9, 9), dtype=np.uint8) -> np.ndarray:
     return np.zeros(shape, dtype=dtype)
@@ -73,17 +73,7 @@ def test_wrong_arrays_are_refused():
     with pytest.raises(ValueError, match="uint8 or uint16"):
         remove_tumours(np.zeros((4, 4, 4), np.int64))
     with pytest.raises(ValueError, match="uint8 or uint16"):
-        tumour_counts(np.zeros((4, 4), np.uint8))
-
-
-def test_tumour_counts_name_the_voxels_each_tumour_id_has():
-    labels = empty()
-    labels[1, 1, 1:4] = 26
-    labels[2, 2, 2] = 23
-    labels[3, 3, 3:5] = 117
-    labels[4, 4, 4] = 128  # a bone lesion is not removed, so not counted
-    assert tumour_counts(labels) == {23: 1, 26: 3, 117: 2}
-    assert tumour_counts(empty()) == {}
+        remove_tumours(np.zeros((4, 4), np.uint8))
 
 
 # ----- lung tumour: majority vote -----

@@ -62,11 +62,6 @@ class ClassFolder:
     read_bytes: int  # bytes per voxel of the widest file as read (nibabel's float64 for a scaled file)
 
 
-def is_class_folder(path: Path) -> bool:
-    """A folder (or a link to one) given where a label-map file may be."""
-    return Path(path).is_dir()
-
-
 def class_folder_header(folder: Path, field: str = "--mask", scheme: LabelScheme | None = None) -> NiftiHeader:
     """The folder's grid from its files' headers alone (no voxel is read): shape and affine, and the dtype of the
     map `read_class_folder` makes: uint8 when the class ids fit, else uint16. Without `scheme` the names are not

@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from maisi_cli.config import FloatTriple, Triple, format_triple
@@ -23,6 +22,7 @@ from maisi_cli.engine.masks.user import checked_labels, converted_labels, voxel_
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
 from maisi_cli.io.documents import read_document
+from maisi_cli.io.label_maps import present_labels
 from maisi_cli.io.nifti import read_nifti
 from maisi_cli.label_schemes import LabelScheme
 
@@ -191,7 +191,7 @@ def entry_for_file(path: Path, base: Path, scheme: LabelScheme | None = None) ->
         labels = checked_labels(data, path, field="mask folder")
     else:
         labels = converted_labels(data, scheme, path, field="mask folder")[0]
-    present = sorted(int(v) for v in np.flatnonzero(np.bincount(labels.ravel(), minlength=256)) if v != 0)
+    present = present_labels(labels)
     entry = {
         "pseudo_label_filename": Path(os.path.relpath(path.resolve(), base.resolve())).as_posix(),
         "label_list": present,

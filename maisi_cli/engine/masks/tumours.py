@@ -35,7 +35,6 @@ ORGAN_TUMOURS = {26: 1, 24: 4, 27: 62, 116: 14, 117: 5}  # hepatic, pancreatic, 
 BRAIN_TUMOURS = {176: 22, 401: 22, 402: 22, 403: 22}  # brain tumour, BraTS NCR/NETC, ED, ET -> brain
 LUNG_TUMOUR = 23
 LUNG_LOBES = (28, 29, 30, 31, 32)  # left upper, left lower, right upper, right middle, right lower
-TUMOUR_IDS = tuple(sorted({*ORGAN_TUMOURS, *BRAIN_TUMOURS, LUNG_TUMOUR}))
 SLAB_VOXELS = 1 << 23  # work in slabs along X of about 8 M voxels: the comparisons' temporaries stay small
 
 
@@ -50,13 +49,6 @@ def remove_tumours(labels: np.ndarray) -> np.ndarray:
             slab[slab == tumour] = organ  # organ ids are never tumour ids: the order does not matter
     fill_lung_tumours(removed)
     return removed
-
-
-def tumour_counts(labels: np.ndarray) -> dict[int, int]:
-    """Voxels per tumour id present (the ids remove_tumours replaces), for the sidecar."""
-    check_label_map(labels)
-    counts = count_values(labels, [t for t in TUMOUR_IDS if t <= np.iinfo(labels.dtype).max])
-    return {t: n for t, n in counts.items() if n}
 
 
 def check_label_map(labels: np.ndarray) -> None:

@@ -19,6 +19,7 @@ from maisi_cli.engine.masks.validation import check_condition_labels, check_sche
 from maisi_cli.engine.memory import MaskGrid, check_host_memory, mask_stage_terms
 from maisi_cli.errors import MaskError
 from maisi_cli.label_schemes import LabelScheme
+from maisi_cli.io.label_maps import label_counts
 from maisi_cli.io.nifti import NiftiHeader, read_nifti, read_nifti_header
 from maisi_cli.labels import BODY_LABEL, label_dictionary
 
@@ -197,14 +198,9 @@ def fitted_condition_mask(data: np.ndarray, affine: np.ndarray, size: Triple, sp
     )
 
 
-def _label_counts(labels: np.ndarray) -> np.ndarray:
-    """Voxels per label id 0..255."""
-    return np.bincount(labels.ravel(), minlength=256)
-
-
 def lost_labels(before: np.ndarray, after: np.ndarray) -> tuple[tuple[int, int], ...]:
     """(label, voxels in `before`) for each label of `before` that `after` (its resampled copy) no longer holds."""
-    counts_before, counts_after = _label_counts(before), _label_counts(after)
+    counts_before, counts_after = label_counts(before), label_counts(after)
     return tuple((int(label), int(counts_before[label]))
                  for label in np.flatnonzero((counts_before > 0) & (counts_after == 0)) if label != 0)
 
@@ -361,7 +357,7 @@ def prepare_user_mask(mask: UserMask, scheme: LabelScheme, body: BodyEnvelope | 
     fitted = replace(fitted, unmapped=unmapped)
     if fitted.resampled:
         warnings.append(resample_warning(fitted, mask.path, size, spacing))
-    return PreparedMask(fitted, tuple(warnings), _label_counts(fitted.labels))
+    return PreparedMask(fitted, tuple(warnings), label_counts(fitted.labels))
 
 
 def unmapped_warning_for(unmapped: tuple[tuple[int, str, int], ...], name: str, scheme: LabelScheme) -> str:

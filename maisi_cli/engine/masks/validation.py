@@ -20,6 +20,7 @@ import numpy as np
 from maisi_cli.config import FloatTriple, Triple, format_triple
 from maisi_cli.engine.masks.regions import region_span
 from maisi_cli.errors import UsageError
+from maisi_cli.io.label_maps import label_counts
 from maisi_cli.label_schemes import BUILTIN_SCHEMES, LabelScheme, label_scheme
 from maisi_cli.labels import BODY_LABEL, label_dictionary, normalised_name
 
@@ -78,14 +79,6 @@ def lateral_fit(centroids: dict[int, float], class_names: dict[int, str]) -> Lat
     """RAS x grows towards the patient's right, so the right organ of a pair has the larger centroid x."""
     pairs = [(right, left) for right, left in lateral_pairs(class_names) if right in centroids and left in centroids]
     return LateralFit(sum(centroids[right] > centroids[left] for right, left in pairs), len(pairs))
-
-
-def label_counts(labels: np.ndarray) -> np.ndarray:
-    """Voxels per id 0..255 of a uint8 map, a slice at a time (a whole-volume bincount would copy it as int64)."""
-    counts = np.zeros(256, dtype=np.int64)
-    for index in range(labels.shape[-1]):
-        counts += np.bincount(labels[..., index].ravel(), minlength=256)
-    return counts
 
 
 def check_scheme(raw: np.ndarray, affine: np.ndarray, scheme: LabelScheme, name: str) -> list[str]:
