@@ -34,7 +34,7 @@ from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progre
 from maisi_cli.errors import MaisiError, UsageError
 from maisi_cli.io.datalists import write_datalist
 from maisi_cli.io.files import sha256_of_input, write_atomic, writable_folder
-from maisi_cli.io.label_maps import BLOCK_VOXELS, present_labels
+from maisi_cli.io.label_maps import present_labels, relabelled
 from maisi_cli.io.nifti import read_nifti, write_nifti
 from maisi_cli.io.provenance import write_json
 from maisi_cli.labels import BODY_LABEL, label_dictionary, label_id
@@ -50,7 +50,6 @@ SIDECAR = re.compile(r"sample_(\d+)\.json")
 ALL = "all"
 NIFTI_SUFFIXES = {"nifti": ".nii.gz", "nii": ".nii"}  # a run's --format (its sidecar's "format") -> suffix
 LABELS_SHAPE = "all, all,body, or anatomy names separated by commas (e.g. liver,spleen)"
-_BLOCK = BLOCK_VOXELS  # voxels per table lookup: it converts its input to intp (8 bytes a voxel) first
 
 WarningCallback = Callable[[str], None]
 
@@ -244,16 +243,6 @@ def lookup_table(ids: Sequence[int]) -> np.ndarray:
     return table
 
 
-def remapped(labels: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """`table[labels]` in blocks of the array's own memory order: one uint8 copy, no whole-volume intp index."""
-    order = "F" if labels.flags.f_contiguous and not labels.flags.c_contiguous else "C"  # nibabel's arrays: F
-    out = np.empty(labels.shape, dtype=np.uint8, order=order)
-    source, target = labels.ravel(order=order), out.ravel(order=order)  # views, both in the same order
-    for start in range(0, source.size, _BLOCK):
-        target[start:start + _BLOCK] = table[source[start:start + _BLOCK]]
-    return out
-
-
 # --- the dataset folder -------------------------------------------------------------------------------------------
 @dataclass
 class Dataset:
@@ -421,7 +410,7 @@ def write_case(sample: SourceSample, case: str, folder: Path, labels: Sequence[i
         write_atomic(label_path, nifti_gz(verified_bytes(sample.label, sample.label_sha256, sample)))
     else:
         source, affine = read_labels(sample)
-        write_nifti(label_path, remapped(source, table), affine)
+        write_nifti(label_path, relabelled(source, table), affine)
     image = verified_bytes(sample.image, sample.image_sha256, sample)
     write_atomic(folder / "imagesTr" / f"{case}{CHANNEL}{FILE_ENDING}", nifti_gz(image))
 

@@ -124,3 +124,15 @@ def test_nearest_grid_of_the_demo_keeps_within_its_largest_size():
     size, spacing = model.nearest_grid((512, 512, 300), (0.8, 0.8, 1.5))
     assert model.grid_problems(size, spacing) == [] and max(size) <= 128
     assert size[0] * spacing[0] == pytest.approx(512 * 0.8, rel=0.01)  # the field of view is kept
+
+
+def test_relabelled_equals_a_fancy_index_and_keeps_the_memory_order(monkeypatch):
+    import maisi_cli.io.label_maps as label_maps
+
+    monkeypatch.setattr(label_maps, "BLOCK_VOXELS", 50)
+    table = np.random.default_rng(1).integers(0, 256, 300, dtype=np.uint8)
+    labels = np.random.default_rng(2).integers(0, 300, (9, 7, 5)).astype(np.uint16)
+    for stored in (labels, np.asfortranarray(labels)):
+        out = label_maps.relabelled(stored, table)
+        np.testing.assert_array_equal(out, table[stored])
+        assert out.dtype == np.uint8 and out.flags.f_contiguous == stored.flags.f_contiguous

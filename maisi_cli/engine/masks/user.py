@@ -19,7 +19,7 @@ from maisi_cli.engine.masks.validation import check_condition_labels, check_sche
 from maisi_cli.engine.memory import MaskGrid, check_host_memory, mask_stage_terms
 from maisi_cli.errors import MaskError
 from maisi_cli.label_schemes import LabelScheme
-from maisi_cli.io.label_maps import label_counts
+from maisi_cli.io.label_maps import label_counts, relabelled
 from maisi_cli.io.nifti import NiftiHeader, read_nifti, read_nifti_header
 from maisi_cli.labels import BODY_LABEL, label_dictionary
 
@@ -166,11 +166,12 @@ def converted_labels(data: np.ndarray, scheme: LabelScheme, path: Path,
     if low < 0 or high > 65535:
         raise MaskError(f"{field}: '{path}' has class ids from {low} to {high}; --mask-labels {scheme.name} reads "
                         "ids 0..65535")
-    classes = data.astype(np.int64 if np.issubdtype(data.dtype, np.floating) else data.dtype, copy=False)
-    present, counts = np.unique(classes, return_counts=True)
+    classes = data if data.dtype in (np.uint8, np.uint16) else data.astype(np.uint16)  # whole numbers in 0..65535
+    counts = label_counts(classes, high + 1)
     table = np.zeros(high + 1, dtype=np.uint8)
     unmapped = []
-    for ident, voxels in zip(present.tolist(), counts.tolist()):
+    for ident in np.flatnonzero(counts).tolist():
+        voxels = int(counts[ident])
         if ident == 0:
             continue
         # the body envelope (200) that maisi adds to a segmenter's map passes through unless the table says otherwise
@@ -179,7 +180,7 @@ def converted_labels(data: np.ndarray, scheme: LabelScheme, path: Path,
             unmapped.append((ident, scheme.class_names.get(ident, f"class {ident}"), voxels))
         else:
             table[ident] = target
-    return table[classes], tuple(unmapped)
+    return relabelled(classes, table), tuple(unmapped)
 
 
 def fitted_condition_mask(data: np.ndarray, affine: np.ndarray, size: Triple, spacing: FloatTriple, path: Path,
