@@ -68,13 +68,6 @@ def resampled_grid(shape: Triple, affine: np.ndarray, spacing: FloatTriple) -> T
     return (grid[0], grid[1], grid[2])
 
 
-def read_mask_grid(path: Path, spacing: FloatTriple, field: str = "--mask") -> tuple[MaskGrid, NiftiHeader]:
-    """The mask's header (its voxels are not read) and what fitting it to `spacing` will allocate. A degenerate
-    affine (read_nifti_header) or a voxel spacing outside SPACING_RANGE_MM is a MaskError naming `field`."""
-    header = read_nifti_header(path, field)
-    return mask_grid_of(header, path, spacing, field), header
-
-
 def mask_grid_of(header: NiftiHeader, path: Path, spacing: FloatTriple, field: str) -> MaskGrid:
     """What reading a mask with this header and fitting it to `spacing` will allocate; an absurd voxel spacing in
     the header is refused."""
@@ -144,13 +137,18 @@ def load_condition_mask(path: Path, size: Triple, spacing: FloatTriple,
     """The mask at `path` fitted to the grid, its class ids first converted to MAISI's by `scheme` (--mask-labels).
     Its header is read first: a degenerate affine, an absurd spacing or a fit that cannot fit the host memory is
     refused before any voxel is read."""
-    grid, header = read_mask_grid(path, spacing)
-    check_mask_memory(path, grid, header, size, spacing)
+    user_mask_grid(UserMask(path, "file", read_nifti_header(path)), size, spacing)
     data, affine = read_nifti(path)
+    labels, unmapped = labels_in_maisi_ids(data, scheme, path)
+    return replace(fitted_condition_mask(labels, affine, size, spacing, path, "--mask"), unmapped=unmapped)
+
+
+def labels_in_maisi_ids(data: np.ndarray, scheme: LabelScheme | None, path: Path,
+                        field: str = "--mask") -> tuple[np.ndarray, tuple[tuple[int, str, int], ...]]:
+    """(uint8 MAISI ids, the classes `scheme` could not map): MAISI's own ids checked, a segmenter's converted."""
     if scheme is None or scheme.identity:
-        return fitted_condition_mask(data, affine, size, spacing, path, "--mask")
-    converted, unmapped = converted_labels(data, scheme, path)
-    return replace(fitted_condition_mask(converted, affine, size, spacing, path, "--mask"), unmapped=unmapped)
+        return checked_labels(data, path, field), ()
+    return converted_labels(data, scheme, path, field)
 
 
 def converted_labels(data: np.ndarray, scheme: LabelScheme, path: Path,
@@ -338,12 +336,9 @@ def prepare_user_mask(mask: UserMask, scheme: LabelScheme, body: BodyEnvelope | 
     (`body`), refuse ids outside the label dictionary or a missing body when `require_body`, then fit it to the
     grid. Everything here runs before any network loads."""
     raw, warnings = mask.read(scheme)
-    if scheme.identity:
-        labels, unmapped = checked_labels(raw, mask.path, field), ()
-    else:
-        labels, unmapped = converted_labels(raw, scheme, mask.path, field)
-        if unmapped:
-            warnings.append(unmapped_warning_for(unmapped, mask.name, scheme))
+    labels, unmapped = labels_in_maisi_ids(raw, scheme, mask.path, field)
+    if unmapped:
+        warnings.append(unmapped_warning_for(unmapped, mask.name, scheme))
     warnings += check_scheme(labels if scheme.identity else raw, mask.header.affine, scheme, mask.name)
     del raw
     if body is not None:
