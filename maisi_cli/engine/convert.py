@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from maisi_cli.engine.outputs import (PairIdentity, output_sha256, pair_paths, write_colour_tables, write_image,
-                                      write_label)
+                                      write_label, written_sha256)
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.errors import OutputError, UsageError
 from maisi_cli.io.nifti import read_nifti
@@ -90,12 +90,13 @@ def convert_sample(folder: Path, sample: WrittenSample, output_format: str) -> d
     target_image, target_label = pair_paths(folder, sample.stem, output_format)
     image, affine = read_nifti(image_path, "RUN_DIR", "CT image")
     files = write_image(target_image, image, affine, output_format, identity)
-    files_sha256 = {"image": output_sha256(target_image)}
+    files_sha256 = {"image": written_sha256(target_image, files)}
     del image
     if "label" in document["files_sha256"]:
         labels, _ = read_nifti(label_path, "RUN_DIR")
-        files.update(write_label(target_label, labels, affine, output_format, identity, target_image))
-        files_sha256["label"] = output_sha256(target_label)
+        label_files = write_label(target_label, labels, affine, output_format, identity, target_image)
+        files.update(label_files)
+        files_sha256["label"] = written_sha256(target_label, label_files)
         if output_format in ("nifti", "nii"):
             files.update(write_colour_tables(folder))
     return {"files_written": files, "files_sha256": files_sha256}

@@ -55,14 +55,31 @@ def output_sha256(path: Path) -> str | None:
     """sha256 of a file; of a folder (a DICOM series): of its files' names and sha256, in name order; None when
     missing or unreadable."""
     if path.is_dir() and not path.is_symlink():
-        digest = hashlib.sha256()
+        members = {}
         for member in sorted(path.iterdir()):
             member_sha = sha256_of_file(member) if member.is_file() and not member.is_symlink() else None
             if member_sha is None:
                 return None
-            digest.update(f"{member.name} {member_sha}\n".encode())
-        return digest.hexdigest()
+            members[member.name] = member_sha
+        return folder_sha256(members)
     return sha256_of_file(path)
+
+
+def folder_sha256(members: dict[str, str]) -> str:
+    """The digest of a folder from its files' names and sha256, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(members):
+        digest.update(f"{name} {members[name]}\n".encode())
+    return digest.hexdigest()
+
+
+def written_sha256(path: Path, written: dict[str, str]) -> str:
+    """`output_sha256` of what a writer here just wrote at `path`, from the sha256 it returned ({name relative to
+    the folder: sha256}), without reading the files again."""
+    if path.name in written:
+        return written[path.name]
+    prefix = f"{path.name}/"
+    return folder_sha256({name[len(prefix):]: sha for name, sha in written.items() if name.startswith(prefix)})
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import numpy as np
 
 from maisi_cli.engine.locks import SampleLock, remove_stale_partials, sample_lock_path
 from maisi_cli.engine.networks import LoadedModel
-from maisi_cli.engine.outputs import PairIdentity, output_sha256, write_colour_tables, write_image, write_label
+from maisi_cli.engine.outputs import PairIdentity, write_colour_tables, write_image, write_label, written_sha256
 from maisi_cli.engine.plan import GenerationPlan, SampleTask
 from maisi_cli.engine.postprocess import ras_affine
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
@@ -93,10 +93,11 @@ def write_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, sa
     pair_digest = pair_settings_sha256(plan)
     identity = PairIdentity(f"{pair_digest}:{task.index}", plan.model.name, task.seed, task.index)
     files = write_image(task.image, sample.image, affine, output_format, identity)
-    files_sha256 = {"image": output_sha256(task.image)}
+    files_sha256 = {"image": written_sha256(task.image, files)}
     if task.label is not None and sample.labels is not None:
-        files.update(write_label(task.label, sample.labels, affine, output_format, identity, task.image))
-        files_sha256["label"] = output_sha256(task.label)
+        label_files = write_label(task.label, sample.labels, affine, output_format, identity, task.image)
+        files.update(label_files)
+        files_sha256["label"] = written_sha256(task.label, label_files)
         if output_format in ("nifti", "nii"):  # the same bytes for every sample: written with each
             files.update(write_colour_tables(task.image.parent))
     timings["write_s"] = time.perf_counter() - write_start

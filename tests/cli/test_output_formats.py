@@ -104,3 +104,16 @@ def test_convert_refuses_a_changed_file_and_a_bad_format(nifti_run, tmp_path):
     assert not (changed / "sample_0000_image.nii").exists()
     assert_one_line_error(runner.invoke(app, ["convert", str(changed), "--format", "tiff"]), 2,
                           "--format: 'tiff' is not an output format")
+
+
+def test_the_recorded_digest_of_a_series_is_what_reading_it_back_gives(tiny_model, nifti_run, tmp_path):
+    """The sidecar's files_sha256 is taken from what the writers returned, not read back: for a DICOM series folder it
+    must still equal the digest a later completeness check computes from the files."""
+    pytest.importorskip("highdicom", reason="the dicom extra is not installed")
+    out = tmp_path / "dicom"
+    report_of(generate(tiny_model, nifti_run.parent / "mask.nii.gz", out, "--steps", "2", "--seed", "5", "--format",
+                       "dicom"))
+    recorded = json.loads((out / "sample_0000.json").read_text())["files_sha256"]
+    assert recorded == {"image": output_sha256(out / "sample_0000_image"),
+                        "label": output_sha256(out / "sample_0000_label.dcm")}
+    assert (out / "sample_0000_image").is_dir() and recorded["image"] is not None
