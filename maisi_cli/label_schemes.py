@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maisi_cli.errors import UsageError
-from maisi_cli.labels import label_dictionary
+from maisi_cli.labels import BODY_LABEL, label_dictionary
 from maisi_cli.resources import load_json
 
 BUILTIN_SCHEMES = ("maisi", "vista3d", "totalsegmentator")
@@ -41,10 +41,18 @@ def _identity(name: str) -> LabelScheme:
     return LabelScheme(name, {ident: ident for ident in names}, names, identity=True)
 
 
+def segmenter_scheme(name: str, mapping: dict[int, int | None], class_names: dict[int, str]) -> LabelScheme:
+    """A segmenter's scheme, with the body label 200 (which no segmenter writes, but maisi adds as the body envelope,
+    `--body-from`, `maisi data body`) passing through as itself unless the table maps it."""
+    if BODY_LABEL not in mapping:
+        mapping, class_names = {**mapping, BODY_LABEL: BODY_LABEL}, {**class_names, BODY_LABEL: "body"}
+    return LabelScheme(name, mapping, class_names)
+
+
 def _totalsegmentator() -> LabelScheme:
     classes = load_json("label_schemes", "totalsegmentator.json")["classes"]
-    return LabelScheme("totalsegmentator", {int(c["id"]): c["maisi"] for c in classes},
-                       {int(c["id"]): str(c["name"]) for c in classes})
+    return segmenter_scheme("totalsegmentator", {int(c["id"]): c["maisi"] for c in classes},
+                            {int(c["id"]): str(c["name"]) for c in classes})
 
 
 def _from_file(path: Path, field: str) -> LabelScheme:
@@ -75,7 +83,7 @@ def _from_file(path: Path, field: str) -> LabelScheme:
             raise UsageError(f"{field}: '{path}': class {key} maps to {value!r}, which is not a MAISI label "
                              "id or name (see `maisi labels`); use null for a class with no counterpart")
         mapping[int(key)] = target
-    return LabelScheme(str(path), mapping, {ident: f"class {ident}" for ident in mapping})
+    return segmenter_scheme(str(path), mapping, {ident: f"class {ident}" for ident in mapping})
 
 
 def label_scheme(name_or_path: str, field: str = "--mask-labels") -> LabelScheme:

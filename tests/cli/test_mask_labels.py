@@ -54,7 +54,9 @@ def test_the_packaged_table_maps_every_class_of_the_published_map_to_the_same_an
     result = runner.invoke(app, ["--json", "labels", "--scheme", "totalsegmentator"])
     assert result.exit_code == 0, result.stderr
     classes = json.loads(result.stdout)["classes"]
-    assert [(c["id"], c["name"]) for c in classes] == list(enumerate(TS_TOTAL, start=1))
+    # the published classes, then the body label 200 that every segmenter's scheme passes through as itself
+    assert [(c["id"], c["name"]) for c in classes] == [*enumerate(TS_TOTAL, start=1), (200, "body")]
+    assert classes[-1]["maisi_id"] == 200
     by_name = {c["name"]: c for c in classes}
     assert all(c["maisi_id"] is not None for c in classes)  # v2 "total" has a MAISI counterpart for each class
     for ts_name, maisi_name in (("liver", "liver"), ("kidney_right", "right kidney"), ("urinary_bladder", "bladder"),

@@ -20,6 +20,8 @@ def in_totalsegmentator_ids(labels: np.ndarray) -> np.ndarray:
     """A MAISI map rewritten in TotalSegmentator ids (the body, which it does not write, dropped)."""
     table = np.zeros(256, dtype=np.uint8)
     for ts_id, maisi_id in label_scheme("totalsegmentator").mapping.items():
+        if ts_id == 200:
+            continue  # the body label the scheme passes through: TotalSegmentator writes none
         table[maisi_id] = ts_id
     return table[labels]
 

@@ -188,14 +188,12 @@ def grid_text(header: NiftiHeader) -> str:
 # --- names → class ids ------------------------------------------------------------------------------------------
 
 def class_lookup(scheme: LabelScheme) -> dict[str, int]:
-    """Normalised class name → class id; `body` is the body label 200 unless the scheme names a class so."""
+    """Normalised class name → class id (a segmenter's scheme names the body label 200 `body`, label_schemes)."""
     lookup: dict[str, int] = {}
     for ident, name in sorted(scheme.class_names.items()):
         if ident == 0:
             continue  # background is what a class file leaves unset
         lookup.setdefault(normalised_name(name), ident)
-    if "body" not in lookup and BODY_LABEL not in scheme.class_names:
-        lookup["body"] = BODY_LABEL  # converted_labels passes 200 through as the body envelope
     return lookup
 
 

@@ -172,8 +172,7 @@ def converted_labels(data: np.ndarray, scheme: LabelScheme, path: Path,
         voxels = int(counts[ident])
         if ident == 0:
             continue
-        # the body envelope (200) that maisi adds to a segmenter's map passes through unless the table says otherwise
-        target = scheme.mapping.get(ident, BODY_LABEL if ident == BODY_LABEL else None)
+        target = scheme.mapping.get(ident)  # the body 200 is in every segmenter's table (label_schemes)
         if target is None:
             unmapped.append((ident, scheme.class_names.get(ident, f"class {ident}"), voxels))
         else:
