@@ -40,6 +40,7 @@ class ProgressEvent:
     sample: int | None = None
     attempt: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
+    case: str = ""  # the manifest case a generation event belongs to (`generate --manifest`)
 
     @property
     def finished(self) -> bool:
@@ -47,11 +48,12 @@ class ProgressEvent:
 
     @property
     def label(self) -> str:
-        """A short human name: "sample 0003 denoise", "sample 0003 retry 1 decode", "download models/x.pt"."""
-        where = ""
+        """A short human name: "sample 0003 denoise", "sample 0003 retry 1 decode", "download models/x.pt", "ct_042
+        sample 0000 denoise" (a manifest's case)."""
+        where = f"{self.case} " if self.case else ""
         if self.sample is not None:
-            where = f"sample {self.sample:04d}" + (f" retry {self.attempt}" if self.attempt else "")
-        parts = [p for p in (where, self.stage, self.subject) if p]
+            where += f"sample {self.sample:04d}" + (f" retry {self.attempt}" if self.attempt else "")
+        parts = [p for p in (where.strip(), self.stage, self.subject) if p]
         return " ".join(parts)
 
 
