@@ -27,6 +27,7 @@ from maisi_cli.config import parse_anatomy, parse_size, parse_spacing
 from maisi_cli.engine.fid import FidReport, FidSettings, run_fid
 from maisi_cli.engine.loading import load_networks
 from maisi_cli.engine.locks import SampleLock, sample_lock_path
+from maisi_cli.engine.manifest import Case, CaseReport, ManifestPlan, plan_manifest, run_manifest
 from maisi_cli.engine.masks.user import UserMask, user_mask_from_array
 from maisi_cli.engine.networks import LoadedModel
 from maisi_cli.engine.outputs import checked_format
@@ -212,6 +213,19 @@ class Generator:
             on_warning: WarningCallback = warn, on_written: Callable[[Any], None] | None = None) -> GenerationReport:
         """Make and write the plan's pending samples into its folder, under per-sample locks (the CLI's run)."""
         return run_generation(plan, self.networks, on_progress, on_warning, on_written)
+
+    def plan_manifest(self, manifest: PathLike, request: GenerateRequest,
+                      qc: QCOptions | None = None) -> ManifestPlan:
+        """The checked plan of `maisi generate --manifest FILE` (engine/manifest.py): each case of this shard
+        planned into `request.out`/NAME, every mask read and checked before any network loads."""
+        return plan_manifest(Path(manifest), request.model_copy(update=self.settings), qc)
+
+    def run_manifest(self, plan: ManifestPlan, on_progress: ProgressCallback = no_progress,
+                     on_warning: WarningCallback = warn, on_written: Callable[[Any], None] | None = None,
+                     on_case: Callable[[Case, GenerationReport], None] = lambda case, report: None
+                     ) -> list[CaseReport]:
+        """Make each case's pending samples into its folder, the networks loaded once for all cases."""
+        return run_manifest(plan, self.networks, on_progress, on_warning, on_written, on_case)
 
     # --- in memory ---------------------------------------------------------------------------------------------------
     def generate(self, mask: Any = None, *, anatomy: str | Iterable[str] | Mapping[str, float] = (),

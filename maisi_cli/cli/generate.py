@@ -52,6 +52,13 @@ def generate(
                                  "organ, or a ±1 % zoom)."),
     mask_steps: Optional[int] = typer.Option(None, "--mask-steps", min=1, help="DDPM steps of the mask generator "
                                              "(default 1000)."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Many masks in one run: a JSON list of cases "
+                                            "{\"mask\": FILE, \"size\", \"spacing\", \"seed\", \"name\", "
+                                            "\"mask_labels\", \"body_from\" (all but mask optional)}; case NAME "
+                                            "(default: the mask's file name) is written into OUT/NAME as a run of its "
+                                            "mask alone, its fields replacing the options. Paths are relative to the "
+                                            "manifest; every mask is checked before the networks load once; --shard "
+                                            "splits the cases' samples."),
     label_mode: str = typer.Option("full", "--label-mode", help="full: the whole mask; requested: only --anatomy labels."),
     out: Path = typer.Option(Path("maisi-out"), "--out", "-o", help="Output folder."),
     output_format: str = typer.Option("nifti", "--format", help="nifti (.nii.gz, with 3D Slicer and ITK-SNAP colour "
@@ -85,7 +92,7 @@ def generate(
     json_flag: bool = JSON_OPTION,
 ) -> None:
     from maisi_cli.engine.outputs import checked_format
-    from maisi_cli.errors import QualityCheckFailed, UsageError
+    from maisi_cli.errors import UsageError
     from maisi_cli.request import GenerateRequest  # pydantic: not needed to build the command tree
 
     output = render.output_of(ctx.obj, json_flag)
@@ -122,8 +129,11 @@ def generate(
     from maisi_cli.engine.qc import QCOptions
 
     generator = Generator.for_request(request)
-    plan = generator.plan_run(request, QCOptions(enabled=qc, strict=strict_qc, max_attempts=max_attempts,
-                                                 stats=stats))
+    qc_options = QCOptions(enabled=qc, strict=strict_qc, max_attempts=max_attempts, stats=stats)
+    if manifest is not None:
+        generate_manifest(generator, manifest, request, qc_options, output, dry_run=dry_run, preview=preview)
+        return
+    plan = generator.plan_run(request, qc_options)
     if preview and plan.model.image_only:
         raise UsageError(f"model {plan.model.name} generates images only (no ControlNet): drop --preview (it "
                          "draws label contours on a CT window)")
@@ -133,20 +143,7 @@ def generate(
         show_plan(plan.describe(), output)
         return
     previews: list[str] = []
-
-    def write_preview(task, missing_only: bool = False) -> None:
-        """A sample's preview PNG; a failure is a warning (the sample itself is written)."""
-        from maisi_cli.engine.preview import write_sample_preview
-        from maisi_cli.errors import MaisiError
-
-        try:
-            written = write_sample_preview(task.image, task.label, missing_only=missing_only)
-        except MaisiError as failure:
-            render.warning(f"--preview: sample {task.index}: {failure}", output)
-            return
-        if written is not None:
-            previews.append(written.name)
-
+    write_preview = preview_writer(previews, output)
     if preview:  # complete samples skipped by this run: only a missing preview is written
         for task in plan.samples:
             if task.complete and task.image.is_file() and task.label.is_file():
@@ -160,18 +157,90 @@ def generate(
         render.info(summary_line(report), output)
         if previews:
             render.info(f"{len(previews)} preview(s) written ({', '.join(sorted(previews))})", output)
-    failed = report.indices("failed")
-    if failed:
-        from maisi_cli.errors import GenerationError
+    refuse_failures([(None, report)], strict_qc)
 
-        first = next(s for s in report.samples if s.status == "failed")
-        raise GenerationError(f"sample(s) {', '.join(map(str, failed))} failed (sample {first.index}: {first.error}); "
-                              "the others are written; run the same command again to retry only the missing samples")
-    if strict_qc and report.qc_failed:
-        attempts = {s.index: len(s.attempts) for s in report.samples}
-        named = ", ".join(f"{i} ({attempts[i]} attempt(s))" if attempts[i] else str(i) for i in report.qc_failed)
+
+def preview_writer(previews: list[str], output: render.Output):
+    """`on_written` for --preview: the sample's preview PNG, named in `previews`; a failure is a warning (the
+    sample itself is written)."""
+
+    def write_preview(task, missing_only: bool = False) -> None:
+        from maisi_cli.engine.preview import write_sample_preview
+        from maisi_cli.errors import MaisiError
+
+        try:
+            written = write_sample_preview(task.image, task.label, missing_only=missing_only)
+        except MaisiError as failure:
+            render.warning(f"--preview: sample {task.index}: {failure}", output)
+            return
+        if written is not None:
+            previews.append(written.name)
+
+    return write_preview
+
+
+def refuse_failures(reports: list, strict_qc: bool) -> None:
+    """Exit 1 when a sample failed (the others are written), 3 with --strict-qc when one failed the check.
+    `reports`: (case label or None, GenerationReport) pairs."""
+    from maisi_cli.errors import GenerationError, QualityCheckFailed
+
+    failed = [(case, s) for case, report in reports for s in report.samples if s.status == "failed"]
+    if failed:
+        named = ", ".join(f"{case}: {s.index}" if case else str(s.index) for case, s in failed)
+        case, first = failed[0]
+        raise GenerationError(f"sample(s) {named} failed ({case + ', ' if case else ''}sample {first.index}: "
+                              f"{first.error}); the others are written; run the same command again to retry only "
+                              "the missing samples")
+    qc_failed = [(case, s) for case, report in reports for s in report.samples
+                 if strict_qc and s.qc is not None and not s.qc["passed"]]
+    if qc_failed:
+        named = ", ".join((f"{case}: " if case else "") + (f"{s.index} ({len(s.attempts)} attempt(s))"
+                                                           if s.attempts else str(s.index)) for case, s in qc_failed)
         raise QualityCheckFailed(f"--strict-qc: sample(s) {named} failed the quality check; their files are "
                                  "written and their sidecars hold the QC report")
+
+
+def generate_manifest(generator, manifest: Path, request, qc_options, output: render.Output, *, dry_run: bool,
+                      preview: bool) -> None:
+    """`generate --manifest`: every case checked, then each run into OUT/NAME with the networks loaded once."""
+    from maisi_cli.errors import UsageError
+
+    if generator.spec.image_only:
+        raise UsageError(f"--manifest: gives condition masks, and model {generator.spec.name} generates images "
+                         "only (no ControlNet); drop --manifest")
+    plan = generator.plan_manifest(manifest, request, qc_options)
+    for message in plan.warnings:
+        render.warning(message, output)
+    if dry_run:
+        if output.json:
+            render.print_json({"dry_run": True, **plan.describe()})
+        else:
+            render.print_table(f"maisi generate --manifest {manifest} --dry-run",
+                               ("case", "name", "size", "spacing (mm)", "seed", "samples", "out"),
+                               [(c.number, c.name, format_triple(tuple(d["size"])),
+                                 format_triple(tuple(d["spacing"])), d["seed"],
+                                 ", ".join(f"{s['index']}:{s['status']}" for s in d["samples"]), d["out"])
+                                for c, d in zip(plan.cases, plan.described)])
+        return
+    previews: list[str] = []
+    on_case = (lambda case, report: render.info(f"{case.label}: {summary_line(report)}", output)) \
+        if not output.json else (lambda case, report: None)
+    with render.progress(output, samples=plan.pending) as on_progress:
+        reports = generator.run_manifest(plan, on_progress, on_warning=lambda message: render.warning(message, output),
+                                         on_written=preview_writer(previews, output) if preview else None,
+                                         on_case=on_case)
+    written = sum(len(r.report.indices("written")) for r in reports)
+    skipped = sum(len(r.report.indices("skipped")) for r in reports)
+    seconds = sum(r.report.seconds for r in reports)
+    if output.json:
+        render.print_json({"manifest": str(manifest), "out": str(request.out),
+                           "cases": [r.as_dict() for r in reports], "written": written, "skipped": skipped,
+                           "network_loads": generator.loads, "seconds": round(seconds, 3),
+                           **({"previews": sorted(previews)} if preview else {})})
+    else:
+        render.info(f"{len(reports)} case(s) from {manifest}: {written} sample(s) written, {skipped} already "
+                    f"complete, into {request.out}/NAME ({seconds:.1f} s)", output)
+    refuse_failures([(r.case.label, r.report) for r in reports], qc_options.strict)
 
 
 def summary_line(report) -> str:

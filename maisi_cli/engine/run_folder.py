@@ -224,10 +224,14 @@ def with_completion(tasks: list[SampleTask], overwrite: bool) -> list[SampleTask
     return [replace(task, complete=not overwrite and task.files_exist()) for task in tasks]
 
 
-def plan_generation(request: GenerateRequest, qc: QCOptions | None = None) -> GenerationPlan:
+def plan_generation(request: GenerateRequest, qc: QCOptions | None = None,
+                    keep: Callable[[SampleTask], bool] | None = None) -> GenerationPlan:
     """The plan of a run into --out: `plan_samples`, with the samples already complete in the folder, refused when
-    the folder holds a run with other settings."""
+    the folder holds a run with other settings. `keep` narrows the samples (a manifest's shard) before the folder
+    is read, so samples of other shards are not hashed."""
     plan = plan_samples(request, qc)
+    if keep is not None:
+        plan.samples = [task for task in plan.samples if keep(task)]
     plan.samples = with_completion(plan.samples, request.overwrite)
     return checked_against_folder(plan)
 
