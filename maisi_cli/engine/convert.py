@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maisi_cli.engine.outputs import (PairIdentity, output_sha256, pair_paths, write_colour_tables, write_image,
+from maisi_cli.engine.outputs import (PairIdentity, first_changed_file, pair_paths, write_colour_tables, write_image,
                                       write_label, written_sha256)
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
 from maisi_cli.errors import OutputError, UsageError
@@ -60,12 +60,10 @@ def source_problem(folder: Path, sample: WrittenSample) -> str | None:
         return f"written as {sample.source_format}; convert reads NIfTI pairs (generate with --format nifti)"
     image, label = pair_paths(folder, sample.stem, sample.source_format)
     recorded = sample.document["files_sha256"]
-    for role, path in (("image", image), ("label", label)):
-        if role not in recorded:
-            continue  # an image-only model's sample has no label
-        if output_sha256(path) != recorded[role]:
-            return f"{path.name} is missing or does not match the sha256 its sidecar records"
-    return None
+    # an image-only model's sample records no label
+    changed = first_changed_file((path, recorded[role]) for role, path in (("image", image), ("label", label))
+                                 if role in recorded)
+    return None if changed is None else f"{changed.name} is missing or does not match the sha256 its sidecar records"
 
 
 def converted_before(folder: Path, sample: WrittenSample, output_format: str) -> bool:
@@ -74,8 +72,8 @@ def converted_before(folder: Path, sample: WrittenSample, output_format: str) ->
         return False
     image, label = pair_paths(folder, sample.stem, output_format)
     recorded = done.get("files_sha256") or {}
-    return all(output_sha256(path) == recorded.get(role) for role, path in (("image", image), ("label", label))
-               if role in sample.document["files_sha256"])
+    return first_changed_file((path, recorded.get(role)) for role, path in (("image", image), ("label", label))
+                              if role in sample.document["files_sha256"]) is None
 
 
 def convert_sample(folder: Path, sample: WrittenSample, output_format: str) -> dict[str, Any]:

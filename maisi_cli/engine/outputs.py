@@ -19,7 +19,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -63,6 +63,12 @@ def output_sha256(path: Path) -> str | None:
             members[member.name] = member_sha
         return folder_sha256(members)
     return sha256_of_file(path)
+
+
+def first_changed_file(files: Iterable[tuple[Path, str | None]]) -> Path | None:
+    """The first of (path, recorded sha256) whose file is missing or has another sha256 now, or None when all
+    match: a sample whose files are not those its sidecar describes."""
+    return next((path for path, recorded in files if output_sha256(path) != recorded), None)
 
 
 def folder_sha256(members: dict[str, str]) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from maisi_cli.config import format_triple
 from maisi_cli.engine.locks import sample_lock_path
-from maisi_cli.engine.outputs import output_sha256
+from maisi_cli.engine.outputs import first_changed_file
 from maisi_cli.engine.plan import GenerationPlan, SampleTask, plan_samples
 from maisi_cli.engine.qc import QCOptions
 from maisi_cli.errors import OutputError, UsageError
@@ -196,9 +196,11 @@ def sample_problem(task: SampleTask, digest: str) -> str | None:
     recorded = document.get("files_sha256")
     if not isinstance(recorded, dict):
         return f"its sidecar {task.sidecar.name} records no sha256 of its files"
-    for role, path in (("image", task.image), ("label", task.label)):
-        if path is not None and output_sha256(path) != recorded.get(role):
-            return f"{path.name} does not match the sha256 its sidecar records (changed or truncated)"
+    changed = first_changed_file(((path, recorded.get(role)) for role, path in (("image", task.image),
+                                                                               ("label", task.label))
+                                  if path is not None))
+    if changed is not None:
+        return f"{changed.name} does not match the sha256 its sidecar records (changed or truncated)"
     return None
 
 
