@@ -305,3 +305,33 @@ def test_a_folder_too_large_for_the_host_memory_is_refused_before_reading(tmp_pa
     with pytest.raises(UsageError, match=r"--mask: reading the 117 class files of '.*' \(24x24x24\) into one label "
                                          r"map needs about .* GiB of host memory .*crop or downsample the masks"):
         read_class_folder(folder, label_scheme("totalsegmentator"))
+
+
+def test_class_files_are_read_in_parallel_but_merged_in_order_with_bounded_reads_in_flight():
+    import threading
+    import time
+
+    from maisi_cli.engine.masks.class_folder import read_in_order
+
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0}
+
+    def read(path):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.02 if int(path.name) % 2 else 0.001)  # odd files slower: they finish out of order
+        with lock:
+            state["now"] -= 1
+        if path.name == "7":
+            raise MaskError(f"bad {path.name}")
+        return int(path.name)
+
+    paths = [Path(str(i)) for i in range(12)]
+    assert list(read_in_order(paths[:7], read, 3)) == list(range(7))
+    assert 2 <= state["most"] <= 3  # overlapped, never more than three reads at once
+    got = []
+    with pytest.raises(MaskError, match="bad 7"):  # the first failure in the files' order, after those before it
+        for value in read_in_order(paths, read, 3):
+            got.append(value)
+    assert got == list(range(7))

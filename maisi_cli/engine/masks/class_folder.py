@@ -24,14 +24,18 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
 
 from maisi_cli.config import format_triple
-from maisi_cli.engine.memory import check_host_memory
+from maisi_cli.engine.memory import available_host_memory, check_host_memory
 from maisi_cli.errors import MaskError, UsageError
 from maisi_cli.io.files import kind_of, sha256_of_input
 from maisi_cli.io.nifti import NiftiHeader, read_nifti_header
@@ -42,7 +46,9 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 BINARY_VALUES = (1, 255)  # the foreground value of a binary file: 1, or 255 as image tools often save masks
 GRID_TOLERANCE_MM = 1e-3  # affine entries that differ by less are the same grid (float32 header round-off)
 LISTED = 5  # names or overlaps spelled out in one message line; the rest are counted
+MAX_READ_THREADS = 8  # class files read at once, at most
 Box = tuple[slice, slice, slice]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,24 +83,59 @@ def read_class_folder(folder: Path, scheme: LabelScheme, field: str = "--mask") 
     its headers first, then each file is read in turn into the merged map, so memory holds the map and one file."""
     checked = checked_class_folder(Path(folder), field, scheme)
     shape = checked.header.shape
+    voxels = int(np.prod(shape, dtype=np.float64))
     merged_bytes = checked.header.dtype.itemsize
-    # the merged map, one file as read and nibabel's read buffer, its foreground (bool) and one step's overlap mask
-    # (bool, within the file's box): 313 MiB measured, 375 MiB counted, at 512x512x300 (uint8 files)
-    check_host_memory(int(np.prod(shape, dtype=np.float64)) * (merged_bytes + checked.read_bytes + 3), field,
+    # the merged map and one step's overlap mask (bool), plus per file being read: the file as read and nibabel's
+    # read buffer, its foreground (bool) and the box's copy of it (at most the volume). One file at a time measured
+    # 313 MiB at 512x512x300 (uint8 files).
+    per_file = voxels * (checked.read_bytes + 2)
+    readers = read_threads(len(checked.files), voxels * (merged_bytes + 1), per_file)
+    check_host_memory(voxels * (merged_bytes + 1) + readers * per_file, field,
                       f"reading the {len(checked.files)} class files of '{checked.folder}' "
                       f"({format_triple(shape)}) into one label map", "crop or downsample the masks first")
     merged = np.zeros(shape, dtype=checked.header.dtype, order="F")  # nibabel reads NIfTI voxels in this order
     sizes: dict[int, int] = {}  # class id → voxels in its file
     names: dict[int, str] = {}
     overlaps: list[tuple[str, str, int, str]] = []
-    for entry in sorted(checked.files, key=lambda f: f.ident or 0):
-        found = binary_foreground(entry.path, shape, field)
+    files = sorted(checked.files, key=lambda f: f.ident or 0)  # merged in class order: the same map every time
+    for entry, found in zip(files, read_in_order([f.path for f in files],
+                                                 lambda path: binary_foreground(path, shape, field), readers)):
         if found is None:
             continue  # an absent class: TotalSegmentator writes an all-zero file for it
         ident = entry.ident or 0
         names[ident] = entry.path.name
         sizes[ident] = merged_into(merged, *found, ident, sizes, names, overlaps)
     return merged, checked.header.affine, [overlap_warning(checked.folder, overlaps, field)] if overlaps else []
+
+
+def read_threads(files: int, fixed: int, per_file: int) -> int:
+    """How many class files to read at once: up to MAX_READ_THREADS (zlib inflates without the GIL, so the reads
+    overlap), as many as the CPUs and the free host memory allow; 1 where the memory cannot be read."""
+    available = available_host_memory()
+    wanted = max(1, min(MAX_READ_THREADS, os.cpu_count() or 1, files))
+    if available is None:
+        return 1
+    return max(1, min(wanted, (available - fixed) // max(per_file, 1)))
+
+
+def read_in_order(paths: list[Path], read: Callable[[Path], T], threads: int) -> Iterator[T]:
+    """`read(path)` of each path, yielded in the paths' order, with at most `threads` reads in flight (a result
+    waits for its turn, so memory holds `threads` files, not all of them). The first failure in order is raised."""
+    if threads <= 1:
+        yield from (read(path) for path in paths)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="maisi-class-read") as pool:
+        in_flight: deque[Future[T]] = deque()
+        try:
+            for path in paths:
+                in_flight.append(pool.submit(read, path))
+                if len(in_flight) >= threads:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        finally:
+            for future in in_flight:  # a failure (or a consumer that stopped): read nothing more
+                future.cancel()
 
 
 def sha256_of_class_folder(folder: Path, field: str = "--mask") -> str:
@@ -253,7 +294,7 @@ def binary_foreground(path: Path, shape: tuple[int, int, int], field: str) -> tu
                  f"the value {low:g}" if low == high else f"values from {low:g} to {high:g}")
         raise MaskError(f"{field}: '{path}' holds {found} besides 0; each class file must be binary (0 and 1, or 0 "
                         "and 255): a multi-label map goes alone as --mask FILE")
-    return box, foreground[box]
+    return box, foreground[box].copy()  # a copy: the volume-sized arrays go with this read
 
 
 def foreground_extremes(data: np.ndarray, foreground: np.ndarray) -> tuple[float, float]:
