@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - older typer: Click itself
     from click import exceptions as click_errors  # type: ignore[no-redef]  # noqa: E402
 
 from maisi_cli import __version__  # noqa: E402
-from maisi_cli.cli import render  # noqa: E402
+from maisi_cli.cli import help_text, render  # noqa: E402
 from maisi_cli.errors import MaisiError  # noqa: E402
 
 # The root flags a user may also write after the command (`maisi generate … --quiet`): Click reads a group's options
@@ -121,7 +121,7 @@ def usage_line(failure: Any, request: Request) -> str:
     if isinstance(failure, click_errors.MissingParameter) and param is not None:
         name = parameter_name(param)
         if param.param_type_name == "option":
-            return f"{name}: this option is required; add {name} VALUE ({see})"
+            return f"{name}: required; give {name} {param.metavar or 'VALUE'} ({see})"
         return f"{name}: missing argument; {see}"
     if isinstance(failure, click_errors.BadParameter) and param is not None:
         return f"{parameter_name(param)}: {failure.message}"
@@ -185,6 +185,10 @@ class MaisiGroup(TyperGroup):
     (with --json also one document on stdout) and its exit code."""
 
     request = Request()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        help_text.tidy(self)  # help texts as written (no Rich markup), plain value names
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore
         self.request = read_request(self, list(sys.argv[1:] if args is None else args))

@@ -16,7 +16,7 @@ HELP = ("Write the pairs of a `maisi generate` folder (NIfTI) again in another f
 def convert(
     ctx: typer.Context,
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="The --out folder of a `maisi generate` run."),
-    output_format: str = typer.Option(..., "--format", help="nii, nrrd, dicom (extra maisi\\[dicom]) or nifti."),
+    output_format: str = typer.Option(..., "--format", help="nii, nrrd, dicom (extra maisi[dicom]) or nifti."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write again samples converted before."),
     json_flag: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:

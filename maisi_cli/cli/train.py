@@ -93,12 +93,13 @@ def log_epoch(event: ProgressEvent) -> None:
 
 
 def run_trainer(output: render.Output, config_class: type, config_file: Path | None, flags: dict,
-                train: Callable, describe: Callable[[dict], str]) -> None:
+                train: Callable, describe: Callable[[dict], str], required: dict[str, str] | None = None) -> None:
     """Build the trainer's config (file + flags), train with progress, and print one summary from rank 0 only:
-    `describe(summary)` for people, the summary itself with --json."""
+    `describe(summary)` for people, the summary itself with --json. `required`: what to give for each required
+    option (its error line when left out)."""
     from maisi_cli.engine.train.common import build_config  # pydantic + torch: only when a command runs
 
-    settings = build_config(config_class, config_file, flags)
+    settings = build_config(config_class, config_file, flags, required)
     with train_progress(output) as on_event:
         summary = train(settings, on_event)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -112,29 +113,39 @@ def run_trainer(output: render.Output, config_class: type, config_file: Path | N
 # --- options --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainOption:
-    """One option of a `maisi train` command: its parameter name (the config key), type and Typer option."""
+    """One option of a `maisi train` command: its parameter name (the config key), type and Typer option, and for
+    a required one what to give (the error line when it is left out)."""
 
     name: str
     kind: Any
     option: Any  # typer.models.OptionInfo
+    required: str | None = None
 
 
-def option(name: str, kind: Any, *declarations: str, help: str) -> TrainOption:
-    """An option that is None unless given (so a --config file's value stands)."""
-    return TrainOption(name, kind, typer.Option(None, *declarations, help=help))
+def option(name: str, kind: Any, *declarations: str, help: str, metavar: str | None = None,
+           required: str | None = None) -> TrainOption:
+    """An option that is None unless given (so a --config file's value stands). A `required` one (it may come from
+    --config instead, so Click does not enforce it) says so in its help."""
+    if required:
+        help = f"{help} Required (here or in --config)."
+    return TrainOption(name, kind, typer.Option(None, *declarations, help=help, metavar=metavar), required)
 
 
 CONFIG_HELP = "JSON or TOML file of these options; flags override it."
 
 
 def trainer_options(*, data: str, out: str, lr: str, batch_size: str, init: str, config: str = CONFIG_HELP,
+                    data_example: str, out_example: str,
                     after_model: tuple[TrainOption, ...] = (),
                     after_batch_size: tuple[TrainOption, ...] = ()) -> list[TrainOption]:
     """Every trainer's options in help order, with the help texts that differ between trainers and the trainer's
-    own options (after --model, after --batch-size)."""
+    own options (after --model, after --batch-size). `data_example`, `out_example`: the values the error line for a
+    missing --data or --out suggests."""
     return [
-        option("data", Path | None, "--data", help=data),
-        option("out", Path | None, "--out", "-o", help=out),
+        option("data", Path | None, "--data", help=data, metavar="FILE",
+               required=f"the training datalist, e.g. --data {data_example}"),
+        option("out", Path | None, "--out", "-o", help=out, metavar="DIR",
+               required=f"the output folder, e.g. --out {out_example}"),
         option("model", str | None, "--model", help="Model name or spec .json (default: rflow-ct)."),
         *after_model,
         option("epochs", int | None, "--epochs", help="Epochs in all (a resumed run counts the done ones)."),
@@ -161,15 +172,33 @@ def train_command(name: str, help: str, options: list[TrainOption], engine: tupl
         output = render.output_of(ctx.obj, values.pop("json_flag"))
         config_file = values.pop("config")
         flags = flags_of(values)
+        check_required(flags, config_file, required)  # before the 5-20 s of importing torch
         # The trainer imports torch and MONAI: only when its command runs, never for --help or shell completion.
         module = importlib.import_module(engine[0])
-        run_trainer(output, getattr(module, engine[1]), config_file, flags, getattr(module, engine[2]), describe)
+        run_trainer(output, getattr(module, engine[1]), config_file, flags, getattr(module, engine[2]), describe,
+                    required)
+
+    required = {o.name: o.required for o in options if o.required}
 
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     command.__signature__ = inspect.Signature([context, *(  # type: ignore[attr-defined]
         inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.option, annotation=o.kind)
         for o in options)])
     app.command(name, help=help)(command)
+
+
+def check_required(flags: dict, config_file: Path | None, required: dict[str, str]) -> None:
+    """A required option given neither as a flag nor in the --config file: one line saying what to give (the
+    trainer's config would say the same, after torch is imported)."""
+    from maisi_cli.errors import missing_option
+    from maisi_cli.io.documents import read_document
+
+    missing = [name for name in required if flags.get(name) is None]
+    if missing and config_file is not None:
+        in_file = read_document(config_file, "--config", shape="a table/object of options")
+        missing = [name for name in missing if in_file.get(name) is None]
+    if missing:
+        raise missing_option(missing[0], required[missing[0]], config_file)
 
 
 # --- the commands ---------------------------------------------------------------------------------------------------
@@ -187,6 +216,7 @@ train_command(
         lr="Adam learning rate (default 1e-4), decayed to 0.",
         batch_size="Latents per step per process (default 1).",
         init="Fine-tune from this diffusion UNet checkpoint (its scale factor is kept).",
+        data_example="embeddings/embeddings.json", out_example="runs/diffusion",
         after_model=(option("scheduler", str | None, "--scheduler", help="rflow or ddpm (default: the model's)."),),
     ),
     ("maisi_cli.engine.train.diffusion", "DiffusionTrainConfig", "train_diffusion"),
@@ -208,6 +238,7 @@ train_command(
         lr="AdamW learning rate (default 1e-5), decayed to 0.",
         batch_size="Latents per step per process (default 1).",
         init="Start from this ControlNet checkpoint instead of the UNet's weights.",
+        data_example="embeddings/embeddings.json", out_example="runs/controlnet",
         after_model=(option("weights_dir", Path | None, "--weights-dir", help="Folder holding the model's "
                             "released diffusion UNet (frozen; its scale factor is used) under its repository name "
                             "(default: MAISI_WEIGHTS_DIR, then the caches)."),),
@@ -236,6 +267,7 @@ train_command(
         lr="Adam learning rate of both networks (default 1e-4; ×0.01 before epoch 10, ×0.1 before 20).",
         batch_size="Patches per step per process (default 1).",
         init="Fine-tune from this autoencoder state dict.",
+        data_example="phantoms/datalist.json", out_example="runs/vae",
         config="JSON or TOML file of these options and of warmup, random_aug, recon_loss (l1|l2), lr_decay "
                "(none|cosine), bright_weight, bright_threshold, bright_margin, discriminator_layers, val_window; "
                "flags override it.",

@@ -39,7 +39,7 @@ def test_cli_md_covers_every_command_and_no_plugin():
     for command in ("maisi generate", "maisi weights download", "maisi data masks index", "maisi train vae",
                     "maisi export trt", "maisi profiles plan"):
         assert f"`{command}`" in text
-    assert "- `-n, --num-samples <int range>`: Number of image + label pairs. `[default: 1; x>=1]`" in text
+    assert "- `-n, --num-samples N`: Number of image + label pairs. `[default: 1; x>=1]`" in text
     assert "maisi mr" not in text and str(ROOT) not in text
 
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch.nn.parallel import DistributedDataParallel
 
 from maisi_cli.engine.runtime import Runtime
-from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
+from maisi_cli.errors import MaisiError, UsageError, first_validation_problem, missing_option
 from maisi_cli.io.documents import read_document
 from maisi_cli.io.files import write_atomic
 
@@ -63,14 +63,18 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return read_document(path, "--config", shape="a table/object of options")
 
 
-def build_config(cls: type[BaseModel], config_file: Path | None, flags: dict[str, Any]) -> Any:
-    """`cls` from the file's keys, overridden by the flags that were given (None = not given)."""
+def build_config(cls: type[BaseModel], config_file: Path | None, flags: dict[str, Any],
+                 required: dict[str, str] | None = None) -> Any:
+    """`cls` from the file's keys, overridden by the flags that were given (None = not given). `required`: what to
+    give for a required setting left out, by name (e.g. out: "the output folder, e.g. --out runs/vae")."""
     values = read_config_file(config_file) if config_file is not None else {}
     values.update({k: v for k, v in flags.items() if v is not None})
     try:
         return cls.model_validate(values)
     except ValidationError as error:
         field, problem = first_validation_problem(error)
+        if error.errors()[0]["type"] == "missing" and field in flags:
+            raise missing_option(field, (required or {}).get(field), config_file) from None
         if error.errors()[0]["type"] == "extra_forbidden" and config_file is not None:
             # A typo in the file: name the key and the nearest real setting, not a flag that does not exist.
             close = difflib.get_close_matches(field, list(cls.model_fields), n=1)
