@@ -39,12 +39,18 @@ def fid(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     nproc: int = typer.Option(1, "--nproc", metavar="N", help="Split the files over N local processes (gloo on "
                               "the CPU, one GPU each with NCCL); the result equals one process. Not with torchrun."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Also draw a bar chart of the FID "
+                                        "of each plane and their average."),
     json_flag: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     from maisi_cli import api
     from maisi_cli.config import parse_size, parse_spacing
 
     output = render.output_of(ctx.obj, json_flag)
+    if plot is not None:  # before the features are computed: a bad name must not cost a run
+        from maisi_cli.engine.report_plots import check_png_path
+
+        check_png_path(plot, "--plot")
     with render.progress(output) as on_progress:
         report = api.fid(
             real, synth, planes=[p for p in planes.split(",") if p.strip()],
@@ -55,8 +61,16 @@ def fid(
             on_warning=lambda message: render.warning(message, output))
     if report is None:  # a torchrun rank other than 0: rank 0 prints the result
         return
+    chart = None
+    if plot is not None:
+        from maisi_cli.engine.report_plots import fid_chart
+
+        chart = fid_chart(plot, report.planes, report.average,
+                          f"{report.real_volumes} real vs {report.synth_volumes} synthetic volumes "
+                          f"({real.name} vs {synth.name})")
     if output.json:
-        render.print_json({"real": str(real), "synth": str(synth), **report.as_dict()})
+        render.print_json({"real": str(real), "synth": str(synth), **report.as_dict(),
+                           **({"plot": chart.as_dict(plot)} if chart is not None else {})})
     else:
         rows = [(plane.upper(), f"{value:.6g}", report.real_slices[plane], report.synth_slices[plane])
                 for plane, value in report.planes.items()]
@@ -64,3 +78,5 @@ def fid(
         title = (f"FID: {report.real_volumes} real vs {report.synth_volumes} synthetic volumes, "
                  f"{report.features} features ({report.computed} computed, {report.cached} from cache)")
         render.print_table(title, ("plane", "FID", "real slices", "synth slices"), rows)
+        if chart is not None:
+            render.info(f"wrote {plot} ({chart.size[0]}x{chart.size[1]} px)", output)

@@ -48,12 +48,17 @@ AXIS_NAMES = "xyz"
 
 MIN_PANEL, MAX_PANEL = 64, 2048
 GAP = 4  # pixels between panels and around the canvas
-TITLE_HEIGHT = 16  # the line above each panel
+HEADER_ROW = 14  # one line of the title above everything
+TITLE_HEIGHT = 16  # the line above each panel (the plane and its slice index)
 LEGEND_ROW = 14  # one legend entry per row
 LEGEND_COLUMN = 200  # width of one legend column
 SWATCH = 10
 BACKGROUND = (0, 0, 0)
 TEXT = (255, 255, 255)
+MARKER = (255, 200, 40)  # the orientation letters (amber, with a black outline where the font allows)
+MARKER_INSET = 2
+# (top, bottom, left, right) letters of each plane as shown (plane_slices): R/L, A/P, S/I
+ORIENTATION = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
 
 
 # --- windows and slices -------------------------------------------------------------------------------------------
@@ -182,26 +187,44 @@ def label_name(ident: int) -> str:
 # --- layout -------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Layout:
-    """Where everything goes on the canvas: three `panel_size` squares in a row under their titles, then the legend
-    in columns of LEGEND_COLUMN pixels, one entry per LEGEND_ROW."""
+    """Where everything goes on the canvas: the title (`header_lines` lines), three `panel_size` squares in a row
+    under their plane names, then the legend in columns of LEGEND_COLUMN pixels, one entry per LEGEND_ROW, filled
+    row by row. The legend is never taller than a panel: when its entries need more rows than that, it takes more
+    columns and the canvas widens."""
     panel_size: int
     legend_entries: int
+    header_lines: int = 1
 
     @property
-    def width(self) -> int:
+    def panels_width(self) -> int:
         return 3 * self.panel_size + 4 * GAP
 
     @property
+    def max_legend_rows(self) -> int:
+        return max(1, self.panel_size // LEGEND_ROW)
+
+    @property
     def legend_columns(self) -> int:
-        return max(1, (self.width - GAP) // LEGEND_COLUMN)
+        fitting = max(1, (self.panels_width - GAP) // LEGEND_COLUMN)
+        return max(fitting, math.ceil(self.legend_entries / self.max_legend_rows))
 
     @property
     def legend_rows(self) -> int:
         return math.ceil(self.legend_entries / self.legend_columns)
 
     @property
+    def width(self) -> int:
+        legend = GAP + min(self.legend_columns, max(1, self.legend_entries)) * LEGEND_COLUMN
+        return max(self.panels_width, legend if self.legend_entries else 0)
+
+    @property
+    def panels_top(self) -> int:
+        """The top of the plane names' line (under the title)."""
+        return GAP + self.header_lines * HEADER_ROW
+
+    @property
     def legend_top(self) -> int:
-        return GAP + TITLE_HEIGHT + self.panel_size + GAP
+        return self.panels_top + TITLE_HEIGHT + self.panel_size + GAP
 
     @property
     def height(self) -> int:
@@ -214,7 +237,7 @@ class Layout:
     def panel_box(self, position: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of panel 0 (axial), 1 (coronal) or 2 (sagittal)."""
         left = GAP + position * (self.panel_size + GAP)
-        top = GAP + TITLE_HEIGHT
+        top = self.panels_top + TITLE_HEIGHT
         return left, top, left + self.panel_size, top + self.panel_size
 
     def legend_cell(self, entry: int) -> tuple[int, int]:
@@ -237,11 +260,15 @@ class Preview:
     window: tuple[float, float]
     labels: list[int] = field(default_factory=list)  # ids drawn, in legend order
     layout: Layout | None = None
+    title: str = ""
+    # plane → [(letter, (x, y) of the letter's centre on the canvas)]: top, bottom, left, right
+    markers: dict[str, list[tuple[str, tuple[int, int]]]] = field(default_factory=dict)
 
     def as_dict(self, out: Path) -> dict:
         return {
             "out": str(out),
             "size": list(self.image.size),  # type: ignore[attr-defined]
+            "title": self.title,
             "slice": list(self.slice),
             "window": {"level": self.window[0], "width": self.window[1]},
             "labels": [{"id": i, "name": label_name(i), "colour": "#%02x%02x%02x" % label_colour(i)}
@@ -257,10 +284,70 @@ def _fit_text(draw, text: str, font, width: int) -> str:
     return text + "..."
 
 
+def wrap_parts(draw, parts: Sequence[str], font, width: int, separator: str = "  |  ") -> list[str]:
+    """The parts joined on lines no wider than `width` (a part alone on a line is cut to fit)."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and draw.textlength(lines[-1] + separator + part, font=font) <= width:
+            lines[-1] += separator + part
+        else:
+            lines.append(_fit_text(draw, part, font, width))
+    return lines
+
+
+def window_text(window: tuple[float, float], name: str | None = None) -> str:
+    """'window soft-tissue (L 40, W 400 HU)' or 'window L 40, W 400 HU'."""
+    level, width = window
+    return f"window {name} (L {level:g}, W {width:g} HU)" if name else f"window L {level:g}, W {width:g} HU"
+
+
+def title_parts(window: tuple[float, float], index: Sequence[int], window_name: str | None = None,
+                info=None) -> list[str]:
+    """The title's parts: window, slice indices, and from the sample's sidecar (engine/sample_info.SampleInfo)
+    the sample, its seed and QC verdict."""
+    x, y, z = (int(i) for i in index)
+    parts = [window_text(window, window_name), f"slices x={x} y={y} z={z}"]
+    if info is not None:
+        if info.index is not None:
+            parts.insert(0, f"sample {info.index}")
+        if info.seed is not None:
+            parts.append(f"seed {info.seed}")
+        parts.append(info.verdict)
+    return parts
+
+
+def orientation_letters(name: str) -> tuple[str, str, str, str]:
+    """(top, bottom, left, right) of a plane as plane_slices shows it."""
+    return ORIENTATION[name]
+
+
+def draw_markers(draw, font, box: tuple[int, int, int, int], name: str) -> list[tuple[str, tuple[int, int]]]:
+    """The plane's orientation letters inside the image's edges (`box`: left, top, right, bottom, exclusive)."""
+    from PIL import ImageFont
+
+    left, top, right, bottom = box
+    middle_x, middle_y = (left + right) // 2, (top + bottom) // 2
+    top_letter, bottom_letter, left_letter, right_letter = orientation_letters(name)
+    placed = []
+    for letter, anchor in ((top_letter, "top"), (bottom_letter, "bottom"), (left_letter, "left"),
+                           (right_letter, "right")):
+        x0, y0, x1, y1 = draw.textbbox((0, 0), letter, font=font)
+        w, h = x1 - x0, y1 - y0
+        x = {"left": left + MARKER_INSET, "right": right - MARKER_INSET - w}.get(anchor, middle_x - w // 2)
+        y = {"top": top + MARKER_INSET, "bottom": bottom - MARKER_INSET - h}.get(anchor, middle_y - h // 2)
+        # an outline keeps the letter readable on bright bone; bitmap fonts (Pillow without FreeType) have none
+        stroke = {"stroke_width": 1, "stroke_fill": BACKGROUND} if isinstance(font, ImageFont.FreeTypeFont) else {}
+        draw.text((x - x0, y - y0), letter, fill=MARKER, font=font, **stroke)
+        placed.append((letter, (x + w // 2, y + h // 2)))
+    return placed
+
+
 def render_preview(image: np.ndarray, spacing: Sequence[float], labels: np.ndarray | None = None,
                    index: Sequence[int] | None = None, window: tuple[float, float] = WINDOWS[DEFAULT_WINDOW],
-                   panel_size: int = 256) -> Preview:
-    """The preview of a canonical RAS `image` in HU (and its label map on the same grid) as an RGB Pillow image."""
+                   panel_size: int = 256, window_name: str | None = None, info=None) -> Preview:
+    """The preview of a canonical RAS `image` in HU (and its label map on the same grid) as an RGB Pillow image:
+    a title (window, slice indices; with `info`, a SampleInfo from the sample's sidecar, its index, seed and QC
+    verdict), the three planes with their orientation letters, and a legend of the labels drawn in them."""
     from PIL import Image, ImageDraw, ImageFont  # only to draw: `maisi qc` imports this module and draws nothing
 
     shape = image.shape
@@ -277,32 +364,46 @@ def render_preview(image: np.ndarray, spacing: Sequence[float], labels: np.ndarr
         rgb = np.array(grey.resize((width, height), Image.Resampling.BILINEAR).convert("RGB"))
         if label_planes is not None:
             display_labels = resample_nearest(np.asarray(label_planes[name]).astype(np.int64), (height, width))
-            edge = contour_mask(display_labels)
-            for ident in np.unique(display_labels[edge]).tolist():
-                rgb[edge & (display_labels == ident)] = label_colour(ident)
-                shown.add(int(ident))
+            shown.update(draw_contours(rgb, display_labels))
         panels[name] = rgb
 
     ordered = sorted(shown)
-    layout = Layout(panel_size, len(ordered))
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title = title_parts(window, index, window_name, info)
+    lines = wrap_parts(measure, title, font, Layout(panel_size, len(ordered)).width - 2 * GAP)
+    layout = Layout(panel_size, len(ordered), len(lines))
     canvas = Image.new("RGB", layout.size, BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    for row, line in enumerate(lines):
+        draw.text((GAP, GAP + row * HEADER_ROW), line, fill=TEXT, font=font)
+    markers = {}
     for position, name in enumerate(PLANES):
         left, top, right, bottom = layout.panel_box(position)
         height, width = shapes[name]
-        canvas.paste(Image.fromarray(panels[name]),
-                     (left + (panel_size - width) // 2, top + (panel_size - height) // 2))
+        image_left, image_top = left + (panel_size - width) // 2, top + (panel_size - height) // 2
+        canvas.paste(Image.fromarray(panels[name]), (image_left, image_top))
+        markers[name] = draw_markers(draw, font, (image_left, image_top, image_left + width, image_top + height),
+                                     name)
         axis = PLANE_AXIS[name]
-        title = f"{name} {AXIS_NAMES[axis]}={index[axis]}"
-        draw.text((left, GAP), _fit_text(draw, title, font, panel_size), fill=TEXT, font=font)
+        caption = f"{name} {AXIS_NAMES[axis]}={index[axis]}"
+        draw.text((left, layout.panels_top), _fit_text(draw, caption, font, panel_size), fill=TEXT, font=font)
     for entry, ident in enumerate(ordered):
         left, top = layout.legend_cell(entry)
         swatch = layout.swatch_box(entry)
         draw.rectangle((swatch[0], swatch[1], swatch[2] - 1, swatch[3] - 1), fill=label_colour(ident))
         text = _fit_text(draw, f"{ident} {label_name(ident)}", font, LEGEND_COLUMN - SWATCH - 10)
         draw.text((left + SWATCH + 4, top), text, fill=TEXT, font=font)
-    return Preview(canvas, index, window, ordered, layout)  # type: ignore[arg-type]
+    return Preview(canvas, index, window, ordered, layout, "  |  ".join(title), markers)  # type: ignore[arg-type]
+
+
+def draw_contours(rgb: np.ndarray, display_labels: np.ndarray) -> list[int]:
+    """Each shown label's boundary painted into `rgb` (in place) in its fixed colour; the ids drawn."""
+    edge = contour_mask(display_labels)
+    drawn = np.unique(display_labels[edge]).tolist()
+    for ident in drawn:
+        rgb[edge & (display_labels == ident)] = label_colour(ident)
+    return [int(i) for i in drawn]
 
 
 # --- files --------------------------------------------------------------------------------------------------------
@@ -363,17 +464,29 @@ def write_png(path: Path, image) -> None:
                           "write") from None
 
 
-def make_preview(image_path: Path, mask_path: Path | None, out: Path, window: str = DEFAULT_WINDOW,
+def make_preview(image_path: Path, mask_path: Path | None, out: Path | None = None, window: str = DEFAULT_WINDOW,
                  slice_text: str | None = None, panel_size: int = 256) -> Preview:
-    """Check every argument, read the volumes, render, write `out`. Nothing is written when a check fails."""
+    """Check every argument, read the volumes, render, write `out` (default: beside the image,
+    sample_0000_image.nii.gz → sample_0000_preview.png). The title takes the sample's seed and QC verdict from its
+    sidecar when it has one. Nothing is written when a check fails."""
+    from maisi_cli.engine.sample_info import info_for_image
+
+    out = sample_preview_path(image_path) if out is None else out
     check_out(out)
     check_panel_size(panel_size)
     level_width = parse_window(window)
     image, labels, spacing = load_volumes(image_path, mask_path)
     index = parse_slice(slice_text, image.shape)
-    preview = render_preview(image, spacing, labels, index, level_width, panel_size)
+    preview = render_preview(image, spacing, labels, index, level_width, panel_size, window_name(window),
+                             info_for_image(image_path))
     write_png(out, preview.image)
     return preview
+
+
+def window_name(text: str) -> str | None:
+    """The window's name when `text` names one (soft-tissue, lung, ...), else None (LEVEL,WIDTH)."""
+    key = text.strip().lower()
+    return key if key in WINDOWS else None
 
 
 def sample_preview_path(image_path: Path) -> Path:

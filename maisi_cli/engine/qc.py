@@ -96,6 +96,7 @@ class QCReport:
     statistics: str
     non_finite_voxels: int = 0
     image_voxels: int = 0
+    statistics_note: str | None = None  # whose statistics these are, when a model's (e.g. named by the sidecar)
 
     @property
     def passed(self) -> bool:
@@ -118,6 +119,7 @@ class QCReport:
             "passed": self.passed,
             "failed": self.failed,
             "statistics": self.statistics,
+            **({"statistics_note": self.statistics_note} if self.statistics_note else {}),
             "non_finite_voxels": self.non_finite_voxels,
             "organs": [
                 {"organ": r.organ, "median_hu": None if r.median is None else round(r.median, 3),
@@ -226,6 +228,28 @@ def _organ_result(image: np.ndarray, labels: np.ndarray, threshold: OrganThresho
         verdict = "pass"
     return OrganResult(threshold.organ, threshold.labels, median, threshold.low, threshold.high, int(values.size),
                        verdict)
+
+
+QUANTILES = (5.0, 25.0, 50.0, 75.0, 95.0)  # the box and whiskers a QC report draws for an organ's HU
+
+
+def organ_quantiles(image: np.ndarray, mask: np.ndarray, statistics: QCStatistics) -> dict[str, tuple[float, ...]]:
+    """Each organ's HU distribution for a QC report: the QUANTILES percentiles of its finite voxels, under the
+    same labels the check reads (organs absent from `mask`, or with no finite voxel, are left out). Only the report
+    calls it; the check itself (check_quality) reads the medians alone."""
+    if image.shape != mask.shape:
+        raise MaskError(f"MASK: shape {tuple(mask.shape)} differs from IMAGE shape {tuple(image.shape)}; give the "
+                        "label map the image was generated with")
+    labels = label_ids(mask)
+    found = {}
+    for threshold in statistics.organs:
+        values = image[_organ_selector(labels, threshold.labels)]
+        if values.dtype.kind in "fc":
+            values = values[np.isfinite(values)]
+        if values.size:
+            found[threshold.organ] = tuple(float(v) for v in np.percentile(values.astype(np.float64, copy=False),
+                                                                            QUANTILES))
+    return found
 
 
 def check_quality(image: np.ndarray, mask: np.ndarray, statistics: QCStatistics,

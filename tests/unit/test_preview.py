@@ -78,13 +78,14 @@ def test_render_places_a_ras_marker_where_the_layout_says(tmp_path):
     volume[15:19, 15:19, 7:9] = 1000  # right, anterior, superior
     result = preview.render_preview(volume, (1.0, 1.0, 2.0), index=(16, 16, 8), panel_size=100)
     pixels = np.asarray(result.image)
-    assert result.image.size == result.layout.size == (3 * 100 + 4 * preview.GAP, preview.GAP + preview.TITLE_HEIGHT
+    header = preview.GAP + result.layout.header_lines * preview.HEADER_ROW  # the title, wrapped to the width
+    assert result.image.size == result.layout.size == (3 * 100 + 4 * preview.GAP, header + preview.TITLE_HEIGHT
                                                        + 100 + preview.GAP)
     shapes = preview.display_shapes(volume.shape, (1.0, 1.0, 2.0), 100)
     assert shapes == {"axial": (100, 100), "coronal": (100, 100), "sagittal": (100, 100)}
     for position in range(3):
         left, top, right, bottom = result.layout.panel_box(position)
-        panel = pixels[top:bottom, left:right, 0]
+        panel = pixels[top:bottom, left:right].min(axis=-1)  # white (the orientation letters are amber)
         bright = np.argwhere(panel > 200)
         assert len(bright), position
         assert bright[:, 0].max() < 50 and bright[:, 1].max() < 50, position  # top-left quarter
