@@ -89,6 +89,9 @@ def generate(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
     preview: bool = typer.Option(False, "--preview/--no-preview", help="Also write sample_NNNN_preview.png beside "
                                  "each pair: mid-planes, soft-tissue window, label contours (see `maisi preview`)."),
+    qc_report: bool = typer.Option(False, "--report/--no-report", help="Also write sample_NNNN_qc.png beside each "
+                                   "pair: each organ's HU against the training range, failing organs in red (see "
+                                   "`maisi qc --report`)."),
     json_flag: bool = JSON_OPTION,
 ) -> None:
     from maisi_cli.engine.outputs import checked_format
@@ -107,6 +110,8 @@ def generate(
         raise UsageError("--onnx-dir: only with --backend onnx; add --backend onnx or drop --onnx-dir")
     if strict_qc and not qc:
         raise UsageError("--strict-qc: needs the quality check; drop --no-qc")
+    if qc_report and not qc:
+        raise UsageError("--report: draws the quality check; drop --no-qc")
     if guidance is not None and not guidance >= 0:
         raise UsageError(f"--guidance: {guidance:g} is negative; use 0 (off) or a positive scale, e.g. 2")
     names, sizes = parse_anatomy(anatomy)
@@ -131,50 +136,63 @@ def generate(
     generator = Generator.for_request(request)
     qc_options = QCOptions(enabled=qc, strict=strict_qc, max_attempts=max_attempts, stats=stats)
     if manifest is not None:
-        generate_manifest(generator, manifest, request, qc_options, output, dry_run=dry_run, preview=preview)
+        generate_manifest(generator, manifest, request, qc_options, output, dry_run=dry_run, preview=preview,
+                          qc_report=qc_report)
         return
     plan = generator.plan_run(request, qc_options)
     if preview and plan.model.image_only:
         raise UsageError(f"model {plan.model.name} generates images only (no ControlNet): drop --preview (it "
                          "draws label contours on a CT window)")
+    if qc_report and plan.model.image_only:
+        raise UsageError(f"model {plan.model.name} generates images only (no organ quality check): drop --report")
     for message in plan.warnings:
         render.warning(message, output)
     if dry_run:
         show_plan(plan.describe(), output)
         return
     previews: list[str] = []
-    write_preview = preview_writer(previews, output)
-    if preview:  # complete samples skipped by this run: only a missing preview is written
+    reports: list[str] | None = [] if qc_report else None
+    write_preview = preview_writer(previews, output, reports, preview)
+    if preview or qc_report:  # complete samples skipped by this run: only a missing preview or report is written
         for task in plan.samples:
             if task.complete and task.image.is_file() and task.label.is_file():
                 write_preview(task, missing_only=True)
     with render.progress(output, samples=len(plan.pending)) as on_progress:
         report = generator.run(plan, on_progress, on_warning=lambda message: render.warning(message, output),
-                               on_written=write_preview if preview else None)
+                               on_written=write_preview if preview or qc_report else None)
     if output.json:
-        render.print_json({**report.as_dict(), **({"previews": sorted(previews)} if preview else {})})
+        render.print_json({**report.as_dict(), **({"previews": sorted(previews)} if preview else {}),
+                           **({"reports": sorted(reports)} if reports is not None else {})})
     else:
         render.info(summary_line(report), output)
         if previews:
             render.info(f"{len(previews)} preview(s) written ({', '.join(sorted(previews))})", output)
+        if reports:
+            render.info(f"{len(reports)} QC report(s) written ({', '.join(sorted(reports))})", output)
     refuse_failures([(None, report)], strict_qc)
 
 
-def preview_writer(previews: list[str], output: render.Output):
-    """`on_written` for --preview: the sample's preview PNG, named in `previews`; a failure is a warning (the
-    sample itself is written)."""
+def preview_writer(previews: list[str], output: render.Output, reports: list[str] | None = None,
+                   preview: bool = True):
+    """`on_written` for --preview and --report: the sample's preview PNG, named in `previews`, and with `reports`
+    its QC report PNG, named there; a failure is a warning (the sample itself is written)."""
 
     def write_preview(task, missing_only: bool = False) -> None:
         from maisi_cli.engine.preview import write_sample_preview
+        from maisi_cli.engine.qc_report import write_sample_report
         from maisi_cli.errors import MaisiError
 
-        try:
-            written = write_sample_preview(task.image, task.label, missing_only=missing_only)
-        except MaisiError as failure:
-            render.warning(f"--preview: sample {task.index}: {failure}", output)
-            return
-        if written is not None:
-            previews.append(written.name)
+        for option, writer, names in (("--preview", write_sample_preview, previews if preview else None),
+                                      ("--report", write_sample_report, reports)):
+            if names is None:
+                continue
+            try:
+                written = writer(task.image, task.label, missing_only=missing_only)
+            except MaisiError as failure:
+                render.warning(f"{option}: sample {task.index}: {failure}", output)
+                continue
+            if written is not None:
+                names.append(written.name)
 
     return write_preview
 
@@ -201,7 +219,7 @@ def refuse_failures(reports: list, strict_qc: bool) -> None:
 
 
 def generate_manifest(generator, manifest: Path, request, qc_options, output: render.Output, *, dry_run: bool,
-                      preview: bool) -> None:
+                      preview: bool, qc_report: bool = False) -> None:
     """`generate --manifest`: every case checked, then each run into OUT/NAME with the networks loaded once."""
     from maisi_cli.errors import UsageError
 
@@ -223,11 +241,13 @@ def generate_manifest(generator, manifest: Path, request, qc_options, output: re
                                 for c, d in zip(plan.cases, plan.described)])
         return
     previews: list[str] = []
+    qc_pngs: list[str] | None = [] if qc_report else None
     on_case = (lambda case, report: render.info(f"{case.label}: {summary_line(report)}", output)) \
         if not output.json else (lambda case, report: None)
     with render.progress(output, samples=plan.pending) as on_progress:
         reports = generator.run_manifest(plan, on_progress, on_warning=lambda message: render.warning(message, output),
-                                         on_written=preview_writer(previews, output) if preview else None,
+                                         on_written=preview_writer(previews, output, qc_pngs, preview)
+                                         if preview or qc_report else None,
                                          on_case=on_case)
     written = sum(len(r.report.indices("written")) for r in reports)
     skipped = sum(len(r.report.indices("skipped")) for r in reports)
@@ -236,7 +256,8 @@ def generate_manifest(generator, manifest: Path, request, qc_options, output: re
         render.print_json({"manifest": str(manifest), "out": str(request.out),
                            "cases": [r.as_dict() for r in reports], "written": written, "skipped": skipped,
                            "network_loads": generator.loads, "seconds": round(seconds, 3),
-                           **({"previews": sorted(previews)} if preview else {})})
+                           **({"previews": sorted(previews)} if preview else {}),
+                           **({"reports": sorted(qc_pngs)} if qc_pngs is not None else {})})
     else:
         render.info(f"{len(reports)} case(s) from {manifest}: {written} sample(s) written, {skipped} already "
                     f"complete, into {request.out}/NAME ({seconds:.1f} s)", output)
