@@ -279,6 +279,9 @@ def _register() -> None:
 
     app.add_typer(export.app, name="export")
     app.command("plugins", help=plugins.HELP)(plugins.plugins_command)
+    from maisi_cli.cli import serve
+
+    app.command("serve", help=serve.HELP)(serve.serve)
     _mount_plugin_commands()
 
 
