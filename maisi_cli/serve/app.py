@@ -273,6 +273,9 @@ def create_app(settings: ServeSettings, config: ServeConfig, generator: Any = No
     def accept(body: Any) -> str:
         """Check the payload, plan it (the model's size and spacing rules, the folder's earlier run) and queue it."""
         payload = parse_payload(body)
+        if worker.load_error:  # nothing would ever run it
+            raise PayloadError("model", f"the server could not load its networks ({worker.load_error}); fix "
+                               "that and restart it", 503)
         job_id = uuid.uuid4().hex
         out = (confined_folder(data, payload.local_working_dir) if payload.local_working_dir is not None
                else data / JOBS_FOLDER / job_id)

@@ -76,7 +76,11 @@ class Worker:
             return
         self.ready.set()
         while not self._stopping.is_set():
-            job = self.store.claim_next()
+            try:
+                job = self.store.claim_next()
+            except Exception:  # a busy or briefly unreadable database: try again, the worker must not die
+                self._stopping.wait(1.0)
+                continue
             if job is None:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()

@@ -227,6 +227,27 @@ def test_ready_only_once_the_networks_are_loaded(generator, tmp_path):
         wait_ready(client, timeout=30)
 
 
+def test_a_server_whose_networks_fail_to_load_says_why_and_takes_no_job(generator, tmp_path):
+    from maisi_cli.errors import WeightsError
+
+    class Broken:
+        spec = generator.spec
+        plan_run = staticmethod(generator.plan_run)
+
+        def networks(self, plan, *args):
+            raise WeightsError("weights: models/diff_unet.pt is missing; run `maisi weights download`")
+
+    body = {"num_output_samples": 1, "body_region": ["abdomen"], "output_size": [32, 32, 32]}
+    with TestClient(create_app(SETTINGS, ServeConfig(data=tmp_path / "data"), generator=Broken())) as client:
+        deadline = time.monotonic() + 30
+        while "error" not in (ready := client.get("/v1/health/ready")).json():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert ready.status_code == 503 and "diff_unet.pt is missing" in ready.json()["error"]
+        answer = client.post("/v1/jobs", json=body)
+        assert answer.status_code == 503 and "could not load" in answer.json()["detail"]
+
+
 def test_a_running_job_cancels_at_its_next_step(generator, tmp_path):
     import threading
 
