@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from maisi_cli.engine.progress import ProgressCallback, ProgressEvent
+from maisi_cli.cli import terminal
+from maisi_cli.engine.progress import ProgressCallback, ProgressClock, ProgressEvent
 
 
 @dataclass
@@ -36,18 +38,21 @@ def stdout_console() -> Console:
 
 
 def error(message: str) -> None:
+    terminal.clear()
     stderr_console().print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
 
 
 def warning(message: str, output: Output) -> None:
     if not output.quiet:
-        stderr_console().print(f"[yellow]Warning:[/] {escape(message)}", soft_wrap=True)
+        with terminal.above():
+            stderr_console().print(f"[yellow]Warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def info(message: str, output: Output) -> None:
     """A result line for humans: stdout normally, stderr under --json (stdout holds only the document)."""
     if output.quiet:
         return
+    terminal.clear()
     console = stderr_console() if output.json else stdout_console()
     console.print(escape(message), soft_wrap=True)
 
@@ -65,6 +70,7 @@ _run: _JsonRun | None = None
 
 
 def write_json(document: Any, stream: Any = None) -> None:
+    terminal.clear()
     stream = stream or sys.stdout
     stream.write(json.dumps(document, indent=2, default=str) + "\n")
     stream.flush()
@@ -117,6 +123,7 @@ def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequen
         table.add_column(column)
     for row in rows:
         table.add_row(*(escape(str(cell)) for cell in row))
+    terminal.clear()
     stdout_console().print(table)
 
 
@@ -125,52 +132,160 @@ def event_label(event: ProgressEvent) -> str:
     return "load networks" if event.stage == "load" else event.label
 
 
+def status(output: Output, text: str) -> None:
+    """Say what the command is doing before it has anything else to show ("loading networks…"): a transient line on a
+    TTY, a log line off one when it lasts (cli/terminal.py); nothing with --quiet or --json."""
+    if not (output.quiet or output.json):
+        terminal.status(text)
+
+
+def result_line(event: ProgressEvent, seconds: float | None) -> str:
+    """The line a finished sample leaves: "sample 0003  seed 1234  QC passed  12.3 s" (QC failed names the organs;
+    seed and QC when the engine's event gives them)."""
+    details = event.details or {}
+    where = f"{event.case} " if event.case else ""
+    parts = [f"{where}sample {event.sample:04d}"]
+    if details.get("seed") is not None:
+        parts.append(f"seed {details['seed']}")
+    if "qc" in details:
+        qc = details["qc"]
+        if qc is None:
+            parts.append("QC off")
+        elif qc.get("passed"):
+            parts.append("QC passed")
+        else:
+            failed = ", ".join(str(name) for name in qc.get("failed") or [])
+            parts.append("QC FAILED" + (f" ({failed})" if failed else ""))
+    if details.get("attempts", 0) > 1:
+        parts.append(f"{details['attempts']} attempts")
+    seconds = details.get("seconds", seconds)
+    if seconds is not None:
+        parts.append(f"{seconds:.1f} s")
+    return "  ".join(parts)
+
+
+def _eta(seconds: float | None) -> str:
+    return "" if seconds is None else terminal.clock(seconds)
+
+
+def heartbeat_text(clock: ProgressClock, first: str) -> str:
+    """Off a TTY, the line a long stage repeats: "[  35.2s] sample 0000 denoise 12/30, 1:10 left; samples 0.4/2,
+    3:05 left"."""
+    event = clock.event
+    elapsed = clock.now() - clock.started
+    if event is None:
+        return f"[{elapsed:8.1f}s] {first}"
+    text = f"[{elapsed:8.1f}s] {event_label(event)} {event.done}/{event.total}"
+    if event.finished:  # the next stage has not reported yet
+        text += f" done; the next step running for {clock.now() - clock.last_at:.1f}s"
+    else:
+        stage_left = clock.stage_left()
+        text += f", {_eta(stage_left)} left" if stage_left is not None else ""
+    if clock.samples:
+        run_left = clock.run_left()
+        made = math.floor(clock.samples_made() * 10) / 10  # 1.99 made is not 2.0
+        text += f"; samples {made:.1f}/{clock.samples}" + (f", {_eta(run_left)} left" if run_left is not None else "")
+    return text
+
+
+def eta_column() -> Any:
+    """A rich column of the seconds left, from a `deadline` field (time.monotonic) that the callback sets at each
+    event, so it counts down between events; "eta -:--" until the first unit of the stage is done."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class EtaColumn(ProgressColumn):
+        def render(self, task: Any) -> Any:
+            deadline = task.fields.get("deadline")
+            left = "-:--" if deadline is None else terminal.clock(max(0.0, deadline - time.monotonic()))
+            return Text(f"eta {left}", style="progress.remaining")
+
+    return EtaColumn()
+
+
 @contextlib.contextmanager
-def progress(output: Output, samples: int | None = None) -> Iterator[ProgressCallback]:
-    """A progress callback for the engine's ProgressEvents: on a TTY one bar for the current stage (step i/N, ETA)
-    and one for the samples (a sample is done when its "write" event comes); off a TTY a log line per finished
-    stage; nothing with --quiet."""
+def progress(output: Output, samples: int | None = None, first: str | None = None) -> Iterator[ProgressCallback]:
+    """A progress callback for the engine's ProgressEvents; nothing with --quiet.
+
+    On a TTY: until the first event, the status line says `first` (default: "loading networks…" when `samples`
+    are to be made); then one bar for the current stage (step i/N, elapsed, ETA from its first finished step) and,
+    for `samples`, one for the samples (ETA from the current sample's steps until one is made). The bars vanish at
+    the end; each finished sample's result line (sample, seed, QC, seconds) is printed above them and stays.
+
+    Off a TTY: a log line per finished stage, a result line per sample, and a heartbeat line (the current stage,
+    its step, the ETAs) whenever nothing was printed for 10 s (MAISI_HEARTBEAT_S)."""
     if output.quiet:
         yield lambda event: None
         return
+    first = first or ("loading networks…" if samples else "starting…")
+    clock = ProgressClock(samples, label_of=event_label)
     console = stderr_console()
     if console.is_terminal:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=console, transient=True) as bars:
-            overall = bars.add_task("samples", total=samples) if samples else None
-            current = bars.add_task("starting", total=1)
-            state = {"label": None}
+        if not output.json:
+            terminal.status(first)
+        bars = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        eta_column(), console=console, transient=True)
+        state: dict[str, Any] = {"label": None, "started": False}
 
-            def on_progress(event: ProgressEvent) -> None:
-                label = event_label(event)
-                if label != state["label"]:
-                    state["label"] = label
-                    bars.reset(current, total=event.total, description=label)
-                bars.update(current, completed=event.done, total=event.total)
-                if overall is not None and event.stage == "write" and event.finished:
-                    bars.advance(overall)
+        def on_progress(event: ProgressEvent) -> None:
+            clock.update(event)
+            if not state["started"]:
+                terminal.clear()
+                bars.start()
+                state["overall"] = bars.add_task("samples", total=samples) if samples else None
+                state["current"] = bars.add_task(first, total=1)
+                state["started"] = True
+            current, overall = state["current"], state["overall"]
+            label = event_label(event)
+            if label != state["label"]:
+                state["label"] = label
+                bars.reset(current, total=event.total, description=label)
+            left = clock.stage_left()
+            bars.update(current, completed=event.done, total=event.total,
+                        deadline=None if left is None else time.monotonic() + left)
+            if overall is not None:
+                run_left = clock.run_left()
+                bars.update(overall, completed=min(clock.samples_made(), samples),
+                            deadline=None if run_left is None else time.monotonic() + run_left)
+            if event.stage == "write" and event.finished and event.sample is not None:
+                made = clock.made[-1] if clock.made else None
+                bars.console.print(result_line(event, made), markup=False, highlight=False)
 
+        try:
             yield on_progress
+        finally:
+            terminal.clear()
+            if state["started"]:
+                bars.stop()
         return
 
-    started = time.perf_counter()
-    last_event = [started]
+    terminal.clear()
+    heartbeat = terminal.Ticker(sys.stderr, tty=False)
+    heartbeat.show(lambda: heartbeat_text(clock, first), grace=heartbeat.interval)
     stage_started: dict[str, float] = {}
+
+    def log_line(text: str) -> None:
+        with heartbeat.lock:
+            console.print(text, soft_wrap=True, markup=False, highlight=False)
+            heartbeat.printed()
 
     def log_stage(event: ProgressEvent) -> None:
         label = event_label(event)
-        now = time.perf_counter()
-        stage_started.setdefault(label, last_event[0])  # a stage starts when the one before it reported
-        last_event[0] = now
+        stage_started.setdefault(label, clock.last_at)  # a stage starts when the one before it reported
+        clock.update(event)
+        now = clock.last_at
         if event.finished:
             took = now - stage_started[label]
-            console.print(f"[{now - started:7.1f}s] {label} {event.done}/{event.total} ({took:.1f}s)", soft_wrap=True,
-                          markup=False)
+            log_line(f"[{now - clock.started:8.1f}s] {label} {event.done}/{event.total} ({took:.1f}s)")
+        if event.stage == "write" and event.finished and event.sample is not None:
+            log_line(result_line(event, clock.made[-1] if clock.made else None))
 
-    yield log_stage
+    try:
+        yield log_stage
+    finally:
+        heartbeat.stop()
 
 
 def output_of(obj: Any, json_flag: bool = False) -> Output:

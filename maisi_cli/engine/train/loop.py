@@ -7,11 +7,14 @@ DistributedSampler's epoch, the per-step and per-epoch LR-schedule steps, the ep
 (a non-finite mean stops the run), the validation cadence, rank-0 saving of `train_state.pt` after the trainer's
 checkpoint, and the progress events (rank 0 only):
 
-    ProgressEvent("train", step, steps per epoch, "epoch e/E", metrics={"loss", "lr"})   after every step
+    ProgressEvent("train", step, steps per epoch, "epoch e/E", metrics={"loss", "lr", "seconds"},
+                  details={"epoch": e, "epochs": E})                                          after every step
     ProgressEvent("validate", 1, 1, "epoch e/E", metrics=the validation's numbers)       when it validated
     ProgressEvent("epoch", e, E, "epoch e/E", metrics=mean losses, seconds, samples[, validation numbers])
 
-`lr` is the learning rate the step used (schedules step after the event).
+`lr` is the learning rate the step used (schedules step after the event); `seconds` the step's own time (its batch's
+loading included). Rank 0 also keeps the run's record in --out, rewritten after each epoch: metrics.jsonl (every step
+and epoch) and progress.png (the loss curves per epoch; engine/train/metrics.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progre
 from maisi_cli.engine.runtime import Runtime, barrier, setup_runtime, teardown_runtime
 from maisi_cli.engine.train.common import (TrainConfig, TrainingError, all_reduce, amp_settings, autocast, rng_state,
                                            run_identity, save_atomic, seed_everything, set_rng_state, start_or_resume)
+from maisi_cli.engine.train.metrics import MetricsLog
 from maisi_cli.models import ModelSpec, get_model
 
 STATE = "train_state.pt"
@@ -202,8 +206,9 @@ def _train(trainer: Trainer, runtime: Runtime, report: ProgressCallback) -> dict
     if resume_state is not None:
         result.start_epoch = _resume(trainer, parts, resume_state, run)
     trainer.wrap(runtime)
+    log = MetricsLog(config.out, result.start_epoch, f"maisi train {trainer.kind}") if runtime.is_main else None
     for epoch in range(result.start_epoch, config.epochs):
-        result.metrics = _epoch(trainer, parts, run, epoch, identity, report)
+        result.metrics = _epoch(trainer, parts, run, epoch, identity, report, log)
     return trainer.summary(result)
 
 
@@ -225,8 +230,9 @@ def _resume(trainer: Trainer, parts: TrainingParts, state: dict[str, Any], run: 
 
 
 def _epoch(trainer: Trainer, parts: TrainingParts, run: TrainingRun, epoch: int, identity: dict[str, str],
-           report: ProgressCallback) -> dict[str, float]:
-    """One epoch (0-based): train, average, validate when due, save, report; the epoch's mean losses."""
+           report: ProgressCallback, log: MetricsLog | None = None) -> dict[str, float]:
+    """One epoch (0-based): train, average, validate when due, save, record (rank 0's `log`), report; the epoch's
+    mean losses."""
     config, runtime = run.config, run.runtime
     subject = f"epoch {epoch + 1}/{config.epochs}"
     parts.sampler.set_epoch(epoch)
@@ -234,11 +240,17 @@ def _epoch(trainer: Trainer, parts: TrainingParts, run: TrainingRun, epoch: int,
     started = time.perf_counter()
     sums = LossSums(run.device)
     steps = len(parts.loader)  # type: ignore[arg-type]
+    step_started, lr = started, parts.optimisations[0].learning_rate()
     for step, batch in enumerate(parts.loader, 1):
         losses = trainer.train_step(batch)
         sums.add(losses)
+        lr, now = parts.optimisations[0].learning_rate(), time.perf_counter()
+        if log is not None:
+            log.step(epoch + 1, step, losses, lr, now - step_started)
         report(ProgressEvent("train", step, steps, subject,
-                             metrics={"loss": losses["loss"], "lr": parts.optimisations[0].learning_rate()}))
+                             metrics={"loss": losses["loss"], "lr": lr, "seconds": now - step_started},
+                             details={"epoch": epoch + 1, "epochs": config.epochs}))
+        step_started = now
         _step_schedules(parts.optimisations, per_step=True)
     _step_schedules(parts.optimisations, per_step=False)
     metrics = sums.means(runtime, epoch)
@@ -251,10 +263,13 @@ def _epoch(trainer: Trainer, parts: TrainingParts, run: TrainingRun, epoch: int,
         state = {"epoch": epoch + 1, **parts.optimisations[0].state_dict(), "rng": rng_state(), "identity": identity,
                  **trainer.state_extras()}
         save_atomic(state, run.state)
+    seconds = time.perf_counter() - started
+    if log is not None:  # after train_state.pt: a resume keeps the records of the epochs it holds
+        log.epoch(epoch + 1, config.epochs, metrics, lr, seconds, parts.samples, validation)  # lr: the epoch's last
+        log.write()
     barrier(runtime)
     report(ProgressEvent("epoch", epoch + 1, config.epochs, subject,
-                         metrics={**metrics, "seconds": time.perf_counter() - started, "samples": parts.samples,
-                                  **(validation or {})}))
+                         metrics={**metrics, "seconds": seconds, "samples": parts.samples, **(validation or {})}))
     return metrics
 
 
