@@ -26,7 +26,13 @@ def default_wait_policy(argv: list[str]) -> str | None:
 if (_policy := default_wait_policy(sys.argv[1:])) is not None:
     os.environ.setdefault("OMP_WAIT_POLICY", _policy)
 
+from maisi_cli.cli import terminal  # noqa: E402  (standard library only)
+
+terminal.early_status(sys.argv)  # a slow command's status line now, before typer, rich and torch import
+
 import errno  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, NoReturn  # noqa: E402
@@ -56,6 +62,10 @@ class Request:
     json: bool = False
     debug: bool = False
     command: list[str] = field(default_factory=lambda: ["maisi"])  # the command it names, for a help hint
+    argv: list[str] = field(default_factory=list)  # the command line as written: an interrupted run's resume line
+    interrupted: bool = False  # a Ctrl-C or SIGTERM came: the run is unwinding
+    interrupted_in: Any = None  # the command's Click context when it came (what it was doing)
+    started: float = 0.0  # time.time() when the command began
 
 
 def read_request(root: Any, args: list[str]) -> Request:
@@ -64,7 +74,7 @@ def read_request(root: Any, args: list[str]) -> Request:
     the command moves before it."""
     moved: list[str] = []
     kept: list[str] = []
-    request = Request()
+    request = Request(argv=list(args))
     command, ctx = root, root.context_class(root, **root.context_settings)
     index = 0
     while index < len(args):
@@ -142,8 +152,10 @@ def describe_failure(failure: BaseException, request: Request) -> tuple[str, str
         return "UsageError", usage_line(failure, request), 2
     if isinstance(failure, click_errors.ClickException):
         return type(failure).__name__, failure.format_message(), failure.exit_code
+    if isinstance(failure, terminal.Terminated) or isinstance(failure.__cause__, terminal.Terminated):
+        return "Terminated", interruption_line("SIGTERM", request), 143
     if isinstance(failure, KeyboardInterrupt) or isinstance(failure.__cause__, KeyboardInterrupt):
-        return "Interrupted", "interrupted (Ctrl-C)", 130
+        return "Interrupted", interruption_line("Ctrl-C", request), 130
     if isinstance(failure, typer.Abort):
         return "Aborted", "aborted", 1
     return ("InternalError", f"unexpected {type(failure).__name__}: {failure}; this is a bug: rerun with --debug to "
@@ -180,6 +192,44 @@ def report(failure: BaseException, request: Request) -> NoReturn:
     raise typer.Exit(exit_code) from None
 
 
+def interruption_line(signal_name: str, request: Request) -> str:
+    """"interrupted (Ctrl-C)", with what the command had completed and the command line that resumes it."""
+    from maisi_cli.cli.resume import interruption
+
+    context = request.interrupted_in  # the command's own, or a group's when the signal came before it ran
+    params = dict(context.params) if context is not None and context.info_name == request.command[-1] else {}
+    return interruption(signal_name, request.command, params, request.argv, request.started)
+
+
+@contextlib.contextmanager
+def interrupt_handlers(request: Request):
+    """While a command runs: Ctrl-C raises KeyboardInterrupt and SIGTERM `terminal.Terminated`, after noting the
+    command's context (for the resume line); further signals are ignored while the run unwinds (locks released,
+    temporary files removed) and says what it completed."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - older typer: Click itself
+        from click import get_current_context  # type: ignore[no-redef]
+
+    def stop(signum: int, frame: Any) -> None:
+        if request.interrupted:
+            return
+        request.interrupted = True
+        request.interrupted_in = get_current_context(silent=True)
+        raise terminal.Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    try:
+        previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: Python's own handling stays
+        yield
+        return
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 class MaisiGroup(TyperGroup):
     """Root group: root flags are read after the command too, and every failure ends here as one line on stderr
     (with --json also one document on stdout) and its exit code."""
@@ -192,9 +242,14 @@ class MaisiGroup(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore
         self.request = read_request(self, list(sys.argv[1:] if args is None else args))
+        self.request.started = time.time()
+        terminal.facts.clear()
         run = render.json_run() if self.request.json else contextlib.nullcontext()
-        with run:
-            return super().main(self.request.args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            with run, interrupt_handlers(self.request):
+                return super().main(self.request.args, prog_name, complete_var, standalone_mode, **extra)
+        finally:
+            terminal.clear()  # the status line never outlives the command
 
     def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[override]
         try:

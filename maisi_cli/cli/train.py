@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import typer
 
-from maisi_cli.cli import render
+from maisi_cli.cli import render, terminal
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent
 from maisi_cli.errors import UsageError
 
@@ -36,8 +36,10 @@ app = typer.Typer(help="Train MAISI networks: the VAE, the diffusion UNet, the C
 # --- progress -------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def train_progress(output: render.Output) -> Iterator[ProgressCallback]:
-    """Engine events → on a TTY one bar per epoch with the loss and the rate (and the validation loss when it
-    validated); off a TTY one JSON line per epoch on stderr; nothing with --quiet."""
+    """Engine events → on a TTY one bar per epoch with the current loss, the seconds per step, the epoch's ETA (from
+    its first step) and the validation loss when it validated; off a TTY one JSON line per epoch on stderr and a
+    heartbeat line (the current step, loss, seconds per step) whenever nothing was printed for 10 s
+    (MAISI_HEARTBEAT_S); nothing with --quiet. Each saved epoch is noted for an interruption's resume line."""
     if output.quiet:
         yield lambda event: None
         return
@@ -45,44 +47,117 @@ def train_progress(output: render.Output) -> Iterator[ProgressCallback]:
     if console.is_terminal:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        with Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} it/s{task.fields[val]}"),
-                      TimeElapsedColumn(), console=console) as bars:
-            yield EpochBars(bars).on_event
+        bars = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[pace]}{task.fields[val]}"),
+                        TimeElapsedColumn(), render.eta_column(), console=console)
+        epochs = EpochBars(bars)
+        try:
+            yield epochs.on_event
+        finally:
+            terminal.clear()
+            if epochs.shown:
+                bars.stop()
         return
-    yield log_epoch
+    log = EpochLog()
+    try:
+        yield log.on_event
+    finally:
+        log.heartbeat.stop()
+
+
+class StepPace:
+    """The mean seconds per step of an epoch so far, from the steps' own times (the engine's "seconds")."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.steps = 0
+
+    def add(self, event: ProgressEvent) -> None:
+        if "seconds" in event.metrics:
+            self.seconds += float(event.metrics["seconds"])
+            self.steps += 1
+
+    @property
+    def per_step(self) -> float | None:
+        return self.seconds / self.steps if self.steps else None
+
+    def text(self) -> str:
+        return "-- s/step" if self.per_step is None else f"{self.per_step:.2f} s/step"
 
 
 class EpochBars:
-    """One rich bar per epoch (keyed by the event's subject, "epoch e/E"): steps done, loss, steps per second."""
+    """One rich bar per epoch (keyed by the event's subject, "epoch e/E"): steps done, the current loss, seconds
+    per step, the epoch's ETA. The bars start with the first event (the status line says what happens before)."""
 
     def __init__(self, bars: Any):
         self.bars = bars
         self.tasks: dict[str, Any] = {}
-        self.started: dict[str, float] = {}
+        self.pace: dict[str, StepPace] = {}
+        self.shown = False
 
     def on_event(self, event: ProgressEvent) -> None:
         if event.stage not in ("train", "validate", "epoch"):
             return
+        if not self.shown:
+            terminal.clear()
+            self.bars.start()
+            self.shown = True
         if event.subject not in self.tasks:
             total = event.total if event.stage == "train" else None
-            self.tasks[event.subject] = self.bars.add_task(event.subject, total=total, loss=float("nan"), rate=0.0,
-                                                           val="")
-            self.started[event.subject] = time.perf_counter()
-        task = self.tasks[event.subject]
+            self.tasks[event.subject] = self.bars.add_task(event.subject, total=total, loss=float("nan"),
+                                                           pace="-- s/step", val="", deadline=None)
+            self.pace[event.subject] = StepPace()
+        task, pace = self.tasks[event.subject], self.pace[event.subject]
         if event.stage == "train":
-            rate = event.done / max(time.perf_counter() - self.started[event.subject], 1e-9)
-            self.bars.update(task, completed=event.done, total=event.total, loss=event.metrics["loss"], rate=rate)
+            pace.add(event)
+            left = None if pace.per_step is None else pace.per_step * (event.total - event.done)
+            self.bars.update(task, completed=event.done, total=event.total, loss=event.metrics["loss"],
+                             pace=pace.text(), deadline=None if left is None else time.monotonic() + left)
         elif event.stage == "validate":
             self.bars.update(task, val=f"  val loss {event.metrics['val_loss']:.4f}")
         else:
-            self.bars.update(task, loss=event.metrics["loss"])
+            terminal.facts["epoch"] = (event.done, event.total)
+            self.bars.update(task, loss=event.metrics["loss"], deadline=time.monotonic())
+
+
+class EpochLog:
+    """Off a TTY: one JSON line per finished epoch (its loss, time, samples per second, validation loss) and, while
+    an epoch runs, a heartbeat JSON line whenever nothing was printed for the heartbeat interval."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.step: ProgressEvent | None = None
+        self.pace = StepPace()
+        self.heartbeat = terminal.Ticker(sys.stderr, tty=False)
+        self.heartbeat.show(self.heartbeat_line, grace=self.heartbeat.interval)
+
+    def heartbeat_line(self) -> str:
+        line: dict[str, Any] = {"event": "heartbeat", "elapsed_s": round(time.monotonic() - self.started, 1)}
+        event = self.step
+        if event is None:
+            line["stage"] = "preparing data and networks"
+        else:
+            line.update({"epoch": event.details.get("epoch"), "epochs": event.details.get("epochs"),
+                         "step": event.done, "steps": event.total, "loss": event.metrics["loss"],
+                         "s_per_step": round(self.pace.per_step, 3) if self.pace.per_step is not None else None})
+        return json.dumps(line)
+
+    def on_event(self, event: ProgressEvent) -> None:
+        if event.stage == "train":
+            if self.step is not None and self.step.subject != event.subject:
+                self.pace = StepPace()
+            self.step = event
+            self.pace.add(event)
+        if event.stage != "epoch":
+            return
+        terminal.facts["epoch"] = (event.done, event.total)
+        with self.heartbeat.lock:
+            log_epoch(event)
+            self.heartbeat.printed()
 
 
 def log_epoch(event: ProgressEvent) -> None:
     """Off a TTY: one JSON line per finished epoch (its loss, time, samples per second, validation loss)."""
-    if event.stage != "epoch":
-        return
     seconds = event.metrics["seconds"]
     line = {"event": "epoch", "epoch": event.done, "epochs": event.total, "loss": event.metrics["loss"],
             "seconds": round(seconds, 3), "samples_per_s": round(event.metrics["samples"] / max(seconds, 1e-9), 3)}
@@ -100,6 +175,8 @@ def run_trainer(output: render.Output, config_class: type, config_file: Path | N
     from maisi_cli.engine.train.common import build_config  # pydantic + torch: only when a command runs
 
     settings = build_config(config_class, config_file, flags, required)
+    terminal.facts["train_out"] = settings.out  # an interruption's resume line names it
+    render.status(output, "preparing data and networks…")
     with train_progress(output) as on_event:
         summary = train(settings, on_event)
     if int(os.environ.get("RANK", "0")) != 0:

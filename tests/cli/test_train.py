@@ -57,7 +57,7 @@ def test_progress_on_a_tty_shows_a_bar_per_epoch_with_loss_and_rate(monkeypatch)
                                    metrics={"loss": 0.375, "seconds": 1.0, "samples": 2}))
     text = buffer.getvalue()
     assert "epoch 1/2" in text and "epoch 2/2" in text
-    assert "loss 0.3750" in text and "it/s" in text
+    assert "loss 0.3750" in text and "s/step" in text and "it/s" not in text
 
 
 def test_progress_off_a_tty_is_json_lines_and_quiet_is_silent(capsys):
