@@ -199,7 +199,25 @@ def status(text: str, grace: float | None = None) -> None:
     global _status
     if _status is None or _status._stopped:
         _status = Ticker()
+        if _status.tty:
+            _warnings_above()
     _status.show(PREFIX + text, grace=heartbeat_seconds() if grace is None else grace)
+
+
+def _warnings_above() -> None:
+    """A library's warning (MONAI warns while it imports) prints on its own lines, not after the status text."""
+    import warnings
+
+    shown = warnings.showwarning
+    if getattr(shown, "maisi_above", False):
+        return
+
+    def show(*args: Any, **kwargs: Any) -> None:
+        with above():
+            shown(*args, **kwargs)
+
+    show.maisi_above = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 def clear() -> None:

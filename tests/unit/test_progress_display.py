@@ -154,3 +154,18 @@ def test_metrics_log_continues_a_resumed_run_and_draws_the_curves(tmp_path):
     resumed.step(2, 1, {"loss": float("nan")}, 1e-4, 0.5)
     assert [r["epoch"] for r in resumed.records] == [1, 1, 1, 2]
     assert resumed.records[-1]["step"] == 3 and resumed.records[-1]["losses"] == {"loss": None}  # JSON has no NaN
+
+
+def test_result_line_names_the_sample_seed_qc_and_seconds():
+    from maisi_cli.cli.render import result_line
+
+    written = ProgressEvent("write", 1, 1, sample=3, details={"seed": 1234, "seconds": 12.34, "attempts": 1,
+                                                              "qc": {"passed": True, "failed": []}})
+    assert result_line(written, None) == "sample 0003  seed 1234  QC passed  12.3 s"
+    failed = ProgressEvent("write", 1, 1, sample=4, case="ct_042",
+                           details={"seed": 7, "seconds": 3.0, "attempts": 3,
+                                    "qc": {"passed": False, "failed": ["liver", "spleen"]}})
+    assert result_line(failed, None) == "ct_042 sample 0004  seed 7  QC FAILED (liver, spleen)  3 attempts  3.0 s"
+    assert result_line(ProgressEvent("write", 1, 1, sample=0, details={"seed": 1, "qc": None}), 2.0) == \
+        "sample 0000  seed 1  QC off  2.0 s"
+    assert result_line(ProgressEvent("write", 1, 1, sample=0), 2.04) == "sample 0000  2.0 s"  # no details: time
