@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 
 HELP = ("Serve generation over HTTP: the MAISI NIM's API (/v1/health/live, /v1/health/ready, /v1/license, "
-        "/v1/maisi/info, POST /v1/maisi/run) and asynchronous jobs (/v1/jobs) kept in SQLite under --data, one "
-        "worker with the networks loaded once (extra maisi\\[serve]; docs/serve.md).")
+        "/v1/maisi/info, POST /v1/maisi/run), asynchronous jobs (/v1/jobs) kept in SQLite under --data and a web "
+        "page at /, one worker with the networks loaded once (extra maisi\\[serve]; docs/serve.md).")
 
 
 def is_loopback(host: str) -> bool:
@@ -39,8 +39,12 @@ def serve(
                                         "(default: the model's)."),
     qc: bool = typer.Option(True, "--qc/--no-qc", help="Check each sample's organ HU medians and re-generate a "
                             "failing one, as generate."),
+    max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts per sample while it fails the "
+                                     "check."),
     allow_any_size: bool = typer.Option(False, "--allow-any-size", help="Lift the model's size/spacing rules "
                                         "(small CPU runs)."),
+    previews: bool = typer.Option(True, "--previews/--no-previews", help="Draw each sample's preview PNG (and its "
+                                  "QC report PNG with --qc) beside its files, for the web page at /."),
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", envvar="MAISI_WEIGHTS_DIR",
                                                help="Folder holding weight files under their repository names."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Jobs queued or running at most; more are "
@@ -65,7 +69,9 @@ def serve(
                          "'maisi[serve]'") from None
 
     settings = ServeSettings(model=model, profile=profile, device=device, steps=steps, qc=qc,
-                             allow_any_size=allow_any_size, weights_dir=weights_dir)
+                             max_attempts=max_attempts,
+                             allow_any_size=allow_any_size, weights_dir=weights_dir,
+                             previews=previews)
     app = create_app(settings, ServeConfig(data=data, token=token.strip() if token else None, max_queue=max_queue,
                                            max_body=max_body))
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

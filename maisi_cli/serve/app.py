@@ -1,6 +1,7 @@
 """The FastAPI app of `maisi serve`: the MAISI NIM's endpoints (docs.nvidia.com/nim/medical/maisi/latest/
 api-reference.html) and asynchronous jobs, over one worker thread and the SQLite job store under --data.
 
+GET / is a web page (page.html: plain HTML and a little JavaScript) over the job endpoints.
 NIM endpoints: GET /v1/health/live, GET /v1/health/ready (200 {"status": "ready"} once the networks are loaded,
 503 before), GET /v1/license, GET /v1/maisi/info, POST /v1/maisi/run (synchronous: a ZIP of the generated files,
 or, with local_working_dir, a JSON message naming the files written there). Jobs: POST /v1/jobs (the same
@@ -12,6 +13,7 @@ FIELD], "msg": ..., "type": "value_error"}]}.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import io
 import json
@@ -68,14 +70,14 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.token is not None:
-            given = headers.get(b"authorization", b"")
-            scheme, _, value = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token):
-                response = JSONResponse({"detail": "Authorization: this server needs 'Authorization: Bearer "
-                                         "TOKEN' (the token given to maisi serve)"}, status_code=401,
-                                        headers={"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, send)
+        if self.token is not None and not self._authorised(headers.get(b"authorization", b"")):
+            # The page asks the browser for the token (HTTP Basic, any user name): a browser then sends it with
+            # every request of the page, its images and downloads included; API clients send a bearer token.
+            challenge = 'Basic realm="maisi serve"' if scope.get("path") == "/" else "Bearer"
+            response = JSONResponse({"detail": "Authorization: this server needs 'Authorization: Bearer TOKEN' "
+                                     "(the token given to maisi serve)"}, status_code=401,
+                                    headers={"WWW-Authenticate": challenge})
+            return await response(scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return await self._too_large(scope, receive, send)
@@ -110,6 +112,17 @@ class Guard:
                 await self._too_large(scope, receive, send)
             else:
                 raise
+
+    def _authorised(self, given: bytes) -> bool:
+        scheme, _, value = given.partition(b" ")
+        if scheme.lower() == b"basic":
+            try:
+                value = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except ValueError:
+                return False
+        elif scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(value.strip(), self.token)
 
     async def _too_large(self, scope, receive, send):
         response = JSONResponse({"detail": f"body: larger than this server's limit of {self.max_body} bytes "
@@ -243,6 +256,12 @@ def create_app(settings: ServeSettings, config: ServeConfig, generator: Any = No
     async def refused(request: Request, failure: PayloadError):
         return field_error(failure.field, failure.message, failure.status)
 
+    page = (Path(__file__).parent / "page.html").read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return Response(page, media_type="text/html; charset=utf-8")
+
     # --- the NIM's endpoints ------------------------------------------------------------------------------------
     @app.get("/v1/health/live")
     def live():
@@ -283,7 +302,7 @@ def create_app(settings: ServeSettings, config: ServeConfig, generator: Any = No
         try:
             from maisi_cli.engine.qc import QCOptions
 
-            generator.plan_run(request, QCOptions(enabled=settings.qc))
+            generator.plan_run(request, QCOptions(enabled=settings.qc, max_attempts=settings.max_attempts))
         except UsageError as failure:
             raise payload_error(failure, payload) from None
         except OutputError as failure:
@@ -339,7 +358,8 @@ def create_app(settings: ServeSettings, config: ServeConfig, generator: Any = No
 
     @app.get("/v1/jobs")
     def jobs():
-        return {"jobs": [{"id": j["id"], "state": j["state"], "progress": j["progress"]} for j in store.list()],
+        return {"jobs": [{"id": j["id"], "state": j["state"], "progress": j["progress"], "request": j["payload"],
+                          "created": j["created"], "finished": j["finished"]} for j in store.list()],
                 "counts": store.counts()}
 
     @app.get("/v1/jobs/{job_id}")

@@ -180,8 +180,10 @@ class ServeSettings:
     device: str = "auto"
     steps: int | None = None
     qc: bool = True
+    max_attempts: int = 3  # attempts per sample while it fails the check (`generate --max-attempts`)
     allow_any_size: bool = False
     weights_dir: Path | None = None
+    previews: bool = True  # each sample's preview PNG (and its QC report PNG when the check is on), for the page
 
 
 def generate_request(payload: RunPayload, settings: ServeSettings, uses_body_region: bool, out: Path):

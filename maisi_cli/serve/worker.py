@@ -98,6 +98,13 @@ class Worker:
         plan = self.generator.plan_run(request, QCOptions(enabled=False))
         self.generator.networks(plan)
 
+    def _picture_writer(self, plan, warnings: list[str]):
+        """`on_written` drawing each pair's pictures, or None: previews off, an image-only model, or files the
+        preview does not read (NRRD, DICOM)."""
+        if not self.settings.previews or plan.model.image_only or plan.request.output_format not in ("nifti", "nii"):
+            return None
+        return lambda task, missing_only=False: _pictures(task, self.settings.qc, warnings, missing_only)
+
     def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
         warnings: list[str] = []
@@ -124,12 +131,18 @@ class Worker:
             payload = parse_payload(job["payload"])
             request = generate_request(payload, self.settings, self.generator.spec.uses_body_region,
                                        Path(job["out"]))
-            plan = self.generator.plan_run(request, QCOptions(enabled=self.settings.qc))
+            plan = self.generator.plan_run(request, QCOptions(enabled=self.settings.qc,
+                                                              max_attempts=self.settings.max_attempts))
             warnings += plan.warnings
             state["samples_total"] = len(plan.samples)
             state["samples_complete"] = len(plan.samples) - len(plan.pending)
             self.store.set_progress(job_id, progress_of(state))
-            report = self.generator.run(plan, on_progress, on_warning=warnings.append)
+            pictures = self._picture_writer(plan, warnings)
+            if pictures is not None:  # complete samples a resumed job skips: only missing pictures are drawn
+                for task in plan.samples:
+                    if task.complete:
+                        pictures(task, missing_only=True)
+            report = self.generator.run(plan, on_progress, on_warning=warnings.append, on_written=pictures)
         except _Stop:
             if job_id in self._cancel or (self.store.get(job_id) or {}).get("cancel_requested"):
                 self.store.finish(job_id, "cancelled", error="cancelled by DELETE /v1/jobs/{id}")
@@ -154,6 +167,20 @@ class Worker:
                               error=f"sample(s) {', '.join(map(str, failed))} not made; the others are written")
         else:
             self.store.finish(job_id, "done", result=result)
+
+
+def _pictures(task, qc: bool, warnings: list[str], missing_only: bool = False) -> None:
+    """`generate --preview --report` for one written pair: its preview and (checked samples) QC report PNGs; a
+    failure is a warning, the sample itself is written."""
+    from maisi_cli.engine.preview import write_sample_preview
+    from maisi_cli.engine.qc_report import write_sample_report
+
+    try:
+        write_sample_preview(task.image, task.label, missing_only=missing_only)
+        if qc:
+            write_sample_report(task.image, task.label, missing_only=missing_only)
+    except (MaisiError, OSError, ValueError) as failure:
+        warnings.append(f"sample {task.index}: no preview ({failure})")
 
 
 def progress_of(state: dict[str, Any]) -> dict[str, Any]:

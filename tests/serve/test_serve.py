@@ -21,14 +21,14 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from maisi_cli.api import Generator  # noqa: E402
 from maisi_cli.cli.app import app as cli_app  # noqa: E402
 from maisi_cli.serve.app import DB_NAME, ServeConfig, create_app  # noqa: E402
 from maisi_cli.serve.jobs import JobStore  # noqa: E402
 from maisi_cli.serve.nim import ServeSettings  # noqa: E402
 from tests.cli.test_errors import assert_one_line_error  # noqa: E402
 
-SETTINGS = ServeSettings(model="demo", profile="cpu", device="cpu", steps=1, qc=False, allow_any_size=True)
+SETTINGS = ServeSettings(model="demo", profile="cpu", device="cpu", steps=1, qc=False, allow_any_size=True,
+                         previews=False)
 # The CLI run these settings and a request for 32^3 stand for
 CLI_ARGS = ["--quiet", "generate", "--model", "demo", "--profile", "cpu", "--device", "cpu", "--steps", "1",
             "--no-qc", "--allow-any-size", "--size", "32x32x32"]
@@ -40,11 +40,6 @@ NIM_BODY = {"num_output_samples": 1, "body_region": ["abdomen"], "anatomy_list":
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def generator() -> Generator:
-    return Generator(model="demo", profile="cpu", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +310,13 @@ def test_a_token_is_required_on_every_request(generator, tmp_path):
             assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
             assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert client.post("/v1/jobs", json={"num_output_samples": 1}).status_code == 401
+        # The page: the browser is asked for the token (HTTP Basic, any user name) and then sends it itself
+        page = client.get("/")
+        assert page.status_code == 401 and page.headers["www-authenticate"] == 'Basic realm="maisi serve"'
+        assert client.get("/", auth=("anyone", "wrong")).status_code == 401
+        page = client.get("/", auth=("anyone", "s3cret"))
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert client.get("/v1/jobs", auth=("", "s3cret")).status_code == 200
 
 
 def test_oversized_requests_are_refused(generator, tmp_path):
