@@ -204,10 +204,11 @@ class Generator:
     def request(self, **fields: Any) -> GenerateRequest:
         return GenerateRequest(**{**self.settings, **fields})
 
-    def plan_run(self, request: GenerateRequest, qc: QCOptions | None = None) -> GenerationPlan:
+    def plan_run(self, request: GenerateRequest, qc: QCOptions | None = None, dry_run: bool = False) -> GenerationPlan:
         """The plan of a run into `request.out` (the CLI's `maisi generate`): samples already complete there are
-        skipped; a folder holding a run with other settings is refused."""
-        return plan_generation(request.model_copy(update=self.settings), qc)
+        skipped; a folder holding a run with other settings is refused. `dry_run`: a plan to show, not to run: the
+        model's files not downloaded yet are listed in it (`downloads`) instead of refused."""
+        return plan_generation(request.model_copy(update=self.settings), qc, dry_run=dry_run)
 
     def run(self, plan: GenerationPlan, on_progress: ProgressCallback = no_progress,
             on_warning: WarningCallback = warn, on_written: Callable[[Any], None] | None = None) -> GenerationReport:

@@ -258,6 +258,9 @@ class ModelSpec(BaseModel):
     weights: dict[str, str]
     # Data files of the same repository: the candidate-mask database, its mask archive, the anatomy-size table.
     datasets: dict[str, str] = {}
+    # Bytes of repository files by their repository name, where the spec knows them (what a download costs; shown by
+    # `maisi weights list` and `generate --dry-run` before the file is here). Others are asked of the hub.
+    file_sizes: dict[str, int] = {}
     size_rules: SizeRules = SizeRules()
     default_size: Triple
     recommended_spacing: tuple[RecommendedSpacing, ...] = ()

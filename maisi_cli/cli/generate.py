@@ -86,7 +86,8 @@ def generate(
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, on above 0 "
                                              "(0 = off; default: the model's): with a ControlNet, tumour presence "
                                              "(against the mask without its tumours); image-only, the modality."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit; before the weights "
+                                 "are downloaded, it lists the files a run needs, with their sizes."),
     preview: bool = typer.Option(False, "--preview/--no-preview", help="Also write sample_NNNN_preview.png beside "
                                  "each pair: mid-planes, soft-tissue window, label contours (see `maisi preview`)."),
     qc_report: bool = typer.Option(False, "--report/--no-report", help="Also write sample_NNNN_qc.png beside each "
@@ -139,7 +140,7 @@ def generate(
         generate_manifest(generator, manifest, request, qc_options, output, dry_run=dry_run, preview=preview,
                           qc_report=qc_report)
         return
-    plan = generator.plan_run(request, qc_options)
+    plan = generator.plan_run(request, qc_options, dry_run=dry_run)
     if preview and plan.model.image_only:
         raise UsageError(f"model {plan.model.name} generates images only (no ControlNet): drop --preview (it "
                          "draws label contours on a CT window)")
@@ -325,4 +326,22 @@ def show_plan(plan: dict, output: render.Output) -> None:
             "image only", f"no label file; {plan['output_intensity']} intensities; guidance "
                           + (f"{plan['guidance']:g}" if plan.get("guidance") else "off")))
     rows += [(f"weights {component}", path) for component, path in plan["weights"].items()]
+    rows += download_rows(plan.get("downloads") or [], plan.get("download_command"))
     render.print_table("maisi generate --dry-run", ("", ""), rows)
+
+
+def download_rows(downloads: list[dict], command: str | None) -> list[tuple[str, str]]:
+    """The dry run's rows for the files not downloaded yet: each with its size (or why it is unknown), then the
+    total and the one command that fetches them."""
+    from maisi_cli.engine.hub import decimal_size
+
+    rows = [(f"to download: {d['component']}", f"{d['file']}, "
+             + (decimal_size(d["size"]) if d["size"] is not None else f"size unknown ({d['size_source']})"))
+            for d in downloads]
+    if downloads:
+        known = [d["size"] for d in downloads if d["size"] is not None]
+        unknown = len(downloads) - len(known)
+        total = (decimal_size(sum(known)) if known else "") + (
+            f"{' + ' if known else ''}{unknown} file(s) of unknown size" if unknown else "")
+        rows.append(("download", f"{len(downloads)} file(s), {total}: {command or 'put them under --weights-dir'}"))
+    return rows

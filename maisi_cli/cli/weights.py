@@ -64,14 +64,9 @@ def _targets(name: Optional[str], revision: Optional[str], with_repository: bool
 
 
 def _size(size: Optional[int]) -> str:
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return str(size)
+    from maisi_cli.engine.hub import decimal_size
+
+    return "-" if size is None else decimal_size(size)
 
 
 def _short(digest: Optional[str]) -> str:
@@ -176,16 +171,31 @@ def list_command(
 ) -> None:
     """List a model's files (or radimagenet-resnet50, the `maisi fid` extractor): present or missing, size, whether
     their sha256 is locked."""
+    from maisi_cli.engine.hub import expected_sizes, size_text
+
     output = render.output_of(ctx.obj, json_flag)
     entries = _located(model, weights_dir, revision)
+    missing = [f for _, _, _, found in entries for f in found if f.path is None]
+    # A missing file's size is what its download costs: from the lock, the spec, else the hub (unknown offline).
+    expected = dict(zip(map(id, missing), expected_sizes([f.file for f in missing])))
     if output.json:
         render.print_json({"models": [
-            {"name": name, "hf_repo": repo, "revision": at, "files": [f.document() for f in found]}
+            {"name": name, "hf_repo": repo, "revision": at,
+             "files": [{**f.document(), **({"download_size": expected[id(f)].bytes,
+                                            "size_source": expected[id(f)].source} if f.path is None else {})}
+                       for f in found]}
             for name, repo, at, found in entries]})
         return
-    rows = [(name, f.component, f.repo_name, "present" if f.path else "missing", _size(f.size),
+    rows = [(name, f.component, f.repo_name, "present" if f.path else "missing",
+             _size(f.size) if f.path else f"{size_text(expected[id(f)])} to download",
              "yes" if f.locked else "no", f.source or "-") for name, _, _, found in entries for f in found]
     _table(None, ("model", "component", "file", "status", "size", "locked", "where"), rows)
+    total = sum(size.bytes or 0 for size in expected.values())
+    unknown = sum(size.bytes is None for size in expected.values())
+    if missing and not output.quiet:
+        render.info(f"{len(missing)} file(s) missing: {_size(total) if total else ''}"
+                    f"{' + ' if total and unknown else ''}{f'{unknown} of unknown size' if unknown else ''} to "
+                    "download (`maisi weights download MODEL`)", output)
 
 
 @app.command("verify")

@@ -487,6 +487,78 @@ def import_folder(folder: Path, spec: ModelSpec, on_progress: ProgressCallback |
     return results + [FileResult(f, None, "not in folder") for f in missing]
 
 
+# --- how large a file is before it is fetched ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExpectedSize:
+    """A file's size before it is downloaded, and where that came from: "lock" (it was fetched once), "spec" (the
+    model spec's `file_sizes`), "hub" (the hub's metadata); None bytes: not known ("offline", "hub not reachable",
+    "hub: not found there", "no repository")."""
+
+    bytes: int | None
+    source: str
+
+    def document(self) -> dict[str, Any]:
+        return {"size": self.bytes, "size_source": self.source}
+
+
+HUB_SIZE_TIMEOUT_S = 5.0  # a metadata request is one HEAD; a hub that does not answer soon is reported as unknown
+
+
+def expected_size(item: RepoFile, is_offline: bool | None = None) -> ExpectedSize:
+    """The size `maisi weights download` would fetch for `item`: the lock's record, the spec's `file_sizes`, else
+    the hub's metadata (one HEAD request; not offline), else unknown."""
+    if item.repo:
+        locked = (read_lock(item.repo, item.revision).get(item.repo_name) or {}).get("size")
+        if isinstance(locked, int):
+            return ExpectedSize(locked, "lock")
+    if item.spec is not None and item.repo_name in item.spec.file_sizes:
+        return ExpectedSize(item.spec.file_sizes[item.repo_name], "spec")
+    if not item.repo:
+        return ExpectedSize(None, "no repository")
+    if offline() if is_offline is None else is_offline:
+        return ExpectedSize(None, "offline")
+    try:
+        with _quiet_hub_logger():
+            url = huggingface_hub.hf_hub_url(item.repo, item.repo_name, revision=item.revision, endpoint=_endpoint())
+            metadata = huggingface_hub.get_hf_file_metadata(url, timeout=HUB_SIZE_TIMEOUT_S)
+    except Exception as error:  # any failure leaves the size unknown; the download itself reports it properly
+        absent = type(error).__name__ in ("EntryNotFoundError", "RemoteEntryNotFoundError", "RepositoryNotFoundError",
+                                          "RevisionNotFoundError", "GatedRepoError")
+        return ExpectedSize(None, "hub: not found there" if absent else "hub not reachable")
+    return ExpectedSize(metadata.size, "hub") if metadata.size is not None else ExpectedSize(None, "hub gave none")
+
+
+def expected_sizes(items: Iterable[RepoFile]) -> list[ExpectedSize]:
+    """`expected_size` of each; once the hub failed to answer, the others are not asked (each would wait)."""
+    sizes: list[ExpectedSize] = []
+    failed: str | None = None
+    for item in items:
+        size = expected_size(item, is_offline=True) if failed else expected_size(item)
+        if failed and size.source == "offline":
+            size = ExpectedSize(None, failed)
+        elif size.source == "hub not reachable":
+            failed = size.source
+        sizes.append(size)
+    return sizes
+
+
+def size_text(size: ExpectedSize) -> str:
+    """`1.2 GB`, or why it is not known: `size unknown (offline)`."""
+    if size.bytes is None:
+        return f"size unknown ({size.source})"
+    return decimal_size(size.bytes)
+
+
+def decimal_size(count: int) -> str:
+    """Bytes in decimal units as the hub shows them: 512 B, 79.9 MB, 2.7 GB."""
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{count} B"
+
+
 # --- where each file is --------------------------------------------------------------------------------------------
 @dataclass
 class Location(_OfFile):

@@ -31,8 +31,10 @@ from maisi_cli.engine.outputs import pair_paths
 from maisi_cli.engine.qc import QCOptions, QCStatistics, load_statistics
 from maisi_cli.engine.runtime import resolve_device, resolve_precision
 from maisi_cli.engine.seeds import derive_sample_seed
-from maisi_cli.engine.weights import WeightFile, locate_weight
-from maisi_cli.errors import MaskError, UsageError
+from maisi_cli.engine.store import RepoFile
+from maisi_cli.engine.weights import (WeightFile, find_weight, locate_weight, missing_files_command,
+                                     missing_files_error, repo_file)
+from maisi_cli.errors import MaskError, UsageError, WeightsError
 from maisi_cli.gpu_memory import estimate_peak_memory
 from maisi_cli.label_schemes import label_scheme
 from maisi_cli.labels import label_id
@@ -65,6 +67,57 @@ class SampleTask:
 
 
 @dataclass
+class PlanFiles:
+    """The weight and data files a plan reads, found as it is made. A file not here is noted (`missing`) instead of
+    refused at once, so one message names them all; a dry run plans on without them and lists the downloads."""
+
+    model: ModelSpec
+    weights_dir: Path | None
+    missing: list[RepoFile] = field(default_factory=list)
+
+    def find(self, component: str) -> WeightFile | None:
+        found = find_weight(self.model, component, self.weights_dir)
+        if found is None:
+            item = repo_file(self.model, component)
+            if item not in self.missing:
+                self.missing.append(item)
+        return found
+
+
+@dataclass
+class Download:
+    """A file a run needs that is not here yet: what `maisi weights download` would fetch, and its size when known
+    (engine/hub.py `expected_size`)."""
+
+    file: RepoFile
+    size: int | None
+    size_source: str  # lock | spec | hub | offline | hub: <why not>
+
+    def document(self) -> dict[str, Any]:
+        return {"component": self.file.component, "file": self.file.repo_name, "kind": self.file.kind,
+                "size": self.size, "size_source": self.size_source}
+
+
+@dataclass(frozen=True)
+class PendingMaskSource:
+    """A dry run's mask source whose data files are not downloaded yet: it says what it would do and makes no
+    mask (a plan holding one is never run: `plan_samples` refuses missing files unless it is a dry run)."""
+
+    kind: str
+    details: dict[str, Any]
+    waiting_for: tuple[str, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.kind, **self.details, "not downloaded": ", ".join(self.waiting_for)}
+
+    def prepare(self, loaded: Any) -> None:
+        raise WeightsError(f"mask source: {', '.join(self.waiting_for)} not downloaded (a dry run's plan)")
+
+    def mask_for(self, index: int, attempt: int, on_progress: Any = None) -> Any:
+        raise WeightsError(f"mask source: {', '.join(self.waiting_for)} not downloaded (a dry run's plan)")
+
+
+@dataclass
 class GenerationPlan:
     request: GenerateRequest
     model: ModelSpec
@@ -86,6 +139,8 @@ class GenerationPlan:
     guidance: float | None = None  # classifier-free guidance scale; None: off
     qc_note: str | None = None  # why the quality check is off although it was asked for (an image-only model)
     host_memory: HostMemoryEstimate | None = None  # predicted peak host memory (engine/memory.py)
+    downloads: list[Download] = field(default_factory=list)  # a dry run's files that are not here yet
+    download_command: str | None = None  # the one command that fetches them
 
     @property
     def pending(self) -> list[SampleTask]:
@@ -131,6 +186,8 @@ class GenerationPlan:
             "num_samples": self.request.num_samples,
             "shard": f"{self.request.shard[0]}/{self.request.shard[1]}",
             "weights": {w.component: str(w.path) for w in self.weights},
+            "downloads": [d.document() for d in self.downloads],
+            "download_command": self.download_command,
             "samples": [
                 {"index": s.index, "seed": s.seed, "status": "complete" if s.complete else "to write",
                  "files": s.file_names}
@@ -163,12 +220,15 @@ def sample_tasks(request: GenerateRequest, image_only: bool = False) -> list[Sam
 
 
 def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
-                 mask: UserMask | None = None) -> GenerationPlan:
+                 mask: UserMask | None = None, dry_run: bool = False) -> GenerationPlan:
     """The checked plan of the request's samples, whatever the folder holds. `qc` defaults to the CLI's defaults
     (check on, 3 attempts, packaged statistics); `mask` is a label map given in memory (the Python API), in place
-    of `request.mask`."""
+    of `request.mask`. Files of the model that are not here are refused together, in one WeightsError; with
+    `dry_run` the plan is made without them and lists them as `downloads`, with their sizes (the hub is asked
+    when the spec and the lock do not know a size)."""
     qc = qc or QCOptions()
     model = get_model(request.model)
+    files = PlanFiles(model, request.weights_dir)
     warnings: list[str] = []
     user_mask = mask
     if user_mask is None and request.mask is not None and not model.image_only and not request.anatomy_sizes:
@@ -210,7 +270,7 @@ def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
     split_axis = int(model.definition("autoencoder").get("dim_split", 1))
     decode = profile.decode_plan(latent_shape[1:], size, split_axis=split_axis, spec=model)
 
-    weights = [locate_weight(model, component, request.weights_dir) for component in model.image_components]
+    weights = [found for component in model.image_components if (found := files.find(component)) is not None]
     mask_grid = None
     if user_mask is not None and not request.anatomy_sizes:  # sized from its header, before it is read
         # before the mask sources (a database's resampled candidates are read while planning)
@@ -226,24 +286,44 @@ def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
             qc = qc.model_copy(update={"enabled": False})
     elif request.anatomy_sizes:
         source, anatomy_ids, mask_weights = generated_source(request, model, size, spacing, device, precision,
-                                                             profile)
+                                                             profile, files)
         weights += mask_weights
     elif user_mask is not None:
         source = user_source(request, model, user_mask, size, spacing, anatomy_ids, warnings)
     else:
-        source = database_mask_source(request, model, size, spacing, anatomy_ids, regions, device)
+        source = database_mask_source(request, model, size, spacing, anatomy_ids, regions, device, files)
     if request.label_mode == "requested" and not anatomy_ids:
         raise UsageError("--label-mode requested: name the anatomies to keep with --anatomy NAME")
-    qc_statistics = load_statistics(qc_statistics_file(model, qc, request)) if qc.enabled else None  # fails now
+    qc_statistics = None
+    if qc.enabled:
+        statistics = qc_statistics_file(model, qc, request, files)
+        if statistics is not None or "qc_statistics" not in model.datasets:
+            qc_statistics = load_statistics(statistics)  # fails now
+        else:
+            qc_note = f"on once {model.datasets['qc_statistics']} is downloaded"
+    downloads, command = [], None
+    if files.missing:
+        if not dry_run:
+            raise missing_files_error(model, files.missing, request.weights_dir)
+        downloads, command = planned_downloads(model, files.missing)
 
     plan = GenerationPlan(
         request=request, model=model, profile=profile, device=device, precision=precision, size=size,
         spacing=spacing, latent_shape=latent_shape, steps=steps, decode=decode, mask_source=source,
         anatomy_ids=anatomy_ids, samples=sample_tasks(request, model.image_only), weights=weights,
         warnings=warnings, qc=qc, qc_statistics=qc_statistics, guidance=guidance, qc_note=qc_note,
-        host_memory=host_memory,
+        host_memory=host_memory, downloads=downloads, download_command=command,
     )
     return plan
+
+
+def planned_downloads(model: ModelSpec, missing: list[RepoFile]) -> tuple[list[Download], str | None]:
+    """(each missing file with its expected size, the command that fetches them) for a dry run."""
+    from maisi_cli.engine.hub import expected_sizes  # huggingface_hub: only when something is to download
+
+    sizes = expected_sizes(missing)
+    command = missing_files_command(model, missing)
+    return [Download(item, size.bytes, size.source) for item, size in zip(missing, sizes)], command
 
 
 def refuse_mask_options(request: GenerateRequest, model: ModelSpec, qc: QCOptions) -> None:
@@ -281,13 +361,18 @@ def resolve_guidance(request: GenerateRequest, model: ModelSpec) -> float | None
     return float(scale)
 
 
-def qc_statistics_file(model: ModelSpec, qc: QCOptions, request: GenerateRequest) -> Path | None:
+def qc_statistics_file(model: ModelSpec, qc: QCOptions, request: GenerateRequest,
+                       files: PlanFiles | None = None) -> Path | None:
     """`--stats FILE`, else the model's own organ statistics (the demo ships those of its phantoms), else None: the
-    packaged statistics of the released CT data."""
+    packaged statistics of the released CT data. With `files`, the model's own file when it is not here: None,
+    noted as missing."""
     if qc.stats is not None:
         return qc.stats
     if "qc_statistics" in model.datasets:
-        return locate_weight(model, "qc_statistics", request.weights_dir).path
+        if files is None:
+            return locate_weight(model, "qc_statistics", request.weights_dir).path
+        found = files.find("qc_statistics")
+        return found.path if found is not None else None
     return None
 
 
@@ -356,7 +441,7 @@ def checked_source(source: FileMaskSource, request: GenerateRequest, model: Mode
 
 def database_mask_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
                          spacing: tuple[float, float, float], anatomy_ids: tuple[int, ...], regions: tuple[int, ...],
-                         device: str) -> DatabaseMaskSource:
+                         device: str, files: PlanFiles) -> DatabaseMaskSource | PendingMaskSource:
     """Candidates from `--mask-database FILE` (masks relative to its folder), else from the model's released
     database and mask archive (unpacked under MAISI_HOME when first used, never while planning), or, for a model
     whose spec names no archive (the bundled demo), masks relative to its database file."""
@@ -367,9 +452,13 @@ def database_mask_source(request: GenerateRequest, model: ModelSpec, size: tuple
         if "mask_database" not in model.datasets:
             raise UsageError(f"--mask: model {model.name} ships no candidate-mask database; pass --mask FILE or "
                              "--mask-database FILE")
-        database = locate_weight(model, "mask_database", request.weights_dir).path
-        if "mask_archive" in model.datasets:
-            archive = locate_weight(model, "mask_archive", request.weights_dir).path
+        found = [files.find(c) for c in ("mask_database", "mask_archive") if c in model.datasets]
+        if any(f is None for f in found):  # not downloaded: planned on (a dry run), refused with the rest after
+            return PendingMaskSource("database", {"database": model.datasets["mask_database"]},
+                                     tuple(model.datasets[c] for c, f in zip(("mask_database", "mask_archive"),
+                                                                             found) if f is None))
+        database = found[0].path
+        archive = found[1].path if len(found) > 1 else None
     entries = read_database(database)
     return database_source(database, entries, anatomy_ids, regions, size, spacing, request.seed, request.num_samples,
                            request.augment, device, root=None if archive else database.parent, archive=archive,
@@ -377,8 +466,9 @@ def database_mask_source(request: GenerateRequest, model: ModelSpec, size: tuple
 
 
 def generated_source(request: GenerateRequest, model: ModelSpec, size: tuple[int, int, int],
-                     spacing: tuple[float, float, float], device: str, precision: str,
-                     profile: Profile) -> tuple[GeneratedMaskSource, tuple[int, ...], list[WeightFile]]:
+                     spacing: tuple[float, float, float], device: str, precision: str, profile: Profile,
+                     files: PlanFiles) -> tuple[GeneratedMaskSource | PendingMaskSource, tuple[int, ...],
+                                                list[WeightFile]]:
     """(the mask generator for `--anatomy NAME:SIZE`, the controlled anatomies — they become the requested labels —,
     the mask networks' weight files)."""
     if request.mask is not None or request.mask_database is not None:
@@ -387,9 +477,15 @@ def generated_source(request: GenerateRequest, model: ModelSpec, size: tuple[int
         raise UsageError(f"--anatomy NAME:SIZE: model {model.name} has no mask generator; name the anatomy without "
                          "a size (masks from its database) or pass --mask FILE")
     requests = check_size_requests(request.anatomy_sizes)
-    table = read_size_table(locate_weight(model, "anatomy_size_conditions", request.weights_dir).path)
+    table_file = files.find("anatomy_size_conditions")
+    mask_weights = [found for c in MASK_COMPONENTS if (found := files.find(c)) is not None]
+    if table_file is None or len(mask_weights) < len(MASK_COMPONENTS):  # planned on without them (a dry run)
+        waiting = tuple(item.repo_name for item in files.missing
+                        if item.component in ("anatomy_size_conditions", *MASK_COMPONENTS))
+        return (PendingMaskSource("generated", {"anatomy": dict(request.anatomy_sizes)}, waiting),
+                tuple(controlled_label_ids(requests)), mask_weights)
+    table = read_size_table(table_file.path)
     condition = size_condition(requests, table)
-    mask_weights = [locate_weight(model, c, request.weights_dir) for c in MASK_COMPONENTS]
     mask_steps = request.mask_steps or int(model.network["mask_generation_noise_scheduler"].get(
         "num_train_timesteps", 1000))
     source = GeneratedMaskSource(

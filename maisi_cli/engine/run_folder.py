@@ -227,11 +227,12 @@ def with_completion(tasks: list[SampleTask], overwrite: bool) -> list[SampleTask
 
 
 def plan_generation(request: GenerateRequest, qc: QCOptions | None = None,
-                    keep: Callable[[SampleTask], bool] | None = None) -> GenerationPlan:
+                    keep: Callable[[SampleTask], bool] | None = None, dry_run: bool = False) -> GenerationPlan:
     """The plan of a run into --out: `plan_samples`, with the samples already complete in the folder, refused when
     the folder holds a run with other settings. `keep` narrows the samples (a manifest's shard) before the folder
-    is read, so samples of other shards are not hashed."""
-    plan = plan_samples(request, qc)
+    is read, so samples of other shards are not hashed. `dry_run`: files not downloaded yet are listed, not
+    refused."""
+    plan = plan_samples(request, qc, dry_run=dry_run)
     if keep is not None:
         plan.samples = [task for task in plan.samples if keep(task)]
     plan.samples = with_completion(plan.samples, request.overwrite)

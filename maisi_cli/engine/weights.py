@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maisi_cli.engine.store import RepoFile, check_locked, fetch_command, managed_copies, model_files
+from maisi_cli.engine.store import (RepoFile, check_locked, download_command, fetch_command, managed_copies,
+                                    model_files, model_reference)
 from maisi_cli.errors import WeightsError
 from maisi_cli.io.files import write_atomic
 from maisi_cli.models import ModelSpec
@@ -93,9 +94,9 @@ def locate_file(item: RepoFile, weights_dir: Path | None = None) -> tuple[Path, 
     return next(managed_copies(item), None)
 
 
-def locate_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> WeightFile:
-    """The file for one component (a `weights` key, or a `datasets` key such as mask_database), or a WeightsError
-    naming it and the command that fetches it."""
+def repo_file(spec: ModelSpec, component: str) -> RepoFile:
+    """The repository file of one component (a `weights` or `datasets` key); a WeightsError when the spec names
+    none."""
     files = {item.component: item for item in model_files(spec)}
     if component not in files:
         if component == "controlnet":  # the MR models of MAISI v2 (plugin maisi-mr): no ControlNet is released
@@ -103,10 +104,23 @@ def locate_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> 
                                "generates images without a condition mask); use a model with a ControlNet "
                                "(`maisi models`) for anything that needs one")
         raise WeightsError(f"model {spec.name}: its spec names no file for '{component}'")
-    repo_name = files[component].repo_name
-    found = locate_file(files[component], weights_dir)
+    return files[component]
+
+
+def find_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> WeightFile | None:
+    """The file for one component, or None when no copy is here (not downloaded yet)."""
+    item = repo_file(spec, component)
+    found = locate_file(item, weights_dir)
+    return WeightFile(component, item.repo_name, found[0], found[1]) if found is not None else None
+
+
+def locate_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> WeightFile:
+    """The file for one component (a `weights` key, or a `datasets` key such as mask_database), or a WeightsError
+    naming it and the command that fetches it."""
+    found = find_weight(spec, component, weights_dir)
     if found is not None:
-        return WeightFile(component, repo_name, found[0], found[1])
+        return found
+    repo_name = repo_file(spec, component).repo_name
     weights_dir = weights_dir_from_env(weights_dir)
     if not spec.hf_repo:
         raise WeightsError(f"weights: {repo_name} ({spec.name} {component}) is missing; "
@@ -116,6 +130,30 @@ def locate_weight(spec: ModelSpec, component: str, weights_dir: Path | None) -> 
         f"weights: {repo_name} ({spec.name} {component}) is missing {where}in maisi's store and in the Hugging Face "
         f"cache for {spec.hf_repo}; fetch it with: {fetch_command(spec, component)}"
     )
+
+
+def missing_files_error(spec: ModelSpec, missing: list[RepoFile], weights_dir: Path | None) -> WeightsError:
+    """One line naming every file of `spec` a run needs that is not here, and the one command that fetches them all
+    (the whole model's when none of its files is here)."""
+    names = ", ".join(item.repo_name for item in missing)
+    weights_dir = weights_dir_from_env(weights_dir)
+    command = missing_files_command(spec, missing)
+    if command is None:
+        return WeightsError(f"weights: missing {names} ({spec.name}) — put them under "
+                            f"{weights_dir or '--weights-dir'}")
+    where = f"{weights_dir}, " if weights_dir else ""
+    return WeightsError(f"weights: missing {names} ({spec.name}; not in {where}maisi's store or the Hugging Face cache "
+                        f"for {spec.hf_repo}) — run `{command}`")
+
+
+def missing_files_command(spec: ModelSpec, missing: list[RepoFile]) -> str | None:
+    """The command that fetches `missing` (the model's plain download when it is all of its files); None for a
+    model with no repository."""
+    if not spec.hf_repo:
+        return None
+    if {item.component for item in missing} == {item.component for item in model_files(spec)}:
+        return f"maisi weights download {model_reference(spec)}"
+    return download_command(missing)
 
 
 READ_BLOCK = 16 << 20  # large enough that a call per block costs nothing, small enough to hash while cache-hot

@@ -121,10 +121,14 @@ def test_generate_dry_run_resolves_an_mr_model(mr, fresh_app, tmp_path, monkeypa
     # the machine's free memory (the check itself is tested in tests/cli/test_bounds.py)
     monkeypatch.setenv("MAISI_SKIP_MEMORY_CHECK", "1")
     app = fresh_app()
-    missing = invoke(app, "generate", "--model", "rflow-mr", "--device", "cpu", "--dry-run")
+    dry = invoke(app, "--json", "generate", "--model", "rflow-mr", "--device", "cpu", "--dry-run")
+    assert dry.exit_code == 0, dry.stderr  # the plan, and what a run would download
+    plan = json.loads(dry.stdout)["plan"]
+    assert [d["component"] for d in plan["downloads"]] == ["autoencoder", "diffusion_unet"]
+    assert plan["download_command"] == "maisi weights download rflow-mr"
+    missing = invoke(app, "generate", "--model", "rflow-mr", "--device", "cpu")
     assert missing.exit_code == 1
-    assert "maisi weights download rflow-mr --component autoencoder" in missing.stderr
-    assert "nvidia/NV-Generate-MR" in missing.stderr
+    assert "— run `maisi weights download rflow-mr`" in missing.stderr and "nvidia/NV-Generate-MR" in missing.stderr
 
     rules = invoke(app, "generate", "--model", "rflow-mr", "--device", "cpu", "--size", "256x256x192", "--dry-run")
     assert rules.exit_code == 2 and "--size: one of 128x128x128" in rules.stderr, rules.stderr
@@ -144,7 +148,8 @@ def test_generate_dry_run_resolves_an_mr_model(mr, fresh_app, tmp_path, monkeypa
     assert plan["samples"][0]["files"] == ["sample_0000_image.nii.gz", "sample_0000.json"]
     table = invoke(app, "generate", "--model", "rflow-mr-brain", "--device", "cpu", "--profile", "mr",
                    "--weights-dir", str(weights), "--dry-run")  # its autoencoder_v1.pt is missing here
-    assert table.exit_code == 1 and "models/autoencoder_v1.pt" in table.stderr, table.stderr
+    assert table.exit_code == 0, table.stderr  # a dry run lists what a run would download
+    assert "to download: autoencoder" in table.stdout and "models/autoencoder_v1.pt" in table.stdout, table.stdout
     (weights / "models/autoencoder_v1.pt").write_bytes(b"")
     (weights / "models/diff_unet_3d_rflow-mr-brain_v1.pt").write_bytes(b"")
     table = invoke(app, "generate", "--model", "rflow-mr-brain", "--device", "cpu", "--profile", "mr",
@@ -458,8 +463,9 @@ def test_installed_maisi_mr_plugin():
     assert {"rflow-mr", "rflow-mr-brain"} <= {m["name"] for m in json.loads(models.stdout)["models"]}
     info = run("mr", "info", "--json")
     assert info.returncode == 0 and "nvidia/NV-Generate-MR-Brain" in info.stdout, info.stderr
-    dry = run("generate", "--model", "rflow-mr", "--device", "cpu", "--dry-run")
-    assert dry.returncode == 1 and "maisi weights download rflow-mr --component autoencoder" in dry.stderr, dry.stderr
+    dry = run("--json", "generate", "--model", "rflow-mr", "--device", "cpu", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["plan"]["download_command"] == "maisi weights download rflow-mr"
     code = ("import sys\nsys.argv = ['maisi', '--help']\nfrom maisi_cli.cli.app import main\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "print('HEAVY=' + ','.join(m for m in ('torch', 'monai', 'nibabel') if m in sys.modules), file=sys.stderr)\n")

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
@@ -397,7 +398,11 @@ def extractor_hub(tmp_path, monkeypatch):
         assert (repo, filename) == ("MONAI/checkpoints", EXTRACTOR_FILE)
         return str(put_in_hf_cache(tmp_path, repo, filename, payload))
 
+    def fake_metadata(url, **kwargs):  # the sizes `weights list` asks the hub for: no request leaves the machine
+        return SimpleNamespace(size=len(payload) if url.endswith(EXTRACTOR_FILE) else 1000)
+
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", fake_metadata)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     return payload
@@ -425,7 +430,7 @@ def test_list_path_verify_show_the_fid_extractor(extractor_hub, tmp_path):
     assert set(listed[0]) == set(model_entry) and set(listed[0]["files"][0]) == set(model_entry["files"][0])
     assert listed[0]["files"][0] == {
         "component": EXTRACTOR, "file": EXTRACTOR_FILE, "kind": "weights", "path": None, "where": None,
-        "present": False, "size": None, "locked": False}
+        "present": False, "size": None, "locked": False, "download_size": len(extractor_hub), "size_source": "hub"}
     table = runner.invoke(app, ["weights", "list", EXTRACTOR])
     assert table.exit_code == 0 and "missing" in table.stdout and "rflow-ct" not in table.stdout
     where = json_of("weights", "path", EXTRACTOR)["models"]
