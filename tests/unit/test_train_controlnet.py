@@ -324,7 +324,7 @@ def test_torchrun_two_processes_on_cpu_write_what_one_process_writes(tmp_path, s
     train(tmp_path, setup, out="one", epochs=2)
     ddp, one = tmp_path / "ddp", tmp_path / "one"
     assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in one.iterdir()) == [
-        "controlnet.pt", "train_state.pt"]
+        "controlnet.pt", "metrics.jsonl", "progress.png", "train_state.pt"]
     assert set(load(ddp / "controlnet.pt")) == set(load(one / "controlnet.pt")) == RELEASED_KEYS
     assert load(ddp / "controlnet.pt")["epoch"] == 2
     assert set(load(ddp / "train_state.pt")) == set(load(one / "train_state.pt"))

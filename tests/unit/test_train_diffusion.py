@@ -291,7 +291,7 @@ def test_torchrun_two_processes_on_cpu_write_one_checkpoint(tmp_path, latents):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # one document: only rank 0 prints
     assert summary["world_size"] == 2 and summary["samples"] == 3
-    assert sorted(p.name for p in out.iterdir()) == ["diff_unet.pt", "train_state.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["diff_unet.pt", "metrics.jsonl", "progress.png", "train_state.pt"]
     checkpoint = load(out / "diff_unet.pt")
     assert set(checkpoint) == RELEASED_KEYS and checkpoint["epoch"] == 2
     # 3 latents over 2 ranks: the sampler pads to 2 per rank → 2 steps per epoch, 4 in all
