@@ -122,7 +122,7 @@ class EpochBars:
 
 class EpochLog:
     """Off a TTY: one JSON line per finished epoch (its loss, time, samples per second, validation loss) and, while
-    an epoch runs, a heartbeat JSON line whenever nothing was printed for the heartbeat interval."""
+    an epoch runs, a heartbeat line whenever nothing was printed for the heartbeat interval."""
 
     def __init__(self) -> None:
         self.started = time.monotonic()
@@ -132,15 +132,16 @@ class EpochLog:
         self.heartbeat.show(self.heartbeat_line, grace=self.heartbeat.interval)
 
     def heartbeat_line(self) -> str:
-        line: dict[str, Any] = {"event": "heartbeat", "elapsed_s": round(time.monotonic() - self.started, 1)}
+        """Plain text, not JSON: the JSON lines on stderr stay one per finished epoch."""
+        elapsed = f"[{time.monotonic() - self.started:8.1f}s]"
         event = self.step
         if event is None:
-            line["stage"] = "preparing data and networks"
-        else:
-            line.update({"epoch": event.details.get("epoch"), "epochs": event.details.get("epochs"),
-                         "step": event.done, "steps": event.total, "loss": event.metrics["loss"],
-                         "s_per_step": round(self.pace.per_step, 3) if self.pace.per_step is not None else None})
-        return json.dumps(line)
+            return f"{elapsed} preparing data and networks"
+        line = f"{elapsed} {event.subject} step {event.done}/{event.total}, loss {event.metrics['loss']:.4f}"
+        if self.pace.per_step is not None:
+            left = self.pace.per_step * (event.total - event.done)
+            line += f", {self.pace.text()}, {terminal.clock(left)} left in the epoch"
+        return line
 
     def on_event(self, event: ProgressEvent) -> None:
         if event.stage == "train":

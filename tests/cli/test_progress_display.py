@@ -100,3 +100,18 @@ def test_training_bar_shows_seconds_per_step_and_the_run_keeps_its_metrics(tiny_
     with Image.open(run / "progress.png") as image:
         assert image.format == "PNG" and image.size == (900, 900)
     assert not list(run.glob(".*partial"))
+
+
+def test_training_heartbeat_off_a_tty_names_the_step_loss_and_pace(monkeypatch, capsys):
+    import time
+
+    from maisi_cli.cli.train import train_progress
+    from maisi_cli.engine.progress import ProgressEvent
+
+    monkeypatch.setenv("MAISI_HEARTBEAT_S", "0.1")
+    with train_progress(render.Output()) as on_event:
+        on_event(ProgressEvent("train", 3, 10, "epoch 1/2", metrics={"loss": 0.5, "lr": 1e-4, "seconds": 11.0}))
+        time.sleep(0.35)
+    beats = capsys.readouterr().err.splitlines()
+    assert len(beats) >= 2 and all(re.fullmatch(r"\[ *[\d.]+s\] epoch 1/2 step 3/10, loss 0\.5000, 11\.00 s/step, "
+                                                r"1:1[0-9] left in the epoch", beat) for beat in beats), beats
