@@ -216,10 +216,10 @@ class Generator:
         return run_generation(plan, self.networks, on_progress, on_warning, on_written)
 
     def plan_manifest(self, manifest: PathLike, request: GenerateRequest,
-                      qc: QCOptions | None = None) -> ManifestPlan:
+                      qc: QCOptions | None = None, dry_run: bool = False) -> ManifestPlan:
         """The checked plan of `maisi generate --manifest FILE` (engine/manifest.py): each case of this shard
         planned into `request.out`/NAME, every mask read and checked before any network loads."""
-        return plan_manifest(Path(manifest), request.model_copy(update=self.settings), qc)
+        return plan_manifest(Path(manifest), request.model_copy(update=self.settings), qc, dry_run=dry_run)
 
     def run_manifest(self, plan: ManifestPlan, on_progress: ProgressCallback = no_progress,
                      on_warning: WarningCallback = warn, on_written: Callable[[Any], None] | None = None,

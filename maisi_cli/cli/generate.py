@@ -227,7 +227,7 @@ def generate_manifest(generator, manifest: Path, request, qc_options, output: re
     if generator.spec.image_only:
         raise UsageError(f"--manifest: gives condition masks, and model {generator.spec.name} generates images "
                          "only (no ControlNet); drop --manifest")
-    plan = generator.plan_manifest(manifest, request, qc_options)
+    plan = generator.plan_manifest(manifest, request, qc_options, dry_run=dry_run)
     for message in plan.warnings:
         render.warning(message, output)
     if dry_run:
@@ -240,6 +240,10 @@ def generate_manifest(generator, manifest: Path, request, qc_options, output: re
                                  format_triple(tuple(d["spacing"])), d["seed"],
                                  ", ".join(f"{s['index']}:{s['status']}" for s in d["samples"]), d["out"])
                                 for c, d in zip(plan.cases, plan.described)])
+            downloads = plan.downloads()
+            if downloads["downloads"]:
+                render.print_table(None, ("", ""), download_rows(downloads["downloads"],
+                                                                 downloads["download_command"]))
         return
     previews: list[str] = []
     qc_pngs: list[str] | None = [] if qc_report else None

@@ -218,11 +218,12 @@ def case_error(case: Case, manifest: Path, error: MaisiError) -> MaisiError:
     return renamed
 
 
-def plan_case(case: Case, manifest: Path, qc: QCOptions | None) -> GenerationPlan:
-    """The plan of this shard's samples of a case in its folder (complete ones skipped, as a run of one mask)."""
+def plan_case(case: Case, manifest: Path, qc: QCOptions | None, dry_run: bool = False) -> GenerationPlan:
+    """The plan of this shard's samples of a case in its folder (complete ones skipped, as a run of one mask);
+    `dry_run`: the model's files not downloaded yet are listed, not refused."""
     units = set(case.units)
     try:
-        plan = plan_generation(case.request, qc, keep=lambda task: task.index in units)
+        plan = plan_generation(case.request, qc, keep=lambda task: task.index in units, dry_run=dry_run)
     except MaisiError as error:
         raise case_error(case, manifest, error) from None
     plan.warnings = [f"{case.label}: {message}" for message in plan.warnings]
@@ -248,16 +249,28 @@ class ManifestPlan:
         return {"manifest": str(self.manifest),
                 "cases": [{"case": c.number, "name": c.name, "out": str(c.request.out), "plan": d}
                           for c, d in zip(self.cases, self.described)],
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings), **self.downloads()}
+
+    def downloads(self) -> dict[str, Any]:
+        """A dry run's files not downloaded yet, once for all cases (one model), and the command that fetches
+        them: {"downloads": [...], "download_command": ...}."""
+        files: dict[str, dict[str, Any]] = {}
+        command = None
+        for described in self.described:
+            files.update({d["file"]: d for d in described.get("downloads") or []})
+            command = command or described.get("download_command")
+        return {"downloads": list(files.values()), "download_command": command}
 
 
-def plan_manifest(manifest: Path, request: GenerateRequest, qc: QCOptions | None = None) -> ManifestPlan:
+def plan_manifest(manifest: Path, request: GenerateRequest, qc: QCOptions | None = None,
+                  dry_run: bool = False) -> ManifestPlan:
     """Every case of this shard planned and checked (each mask read, converted and fitted), before any network
-    loads; the first bad case stops it with one line naming the case and the field."""
+    loads; the first bad case stops it with one line naming the case and the field. `dry_run`: the model's files
+    not downloaded yet are listed (`ManifestPlan.downloads`), not refused."""
     cases = [c for c in resolve_cases(manifest, read_manifest(manifest), request) if c.units]
     described, pending, warnings = [], [], []
     for case in cases:
-        plan = plan_case(case, manifest, qc)
+        plan = plan_case(case, manifest, qc, dry_run)
         described.append(plan.describe())
         pending.append(len(plan.pending))
         warnings += plan.warnings

@@ -128,3 +128,20 @@ def test_sizes_come_from_the_hub_when_online(released, mask_file, tmp_path, monk
         assert all(method == "HEAD" for method, *_ in hub.requests)  # nothing downloaded
     finally:
         hub.close()
+
+
+def test_manifest_dry_run_lists_the_downloads_once(released, mask_file, tmp_path, monkeypatch):
+    manifest = tmp_path / "cases.json"
+    manifest.write_text(json.dumps([{"mask": str(mask_file)}, {"mask": str(mask_file), "name": "again"}]))
+    args = ["generate", "--model", str(released), "--manifest", str(manifest), "--out", str(tmp_path / "out"),
+            "--device", "cpu", "--allow-any-size", "--dry-run"]
+    result = runner.invoke(app, ["--json", *args])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert [d["file"] for d in document["downloads"]] == list(IMAGE_FILES)
+    assert document["download_command"] == f"maisi weights download {released}"
+    monkeypatch.setenv("COLUMNS", "200")
+    table = runner.invoke(app, args).stdout
+    assert "to download: autoencoder" in table and f"maisi weights download {released}" in table
+    refused = runner.invoke(app, args[:-1])
+    assert refused.exit_code == 1 and f"missing {', '.join(IMAGE_FILES)}" in refused.stderr
