@@ -32,7 +32,7 @@ from maisi_cli.engine.qc import QCOptions
 from maisi_cli.engine.run import GenerationReport, NetworkLoader, run_generation
 from maisi_cli.engine.run_folder import plan_generation
 from maisi_cli.engine.samples import WarningCallback
-from maisi_cli.errors import MaisiError, UsageError
+from maisi_cli.errors import MaisiError, UsageError, validation_message
 from maisi_cli.io.files import opened_regular
 from maisi_cli.request import GenerateRequest
 
@@ -118,7 +118,7 @@ def case_problem(error: Exception) -> str:
     if isinstance(error, ValidationError):
         first = error.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "case"
-        message = str(first["msg"]).removeprefix("Value error, ")
+        message = validation_message(first)
         if first["type"] == "extra_forbidden":
             message = ("not a case field; a case holds mask, and optionally size, spacing, seed, name, mask_labels "
                        "and body_from")

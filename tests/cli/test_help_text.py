@@ -147,3 +147,10 @@ def test_pydantic_problems_are_worded_by_maisi(tmp_path):
                    "[fallback]\nmax_roi_latent_voxels = 70000\noverlap = 1.5\ntp_splits = 1\n")
     line = one_line(runner.invoke(app, ["profiles", "show", str(bad)]), 2)
     assert line == f"Error: --profile: '{bad}' field 'fallback.overlap': 1.5 is too large; use less than 1.0"
+
+
+def test_a_manifest_case_is_worded_by_maisi(tmp_path):
+    manifest = tmp_path / "cases.json"
+    manifest.write_text('[{"mask": "m.nii.gz", "seed": "x"}]')
+    line = one_line(runner.invoke(app, ["generate", "--manifest", str(manifest), "--dry-run"]), 2)
+    assert line == f"Error: --manifest: {manifest}: case 0: seed: 'x' is not a whole number"
