@@ -72,6 +72,8 @@ def serve(
                              max_attempts=max_attempts,
                              allow_any_size=allow_any_size, weights_dir=weights_dir,
                              previews=previews)
+    # Without a token the server answers only requests that name it by a loopback name (see ServeConfig)
+    hosts = None if token else ("127.0.0.1", "localhost", "::1", host.strip("[]").lower())
     app = create_app(settings, ServeConfig(data=data, token=token.strip() if token else None, max_queue=max_queue,
-                                           max_body=max_body))
+                                           max_body=max_body, allowed_hosts=hosts))
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

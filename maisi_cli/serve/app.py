@@ -49,6 +49,9 @@ class ServeConfig:
     token: str | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     max_body: int = DEFAULT_MAX_BODY
+    # Host names a request may name (None: any). `maisi serve` without a token sets the loopback names, so a web page
+    # elsewhere cannot reach the server through a name it re-resolves to 127.0.0.1 (DNS rebinding).
+    allowed_hosts: tuple[str, ...] | None = None
 
 
 def field_error(field: str, message: str, status: int = 422) -> JSONResponse:
@@ -61,15 +64,24 @@ def field_error(field: str, message: str, status: int = 422) -> JSONResponse:
 class Guard:
     """ASGI middleware: the bearer token (401 without it) and the body-size limit (413), before any endpoint."""
 
-    def __init__(self, app, token: str | None, max_body: int) -> None:
+    def __init__(self, app, token: str | None, max_body: int, allowed_hosts: tuple[str, ...] | None = None) -> None:
         self.app = app
         self.token = token.encode() if token else None
         self.max_body = max_body
+        self.allowed_hosts = {h.lower() for h in allowed_hosts} if allowed_hosts is not None else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        if self.allowed_hosts is not None:
+            host = headers.get(b"host", b"").decode("latin-1").lower()
+            name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.split(":")[0]
+            if name not in self.allowed_hosts:
+                response = JSONResponse({"detail": f"Host: '{host}' is not this server's name; use "
+                                         f"{sorted(self.allowed_hosts)[0]} (or give maisi serve --token)"},
+                                        status_code=421)
+                return await response(scope, receive, send)
         if self.token is not None and not self._authorised(headers.get(b"authorization", b"")):
             # The page asks the browser for the token (HTTP Basic, any user name): a browser then sends it with
             # every request of the page, its images and downloads included; API clients send a bearer token.
@@ -250,7 +262,7 @@ def create_app(settings: ServeSettings, config: ServeConfig, generator: Any = No
     app.state.store = store
     app.state.worker = worker
     app.state.data = data
-    app.add_middleware(Guard, token=config.token, max_body=config.max_body)
+    app.add_middleware(Guard, token=config.token, max_body=config.max_body, allowed_hosts=config.allowed_hosts)
 
     @app.exception_handler(PayloadError)
     async def refused(request: Request, failure: PayloadError):
@@ -317,6 +329,10 @@ def create_app(settings: ServeSettings, config: ServeConfig, generator: Any = No
         return job_id
 
     async def json_body(request: Request) -> Any:
+        # JSON only: a page on another site can send a form or text/plain body without asking, not JSON
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise PayloadError("Content-Type", f"'{kind or 'none'}'; send the payload as application/json", 415)
         raw = await request.body()
         try:
             return json.loads(raw)

@@ -337,20 +337,46 @@ def test_oversized_requests_are_refused(generator, tmp_path):
                            ).status_code == 422
 
 
+def test_only_json_bodies_and_loopback_names_are_answered(generator, tmp_path):
+    """What a web page elsewhere could send a server on 127.0.0.1 without a token: a form or text/plain body
+    (no preflight), or any request through a name of its own that resolves to 127.0.0.1 (DNS rebinding)."""
+    config = ServeConfig(data=tmp_path / "data", allowed_hosts=("127.0.0.1", "localhost", "::1"))
+    app = create_app(SETTINGS, config, generator=generator, start_worker=False)
+    body = json.dumps({"num_output_samples": 1, "body_region": ["abdomen"], "output_size": [32, 32, 32]})
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+            answer = client.post("/v1/jobs", content=body, headers={"Content-Type": kind} if kind else {})
+            assert answer.status_code == 415 and answer.json()["detail"].startswith("Content-Type: "), kind
+        assert client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"}).status_code == 202
+        for host in ("localhost:8000", "[::1]:8000", "127.0.0.1"):
+            assert client.get("/v1/health/live", headers={"Host": host}).status_code == 200, host
+        answer = client.get("/v1/jobs", headers={"Host": "attacker.example:8000"})
+        assert answer.status_code == 421 and answer.json()["detail"].startswith("Host: ")
+
+
 def test_serve_off_loopback_needs_a_token(monkeypatch, tmp_path):
     import uvicorn
 
     runner = CliRunner()
+    monkeypatch.delenv("MAISI_SERVE_TOKEN", raising=False)
     result = runner.invoke(cli_app, ["serve", "--host", "0.0.0.0", "--model", "demo", "--data", str(tmp_path)])
     assert_one_line_error(result, 2, "--host", "--token")
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kwargs: served.append((host, port, app)))
+    # On loopback without a token: served, answering only requests that name it by a loopback name
+    result = runner.invoke(cli_app, ["serve", "--model", "demo", "--data", str(tmp_path / "loopback")])
+    assert result.exit_code == 0, result.stderr
+    host, port, app = served.pop()
+    assert (host, port) == ("127.0.0.1", 8000)
+    assert TestClient(app, base_url="http://127.0.0.1:8000").get("/v1/health/live").status_code == 200
+    assert TestClient(app, base_url="http://rebound.example").get("/v1/health/live").status_code == 421
+    # Off loopback with the token from the environment: every request must carry it
     monkeypatch.setenv("MAISI_SERVE_TOKEN", "s3cret")
     result = runner.invoke(cli_app, ["serve", "--host", "0.0.0.0", "--port", "8123", "--model", "demo",
                                      "--data", str(tmp_path / "data")])
     assert result.exit_code == 0, result.stderr
     ((host, port, app),) = served
     assert (host, port) == ("0.0.0.0", 8123)
-    client = TestClient(app)  # not started (no networks loaded): the token from the environment guards it
+    client = TestClient(app)  # not started (no networks loaded)
     assert client.get("/v1/health/live").status_code == 401
     assert client.get("/v1/health/live", headers={"Authorization": "Bearer s3cret"}).status_code == 200
