@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import io
 import json
 import os
 import stat
@@ -28,6 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from maisi_cli.errors import MaisiError, OutputError, UsageError
@@ -356,8 +356,9 @@ def create_app(settings: ServeSettings, config: ServeConfig, generator: Any = No
             return {"message": f"{len(job['result']['written'])} sample(s) written, "
                                f"{len(job['result']['skipped'])} already complete, in local_working_dir",
                     "local_working_dir": job["payload"]["local_working_dir"], "files": files, "job": job_id}
-        return Response(await run_in_threadpool(zipped, folder, files), media_type="application/zip",
-                        headers={"Content-Disposition": f'attachment; filename="maisi-{job_id}.zip"'})
+        archive = await run_in_threadpool(zipped, folder, files, data / JOBS_FOLDER / f".{job_id}.zip")
+        return FileResponse(archive, media_type="application/zip", filename=f"maisi-{job_id}.zip",
+                            background=BackgroundTask(archive.unlink, missing_ok=True))
 
     # --- jobs ---------------------------------------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=202)
@@ -402,10 +403,10 @@ def create_app(settings: ServeSettings, config: ServeConfig, generator: Any = No
     return app
 
 
-def zipped(folder: Path, files: list[str]) -> bytes:
-    """The job's files in one ZIP (stored: NIfTI .gz does not compress further)."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+def zipped(folder: Path, files: list[str], path: Path) -> Path:
+    """The job's files in one ZIP at `path`, on disk rather than in memory (a 512^3 run's files are large);
+    stored, since NIfTI .gz does not compress further. The answer streams it, then removes it."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name in files:
             archive.write(folder / name, name)
-    return buffer.getvalue()
+    return path

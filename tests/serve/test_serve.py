@@ -95,6 +95,7 @@ def test_nim_endpoints_answer_the_nim_formats(server, tmp_path):
     # The same request on the command line (seed 0, the NIM's default run) writes the same bytes
     expected = cli_pair(tmp_path, "--anatomy", "liver")
     assert {name: sha256(archive.read(name)) for name in PAIR} == {n: sha256(b) for n, b in expected.items()}
+    assert not list((data / "jobs").glob(".*.zip"))  # the archive was removed once sent
 
     # local_working_dir: the files stay in that folder inside --data, and the answer is a JSON message
     body = {**NIM_BODY, "local_working_dir": "nim-results/run1"}
