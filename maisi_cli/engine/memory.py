@@ -29,8 +29,11 @@ MASK_FIT_BYTES = 4  # fit_to_grid's int16 copy and its RAS reorientation, per vo
 RESAMPLE_BYTES = 32  # MONAI Spacing, per voxel of the resampled grid: its affine_grid sampling grid and output [28.8]
 PAD_CROP_BYTES = 8  # ResizeWithPadOrCrop's float32 output and its rounding, per voxel of the output grid [7.2]
 BIT_PLANE_BYTES = 34  # label_bit_planes on the CPU: 8 fp32 planes and a plane's uint8 temporaries [30.1]
-OUTPUT_BYTES = 16  # output_image + output_labels: float32 HU temporaries, the int16 image, the uint8 labels [15.9]
-WRITE_BYTES = 6  # nifti_bytes of the int16 image: its NIfTI bytes, their copy out of BytesIO, the gzip output [5.3]
+OUTPUT_BYTES = 6  # output_image (slab by slab: no float32 temporaries) + output_labels: int16 image, uint8 labels [5.1]
+WRITE_BYTES = 6  # nifti_bytes of the int16 image: its NIfTI bytes, their copy out of BytesIO, the gzip output [5.8]
+# A run of several samples writes each in the background while it makes the next (engine/run.py SampleWriter): the
+# sample being written (its int16 image, uint8 labels and write buffers) is held beside every stage of the next.
+BACKGROUND_WRITE_BYTES = 3 + WRITE_BYTES
 HOST_RESERVE = 256 * 1024**2  # libraries first imported mid-run (MONAI transforms: ~100 MB) and allocator slack
 GPU_ESTIMATE_MARGIN = 0.9  # refuse a GPU only when 90 % of the estimate exceeds it: its largest error is 8.3 %
 SKIP_MEMORY_CHECK = "MAISI_SKIP_MEMORY_CHECK"  # =1: estimate, but never refuse (an estimate can be wrong)
@@ -79,17 +82,20 @@ class HostMemoryEstimate:
         return max(terms, key=terms.__getitem__)
 
     def as_dict(self) -> dict[str, Any]:
-        gib = lambda b: round(b / GIB, 3)
+        def gib(count: int) -> float:
+            return round(count / GIB, 3)
+
         return {"peak_gib": gib(self.peak_bytes), "peak_stage": self.peak_stage,
                 "stages_gib": {stage: {k: gib(v) for k, v in terms.items()} for stage, terms in self.stages.items()}}
 
 
 def estimate_host_memory(spec: Any, size: Triple, plan: DecodePlan, on_gpu: bool, dtype_bytes: int = 4,
-                         mask: MaskGrid | None = None, guided: bool = False) -> HostMemoryEstimate:
+                         mask: MaskGrid | None = None, guided: bool = False, samples: int = 1) -> HostMemoryEstimate:
     """Peak host memory of a generation of `size` with the decode `plan`, stage by stage. On the CPU the networks
     run in host memory: their weights and activations are `estimate_peak_memory`'s terms at `dtype_bytes`, without
     the CUDA framework overhead. On a GPU the host holds the weights while they load, the 1-byte condition labels
-    it sends (the planes are made on the GPU), and the decoded image from the decode on."""
+    it sends (the planes are made on the GPU), and the decoded image from the decode on. With `samples` above 1,
+    the sample being written in the background is held beside each stage of the next one."""
     image = math.prod(size)
     image_only = bool(getattr(spec, "image_only", False))
     held = {} if image_only else {"condition mask": image}  # uint8, kept by the mask source all along
@@ -100,7 +106,8 @@ def estimate_host_memory(spec: Any, size: Triple, plan: DecodePlan, on_gpu: bool
     if mask is not None:
         stages["mask"] = mask_stage_terms(mask, size)
     if not image_only:
-        # on a GPU the 1-byte labels are sent as they are and the planes are made there (engine/samples.condition_inputs)
+        # on a GPU the 1-byte labels are sent as they are and the planes are made there
+        # (engine/samples.condition_inputs)
         stages["condition"] = {**held, "condition labels (uint8) for the GPU": image} if on_gpu else {
             **held, "condition bit planes": BIT_PLANE_BYTES * image}
     if on_gpu:
@@ -115,7 +122,9 @@ def estimate_host_memory(spec: Any, size: Triple, plan: DecodePlan, on_gpu: bool
     stages["output"] = {**held, "decoded image (float32)": 4 * image,
                         "output arrays and temporaries": OUTPUT_BYTES * image}
     stages["write"] = {**held, "output arrays": 3 * image, "write buffers": WRITE_BYTES * image}
-    for terms in stages.values():
+    for stage, terms in stages.items():
+        if samples > 1 and stage != "load":  # the networks load before the first sample: nothing is written yet
+            terms["previous sample being written"] = BACKGROUND_WRITE_BYTES * image
         terms["libraries and allocator slack"] = HOST_RESERVE
     return HostMemoryEstimate(stages)
 
@@ -226,12 +235,13 @@ def check_gpu_memory(estimate: MemoryEstimate, device: str, total: int, precisio
 
 
 def check_generation_memory(spec: Any, size: Triple, plan: DecodePlan, device: str, precision: str, profile: str,
-                            guided: bool = False, mask: MaskGrid | None = None) -> HostMemoryEstimate:
-    """The host estimate of a planned generation, refused (UsageError naming --size) when its peak exceeds the
-    available host memory; on a GPU, the GPU estimate is also checked against the device's total memory."""
+                            guided: bool = False, mask: MaskGrid | None = None, samples: int = 1) -> HostMemoryEstimate:
+    """The host estimate of a planned generation of `samples` samples, refused (UsageError naming --size) when its
+    peak exceeds the available host memory; on a GPU, the GPU estimate is also checked against the device's total
+    memory."""
     dtype_bytes = 4 if precision == "fp32" else 2
     on_gpu = device.startswith("cuda")
-    host = estimate_host_memory(spec, size, plan, on_gpu, dtype_bytes, mask, guided)
+    host = estimate_host_memory(spec, size, plan, on_gpu, dtype_bytes, mask, guided, samples)
     check_host_memory(host.peak_bytes, "--size", f"{format_triple(size)} voxels ({host.peak_stage}: "
                       f"{host.largest_term})", "ask for a smaller --size")
     if on_gpu and not memory_check_skipped():

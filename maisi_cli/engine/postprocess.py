@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -40,19 +42,75 @@ def mr_to_int16(mr: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(mr, 0.0, INT16_MAX)).astype(np.int16)
 
 
+BLOCK_VOXELS = 1 << 20  # output_image converts the volume in slabs of about this many voxels (4 MiB of float32)
+MAX_THREADS = 8
+
+
+def output_threads() -> int:
+    """Threads that convert slabs at once: the CPUs this process may run on, at most MAX_THREADS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS has no affinity call
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_THREADS))
+
+
+def _hu_slab(decoded: np.ndarray, body: np.ndarray | None) -> np.ndarray:
+    """intensity_to_hu, air_outside_body and hu_to_int16's float32 operations, in place on one slab's copy: the
+    same operations in the same order, so the same values."""
+    hu = decoded.astype(np.float32)
+    np.clip(hu, 0.0, 1.0, out=hu)
+    hu *= HU_MAX - HU_MIN
+    hu += HU_MIN
+    if body is not None:
+        np.copyto(hu, np.float32(HU_MIN), where=~(body > 0))
+    np.clip(hu, HU_MIN, HU_MAX, out=hu)
+    return np.rint(hu, out=hu)
+
+
+def _mr_slab(decoded: np.ndarray, body: np.ndarray | None) -> np.ndarray:
+    """intensity_to_mr and mr_to_int16 in place on one slab's copy; 0 where the condition mask is background."""
+    mr = decoded.astype(np.float32)
+    np.clip(mr, 0.0, None, out=mr)
+    mr *= MR_SCALE
+    np.clip(mr, 0.0, INT16_MAX, out=mr)
+    np.rint(mr, out=mr)
+    if body is not None:
+        np.copyto(mr, np.float32(0.0), where=body == 0)
+    return mr
+
+
 def output_image(decoded: np.ndarray, intensity: str, label_map: np.ndarray | None = None) -> np.ndarray:
     """The written int16 image of a decoded volume: "hu" → HU, "mr" → MR intensities; where a condition mask
     (`label_map`) is background, the range's floor (a_min of NV-Generate-CTMR `infer_image_from_mask.py`: CT −1000,
-    MR 0)."""
-    if intensity == "mr":
-        mr = mr_to_int16(intensity_to_mr(decoded))
-        if label_map is not None:
-            mr[label_map == 0] = 0  # in place: no second volume
-        return mr
-    if intensity != "hu":
+    MR 0).
+
+    The volume is converted slab by slab on several threads (NumPy releases the GIL): each slab's float32 copy stays
+    in the cache and no whole-volume float32 temporary is made; the values are those of intensity_to_hu,
+    air_outside_body and hu_to_int16 (or intensity_to_mr and mr_to_int16) applied to the whole volume."""
+    if intensity not in ("hu", "mr"):
         raise ValueError(f"output intensity {intensity!r}: use 'hu' or 'mr'")
-    hu = intensity_to_hu(decoded)
-    return hu_to_int16(air_outside_body(hu, label_map) if label_map is not None else hu)
+    if label_map is not None and label_map.shape != decoded.shape:
+        raise ValueError(f"label map shape {label_map.shape} differs from the image's {decoded.shape}")
+    convert: Callable[[np.ndarray, np.ndarray | None], np.ndarray] = _hu_slab if intensity == "hu" else _mr_slab
+    output = np.empty(decoded.shape, dtype=np.int16)
+    if decoded.ndim == 0 or decoded.size == 0:
+        output[...] = convert(decoded, label_map)
+        return output
+    rows = max(1, BLOCK_VOXELS // max(1, decoded[0].size))
+    slabs = [slice(start, start + rows) for start in range(0, decoded.shape[0], rows)]
+
+    def run(slab: slice) -> None:
+        output[slab] = convert(decoded[slab], None if label_map is None else label_map[slab])
+
+    threads = min(output_threads(), len(slabs))
+    if threads > 1:
+        with ThreadPoolExecutor(threads, thread_name_prefix="maisi-output") as pool:
+            list(pool.map(run, slabs))
+    else:
+        for slab in slabs:
+            run(slab)
+    return output
 
 
 def output_labels(label_map: np.ndarray, mode: str, requested_ids: Iterable[int] = ()) -> np.ndarray:

@@ -88,14 +88,20 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
                     attempt: int = 0) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
     """One sample from `task.seed`: (image int16 — HU, or MR intensities for `output_intensity` "mr" —, label
     uint8 or None for an image-only model, timings). Nothing is written here. `attempt` (a quality-check retry)
-    only marks the progress events."""
+    only marks the progress events.
+
+    Timings, each stage's seconds: condition_s (the condition's labels to the device and their bit planes, the
+    unconditional mask of guidance), denoise_s (the noise, the schedule and the loop), decode_s (the VAE decode and
+    its copy to the host), postprocess_s (the finiteness check, HU or MR conversion, body crop, label map)."""
     device = torch.device(plan.device)
     timings: dict[str, float] = {}
 
     def report(stage: str) -> Callable[[int, int], None]:
         return lambda done, total: on_progress(ProgressEvent(stage, done, total, sample=task.index, attempt=attempt))
 
+    start = time.perf_counter()
     denoiser = denoiser_for(plan, loaded, sample_mask, device)
+    timings["condition_s"] = time.perf_counter() - start
     start = time.perf_counter()
     # fp16 latents on a GPU in fp16, as the reference; fp32 otherwise.
     latent_dtype = torch.float16 if plan.precision == "fp16" else torch.float32
@@ -113,18 +119,38 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
                            precision=plan.precision)
     timings["decode_s"] = time.perf_counter() - start
 
+    start = time.perf_counter()
     decoded = image[0, 0].float().numpy()
-    if not np.isfinite(decoded).all():
-        bad = int((~np.isfinite(decoded)).sum())
+    del image
+    bad = non_finite_voxels(decoded)
+    if bad:
         raise GenerationError(
             f"sample {task.index}: the decoder produced {bad} non-finite voxels (overflow in {plan.precision}); "
             "retry with --precision fp32 or check the weights"
         )
     if sample_mask.mask is None:  # image-only: no body crop, no label file
-        return output_image(decoded, plan.model.output_intensity), None, timings
-    image = output_image(decoded, plan.model.output_intensity, sample_mask.mask.labels)
-    labels = output_labels(sample_mask.mask.labels, plan.request.label_mode, plan.anatomy_ids)
-    return image, labels, timings
+        image_out, labels = output_image(decoded, plan.model.output_intensity), None
+    else:
+        image_out = output_image(decoded, plan.model.output_intensity, sample_mask.mask.labels)
+        labels = output_labels(sample_mask.mask.labels, plan.request.label_mode, plan.anatomy_ids)
+    timings["postprocess_s"] = time.perf_counter() - start
+    return image_out, labels, timings
+
+
+# The stages of making a sample, in order (the sidecar's timings add write_s, sidecar_s, other_s and total_s):
+# mask_s: the condition mask (read and fitted, a database entry resampled, or generated).
+SAMPLE_STAGES = ("mask_s", "condition_s", "denoise_s", "decode_s", "postprocess_s", "qc_s")
+
+
+def non_finite_voxels(decoded: np.ndarray) -> int:
+    """How many voxels are NaN or ±inf; 0 after one pass of a finite volume (a block-wise isfinite: no whole-volume
+    boolean array)."""
+    flat = decoded.reshape(-1)
+    block = 1 << 22
+    for start in range(0, flat.size, block):
+        if not np.isfinite(flat[start:start + block]).all():
+            return int(flat.size - np.count_nonzero(np.isfinite(flat)))
+    return 0
 
 
 @dataclass
@@ -148,21 +174,25 @@ def generate_checked_sample(plan: GenerationPlan, loaded: LoadedModel, task: Sam
     statistics = plan.qc_statistics
     allowed = plan.qc.max_attempts if statistics is not None else 1
     attempts: list[dict[str, Any]] = []
-    qc_seconds = 0.0
+    # every attempt's stages add up (a retry's denoising is time the sample took); qc_s is 0 with the check off
+    timings = dict.fromkeys(SAMPLE_STAGES, 0.0)
     for attempt in range(allowed):
         current = task if attempt == 0 else replace(
             task, seed=derive_attempt_seed(plan.request.seed, task.index, attempt))
+        start = time.perf_counter()
         sample_mask = plan.mask_source.mask_for(task.index, attempt, on_progress)
-        image, labels, timings = generate_sample(plan, loaded, current, sample_mask, on_progress, attempt)
+        timings["mask_s"] += time.perf_counter() - start
+        image, labels, stages = generate_sample(plan, loaded, current, sample_mask, on_progress, attempt)
+        for stage, seconds in stages.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
         if statistics is None:
             return CheckedSample(current, sample_mask, image, labels, timings, None, [])
         qc_start = time.perf_counter()
         report = check_quality(image, sample_mask.mask.labels, statistics)
-        qc_seconds += time.perf_counter() - qc_start
+        timings["qc_s"] += time.perf_counter() - qc_start
         attempts.append({"attempt": attempt, "seed": current.seed, "passed": report.passed, "failed": report.failed})
         if report.passed:
             break
-    timings["qc_s"] = qc_seconds
     if not report.passed:
         on_warning(f"sample {task.index}: failed the quality check in all {len(attempts)} attempt(s) "
                    f"({report.summary()}); keeping the last attempt (seed {current.seed})")

@@ -120,10 +120,10 @@ def _whole_plan(spec, size):
 
 
 def test_host_estimate_counts_each_stage_from_the_voxel_counts(spec):
-    """On a GPU: the output stage (float32 decoded image and the output temporaries, 21 B a voxel) is the host peak
-    at 512³, and the condition stage holds only the 1-byte labels sent to the GPU (the planes are made there); the
-    mask stage counts the file as read, its resampling grid and the pad/crop; the write stage the int16/uint8 arrays
-    and their NIfTI bytes."""
+    """On a GPU: the output stage holds the float32 decoded image and the output arrays (11 B a voxel: no float32
+    temporaries since output_image converts slab by slab), the condition stage only the 1-byte labels sent to the GPU
+    (the planes are made there); the mask stage counts the file as read, its resampling grid and the pad/crop (the
+    peak here); the write stage the int16/uint8 arrays and their NIfTI bytes."""
     from maisi_cli.engine.memory import (HOST_RESERVE, OUTPUT_BYTES, PAD_CROP_BYTES, RESAMPLE_BYTES, MaskGrid,
                                          estimate_host_memory)
 
@@ -131,8 +131,8 @@ def test_host_estimate_counts_each_stage_from_the_voxel_counts(spec):
     voxels = 512**3
     mask = MaskGrid(shape=(256, 256, 128), itemsize=2, floating=False, resampled=(300, 300, 200))
     host = estimate_host_memory(spec, size, _whole_plan(spec, size), on_gpu=True, dtype_bytes=2, mask=mask)
-    assert host.peak_stage == "output" and host.largest_term == "output arrays and temporaries"
-    assert host.peak_bytes == voxels + 4 * voxels + OUTPUT_BYTES * voxels + HOST_RESERVE
+    assert sum(host.stages["output"].values()) == voxels + 4 * voxels + OUTPUT_BYTES * voxels + HOST_RESERVE
+    assert host.peak_stage == "mask" and host.largest_term == "mask pad/crop"
     assert host.stages["condition"]["condition labels (uint8) for the GPU"] == voxels
     masked = host.stages["mask"]
     assert masked["mask as read"] == 256 * 256 * 128 * 2 and "mask label check" not in masked  # integers
@@ -241,3 +241,18 @@ def test_gpu_check_refuses_a_plan_over_the_device_memory(spec, monkeypatch):
         memory.check_generation_memory(spec, size, plan, "cuda:0", "fp16", "80g")
     monkeypatch.setenv("MAISI_SKIP_MEMORY_CHECK", "1")
     memory.check_generation_memory(spec, size, plan, "cuda:0", "fp16", "80g")
+
+
+def test_host_estimate_of_several_samples_holds_the_one_being_written(spec):
+    """A run of several samples writes each in the background while it makes the next (engine/run.py): every stage
+    after the networks' load holds the previous sample's arrays and write buffers; one sample holds none."""
+    from maisi_cli.engine.memory import BACKGROUND_WRITE_BYTES, estimate_host_memory
+
+    size = (256, 256, 256)
+    plan = _whole_plan(spec, size)
+    one = estimate_host_memory(spec, size, plan, on_gpu=True, dtype_bytes=2)
+    several = estimate_host_memory(spec, size, plan, on_gpu=True, dtype_bytes=2, samples=3)
+    for stage, terms in several.stages.items():
+        extra = sum(terms.values()) - sum(one.stages[stage].values())
+        assert extra == (0 if stage == "load" else BACKGROUND_WRITE_BYTES * 256**3), stage
+    assert several.peak_bytes >= one.peak_bytes
