@@ -119,8 +119,9 @@ def test_status_first_then_bars_and_result_lines_that_stay(tiny_model, mask_file
     status = terminal.first_time("maisi: importing torch and MONAI…")
     loading = terminal.first_time("load networks")
     assert status is not None and loading is not None and status < loading, terminal.text()
-    # the status is the first output, well before torch and MONAI are imported (about 0.15 s on an idle machine)
-    assert terminal.chunks[0][0] == status and status < 2.0, status
+    # the status is the first output, long before torch and MONAI are imported (0.14-0.22 s here on a busy 2-core
+    # machine, Python's start included; the bound leaves room for a loaded CI runner)
+    assert terminal.chunks[0][0] == status and status < 3.0, status
     text = terminal.text()
     first_result = text.index("sample 0000  ")  # the result line (a bar's label is "sample 0000 denoise")
     # the samples bar had an ETA before the first sample was made (from the first denoise step)
@@ -137,7 +138,7 @@ def test_ctrl_c_prints_what_is_complete_and_the_command_to_resume(tiny_model, ma
     command = generate_command(tiny_model, mask_file, out, "-n", "3", "--steps", "15")
     terminal = Terminal(command)
     # once sample 0 is written (its result line is out), press Ctrl-C: the terminal sends SIGINT to the run
-    assert terminal.read_until(lambda t: re.search(r"sample 0000 .*\d s", t.text()), 300), terminal.text()
+    assert terminal.read_until(lambda t: re.search(r"sample 0000  .*\d s", t.text()), 300), terminal.text()
     os.write(terminal.fd, b"\x03")
     assert terminal.wait(120) == 130, terminal.text()
     screen = terminal.screen()
