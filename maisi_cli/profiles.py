@@ -20,6 +20,7 @@ from maisi_cli import plugins
 from maisi_cli.config import Triple, format_triple
 from maisi_cli.decode_plan import DecodePlan, fallback_roi, make_decode_plan, plan_decode
 from maisi_cli.errors import MaisiError, UsageError, first_validation_problem
+from maisi_cli.levers import Levers, effective_levers
 from maisi_cli.io.documents import read_document
 
 PROFILE_NAMES = ("16g", "24g", "32g", "80g", "cpu")
@@ -53,6 +54,7 @@ class Profile(BaseModel):
     precision: Literal["fp32", "fp16", "bf16"]
     decode: tuple[DecodeEntry, ...] = ()
     fallback: FallbackRule
+    levers: Levers = Levers()  # GPU speed levers (maisi_cli/levers.py), all off unless the profile's [levers] says
     path: str = ""
 
     @property
@@ -64,19 +66,35 @@ class Profile(BaseModel):
                     spec=None) -> DecodePlan:
         """The table entry for this image size (the released settings, exact); else, on a GPU profile given the
         model `spec`, the memory planner's fastest plan that fits `memory_gb` (`maisi_cli.decode_plan`); else
-        the fallback rule (the cpu profile, or a caller without a spec). `split_axis` is the VAE's `dim_split`."""
-        for entry in self.decode:
+        the fallback rule (the cpu profile, or a caller without a spec). `split_axis` is the VAE's `dim_split`.
+
+        Levers (the profile's `[levers]`, or MAISI_LEVERS): `decode_plan = "planner"` skips the table (the planner's
+        fastest plan within the budget, at the planner's smallest overlap); `decode_overlap` replaces the overlap of
+        whichever plan is chosen (its window count follows), and the rule says so."""
+        levers, source = effective_levers(self.levers, self.name)
+        overlap = levers.decode_overlap
+        note = "" if overlap is None else f", overlap {overlap:g} from {source}"
+        use_table = levers.decode_plan == "table"
+        for entry in self.decode if use_table else ():
             if entry.size == image_size:
-                return make_decode_plan(latent_spatial, entry.roi, entry.overlap, entry.tp_splits, split_axis,
-                                        rule=f"{self.name} table ({entry.source or format_triple(entry.size)})")
+                return make_decode_plan(latent_spatial, entry.roi, entry.overlap if overlap is None else overlap,
+                                        entry.tp_splits, split_axis,
+                                        rule=f"{self.name} table ({entry.source or format_triple(entry.size)}){note}")
         if spec is not None and self.budget_bytes and tuple(spec.latent_shape(image_size)[1:]) == tuple(latent_spatial):
             chosen = plan_decode(spec, image_size, self.budget_bytes, rois=[e.roi for e in self.decode],
-                                 min_overlap=self.fallback.overlap,
-                                 rule=f"{self.name} planner (fits {self.memory_gb:g} GiB)")
-            return chosen.plan
+                                 min_overlap=self.fallback.overlap if overlap is None else overlap,
+                                 rule=f"{self.name} planner (fits {self.memory_gb:g} GiB)"
+                                      + ("" if use_table else f", decode_plan from {source}") + note)
+            if overlap is None or chosen.plan.overlap == overlap:
+                return chosen.plan
+            # the planner's overlaps are a fixed list; the lever's value is kept as given (memory does not depend on it)
+            return make_decode_plan(latent_spatial, chosen.plan.roi, overlap, chosen.plan.requested_tp_splits,
+                                    split_axis, rule=chosen.plan.rule)
         roi = fallback_roi(latent_spatial, self.fallback.max_roi_latent_voxels)
-        return make_decode_plan(latent_spatial, roi, self.fallback.overlap, self.fallback.tp_splits, split_axis,
-                                rule=f"{self.name} fallback (at most {self.fallback.max_roi_latent_voxels} latent voxels)")
+        return make_decode_plan(latent_spatial, roi, self.fallback.overlap if overlap is None else overlap,
+                                self.fallback.tp_splits, split_axis,
+                                rule=f"{self.name} fallback (at most {self.fallback.max_roi_latent_voxels} latent "
+                                     f"voxels){note}")
 
 
 # --- loading -----------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 import torch
 from monai.inferers import SlidingWindowInferer
 
+from maisi_cli.engine.levers import cudnn_benchmark
 from maisi_cli.engine.networks import set_tp_splits
 from maisi_cli.engine.sampling import autocast_for
 from maisi_cli.profiles import DecodePlan
@@ -19,8 +20,11 @@ class LatentDecoder(torch.nn.Module):
         super().__init__()
         self.autoencoder = autoencoder
         self.register_buffer("scale_factor", torch.as_tensor(scale_factor, dtype=torch.float32).reshape(()))
+        self.levers = None  # engine/levers.apply_levers: channels-last input, cuDNN benchmark while decoding
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.levers is not None and self.levers.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last_3d)
         return self.autoencoder.decode_stage_2_outputs(z / self.scale_factor.to(z.dtype))
 
 
@@ -74,11 +78,13 @@ def decode_latents(
     (`output_convolution_in_fp32`: bf16 output would step by 7.8 HU).
     """
     exact_output: contextlib.AbstractContextManager = contextlib.nullcontext()
+    levers = getattr(decoder, "levers", None)
     if isinstance(decoder, LatentDecoder):  # not an exported decoder (--backend onnx), which decodes whole
         set_tp_splits(decoder.autoencoder, plan.tp_splits)
         if precision == "bf16":
             exact_output = output_convolution_in_fp32(decoder.autoencoder)
-    with torch.inference_mode(), autocast_for(latents.device, precision), exact_output:
+    with torch.inference_mode(), autocast_for(latents.device, precision), exact_output, \
+            cudnn_benchmark(levers is not None and levers.cudnn_benchmark and latents.device.type == "cuda"):
         if plan.mode == "whole":
             image = decoder(latents)
             if on_window is not None:

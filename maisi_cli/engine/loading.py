@@ -1,5 +1,6 @@
 """The networks of a plan, loaded once: each weight file read once, hashed against the lock and loaded from the same
-bytes, then swapped for the exported graphs of `--backend onnx|trt` where asked."""
+bytes, then swapped for the exported graphs of `--backend onnx|trt` where asked, then given the run's speed levers
+(engine/levers.py; all off by default)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from maisi_cli.engine.backends import apply_backend, network_device
 from maisi_cli.engine.decode import LatentDecoder
+from maisi_cli.engine.levers import apply_levers, run_levers
 from maisi_cli.engine.networks import LoadedModel, build_network, build_scheduler
 from maisi_cli.engine.plan import GenerationPlan
 from maisi_cli.engine.progress import ProgressCallback, ProgressEvent, no_progress
@@ -38,9 +40,14 @@ def load_networks(plan: GenerationPlan, on_progress: ProgressCallback = no_progr
         networks["mask_generation_diffusion"] = swapped["mask-unet"]
     if "mask-decoder" in swapped:
         networks["mask_generation_decoder"] = swapped["mask-decoder"]
-    loaded = LoadedModel(swapped.get("unet", networks["diffusion_unet"]),
-                         swapped.get("controlnet", networks.get("controlnet")), swapped.get("vae-decoder", decoder),
-                         build_scheduler(plan.model), hashes, networks, scale_factors, record)
+    levers, lever_record = run_levers(plan, backend)
+    if lever_record is not None:  # no entry: every lever off, the reference path
+        record["levers"] = lever_record
+    unet, controlnet, decoder = apply_levers(
+        levers, lever_record or {}, swapped.get("unet", networks["diffusion_unet"]),
+        swapped.get("controlnet", networks.get("controlnet")), swapped.get("vae-decoder", decoder))
+    loaded = LoadedModel(unet, controlnet, decoder, build_scheduler(plan.model), hashes, networks, scale_factors,
+                         record)
     plan.mask_source.prepare(loaded)
     return loaded
 
