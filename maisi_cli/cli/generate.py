@@ -134,6 +134,7 @@ def generate(
     from maisi_cli.api import Generator
     from maisi_cli.engine.qc import QCOptions
 
+    render.status(output, "planning the run…")  # torch and MONAI are in (the status said so until now)
     generator = Generator.for_request(request)
     qc_options = QCOptions(enabled=qc, strict=strict_qc, max_attempts=max_attempts, stats=stats)
     if manifest is not None:
