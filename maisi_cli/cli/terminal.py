@@ -200,24 +200,26 @@ def status(text: str, grace: float | None = None) -> None:
     if _status is None or _status._stopped:
         _status = Ticker()
         if _status.tty:
-            _warnings_above()
+            sys.stderr = _ErasingStream(sys.stderr, _status)
     _status.show(PREFIX + text, grace=heartbeat_seconds() if grace is None else grace)
 
 
-def _warnings_above() -> None:
-    """A library's warning (MONAI warns while it imports) prints on its own lines, not after the status text."""
-    import warnings
+class _ErasingStream:
+    """sys.stderr while a status is drawn on the TTY: whatever else writes there (a library's warning or log
+    record, e.g. MONAI's as it imports) first erases the status line, so it prints on lines of its own and the
+    status is drawn again below it."""
 
-    shown = warnings.showwarning
-    if getattr(shown, "maisi_above", False):
-        return
+    def __init__(self, stream: TextIO, ticker: Ticker):
+        self._stream = stream
+        self._ticker = ticker
 
-    def show(*args: Any, **kwargs: Any) -> None:
-        with above():
-            shown(*args, **kwargs)
+    def write(self, data: str) -> int:
+        with self._ticker.lock:
+            self._ticker.erase()
+            return self._stream.write(data)
 
-    show.maisi_above = True  # type: ignore[attr-defined]
-    warnings.showwarning = show
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def clear() -> None:
@@ -225,6 +227,8 @@ def clear() -> None:
     global _status
     if _status is not None:
         _status.stop()
+        if isinstance(sys.stderr, _ErasingStream) and sys.stderr._ticker is _status:
+            sys.stderr = sys.stderr._stream
         _status = None
 
 
