@@ -38,6 +38,7 @@ from maisi_cli.engine.run import GenerationReport, run_generation, sample_affine
 from maisi_cli.engine.run_folder import plan_generation, record_weights, settings_sha256
 from maisi_cli.engine.samples import CheckedSample, checked_sample_sidecar, generate_checked_sample
 from maisi_cli.errors import MaisiError, OutputError, UsageError
+from maisi_cli.levers import plan_levers
 from maisi_cli.io.files import writable_folder
 from maisi_cli.models import get_model
 from maisi_cli.request import GenerateRequest
@@ -188,7 +189,8 @@ class Generator:
         """The plan's networks: those already loaded when they cover the plan's weight files (and, for an exported
         backend, its latent shape), else loaded now. The plan's mask source is handed the networks it needs."""
         key = (plan.request.backend, plan.precision, plan.device,
-               plan.latent_shape if plan.request.backend != "torch" else None)
+               plan.latent_shape if plan.request.backend != "torch" else None,
+               plan_levers(plan))  # compiled or channels-last networks are other networks
         wanted = {(w.component, str(w.path)) for w in plan.weights}
         if self._loaded is not None and self._loaded_key is not None and self._loaded_key[0] == key and \
                 wanted <= self._loaded_key[1]:

@@ -142,3 +142,8 @@ def use_levers(text: str | None) -> Iterator[None]:
             os.environ.pop(ENV, None)
         else:
             os.environ[ENV] = before
+
+
+def plan_levers(plan: Any) -> Levers:
+    """The levers a generation plan runs with (its profile's, or MAISI_LEVERS)."""
+    return effective_levers(plan.profile.levers, plan.profile.name)[0]

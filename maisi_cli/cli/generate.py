@@ -86,6 +86,10 @@ def generate(
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale, on above 0 "
                                              "(0 = off; default: the model's): with a ControlNet, tumour presence "
                                              "(against the mask without its tumours); image-only, the modality."),
+    levers: Optional[str] = typer.Option(None, "--levers", envvar="MAISI_LEVERS", help="GPU speed levers for this "
+                                         "run, comma-separated: cudnn_benchmark, channels_last, compile, cuda_graphs, "
+                                         "decode_overlap=F, decode_plan=planner; 'off' for none (default: the "
+                                         "profile's [levers]; see docs/levers.md)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved plan and exit; before the weights "
                                  "are downloaded, it lists the files a run needs, with their sizes."),
     preview: bool = typer.Option(False, "--preview/--no-preview", help="Also write sample_NNNN_preview.png beside "
@@ -115,6 +119,13 @@ def generate(
         raise UsageError("--report: draws the quality check; drop --no-qc")
     if guidance is not None and not guidance >= 0:
         raise UsageError(f"--guidance: {guidance:g} is negative; use 0 (off) or a positive scale, e.g. 2")
+    if levers is not None:
+        import os
+
+        from maisi_cli.levers import ENV, parse_levers
+
+        parse_levers(levers, "--levers")  # one line naming --levers, exit 2
+        os.environ[ENV] = levers  # the engine reads MAISI_LEVERS, else the profile's [levers]
     names, sizes = parse_anatomy(anatomy)
     request = GenerateRequest(
         model=model, profile=profile,
@@ -317,6 +328,7 @@ def show_plan(plan: dict, output: render.Output) -> None:
         ("latent", format_triple(tuple(plan["latent_shape"]))),
         ("steps", plan["steps"]),
         ("decode", decode_text),
+        ("levers", ", ".join(plan.get("levers") or []) or "off (the reference numerics)"),
         ("memory", memory_text(plan["memory"])),
         ("host memory", host_memory_text(plan.get("host_memory"))),
         ("mask", ", ".join(f"{k}: {v}" for k, v in plan["mask"].items())),

@@ -37,6 +37,7 @@ from maisi_cli.engine.weights import (WeightFile, find_weight, locate_weight, mi
 from maisi_cli.errors import MaskError, UsageError, WeightsError
 from maisi_cli.gpu_memory import estimate_peak_memory
 from maisi_cli.label_schemes import label_scheme
+from maisi_cli.levers import plan_levers
 from maisi_cli.labels import label_id
 from maisi_cli.models import MASK_COMPONENTS, ModelSpec, get_model
 from maisi_cli.profiles import Profile
@@ -193,6 +194,7 @@ class GenerationPlan:
                  "files": s.file_names}
                 for s in self.samples
             ],
+            "levers": plan_levers(self).on(),
             "warnings": list(self.warnings),
             "qc": {"enabled": self.qc_statistics is not None, "strict": self.qc.strict,
                    "max_attempts": self.qc.max_attempts if self.qc_statistics is not None else 1,

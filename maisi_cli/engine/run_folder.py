@@ -21,6 +21,7 @@ from maisi_cli.engine.outputs import first_changed_file
 from maisi_cli.engine.plan import GenerationPlan, SampleTask, plan_samples
 from maisi_cli.engine.qc import QCOptions
 from maisi_cli.errors import OutputError, UsageError
+from maisi_cli.levers import plan_levers
 from maisi_cli.io.files import check_replaceable, create_once, opened_regular, sha256_of_input, write_atomic
 from maisi_cli.request import GenerateRequest
 
@@ -84,6 +85,8 @@ def run_settings(plan: GenerationPlan) -> dict[str, Any]:
             if qc is not None else None),
         # recorded only when given, so the folders of earlier (NIfTI) runs keep their digest
         **({"--format": request.output_format} if request.output_format != "nifti" else {}),
+        # compiled networks and another decode overlap change the voxels a little; recorded only when one is on
+        **({"levers (--levers, the profile's [levers])": levers.on()} if (levers := plan_levers(plan)).any_on else {}),
     }
 
 
