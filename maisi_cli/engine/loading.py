@@ -25,6 +25,8 @@ def load_networks(plan: GenerationPlan, on_progress: ProgressCallback = no_progr
     device = torch.device(network_device(backend, plan.device))
     hashes, networks, scale_factors = {}, {}, {}
     for i, weight in enumerate(plan.weights):
+        # before the read: the bar names the file being read and hashed (a released UNet takes seconds)
+        on_progress(ProgressEvent("load", i, len(plan.weights), subject=weight.component))
         network, read = built_and_read(network_builder(plan, weight, device), weight)
         loaded_weights = load_verified(network, weight, plan.model, read)
         hashes[weight.component] = {"file": weight.repo_name, "path": str(weight.path),

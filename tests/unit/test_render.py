@@ -34,9 +34,10 @@ def test_batch_log_gets_one_line_per_stage(monkeypatch):
     monkeypatch.setattr(render, "stderr_console", lambda: Console(file=buffer, force_terminal=False, width=100))
     with render.progress(render.Output(), samples=1) as on_progress:
         feed(on_progress)
-    lines = buffer.getvalue().splitlines()
-    assert [line.split("] ", 1)[1].split(" (")[0] for line in lines] == [
+    *stages, result = buffer.getvalue().splitlines()
+    assert [line.split("] ", 1)[1].split(" (")[0] for line in stages] == [
         "load networks 3/3", "sample 0000 denoise 30/30", "sample 0000 decode 1/1", "sample 0000 write 1/1"]
+    assert result.startswith("sample 0000 ")  # the sample's result line, which stays after the log
 
 
 def test_quiet_prints_nothing(monkeypatch, capsys):
