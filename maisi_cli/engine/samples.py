@@ -91,8 +91,9 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
     only marks the progress events.
 
     Timings, each stage's seconds: condition_s (the condition's labels to the device and their bit planes, the
-    unconditional mask of guidance), denoise_s (the noise, the schedule and the loop), decode_s (the VAE decode and
-    its copy to the host), postprocess_s (the finiteness check, HU or MR conversion, body crop, label map)."""
+    unconditional mask of guidance), denoise_s (the noise, the schedule, the loop, the condition freed), decode_s
+    (the VAE decode and its copy to the host), postprocess_s (the finiteness check, HU or MR conversion, body crop,
+    label map)."""
     device = torch.device(plan.device)
     timings: dict[str, float] = {}
 
@@ -111,8 +112,8 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
     with torch.inference_mode():
         latents = sample(denoiser, loaded.scheduler, latents, steps, precision=plan.precision,
                          on_step=report("denoise"), generator=step_generator)
+    del denoiser  # the decode is the memory peak: free the condition first (on a CPU, 4 GiB of planes at 512³)
     timings["denoise_s"] = time.perf_counter() - start
-    del denoiser  # the decode is the memory peak: free the condition first
 
     start = time.perf_counter()
     image = decode_latents(loaded.decoder, latents, plan.decode, on_window=report("decode"),
