@@ -278,7 +278,8 @@ def plan_samples(request: GenerateRequest, qc: QCOptions | None = None,
         # before the mask sources (a database's resampled candidates are read while planning)
         mask_grid = user_mask_grid(user_mask, size, spacing)
     host_memory = check_generation_memory(model, size, decode, device, precision, profile.name,
-                                          guided=guidance is not None, mask=mask_grid)
+                                          guided=guidance is not None, mask=mask_grid,
+                                          samples=len(sample_tasks(request, model.image_only)))  # writer holds one
     qc_note = None
     if model.image_only:
         source: MaskSource = NoMaskSource()

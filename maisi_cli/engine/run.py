@@ -217,10 +217,12 @@ def run_generation(plan: GenerationPlan, networks: NetworkLoader, on_progress: P
             complete = sum(r.status in ("written", "skipped") for r in results)
             raise NoSpaceError(f"{failure}; {complete} sample(s) complete in {plan.request.out} — free space "
                                "and re-run the same command (it makes only the missing samples)") from None
-        on_progress(ProgressEvent("write", 1, 1, sample=task.index))
+        qc = {"passed": sample.qc["passed"], "failed": sample.qc["failed"]} if sample.qc else None
+        # the sample's result travels with its event: the terminal keeps a line of it (cli/render.py)
+        on_progress(ProgressEvent("write", 1, 1, sample=task.index, details={
+            "seed": sample.task.seed, "seconds": timings["total_s"], "qc": qc, "attempts": len(sample.attempts)}))
         if on_written is not None:
             on_written(task)
-        qc = {"passed": sample.qc["passed"], "failed": sample.qc["failed"]} if sample.qc else None
         results.append(SampleResult(task.index, sample.task.seed, "written", task.file_names, timings["total_s"],
                                     qc=qc, attempts=sample.attempts,
                                     timings={k: round(v, 3) for k, v in timings.items()}))
