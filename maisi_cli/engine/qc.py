@@ -217,17 +217,66 @@ def _finite_median(values: np.ndarray) -> float | None:
     return float(np.median(finite.astype(np.float64, copy=False))) if finite.size else None
 
 
-def _organ_result(image: np.ndarray, labels: np.ndarray, threshold: OrganThreshold) -> OrganResult:
-    values = image[_organ_selector(labels, threshold.labels)]
-    median = _finite_median(values)
+HISTOGRAM_BLOCK = 1 << 22  # voxels per pass of the histogram medians (32 MiB of int64 keys)
+
+
+def integer_organ_medians(image: np.ndarray, labels: np.ndarray,
+                          organs: tuple[OrganThreshold, ...]) -> list[tuple[float | None, int]] | None:
+    """Each organ's (median, voxels) of an integer image, from one blocked pass that counts every HU value per
+    organ: np.median's value exactly (the mean of the two middle values for an even count), without a gather and a
+    sort per organ (at 512³ the QC took longer than writing the pair). None where it does not apply: a float image,
+    labels beyond uint8/uint16, or organs sharing a label (each voxel counts for one organ here)."""
+    if image.dtype.kind not in "iu" or labels.dtype.kind != "u" or labels.dtype.itemsize > 2 or not image.size:
+        return None
+    organ_of = np.zeros(int(np.iinfo(labels.dtype).max) + 1, dtype=np.int64)
+    for number, organ in enumerate(organs, start=1):
+        ids = [i for i in organ.labels if 0 <= i < organ_of.size]
+        if np.any(organ_of[ids]):
+            return None
+        organ_of[ids] = number
+    low, high = int(image.min()), int(image.max())
+    span = high - low + 1
+    if span > 1 << 20:  # a histogram that large is no saving
+        return None
+    counts = np.zeros((len(organs) + 1) * span, dtype=np.int64)
+    # one voxel order for both arrays, without a copy of either
+    order = "F" if image.flags.f_contiguous and labels.flags.f_contiguous and not image.flags.c_contiguous else "C"
+    flat_image, flat_labels = image.ravel(order), labels.ravel(order)
+    for start in range(0, flat_image.size, HISTOGRAM_BLOCK):
+        block = slice(start, start + HISTOGRAM_BLOCK)
+        keys = organ_of[flat_labels[block]] * span
+        keys += flat_image[block]
+        keys -= low
+        counts += np.bincount(keys, minlength=counts.size)
+    counts = counts.reshape(len(organs) + 1, span)
+    medians = []
+    for row in counts[1:]:
+        voxels = int(row.sum())
+        if not voxels:
+            medians.append((None, 0))
+            continue
+        cumulative = np.cumsum(row)
+        lower = int(np.searchsorted(cumulative, (voxels - 1) // 2 + 1)) + low  # the ((n-1)//2)-th smallest
+        upper = int(np.searchsorted(cumulative, voxels // 2 + 1)) + low  # the (n//2)-th smallest
+        medians.append(((lower + upper) / 2.0, voxels))
+    return medians
+
+
+def _organ_result(image: np.ndarray, labels: np.ndarray, threshold: OrganThreshold,
+                  counted: tuple[float | None, int] | None = None) -> OrganResult:
+    """One organ's verdict; `counted`: its (median, voxels) from integer_organ_medians, else read here."""
+    if counted is not None:
+        median, voxels = counted
+    else:
+        values = image[_organ_selector(labels, threshold.labels)]
+        median, voxels = _finite_median(values), int(values.size)
     if median is None:
-        verdict = "non-finite" if values.size else "absent"
+        verdict = "non-finite" if voxels else "absent"
     elif median < threshold.low or median > threshold.high:
         verdict = "fail"
     else:
         verdict = "pass"
-    return OrganResult(threshold.organ, threshold.labels, median, threshold.low, threshold.high, int(values.size),
-                       verdict)
+    return OrganResult(threshold.organ, threshold.labels, median, threshold.low, threshold.high, voxels, verdict)
 
 
 QUANTILES = (5.0, 25.0, 50.0, 75.0, 95.0)  # the box and whiskers a QC report draws for an organ's HU
@@ -261,5 +310,7 @@ def check_quality(image: np.ndarray, mask: np.ndarray, statistics: QCStatistics,
                         f"{tuple(image.shape)}; give the label map the image was generated with")
     labels = label_ids(mask, mask_field)
     non_finite = int(image.size - np.count_nonzero(np.isfinite(image))) if image.dtype.kind in "fc" else 0
-    results = tuple(_organ_result(image, labels, threshold) for threshold in statistics.organs)
+    counted = integer_organ_medians(image, labels, statistics.organs) or [None] * len(statistics.organs)
+    results = tuple(_organ_result(image, labels, threshold, known)
+                    for threshold, known in zip(statistics.organs, counted))
     return QCReport(results, statistics.source, non_finite_voxels=non_finite, image_voxels=int(image.size))
