@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 import numpy as np
+
+from maisi_cli.cpus import usable_cpus
 
 HU_MIN, HU_MAX = -1000.0, 1000.0
 
@@ -48,11 +49,7 @@ MAX_THREADS = 8
 
 def output_threads() -> int:
     """Threads that convert slabs at once: the CPUs this process may run on, at most MAX_THREADS."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS has no affinity call
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_THREADS))
+    return usable_cpus(MAX_THREADS)
 
 
 def _hu_slab(decoded: np.ndarray, body: np.ndarray | None) -> np.ndarray:

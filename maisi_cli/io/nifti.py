@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +12,7 @@ from types import ModuleType
 import nibabel as nib
 import numpy as np
 
+from maisi_cli.cpus import usable_cpus
 from maisi_cli.errors import MaskError
 from maisi_cli.io.files import write_atomic
 
@@ -116,11 +116,7 @@ def gzip_backend() -> ModuleType:
 
 def gzip_threads() -> int:
     """Threads that deflate blocks at once: the CPUs this process may run on, at most GZIP_MAX_THREADS."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS has no affinity call
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, GZIP_MAX_THREADS))
+    return usable_cpus(GZIP_MAX_THREADS)
 
 
 def gzip_bytes(payload: bytes, backend: ModuleType | None = None, threads: int | None = None) -> bytes:

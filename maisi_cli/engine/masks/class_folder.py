@@ -35,6 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from maisi_cli.config import format_triple
+from maisi_cli.cpus import usable_cpus
 from maisi_cli.engine.memory import available_host_memory, check_host_memory
 from maisi_cli.errors import MaskError, UsageError
 from maisi_cli.io.files import kind_of, sha256_of_input
@@ -112,7 +113,7 @@ def read_threads(files: int, fixed: int, per_file: int) -> int:
     """How many class files to read at once: up to MAX_READ_THREADS (zlib inflates without the GIL, so the reads
     overlap), as many as the CPUs and the free host memory allow; 1 where the memory cannot be read."""
     available = available_host_memory()
-    wanted = max(1, min(MAX_READ_THREADS, os.cpu_count() or 1, files))
+    wanted = min(usable_cpus(MAX_READ_THREADS), max(files, 1))
     if available is None:
         return 1
     return max(1, min(wanted, (available - fixed) // max(per_file, 1)))
