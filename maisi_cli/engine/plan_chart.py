@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 
 from maisi_cli.gpu_memory import GIB, MemoryEstimate
-from maisi_cli.io.files import write_atomic
+from maisi_cli.io.files import write_output_file
 
 WIDTH_PX, HEIGHT_PX, DPI = 800, 500, 100
 
@@ -48,5 +48,5 @@ def plan_memory_chart(estimate: MemoryEstimate, budget_bytes: int, path: Path, t
         figure.savefig(buffer, format="png", dpi=DPI)
     finally:
         plt.close(figure)
-    write_atomic(path, buffer.getvalue())
+    write_output_file(path, buffer.getvalue(), "--plot")
     return path

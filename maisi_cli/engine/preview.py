@@ -27,8 +27,8 @@ import numpy as np
 from nibabel import orientations
 
 from maisi_cli.colours import label_colour
-from maisi_cli.errors import MaisiError, OutputError, UsageError
-from maisi_cli.io.files import write_atomic
+from maisi_cli.errors import MaisiError, UsageError
+from maisi_cli.io.files import write_output_file
 from maisi_cli.io.nifti import read_nifti
 from maisi_cli.labels import BODY_LABEL, label_dictionary
 
@@ -456,12 +456,7 @@ def write_png(path: Path, image) -> None:
     """The PNG written atomically (a temporary name in the same folder, then renamed)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, buffer.getvalue())
-    except OSError as error:
-        raise OutputError(f"--out: cannot write '{path}' ({error.strerror or error}); choose a place you can "
-                          "write") from None
+    write_output_file(path, buffer.getvalue(), "--out")
 
 
 def make_preview(image_path: Path, mask_path: Path | None, out: Path | None = None, window: str = DEFAULT_WINDOW,

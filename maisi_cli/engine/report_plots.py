@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from maisi_cli.errors import OutputError, UsageError
-from maisi_cli.io.files import write_atomic
+from maisi_cli.errors import UsageError
+from maisi_cli.io.files import write_output_file
 
 DPI = 100
 FAIL_RED = "#dc1e1e"  # (220, 30, 30): a failing organ's box and verdict
@@ -82,12 +82,7 @@ def _pixel_box(figure, axes) -> tuple[int, int, int, int]:
 def _write(figure, out: Path, option: str) -> tuple[int, int]:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, buffer.getvalue())
-    except OSError as error:
-        raise OutputError(f"{option}: cannot write '{out}' ({error.strerror or error}); choose a place you can "
-                          "write") from None
+    write_output_file(out, buffer.getvalue(), option)
     width, height = figure.get_size_inches() * figure.dpi
     return round(width), round(height)
 

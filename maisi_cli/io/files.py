@@ -87,6 +87,19 @@ def write_atomic(path: Path, payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+def write_output_file(path: Path, payload: bytes, option: str) -> None:
+    """A file the user named (a picture, a report) written atomically into its folder, made if missing; a folder
+    that cannot be made or written is one OutputError naming `option`."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, payload)
+    except OutputError:
+        raise
+    except OSError as error:
+        raise OutputError(f"{option}: cannot write '{path}' ({error.strerror or error}); choose a place you can "
+                          "write") from None
+
+
 def create_once(path: Path, payload: bytes) -> bool:
     """Create `path` with `payload` unless something is there already (True when this call made it): the fsynced
     temporary file is hard-linked into place, so a reader never sees it half-written and of two processes racing to
