@@ -17,7 +17,6 @@ numpy and nibabel only (no torch, Typer or rich).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -35,7 +34,7 @@ from maisi_cli.errors import MaisiError, UsageError
 from maisi_cli.io.datalists import write_datalist
 from maisi_cli.io.files import sha256_of_input, write_atomic, writable_folder
 from maisi_cli.io.label_maps import present_labels, relabelled
-from maisi_cli.io.nifti import read_nifti, write_nifti
+from maisi_cli.io.nifti import gzip_bytes, read_nifti, write_nifti
 from maisi_cli.io.provenance import write_json
 from maisi_cli.labels import BODY_LABEL, label_dictionary, label_id
 
@@ -399,7 +398,7 @@ def record_document(labels: Sequence[int], cases: list[dict[str, Any]]) -> dict[
 # --- writing -----------------------------------------------------------------------------------------------------
 def nifti_gz(data: bytes) -> bytes:
     """A NIfTI file's bytes as .nii.gz: as they are when already gzipped, else compressed with no timestamp."""
-    return data if data[:2] == b"\x1f\x8b" else gzip.compress(data, compresslevel=1, mtime=0)
+    return data if data[:2] == b"\x1f\x8b" else gzip_bytes(data)  # maisi's own deflate (io/nifti.py)
 
 
 def write_case(sample: SourceSample, case: str, folder: Path, labels: Sequence[int]) -> None:
