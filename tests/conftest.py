@@ -24,7 +24,7 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MAISI_LOAD_PLUGINS", "")
     for name in ("MAISI_WEIGHTS_DIR", "MAISI_PROFILE_PATH", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
-                 "HF_HUB_CACHE"):
+                 "HF_HUB_CACHE", "MAISI_LEVERS", "MAISI_HEARTBEAT_S"):
         monkeypatch.delenv(name, raising=False)
 
 

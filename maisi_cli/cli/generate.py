@@ -125,7 +125,10 @@ def generate(
         from maisi_cli.levers import ENV, parse_levers
 
         parse_levers(levers, "--levers")  # one line naming --levers, exit 2
+        previous = os.environ.get(ENV)
         os.environ[ENV] = levers  # the engine reads MAISI_LEVERS, else the profile's [levers]
+        # for this command only (the Python API or a test runner goes on in this process)
+        ctx.call_on_close(lambda: os.environ.pop(ENV, None) if previous is None else os.environ.update({ENV: previous}))
     names, sizes = parse_anatomy(anatomy)
     request = GenerateRequest(
         model=model, profile=profile,

@@ -14,5 +14,11 @@ def resource_path(*parts: str) -> Path:
 
 
 @cache
+def _resource_text(*parts: str) -> str:
+    return resource_path(*parts).read_text()
+
+
 def load_json(*parts: str) -> Any:
-    return json.loads(resource_path(*parts).read_text())
+    """A packaged JSON file, parsed afresh for each caller (the text is read once): a caller that changes what it
+    got cannot change what the next one reads."""
+    return json.loads(_resource_text(*parts))

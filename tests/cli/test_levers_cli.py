@@ -4,6 +4,7 @@ record (a run with other levers is another run), refused in one line when unknow
 from __future__ import annotations
 
 import json
+import os
 
 from typer.testing import CliRunner
 
@@ -28,6 +29,7 @@ def test_levers_reach_the_plan_and_the_decode(tiny_model, mask_file, tmp_path, m
     plan = json.loads(result.stdout)["plan"]
     assert plan["levers"] == ["channels_last", "decode_overlap=0.5"]
     assert plan["decode"]["overlap"] == 0.5
+    assert "MAISI_LEVERS" not in os.environ  # --levers is this command's: the process goes on without them
 
 
 def test_an_unknown_lever_is_one_line_naming_the_option(tiny_model, mask_file, tmp_path, monkeypatch):

@@ -31,15 +31,14 @@ def report_of(result) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.fixture
-def cases(tmp_path: Path) -> Path:
+def write_cases(root: Path) -> Path:
     """A manifest of two cases: a 32^3 mask on its own grid, and a 40^3 mask at 1.6 mm given a grid and a seed."""
-    masks = tmp_path / "masks"
+    masks = root / "masks"
     masks.mkdir()
     write_mask(masks / "alpha.nii.gz", (32, 32, 32), (2.0, 2.0, 2.0))
     flipped = phantom_labels((40, 40, 40))[::-1].copy()
     write_mask(masks / "beta.nii.gz", (40, 40, 40), (1.6, 1.6, 1.6), labels=flipped)
-    manifest = tmp_path / "cases.json"
+    manifest = root / "cases.json"
     manifest.write_text(json.dumps([
         {"mask": "masks/alpha.nii.gz"},
         {"mask": "masks/beta.nii.gz", "size": [32, 32, 32], "spacing": "2x2x2", "seed": 5, "name": "b"},
@@ -47,9 +46,26 @@ def cases(tmp_path: Path) -> Path:
     return manifest
 
 
-def test_a_manifest_run_equals_separate_runs_byte_for_byte_and_loads_the_networks_once(tiny_model, cases, tmp_path):
-    out = tmp_path / "out"
-    report = report_of(run(tiny_model, "--manifest", str(cases), "--out", str(out), "-n", "2", "--seed", "3"))
+@pytest.fixture
+def cases(tmp_path: Path) -> Path:
+    return write_cases(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def whole_run(tiny_model, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """(manifest, output folder, JSON report) of one manifest run of both cases, -n 2, seed 3."""
+    root = tmp_path_factory.mktemp("manifest")
+    manifest = write_cases(root)
+    with pytest.MonkeyPatch.context() as patch:  # module scope: the autouse fixture's MAISI_HOME is per test
+        patch.setenv("MAISI_HOME", str(root / "maisi-home"))
+        report = report_of(run(tiny_model, "--manifest", str(manifest), "--out", str(root / "out"), "-n", "2",
+                               "--seed", "3"))
+    return manifest, root / "out", report
+
+
+def test_a_manifest_run_equals_separate_runs_byte_for_byte_and_loads_the_networks_once(tiny_model, whole_run,
+                                                                                         tmp_path):
+    cases, out, report = whole_run
     assert report["network_loads"] == 1
     assert [(c["name"], c["written"]) for c in report["cases"]] == [("alpha", [0, 1]), ("b", [0, 1])]
     masks = cases.parent / "masks"
@@ -71,19 +87,17 @@ def test_a_manifest_run_equals_separate_runs_byte_for_byte_and_loads_the_network
     assert [c["skipped"] for c in again["cases"]] == [[0, 1], [0, 1]] and again["written"] == 0
 
 
-def test_shards_split_the_cases_samples_and_together_equal_the_whole_run(tiny_model, cases, tmp_path):
-    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
-    report_of(run(tiny_model, "--manifest", str(cases), "--out", str(whole), "-n", "3"))
-    first = report_of(run(tiny_model, "--manifest", str(cases), "--out", str(sharded), "-n", "3", "--shard", "0/2"))
-    second = report_of(run(tiny_model, "--manifest", str(cases), "--out", str(sharded), "-n", "3", "--shard", "1/2"))
-    # units c*3 + k: shard 0 takes 0, 2, 4 (alpha 0 and 2, b 1); shard 1 takes 1, 3, 5 (alpha 1, b 0 and 2)
-    assert {c["name"]: c["written"] for c in first["cases"]} == {"alpha": [0, 2], "b": [1]}
-    assert {c["name"]: c["written"] for c in second["cases"]} == {"alpha": [1], "b": [0, 2]}
+def test_shards_split_the_cases_samples_and_together_equal_the_whole_run(tiny_model, whole_run, tmp_path):
+    cases, whole, _ = whole_run
+    sharded = tmp_path / "sharded"
+    written = [{c["name"]: c["written"] for c in report_of(run(
+        tiny_model, "--manifest", str(cases), "--out", str(sharded), "-n", "2", "--seed", "3", "--shard",
+        f"{index}/3"))["cases"]} for index in range(3)]
+    # units c*2 + k: shard 0 takes 0 and 3 (alpha 0, b 1), shard 1 takes 1 (alpha 1), shard 2 takes 2 (b 0)
+    assert written == [{"alpha": [0], "b": [1]}, {"alpha": [1]}, {"b": [0]}]
     for name in ("alpha", "b"):
-        for k in range(3):
-            for role in ("image", "label"):
-                file = f"sample_{k:04d}_{role}.nii.gz"
-                assert (whole / name / file).read_bytes() == (sharded / name / file).read_bytes(), (name, file)
+        for file in PAIR_FILES:
+            assert (whole / name / file).read_bytes() == (sharded / name / file).read_bytes(), (name, file)
 
 
 def test_dry_run_plans_every_case_without_writing(tiny_model, cases, tmp_path):

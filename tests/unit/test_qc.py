@@ -244,3 +244,13 @@ def test_attempt_seeds_keep_attempt_zero_and_differ_after():
         assert all(0 <= s < 2**63 for s in seeds)
     # an attempt of sample 0 is not another sample's first seed
     assert derive_attempt_seed(0, 0, 1) not in {derive_sample_seed(0, k) for k in range(50)}
+
+
+def test_changing_the_loaded_packaged_statistics_does_not_change_the_next_load():
+    from maisi_cli.resources import load_json
+
+    document = load_json("image_median_statistics.json")
+    document["liver"]["sigma_6_low"] = -1000.0  # a caller editing its copy (a test's narrowed statistics)
+    assert load_json("image_median_statistics.json")["liver"]["sigma_6_low"] != -1000.0
+    liver = next(t for t in load_statistics().organs if t.organ == "liver")
+    assert round(liver.low, 2) == REFERENCE_TABLE["liver"][0]
