@@ -66,29 +66,33 @@ def condition_inputs(plan: GenerationPlan, sample_mask: SampleMask,
     return controlnet_cond, unet_inputs, controlnet_inputs
 
 
-def unconditional_condition(plan: GenerationPlan, sample_mask: SampleMask, device: torch.device) -> torch.Tensor | None:
-    """Tumour-presence guidance (a guided plan with a condition mask): the bit planes of the mask with its tumours
-    removed by upstream's rules (masks/tumours.py), the unconditional ControlNet condition; None otherwise."""
+def unconditional_labels(plan: GenerationPlan, sample_mask: SampleMask) -> np.ndarray | None:
+    """Tumour-presence guidance (a guided plan with a condition mask): the mask with its tumours removed by
+    upstream's rules (masks/tumours.py), whose bit planes are the unconditional ControlNet condition and whose
+    label counts the sidecar records; None otherwise."""
     if plan.guidance is None or sample_mask.mask is None:
         return None
-    labels = torch.from_numpy(np.ascontiguousarray(remove_tumours(sample_mask.mask.labels)))[None, None]
-    return label_bit_planes(labels.to(device))
+    return remove_tumours(sample_mask.mask.labels)
 
 
-def denoiser_for(plan: GenerationPlan, loaded: LoadedModel, sample_mask: SampleMask, device: torch.device) -> Denoiser:
-    """The loaded networks with this sample's condition (and, guided, its unconditional one)."""
+def denoiser_for(plan: GenerationPlan, loaded: LoadedModel, sample_mask: SampleMask, device: torch.device,
+                 unconditional: np.ndarray | None = None) -> Denoiser:
+    """The loaded networks with this sample's condition (and, guided, the bit planes of `unconditional`)."""
     controlnet_cond, unet_inputs, controlnet_inputs = condition_inputs(plan, sample_mask, device)
+    controlnet_uncond = None
+    if unconditional is not None:
+        controlnet_uncond = label_bit_planes(torch.from_numpy(np.ascontiguousarray(unconditional))[None, None]
+                                             .to(device))
     return Denoiser(loaded.unet, loaded.controlnet, controlnet_cond, unet_inputs, controlnet_inputs,
-                    guidance_scale=plan.guidance,
-                    controlnet_uncond=unconditional_condition(plan, sample_mask, device))
+                    guidance_scale=plan.guidance, controlnet_uncond=controlnet_uncond)
 
 
 def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask, sample_mask: SampleMask,
-                    on_progress: ProgressCallback = no_progress,
-                    attempt: int = 0) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+                    on_progress: ProgressCallback = no_progress, attempt: int = 0,
+                    unconditional: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
     """One sample from `task.seed`: (image int16 — HU, or MR intensities for `output_intensity` "mr" —, label
     uint8 or None for an image-only model, timings). Nothing is written here. `attempt` (a quality-check retry)
-    only marks the progress events.
+    only marks the progress events; `unconditional`: the guided plan's unconditional mask (unconditional_labels).
 
     Timings, each stage's seconds: condition_s (the condition's labels to the device and their bit planes, the
     unconditional mask of guidance), denoise_s (the noise, the schedule, the loop, the condition freed), decode_s
@@ -101,7 +105,7 @@ def generate_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
         return lambda done, total: on_progress(ProgressEvent(stage, done, total, sample=task.index, attempt=attempt))
 
     start = time.perf_counter()
-    denoiser = denoiser_for(plan, loaded, sample_mask, device)
+    denoiser = denoiser_for(plan, loaded, sample_mask, device, unconditional)
     timings["condition_s"] = time.perf_counter() - start
     start = time.perf_counter()
     # fp16 latents on a GPU in fp16, as the reference; fp32 otherwise.
@@ -163,6 +167,7 @@ class CheckedSample:
     timings: dict[str, float]
     qc: dict[str, Any] | None  # the kept attempt's QC report and the attempts; None when the check is off
     attempts: list[dict[str, Any]]
+    unconditional_counts: dict[str, int] | None = None  # guided: voxels per label of the unconditional mask
 
 
 def generate_checked_sample(plan: GenerationPlan, loaded: LoadedModel, task: SampleTask,
@@ -183,11 +188,16 @@ def generate_checked_sample(plan: GenerationPlan, loaded: LoadedModel, task: Sam
         start = time.perf_counter()
         sample_mask = plan.mask_source.mask_for(task.index, attempt, on_progress)
         timings["mask_s"] += time.perf_counter() - start
-        image, labels, stages = generate_sample(plan, loaded, current, sample_mask, on_progress, attempt)
+        start = time.perf_counter()
+        unconditional = unconditional_labels(plan, sample_mask)  # once: the condition and the sidecar's counts
+        timings["condition_s"] += time.perf_counter() - start
+        image, labels, stages = generate_sample(plan, loaded, current, sample_mask, on_progress, attempt,
+                                                unconditional)
         for stage, seconds in stages.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
         if statistics is None:
-            return CheckedSample(current, sample_mask, image, labels, timings, None, [])
+            return CheckedSample(current, sample_mask, image, labels, timings, None, [],
+                                 label_counts_of(unconditional))
         qc_start = time.perf_counter()
         report = check_quality(image, sample_mask.mask.labels, statistics)
         timings["qc_s"] += time.perf_counter() - qc_start
@@ -198,7 +208,8 @@ def generate_checked_sample(plan: GenerationPlan, loaded: LoadedModel, task: Sam
         on_warning(f"sample {task.index}: failed the quality check in all {len(attempts)} attempt(s) "
                    f"({report.summary()}); keeping the last attempt (seed {current.seed})")
     record = {**report.as_dict(), "attempt": len(attempts) - 1, "max_attempts": allowed, "attempts": attempts}
-    return CheckedSample(current, sample_mask, image, labels, timings, record, attempts)
+    return CheckedSample(current, sample_mask, image, labels, timings, record, attempts,
+                         label_counts_of(unconditional))
 
 
 def sidecar_document(plan: GenerationPlan, task: SampleTask, loaded: LoadedModel, timings: dict[str, float],
@@ -246,12 +257,14 @@ def checked_sample_sidecar(plan: GenerationPlan, loaded: LoadedModel, sample: Ch
     """The sidecar of a checked sample with these timings (engine/run.py adds the sha256 of the files it writes)."""
     regions = sample_regions(plan, sample.mask) if plan.model.uses_body_region else None
     document = sidecar_document(plan, sample.task, loaded, timings, sample.mask.provenance, sample.qc, regions)
-    if plan.guidance is not None and sample.mask.mask is not None:
-        document["guidance_unconditional_labels"] = unconditional_label_counts(sample.mask.mask.labels)
+    if sample.unconditional_counts is not None:
+        document["guidance_unconditional_labels"] = sample.unconditional_counts
     return document
 
 
-def unconditional_label_counts(labels: np.ndarray) -> dict[str, int]:
-    """Voxels per label of the unconditional mask of tumour-presence guidance (the mask without its tumours)."""
-    counts = label_counts(remove_tumours(labels))
+def label_counts_of(labels: np.ndarray | None) -> dict[str, int] | None:
+    """Voxels per non-zero label (the unconditional mask's, for the sidecar), or None without a map."""
+    if labels is None:
+        return None
+    counts = label_counts(labels)
     return {str(int(ident)): int(counts[ident]) for ident in np.flatnonzero(counts) if ident != 0}

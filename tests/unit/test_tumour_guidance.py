@@ -95,7 +95,8 @@ def test_a_mask_without_tumours_differs_only_by_the_modality_class(networks, inp
                                atol=1e-5)
 
 
-def test_generate_with_guidance_records_the_scale_and_the_unconditional_mask(tiny_model, tmp_path):
+def test_generate_with_guidance_records_the_scale_and_the_unconditional_mask(tiny_model, tmp_path,
+                                                                            monkeypatch):
     """Through the CLI: --guidance on a ControlNet model runs, and the sidecar records the scale and the voxels per
     label of the mask without its tumours; --guidance 0 writes the same image as no option."""
     import json
@@ -111,6 +112,12 @@ def test_generate_with_guidance_records_the_scale_and_the_unconditional_mask(tin
     mask = write_mask(tmp_path / "tumour.nii.gz", (32, 32, 32), (2.0, 2.0, 2.0), labels=labels)
     spec, weights = tiny_model
 
+    from maisi_cli.engine import samples
+    from maisi_cli.engine.masks.tumours import remove_tumours
+
+    removals = []
+    monkeypatch.setattr(samples, "remove_tumours", lambda array: removals.append(1) or remove_tumours(array))
+
     def generate(out, *extra):
         result = CliRunner().invoke(app, ["--json", "generate", "--model", str(spec), "--weights-dir", str(weights),
                                           "--mask", str(mask), "--steps", "2", "--no-qc", "--out", str(out), *extra])
@@ -119,6 +126,7 @@ def test_generate_with_guidance_records_the_scale_and_the_unconditional_mask(tin
 
     sidecar, guided = generate(tmp_path / "guided", "--guidance", "2")
     assert sidecar["guidance"] == 2.0
+    assert len(removals) == 1  # the unconditional mask is made once, for the condition and the sidecar's counts
     tumour_free = np.where(labels == 26, 1, labels)  # the hepatic tumour becomes liver
     expected = {str(i): int((tumour_free == i).sum()) for i in np.unique(tumour_free) if i != 0}
     assert sidecar["guidance_unconditional_labels"] == expected
