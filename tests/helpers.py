@@ -186,3 +186,20 @@ def kill_after_first_epoch(event: ProgressEvent) -> None:
     """A trainer's progress callback that stops the run at its first epoch event (resume tests)."""
     if event.stage == "epoch":
         raise Killed
+
+
+def full_disk_when_writing(monkeypatch, name: str) -> None:
+    """Make the fsync of the temporary file of output `name` fail with ENOSPC, as a full disk does."""
+    import errno
+    import os
+
+    import maisi_cli.io.files as files
+
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        if f".{name}." in os.readlink(f"/proc/self/fd/{descriptor}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)

@@ -4,9 +4,7 @@ equal those of a sample written on its own, and every stage is in the sidecar's 
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ from maisi_cli.engine.qc import QCOptions
 from maisi_cli.errors import NoSpaceError
 from tests.cli.test_errors import assert_one_line_error
 from tests.cli.test_output_folder import generate
+from tests.helpers import full_disk_when_writing
 
 
 def planned(tiny_model, mask_file: Path, out: Path, samples: int):
@@ -95,16 +94,7 @@ def test_a_failed_background_write_stops_the_run_and_reports_nothing_unwritten(t
                                                                                 monkeypatch):
     """Sample 1's image hits a full disk while sample 2 is made: one line, exit 1, the samples complete (0) named;
     nothing of samples 1 and 2 is left, no lock or temporary file."""
-    import maisi_cli.io.files as files
-
-    real_fsync = os.fsync
-
-    def fsync(descriptor: int) -> None:
-        if ".sample_0001_image.nii.gz." in os.readlink(f"/proc/self/fd/{descriptor}"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(descriptor)
-
-    monkeypatch.setattr(files.os, "fsync", fsync)
+    full_disk_when_writing(monkeypatch, "sample_0001_image.nii.gz")
     out = tmp_path / "out"
     result = generate(tiny_model, mask_file, out, "-n", "3")
     assert_one_line_error(result, 1, f"no space left writing {out / 'sample_0001_image.nii.gz'}",

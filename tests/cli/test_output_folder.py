@@ -3,7 +3,6 @@ sample whose files do not match its sidecar is made again; a full disk is one li
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from pathlib import Path
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 
 from maisi_cli.cli.app import app
 from tests.cli.test_errors import assert_one_line_error
+from tests.helpers import full_disk_when_writing
 
 runner = CliRunner()
 
@@ -135,17 +135,7 @@ def test_a_sample_whose_files_do_not_match_its_sidecar_is_made_again(tiny_model,
 
 
 def test_a_full_disk_is_one_line_that_says_what_is_complete(tiny_model, mask_file, tmp_path, monkeypatch):
-    import maisi_cli.io.files as files
-
-    real_fsync = os.fsync
-
-    def fsync(descriptor: int) -> None:
-        if os.readlink(f"/proc/self/fd/{descriptor}").endswith(".partial") and \
-                ".sample_0001_image.nii.gz." in os.readlink(f"/proc/self/fd/{descriptor}"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(descriptor)
-
-    monkeypatch.setattr(files.os, "fsync", fsync)
+    full_disk_when_writing(monkeypatch, "sample_0001_image.nii.gz")
     out = tmp_path / "out"
     result = generate(tiny_model, mask_file, out, "-n", "2")
     assert_one_line_error(result, 1, f"no space left writing {out / 'sample_0001_image.nii.gz'}",
