@@ -65,16 +65,16 @@ def generate_done(params: dict[str, Any], started: float) -> str:
         cases = [folder for folder in sorted(out.iterdir()) if folder.is_dir()] if out.is_dir() else []
         done = sum(len(complete_indices(folder, since)) for folder in cases)
         return f"{done} sample(s) complete under {out}"
+    from maisi_cli.config import parse_shard
+    from maisi_cli.errors import UsageError
+
     total = int(params.get("num_samples") or 1)
-    indices = range(total)
-    shard = params.get("shard")
-    where = ""
-    if shard and re.fullmatch(r"\d+/\d+", str(shard)):
-        index, count = (int(part) for part in str(shard).split("/"))
-        if count > 0:
-            indices = range(index, total, count)
-            where = f" of shard {index}/{count}"
-    wanted = set(indices)
+    try:  # --shard, else a SLURM array, as the run itself read them
+        index, count = parse_shard(params.get("shard"))
+    except UsageError:
+        index, count = 0, 1
+    where = f" of shard {index}/{count}" if count > 1 else ""
+    wanted = set(range(index, total, count))
     done = len(wanted & complete_indices(out, since))
     return f"{done} of {len(wanted)} sample(s){where} complete in {out}"
 

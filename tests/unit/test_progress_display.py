@@ -124,6 +124,16 @@ def test_resume_line_of_generate_counts_complete_samples_and_drops_overwrite(tmp
     assert sharded.endswith("run (without --overwrite: it would make them again): maisi generate --shard 0/2")
 
 
+def test_resume_line_of_a_slurm_array_task_counts_its_own_shard(tmp_path, monkeypatch):
+    for index in (0, 1, 3):
+        (tmp_path / f"sample_{index:04d}.json").write_text("{}")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")  # the run took samples 1 and 3 of 4, as parse_shard reads
+    params = {"out": tmp_path, "num_samples": 4, "shard": None, "overwrite": False}
+    line = resume.interruption("SIGTERM", ["maisi", "generate"], params, ["generate", "-n", "4"])
+    assert "2 of 2 sample(s) of shard 1/2 complete" in line
+
+
 def test_resume_line_of_training_adds_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(terminal, "facts", {"train_out": tmp_path})  # interrupted in the first epoch
     argv = ["train", "vae", "--data", "d.json", "--out", str(tmp_path), "--init", "ae.pt"]
